@@ -1,0 +1,270 @@
+//! Storage benchmark (not a test): measures, in one run and on one disk,
+//! the raw ceiling of the device and the commit log under both flush modes.
+//!
+//! ```text
+//! cargo bench -p keelmq-broker --bench storage
+//! KEELMQ_BENCH_DIR=/mnt/fast KEELMQ_BENCH_SECONDS=5 cargo bench -p keelmq-broker --bench storage
+//! ```
+//!
+//! Raw ceiling: sequential 1 MiB writes each followed by fdatasync (MB/s),
+//! and the latency of fdatasync after a 1 KiB write. Commit log: 1 KiB
+//! records; ASYNC_FLUSH with one writer; SYNC_FLUSH with 1, 16 and 64
+//! concurrent writers (each waits for its record to be durable before the
+//! next). Every figure is also given as a ratio to the raw ceiling.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+
+const RECORD_BODY: usize = 1024;
+
+struct Latencies(Vec<u64>);
+
+impl Latencies {
+    fn pct(&mut self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 * p).ceil() as usize).clamp(1, self.0.len()) - 1;
+        Duration::from_nanos(self.0[i])
+    }
+}
+
+struct Raw {
+    mb_s: f64,
+    sync_p50: Duration,
+    sync_p99: Duration,
+    sync_p999: Duration,
+}
+
+fn raw_ceiling(dir: &Path, seconds: f64) -> std::io::Result<Raw> {
+    let path = dir.join("raw-sequential");
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    let len: u64 = 1 << 30;
+    // Preallocated like a commit-log segment, so both pay the same costs.
+    // SAFETY: plain syscall on our own descriptor.
+    let rc = unsafe {
+        libc::posix_fallocate(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        f.set_len(len)?;
+    }
+    let buf = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut pos = 0u64;
+    while start.elapsed().as_secs_f64() < seconds && pos + (1 << 20) <= len {
+        f.write_all_at(&buf, pos)?;
+        f.sync_data()?;
+        pos += 1 << 20;
+    }
+    let mb_s = pos as f64 / 1e6 / start.elapsed().as_secs_f64();
+    // fdatasync latency after a small write, continuing sequentially.
+    let small = vec![0xa5u8; RECORD_BODY];
+    let mut lat = Latencies(Vec::new());
+    let start = Instant::now();
+    let mut pos = 0u64;
+    let f2 = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.join("raw-sync"))?;
+    // SAFETY: as above.
+    let rc =
+        unsafe { libc::posix_fallocate(std::os::unix::io::AsRawFd::as_raw_fd(&f2), 0, 64 << 20) };
+    if rc != 0 {
+        f2.set_len(64 << 20)?;
+    }
+    while start.elapsed().as_secs_f64() < seconds.min(5.0) && lat.0.len() < 20_000 {
+        f2.write_all_at(&small, pos)?;
+        let t = Instant::now();
+        f2.sync_data()?;
+        lat.0.push(t.elapsed().as_nanos() as u64);
+        pos += small.len() as u64;
+    }
+    drop(f);
+    drop(f2);
+    std::fs::remove_file(&path)?;
+    std::fs::remove_file(dir.join("raw-sync"))?;
+    Ok(Raw {
+        mb_s,
+        sync_p50: lat.pct(0.50),
+        sync_p99: lat.pct(0.99),
+        sync_p999: lat.pct(0.999),
+    })
+}
+
+struct Run {
+    name: String,
+    records: u64,
+    elapsed: Duration,
+    lat: Latencies,
+}
+
+fn store_config(dir: &Path, mode: FlushMode) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.flush_mode = mode;
+    c
+}
+
+fn record(i: u64, body: &bytes::Bytes) -> NewRecord {
+    NewRecord {
+        topic: "bench".into(),
+        queue_id: (i % 8) as u32,
+        born_ms: 0,
+        flags: 0,
+        properties: Default::default(),
+        body: body.clone(),
+    }
+}
+
+fn async_one_writer(
+    dir: &Path,
+    seconds: f64,
+    max_records: u64,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let store = MessageStore::open(store_config(dir, FlushMode::AsyncFlush))?;
+    let body = bytes::Bytes::from(vec![7u8; RECORD_BODY]);
+    let mut lat = Latencies(Vec::with_capacity(max_records as usize));
+    let start = Instant::now();
+    let mut i = 0u64;
+    while i < max_records && (!i.is_multiple_of(1024) || start.elapsed().as_secs_f64() < seconds) {
+        let t = Instant::now();
+        store.append(record(i, &body))?;
+        lat.0.push(t.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    let elapsed = start.elapsed();
+    store.shutdown()?;
+    Ok(Run {
+        name: "commit log ASYNC_FLUSH, 1 writer".into(),
+        records: i,
+        elapsed,
+        lat,
+    })
+}
+
+fn sync_writers(
+    dir: &Path,
+    writers: usize,
+    seconds: f64,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let store = MessageStore::open(store_config(dir, FlushMode::SyncFlush))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let body = bytes::Bytes::from(vec![7u8; RECORD_BODY]);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let lats = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let (store, body) = (store.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = w as u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let a = store.append(record(i, &body)).map_err(|e| e.to_string())?;
+                    store
+                        .wait_flushed(a.end_offset)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    lat.push(t.elapsed().as_nanos() as u64);
+                    i += writers as u64;
+                }
+                Ok::<_, String>(lat)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.map_err(|e| e.to_string())??);
+        }
+        Ok::<_, String>(all)
+    })?;
+    let elapsed = start.elapsed();
+    store.shutdown()?;
+    Ok(Run {
+        name: format!("commit log SYNC_FLUSH, {writers} writers"),
+        records: lats.len() as u64,
+        elapsed,
+        lat: Latencies(lats),
+    })
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let base: PathBuf = std::env::var_os("KEELMQ_BENCH_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from);
+    std::fs::create_dir_all(&base)?;
+    let seconds: f64 = std::env::var("KEELMQ_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let tmp = tempfile::tempdir_in(&base)?;
+    let dir = tmp.path();
+    println!("storage benchmark");
+    println!(
+        "  directory {} (filesystem {:.0} % used), {seconds} s per run, 1 KiB record bodies, 1 GiB segments",
+        dir.display(),
+        keelmq_broker::store::fs_used_ratio(dir).unwrap_or(0.0) * 100.0
+    );
+    println!(
+        "  machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let raw = raw_ceiling(dir, seconds)?;
+    println!();
+    println!("raw ceiling");
+    println!(
+        "  sequential 1 MiB writes + fdatasync: {:>10.1} MB/s",
+        raw.mb_s
+    );
+    println!(
+        "  fdatasync after a 1 KiB write:        p50 {:?}  p99 {:?}  p999 {:?}",
+        raw.sync_p50, raw.sync_p99, raw.sync_p999
+    );
+    let mut runs = Vec::new();
+    runs.push(async_one_writer(&dir.join("async1"), seconds, 20_000_000)?);
+    std::fs::remove_dir_all(dir.join("async1"))?;
+    for w in [1usize, 16, 64] {
+        let d = dir.join(format!("sync{w}"));
+        runs.push(sync_writers(&d, w, seconds)?);
+        std::fs::remove_dir_all(&d)?;
+    }
+    println!();
+    println!(
+        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>9}",
+        "configuration", "records/s", "MB/s", "x raw", "p50", "p99", "p999", "p99/raw"
+    );
+    for mut r in runs {
+        let rate = r.records as f64 / r.elapsed.as_secs_f64();
+        let mb = rate * RECORD_BODY as f64 / 1e6;
+        let (p50, p99, p999) = (r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999));
+        println!(
+            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2}",
+            r.name,
+            rate,
+            mb,
+            mb / raw.mb_s,
+            p50,
+            p99,
+            p999,
+            p99.as_secs_f64() / raw.sync_p99.as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! `keelmq-broker`: the broker process (the broker image's entrypoint).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use keelmq_broker::config::BrokerArgs;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = BrokerArgs::parse();
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keelmq-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        match toml::to_string_pretty(&config) {
+            Ok(t) => {
+                print!("{t}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("keelmq-broker: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    keelmq_broker::telemetry::init(config.log_format);
+    match keelmq_broker::server::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "broker stopped");
+            eprintln!("keelmq-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

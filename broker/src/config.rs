@@ -1,0 +1,406 @@
+//! The broker's one typed configuration.
+//!
+//! Values come from, in increasing priority: built-in defaults, a TOML
+//! file (`--config`), environment variables (`KEELMQ_*`) and command-line
+//! flags. Every setting, its default, its flag and its variable are listed
+//! by `keelmq-broker --help` and in the README's configuration reference.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{FlushMode, StoreConfig};
+
+/// Fully resolved broker settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default, rename_all = "snake_case")]
+pub struct BrokerConfig {
+    /// Directory for the commit log, consume queues and metadata.
+    pub data_dir: PathBuf,
+    /// Name of the broker group (the route's broker name).
+    pub broker_name: String,
+    /// Address every listener binds to.
+    pub listen_address: String,
+    /// Address clients are told to use (defaults to the listen address, or
+    /// 127.0.0.1 when that is the wildcard).
+    pub advertised_address: Option<String>,
+    /// RocketMQ 5 gRPC client port (TLS and plaintext on one port).
+    pub client_port: u16,
+    /// Admin gRPC port.
+    pub admin_port: u16,
+    /// HTTP port for /metrics, /healthz and /readyz.
+    pub http_port: u16,
+    /// Port slaves connect to for the replication stream.
+    pub replication_port: u16,
+    /// SYNC_FLUSH or ASYNC_FLUSH.
+    pub flush_mode: FlushMode,
+    /// ASYNC_FLUSH flush interval, in milliseconds.
+    pub flush_interval_ms: u64,
+    /// How long a SYNC_FLUSH send waits for its flush, in milliseconds.
+    pub flush_timeout_ms: u64,
+    /// Commit-log segment size ("1GiB", "64MiB", or bytes).
+    pub segment_size: ByteSize,
+    /// Entries per consume-queue file.
+    pub consume_queue_entries_per_file: u64,
+    /// Hours a commit-log segment is kept after its newest record.
+    pub retention_hours: u64,
+    /// Disk use fraction above which the oldest segments are deleted early.
+    pub disk_high_watermark: f64,
+    /// Disk use fraction at which writes are refused.
+    pub disk_full_ratio: f64,
+    /// Optional cap on commit-log bytes ("20GiB"); unset means the disk is the limit.
+    pub max_store_size: Option<ByteSize>,
+    /// Allow recovery to cut a corrupt commit log at exactly this offset.
+    pub allow_truncate_at: Option<u64>,
+    /// Log format: "text" or "json".
+    pub log_format: LogFormat,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("keelmq-data"),
+            broker_name: "broker-a".into(),
+            listen_address: "0.0.0.0".into(),
+            advertised_address: None,
+            client_port: 8081,
+            admin_port: 8082,
+            http_port: 8083,
+            replication_port: 10912,
+            flush_mode: FlushMode::AsyncFlush,
+            flush_interval_ms: 500,
+            flush_timeout_ms: 5000,
+            segment_size: ByteSize(1 << 30),
+            consume_queue_entries_per_file: 300_000,
+            retention_hours: 72,
+            disk_high_watermark: 0.85,
+            disk_full_ratio: 0.95,
+            max_store_size: None,
+            allow_truncate_at: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A size in bytes, written as a plain number or with a unit
+/// (`KiB`, `MiB`, `GiB`, `TiB`, or `K`, `M`, `G`, `T` meaning the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "String")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+    fn try_from(v: SizeRepr) -> Result<Self, String> {
+        match v {
+            SizeRepr::Number(n) => Ok(ByteSize(n)),
+            SizeRepr::Text(s) => s.parse(),
+        }
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(b: ByteSize) -> String {
+        b.to_string()
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        for (name, n) in UNITS {
+            if self.0 >= n && self.0.is_multiple_of(n) {
+                return write!(f, "{}{name}", self.0 / n);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (try 64MiB or 1GiB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" | "kb" => 1 << 10,
+            "m" | "mib" | "mb" => 1 << 20,
+            "g" | "gib" | "gb" => 1 << 30,
+            "t" | "tib" | "tb" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB or TiB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+/// Command-line flags and environment variables; each overrides the file.
+#[derive(Parser, Debug, Clone, Default)]
+#[command(
+    name = "keelmq-broker",
+    version,
+    about = "KeelMQ broker: RocketMQ 5 compatible, master/slave replicated"
+)]
+pub struct BrokerArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "KEELMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: keelmq-data]
+    #[arg(long, env = "KEELMQ_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Broker group name [default: broker-a]
+    #[arg(long, env = "KEELMQ_BROKER_NAME")]
+    pub broker_name: Option<String>,
+    /// Address to bind [default: 0.0.0.0]
+    #[arg(long, env = "KEELMQ_LISTEN_ADDRESS")]
+    pub listen_address: Option<String>,
+    /// Address advertised to clients in routes [default: listen address, or 127.0.0.1 for 0.0.0.0]
+    #[arg(long, env = "KEELMQ_ADVERTISED_ADDRESS")]
+    pub advertised_address: Option<String>,
+    /// Client (RocketMQ 5 gRPC) port [default: 8081]
+    #[arg(long, env = "KEELMQ_CLIENT_PORT")]
+    pub client_port: Option<u16>,
+    /// Admin gRPC port [default: 8082]
+    #[arg(long, env = "KEELMQ_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+    /// HTTP port for metrics and health [default: 8083]
+    #[arg(long, env = "KEELMQ_HTTP_PORT")]
+    pub http_port: Option<u16>,
+    /// Replication port [default: 10912]
+    #[arg(long, env = "KEELMQ_REPLICATION_PORT")]
+    pub replication_port: Option<u16>,
+    /// Flush mode [default: ASYNC_FLUSH]
+    #[arg(long, env = "KEELMQ_FLUSH_MODE")]
+    pub flush_mode: Option<FlushMode>,
+    /// ASYNC_FLUSH interval in ms [default: 500]
+    #[arg(long, env = "KEELMQ_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// SYNC_FLUSH wait limit in ms [default: 5000]
+    #[arg(long, env = "KEELMQ_FLUSH_TIMEOUT_MS")]
+    pub flush_timeout_ms: Option<u64>,
+    /// Commit-log segment size [default: 1GiB]
+    #[arg(long, env = "KEELMQ_SEGMENT_SIZE")]
+    pub segment_size: Option<ByteSize>,
+    /// Entries per consume-queue file [default: 300000]
+    #[arg(long, env = "KEELMQ_CONSUME_QUEUE_ENTRIES_PER_FILE")]
+    pub consume_queue_entries_per_file: Option<u64>,
+    /// Retention in hours [default: 72]
+    #[arg(long, env = "KEELMQ_RETENTION_HOURS")]
+    pub retention_hours: Option<u64>,
+    /// Disk use fraction that triggers early deletion [default: 0.85]
+    #[arg(long, env = "KEELMQ_DISK_HIGH_WATERMARK")]
+    pub disk_high_watermark: Option<f64>,
+    /// Disk use fraction at which writes are refused [default: 0.95]
+    #[arg(long, env = "KEELMQ_DISK_FULL_RATIO")]
+    pub disk_full_ratio: Option<f64>,
+    /// Cap on commit-log bytes [default: none]
+    #[arg(long, env = "KEELMQ_MAX_STORE_SIZE")]
+    pub max_store_size: Option<ByteSize>,
+    /// Allow recovery to cut a corrupt log at exactly this offset
+    #[arg(long, env = "KEELMQ_ALLOW_TRUNCATE_AT")]
+    pub allow_truncate_at: Option<u64>,
+    /// Log format [default: text]
+    #[arg(long, env = "KEELMQ_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Print the resolved configuration as TOML and exit
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// A configuration that cannot be used, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl BrokerArgs {
+    /// Resolves file, environment and flags into one configuration.
+    pub fn resolve(&self) -> Result<BrokerConfig, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => load_file(path)?,
+            None => BrokerConfig::default(),
+        };
+        macro_rules! over {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { c.$field = v; } )* };
+        }
+        over!(
+            data_dir,
+            broker_name,
+            listen_address,
+            client_port,
+            admin_port,
+            http_port,
+            replication_port,
+            flush_mode,
+            flush_interval_ms,
+            flush_timeout_ms,
+            segment_size,
+            consume_queue_entries_per_file,
+            retention_hours,
+            disk_high_watermark,
+            disk_full_ratio,
+            log_format
+        );
+        if self.advertised_address.is_some() {
+            c.advertised_address = self.advertised_address.clone();
+        }
+        if self.max_store_size.is_some() {
+            c.max_store_size = self.max_store_size;
+        }
+        if self.allow_truncate_at.is_some() {
+            c.allow_truncate_at = self.allow_truncate_at;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn load_file(path: &Path) -> Result<BrokerConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!(
+            "reading configuration file {}: {e}",
+            path.display()
+        ))
+    })?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError(format!("configuration file {}: {e}", path.display())))
+}
+
+impl BrokerConfig {
+    /// Checks what the store and listeners would otherwise reject later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store_config()
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        if self.broker_name.is_empty() {
+            return Err(ConfigError("broker_name must not be empty".into()));
+        }
+        let ports = [
+            self.client_port,
+            self.admin_port,
+            self.http_port,
+            self.replication_port,
+        ];
+        for (i, a) in ports.iter().enumerate() {
+            if ports[i + 1..].contains(a) && *a != 0 {
+                return Err(ConfigError(format!("port {a} is configured twice")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The storage part of the configuration.
+    pub fn store_config(&self) -> StoreConfig {
+        let mut s = StoreConfig::new(&self.data_dir);
+        s.segment_size = self.segment_size.0;
+        s.flush_mode = self.flush_mode;
+        s.flush_interval = Duration::from_millis(self.flush_interval_ms);
+        s.flush_timeout = Duration::from_millis(self.flush_timeout_ms);
+        s.cq_entries_per_file = self.consume_queue_entries_per_file;
+        s.retention = Duration::from_secs(self.retention_hours * 3600);
+        s.disk_high_watermark = self.disk_high_watermark;
+        s.disk_full_ratio = self.disk_full_ratio;
+        s.max_store_bytes = self.max_store_size.map(|b| b.0);
+        s.allow_truncate_at = self.allow_truncate_at;
+        s
+    }
+
+    /// The address clients should dial.
+    pub fn advertised_host(&self) -> String {
+        match &self.advertised_address {
+            Some(a) => a.clone(),
+            None if self.listen_address == "0.0.0.0" || self.listen_address == "::" => {
+                "127.0.0.1".into()
+            }
+            None => self.listen_address.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("64MiB".parse::<ByteSize>(), Ok(ByteSize(64 << 20)));
+        assert_eq!("1g".parse::<ByteSize>(), Ok(ByteSize(1 << 30)));
+        assert_eq!("4096".parse::<ByteSize>(), Ok(ByteSize(4096)));
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+    }
+
+    #[test]
+    fn file_then_env_and_flags_override() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "flush_mode = \"SYNC_FLUSH\"\nsegment_size = \"64MiB\"\nclient_port = 9000\n",
+        )
+        .expect("write");
+        let args = BrokerArgs::parse_from([
+            "keelmq-broker",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--client-port",
+            "9100",
+        ]);
+        let c = args.resolve().expect("resolves");
+        assert_eq!(c.flush_mode, FlushMode::SyncFlush);
+        assert_eq!(c.segment_size, ByteSize(64 << 20));
+        assert_eq!(c.client_port, 9100, "flags beat the file");
+        assert_eq!(c.admin_port, 8082, "defaults fill the rest");
+    }
+
+    #[test]
+    fn bad_configuration_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "flush_mod = \"SYNC_FLUSH\"\n").expect("write");
+        let args =
+            BrokerArgs::parse_from(["keelmq-broker", "--config", path.to_str().expect("utf8")]);
+        let err = args.resolve().expect_err("typo is refused");
+        assert!(err.to_string().contains("flush_mod"), "{err}");
+        let args = BrokerArgs::parse_from(["keelmq-broker", "--segment-size", "1000"]);
+        assert!(args.resolve().is_err(), "tiny segments are refused");
+        let args = BrokerArgs::parse_from(["keelmq-broker", "--admin-port", "8081"]);
+        assert!(
+            args.resolve()
+                .expect_err("clash")
+                .to_string()
+                .contains("twice")
+        );
+    }
+}

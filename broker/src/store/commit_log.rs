@@ -1,0 +1,545 @@
+//! The commit log: every record of the broker, appended in one sequence of
+//! fixed-size segment files named by the offset of their first byte.
+//!
+//! Offsets are global byte positions: segment k covers
+//! `[k × size, (k + 1) × size)`. A record never straddles two segments; the
+//! space left at the end of a segment is closed by a blank filler. The
+//! next segment is created and mapped by a background thread before it is
+//! needed, so an append does not wait on file creation.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::StoreError;
+use super::consume_queue::{base_name, parse_base_name};
+use super::mapped::{MappedFile, sync_dir};
+use super::record::{BLANK_LEN, BLANK_MAGIC};
+
+/// One segment file of the commit log.
+pub struct Segment {
+    /// Commit-log offset of the segment's first byte.
+    pub base: u64,
+    pub file: MappedFile,
+}
+
+impl Segment {
+    pub fn end(&self) -> u64 {
+        self.base + self.file.len()
+    }
+}
+
+/// Where the next record goes; owned by whoever holds the store's append lock.
+pub struct Tail {
+    pub segment: Arc<Segment>,
+    /// Commit-log offset of the next byte to write.
+    pub pos: u64,
+}
+
+/// Limits checked when the log grows by a segment.
+#[derive(Clone, Debug)]
+pub struct GrowthLimits {
+    /// Refuse to hold more than this many bytes of segments.
+    pub max_bytes: Option<u64>,
+    /// Refuse to grow when the filesystem is fuller than this ratio.
+    pub full_ratio: f64,
+}
+
+/// The segment files and the published end of the log.
+pub struct CommitLog {
+    dir: PathBuf,
+    segment_size: u64,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Everything below this offset is written and may be read.
+    max_offset: AtomicU64,
+    limits: GrowthLimits,
+    preparer: Arc<Preparer>,
+    preparer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// State shared with the thread that creates segments ahead of need.
+struct Preparer {
+    state: Mutex<PrepState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct PrepState {
+    /// Base offset of the segment wanted next.
+    want: Option<u64>,
+    ready: Option<Arc<Segment>>,
+    /// Base of the segment the thread is creating right now.
+    in_progress: Option<u64>,
+    stop: bool,
+}
+
+impl CommitLog {
+    /// Opens the segments in `dir` (creating the first one in an empty log).
+    /// Nothing is verified here: recovery scans what it needs afterwards and
+    /// then sets the end with [`CommitLog::set_end`].
+    pub fn open(dir: &Path, segment_size: u64, limits: GrowthLimits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(StoreError::io(format!("creating {}", dir.display())))?;
+        let mut bases = Vec::new();
+        for entry in
+            std::fs::read_dir(dir).map_err(StoreError::io(format!("listing {}", dir.display())))?
+        {
+            let entry = entry.map_err(StoreError::io(format!("listing {}", dir.display())))?;
+            let name = entry.file_name();
+            match name.to_str().and_then(parse_base_name) {
+                Some(b) => bases.push(b),
+                None => {
+                    // Temp files from an interrupted segment creation are harmless.
+                    tracing::debug!(file = ?name, "ignoring non-segment file in the commit log directory");
+                }
+            }
+        }
+        bases.sort_unstable();
+        let mut segments = Vec::with_capacity(bases.len());
+        for (i, &base) in bases.iter().enumerate() {
+            if !base.is_multiple_of(segment_size) {
+                return Err(StoreError::Config(format!(
+                    "segment {} does not start at a multiple of the configured segment size {segment_size}; \
+                     was the log written with another segment size?",
+                    base_name(base)
+                )));
+            }
+            if i > 0 && bases[i - 1] + segment_size != base {
+                return Err(StoreError::Corrupt {
+                    offset: bases[i - 1] + segment_size,
+                    reason: format!(
+                        "segment {} is missing",
+                        base_name(bases[i - 1] + segment_size)
+                    ),
+                });
+            }
+            let path = dir.join(base_name(base));
+            let file = MappedFile::open(&path, segment_size).map_err(|e| {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    StoreError::Config(format!(
+                        "{e}; was the log written with another segment size?"
+                    ))
+                } else {
+                    StoreError::Io {
+                        context: format!("mapping {}", path.display()),
+                        source: e,
+                    }
+                }
+            })?;
+            segments.push(Arc::new(Segment { base, file }));
+        }
+        if segments.is_empty() {
+            let file = create_segment(dir, 0, segment_size)?;
+            segments.push(Arc::new(Segment { base: 0, file }));
+        }
+        let end = segments.last().map_or(0, |s| s.end());
+        Ok(Self {
+            dir: dir.to_owned(),
+            segment_size,
+            segments: RwLock::new(segments),
+            max_offset: AtomicU64::new(end),
+            limits,
+            preparer: Arc::new(Preparer {
+                state: Mutex::new(PrepState::default()),
+                wake: Condvar::new(),
+            }),
+            preparer_thread: Mutex::new(None),
+        })
+    }
+
+    /// Starts the thread that creates the next segment ahead of need.
+    pub fn start_preparer(&self) {
+        let prep = self.preparer.clone();
+        let dir = self.dir.clone();
+        let size = self.segment_size;
+        let handle = std::thread::Builder::new()
+            .name("keelmq-segment-prep".into())
+            .spawn(move || prepare_loop(&prep, &dir, size))
+            .ok();
+        *self.preparer_thread.lock() = handle;
+        self.request_next();
+    }
+
+    /// Stops the preparer thread.
+    pub fn stop_preparer(&self) {
+        self.preparer.state.lock().stop = true;
+        self.preparer.wake.notify_all();
+        if let Some(h) = self.preparer_thread.lock().take() {
+            let _ = h.join();
+        }
+        // A prepared but unused segment is removed so that the directory
+        // only holds segments of the log.
+        if let Some(seg) = self.preparer.state.lock().ready.take() {
+            let _ = std::fs::remove_file(seg.file.path());
+        }
+    }
+
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// First readable offset.
+    pub fn min_offset(&self) -> u64 {
+        self.segments.read().first().map_or(0, |s| s.base)
+    }
+
+    /// End of the published log.
+    pub fn max_offset(&self) -> u64 {
+        self.max_offset.load(Ordering::Acquire)
+    }
+
+    /// Sets the published end (recovery and truncation).
+    pub fn set_end(&self, end: u64) {
+        self.max_offset.store(end, Ordering::Release);
+    }
+
+    /// All segments, oldest first.
+    pub fn segments(&self) -> Vec<Arc<Segment>> {
+        self.segments.read().clone()
+    }
+
+    /// The segment holding `offset`.
+    pub fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments.read();
+        let i = segs.partition_point(|s| s.base <= offset).checked_sub(1)?;
+        let s = &segs[i];
+        (offset < s.end()).then(|| s.clone())
+    }
+
+    /// A tail positioned at `end`.
+    pub fn tail_at(&self, end: u64) -> Result<Tail, StoreError> {
+        let segs = self.segments.read();
+        let seg = segs
+            .iter()
+            .rev()
+            .find(|s| s.base <= end && end <= s.end())
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt {
+                offset: end,
+                reason: "no segment holds the end of the log".into(),
+            })?;
+        Ok(Tail {
+            segment: seg,
+            pos: end,
+        })
+    }
+
+    /// Copies `len` bytes from `offset`; they must lie in one segment and
+    /// below the published end.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let mut out = vec![0u8; len];
+        self.with_bytes(offset, |b| {
+            if b.len() < len {
+                return Err(StoreError::InvalidArgument(format!(
+                    "{len} bytes at offset {offset} run past the end of the log"
+                )));
+            }
+            out.copy_from_slice(&b[..len]);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with the published bytes from `offset` to the end of its
+    /// segment or of the log, whichever comes first.
+    pub fn with_bytes<T>(
+        &self,
+        offset: u64,
+        f: impl FnOnce(&[u8]) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let end = self.max_offset();
+        let seg = self
+            .segment_for(offset)
+            .filter(|_| offset < end)
+            .ok_or_else(|| StoreError::OutOfRange {
+                offset,
+                min: self.min_offset(),
+                max: end,
+            })?;
+        let limit = end.min(seg.end());
+        // SAFETY: bytes below the published end are never written again
+        // (truncation happens only under the append lock with no readers of
+        // the cut range), and the segment stays mapped while `seg` lives.
+        let bytes = unsafe { seg.file.slice(offset - seg.base, (limit - offset) as usize) };
+        f(bytes)
+    }
+
+    /// Makes sure `len` bytes fit in the tail's segment, closing it with a
+    /// blank filler and moving to the next segment when they do not.
+    pub fn make_room(&self, tail: &mut Tail, len: u64) -> Result<(), StoreError> {
+        if len + BLANK_LEN as u64 > self.segment_size {
+            return Err(StoreError::RecordTooLarge {
+                size: len,
+                max: self.segment_size - BLANK_LEN as u64,
+            });
+        }
+        if tail.pos + len + BLANK_LEN as u64 <= tail.segment.end() {
+            return Ok(());
+        }
+        self.roll(tail)
+    }
+
+    /// Closes the tail's segment with a blank filler and moves the tail to
+    /// the start of the next segment.
+    pub fn roll(&self, tail: &mut Tail) -> Result<(), StoreError> {
+        let next = self.next_segment(tail.segment.end())?;
+        let seg = &tail.segment;
+        let rel = tail.pos - seg.base;
+        let blank = seg.file.len() - rel;
+        // SAFETY: the append lock is held; the range is past the published end.
+        let dst = unsafe { seg.file.slice_mut(rel, BLANK_LEN) };
+        dst[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
+        dst[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+        tail.segment = next;
+        tail.pos = tail.segment.base;
+        Ok(())
+    }
+
+    /// The writable bytes `[tail.pos, tail.pos + len)`; room must have been made.
+    ///
+    /// # Safety
+    /// The caller holds the append lock and publishes the bytes only after
+    /// writing them.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn reserve<'a>(&self, tail: &'a Tail, len: usize) -> &'a mut [u8] {
+        // SAFETY: past the published end, single writer (caller's contract).
+        unsafe {
+            tail.segment
+                .file
+                .slice_mut(tail.pos - tail.segment.base, len)
+        }
+    }
+
+    /// Publishes everything written up to the tail.
+    pub fn publish(&self, tail: &Tail) {
+        self.max_offset.store(tail.pos, Ordering::Release);
+    }
+
+    /// Makes `[from, to)` durable.
+    pub fn flush(&self, from: u64, to: u64) -> io::Result<()> {
+        for seg in self.segments() {
+            if seg.end() <= from || seg.base >= to {
+                continue;
+            }
+            let a = from.max(seg.base) - seg.base;
+            let b = to.min(seg.end()) - seg.base;
+            seg.file.flush_range(a, b)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the log at `end`: zeros the rest of its segment, deletes later
+    /// segments. The caller holds the append lock.
+    pub fn truncate(&self, end: u64) -> Result<Tail, StoreError> {
+        let mut doomed = Vec::new();
+        {
+            let mut segs = self.segments.write();
+            while segs.len() > 1 && segs.last().is_some_and(|s| s.base > end) {
+                if let Some(s) = segs.pop() {
+                    doomed.push(s);
+                }
+            }
+        }
+        if self.max_offset() > end {
+            self.set_end(end);
+        }
+        for s in &doomed {
+            std::fs::remove_file(s.file.path()).map_err(StoreError::io(format!(
+                "removing {}",
+                s.file.path().display()
+            )))?;
+        }
+        if !doomed.is_empty() {
+            sync_dir(&self.dir).map_err(StoreError::io("syncing the commit log directory"))?;
+        }
+        let tail = self.tail_at(end)?;
+        tail.segment
+            .file
+            .zero_from(end - tail.segment.base)
+            .map_err(StoreError::io("zeroing the cut tail of the commit log"))?;
+        // The prepared segment may be for a base we no longer want.
+        if let Some(seg) = self.preparer.state.lock().ready.take() {
+            let _ = std::fs::remove_file(seg.file.path());
+        }
+        self.request_next_after(tail.segment.end());
+        Ok(tail)
+    }
+
+    /// Deletes the oldest segments while `doom(segment, next segment)` says
+    /// so; the newest segment is always kept. Returns how many went.
+    pub fn delete_oldest_while(
+        &self,
+        mut doom: impl FnMut(&Segment, &Segment) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut removed = Vec::new();
+        {
+            let mut segs = self.segments.write();
+            let end = self.max_offset();
+            while segs.len() > 1 && segs[1].base <= end && doom(&segs[0], &segs[1]) {
+                removed.push(segs.remove(0));
+            }
+        }
+        for s in &removed {
+            std::fs::remove_file(s.file.path()).map_err(StoreError::io(format!(
+                "removing {}",
+                s.file.path().display()
+            )))?;
+            tracing::info!(segment = %s.file.path().display(), "retention removed a commit log segment");
+        }
+        Ok(removed.len())
+    }
+
+    /// Bytes held in segment files (including a prepared one).
+    pub fn disk_bytes(&self) -> u64 {
+        let n = self.segments.read().len() as u64
+            + u64::from(self.preparer.state.lock().ready.is_some());
+        n * self.segment_size
+    }
+
+    fn request_next(&self) {
+        let next = self.segments.read().last().map_or(0, |s| s.end());
+        self.request_next_after(next);
+    }
+
+    fn request_next_after(&self, base: u64) {
+        if let Some(max) = self.limits.max_bytes {
+            let held = self.segments.read().len() as u64 * self.segment_size;
+            if held + self.segment_size > max {
+                return;
+            }
+        }
+        let mut st = self.preparer.state.lock();
+        st.want = Some(base);
+        self.preparer.wake.notify_all();
+    }
+
+    /// The segment starting at `base`: the prepared one, or created now.
+    fn next_segment(&self, base: u64) -> Result<Arc<Segment>, StoreError> {
+        let held = self.segments.read().len() as u64 * self.segment_size;
+        if let Some(max) = self.limits.max_bytes
+            && held + self.segment_size > max
+        {
+            return Err(StoreError::DiskFull(format!(
+                "the commit log holds {held} bytes and another segment of {} would pass the configured limit of {max} bytes",
+                self.segment_size
+            )));
+        }
+        if let Some(ratio) = fs_used_ratio(&self.dir)
+            && ratio >= self.limits.full_ratio
+        {
+            return Err(StoreError::DiskFull(format!(
+                "the filesystem of {} is {:.1} % full (limit {:.1} %)",
+                self.dir.display(),
+                ratio * 100.0,
+                self.limits.full_ratio * 100.0
+            )));
+        }
+        let prepared = {
+            let mut st = self.preparer.state.lock();
+            // If the thread is creating this very segment, wait for it.
+            while st.in_progress == Some(base) {
+                self.preparer.wake.wait(&mut st);
+            }
+            match st.ready.take() {
+                Some(s) if s.base == base => Some(s),
+                Some(other) => {
+                    let _ = std::fs::remove_file(other.file.path());
+                    None
+                }
+                None => None,
+            }
+        };
+        let seg = match prepared {
+            Some(s) => s,
+            None => {
+                tracing::debug!(base, "creating a commit log segment on the write path");
+                Arc::new(Segment {
+                    base,
+                    file: create_segment(&self.dir, base, self.segment_size)?,
+                })
+            }
+        };
+        self.segments.write().push(seg.clone());
+        self.request_next_after(base + self.segment_size);
+        Ok(seg)
+    }
+}
+
+/// Creates, reserves and maps a segment file, and makes its name durable.
+fn create_segment(dir: &Path, base: u64, size: u64) -> Result<MappedFile, StoreError> {
+    let path = dir.join(base_name(base));
+    let file = MappedFile::create(&path, size).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            StoreError::DiskFull(format!(
+                "no space left to create segment {}",
+                path.display()
+            ))
+        } else {
+            StoreError::Io {
+                context: format!("creating segment {}", path.display()),
+                source: e,
+            }
+        }
+    })?;
+    sync_dir(dir).map_err(StoreError::io("syncing the commit log directory"))?;
+    Ok(file)
+}
+
+fn prepare_loop(prep: &Preparer, dir: &Path, size: u64) {
+    loop {
+        let base = {
+            let mut st = prep.state.lock();
+            loop {
+                if st.stop {
+                    return;
+                }
+                if let Some(b) = st.want.take()
+                    && st.ready.as_ref().is_none_or(|r| r.base != b)
+                    && !dir.join(base_name(b)).exists()
+                {
+                    st.in_progress = Some(b);
+                    break b;
+                }
+                prep.wake.wait(&mut st);
+            }
+        };
+        let created = create_segment(dir, base, size);
+        let mut st = prep.state.lock();
+        st.in_progress = None;
+        match created {
+            Ok(file) => {
+                let seg = Arc::new(Segment { base, file });
+                if let Some(old) = st.ready.replace(seg) {
+                    let _ = std::fs::remove_file(old.file.path());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, base, "could not prepare the next commit log segment")
+            }
+        }
+        prep.wake.notify_all();
+    }
+}
+
+/// Fraction of the filesystem holding `dir` that is in use, if known.
+pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    let total = st.f_blocks as f64;
+    let avail = st.f_bavail as f64;
+    Some(1.0 - avail / total)
+}

@@ -1,0 +1,397 @@
+//! Consume queues: per topic-queue indexes into the commit log.
+//!
+//! Entry N of a queue is at byte N × 20 of the queue's files, so finding
+//! message N is one multiplication. Each entry holds the commit-log offset
+//! (8 bytes), the record size (4) and the tag hash (8); a zero size marks an
+//! entry never written. Files hold a fixed number of entries and are named
+//! by the index of their first entry. The queues are derived data: recovery
+//! rebuilds them from the commit log.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use super::mapped::MappedFile;
+use super::record::{le_u32, le_u64};
+
+/// Bytes per consume-queue entry.
+pub const ENTRY_LEN: u64 = 20;
+
+/// One entry of a consume queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CqEntry {
+    pub offset: u64,
+    pub size: u32,
+    pub tag_hash: u64,
+}
+
+struct CqFile {
+    /// Index of the first entry in this file.
+    base: u64,
+    file: MappedFile,
+}
+
+/// The consume queue of one topic-queue.
+pub struct ConsumeQueue {
+    dir: PathBuf,
+    entries_per_file: u64,
+    files: RwLock<Vec<Arc<CqFile>>>,
+    /// Entries below this index are visible to readers.
+    published: AtomicU64,
+    /// Next index to hand out; only touched under the store's append lock.
+    reserved: AtomicU64,
+    /// Entries below this index are durable.
+    flushed: AtomicU64,
+}
+
+impl ConsumeQueue {
+    /// Opens (or creates) the queue stored in `dir`.
+    pub fn open(dir: &Path, entries_per_file: u64) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let file_len = entries_per_file * ENTRY_LEN;
+        let mut bases = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(base) = parse_base_name(name) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let mut files = Vec::with_capacity(bases.len());
+        for base in bases {
+            if !base.is_multiple_of(entries_per_file) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "consume queue file {base} in {} does not match {entries_per_file} entries per file",
+                        dir.display()
+                    ),
+                ));
+            }
+            let file = MappedFile::open(&dir.join(base_name(base)), file_len)?;
+            files.push(Arc::new(CqFile { base, file }));
+        }
+        let next = match files.last() {
+            None => 0,
+            Some(last) => last.base + written_entries(&last.file, entries_per_file),
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            entries_per_file,
+            files: RwLock::new(files),
+            published: AtomicU64::new(next),
+            reserved: AtomicU64::new(next),
+            flushed: AtomicU64::new(next),
+        })
+    }
+
+    /// Index one past the last visible entry.
+    pub fn max_index(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Index of the first entry still on disk (older files are deleted).
+    pub fn first_file_index(&self) -> u64 {
+        self.files
+            .read()
+            .first()
+            .map_or_else(|| self.max_index(), |f| f.base)
+    }
+
+    /// Hands out the next index (store append lock held).
+    pub fn reserve(&self) -> u64 {
+        self.reserved.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives back reservations that were not written (store append lock held).
+    pub fn unreserve_to(&self, next: u64) {
+        self.reserved.store(next, Ordering::Relaxed);
+    }
+
+    /// Makes sure the file for entry `index` exists, so that a later
+    /// [`ConsumeQueue::put`] cannot fail for lack of it.
+    pub fn ensure(&self, index: u64) -> io::Result<()> {
+        self.file_for_write(index).map(|_| ())
+    }
+
+    /// Writes entry `index` (store append lock held). Writing the same entry
+    /// twice with the same contents is harmless, which recovery relies on.
+    pub fn put(&self, index: u64, e: CqEntry) -> io::Result<()> {
+        let file = self.file_for_write(index)?;
+        let pos = (index - file.base) * ENTRY_LEN;
+        // SAFETY: the append lock makes us the only writer; readers only read
+        // entries below `published`, which this entry is not (or, during
+        // recovery, nobody reads).
+        let dst = unsafe { file.file.slice_mut(pos, ENTRY_LEN as usize) };
+        dst[0..8].copy_from_slice(&e.offset.to_le_bytes());
+        dst[8..12].copy_from_slice(&e.size.to_le_bytes());
+        dst[12..20].copy_from_slice(&e.tag_hash.to_le_bytes());
+        Ok(())
+    }
+
+    /// Makes entries below `next` visible (store append lock held).
+    pub fn publish(&self, next: u64) {
+        self.published.fetch_max(next, Ordering::AcqRel);
+        self.reserved.fetch_max(next, Ordering::Relaxed);
+    }
+
+    /// Entry `index`, if it is visible and still on disk.
+    pub fn get(&self, index: u64) -> Option<CqEntry> {
+        if index >= self.max_index() {
+            return None;
+        }
+        let files = self.files.read();
+        let i = files.partition_point(|f| f.base <= index).checked_sub(1)?;
+        let f = &files[i];
+        if index >= f.base + self.entries_per_file {
+            return None;
+        }
+        // SAFETY: the entry is below `published`, so it is fully written.
+        let b = unsafe {
+            f.file
+                .slice((index - f.base) * ENTRY_LEN, ENTRY_LEN as usize)
+        };
+        let e = decode_entry(b);
+        (e.size != 0).then_some(e)
+    }
+
+    /// Makes every written entry durable.
+    pub fn flush(&self) -> io::Result<()> {
+        let upto = self.max_index();
+        let from = self.flushed.load(Ordering::Acquire);
+        if upto <= from {
+            return Ok(());
+        }
+        let files: Vec<_> = self.files.read().clone();
+        for f in files {
+            let end = f.base + self.entries_per_file;
+            if end <= from || f.base >= upto {
+                continue;
+            }
+            let a = from.max(f.base) - f.base;
+            let b = upto.min(end) - f.base;
+            f.file.flush_range(a * ENTRY_LEN, b * ENTRY_LEN)?;
+        }
+        self.flushed.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Drops every entry that points at or past `clog_end` (used after the
+    /// commit log was cut). Returns the new entry count.
+    pub fn truncate_to_log_end(&self, clog_end: u64) -> io::Result<u64> {
+        // Entries are in commit-log order: find the first one at or past the end.
+        let mut lo = self.first_file_index();
+        let mut hi = self.reserved.load(Ordering::Relaxed).max(self.max_index());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.raw_entry(mid) {
+                Some(e) if e.size != 0 && e.offset < clog_end => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        let keep = lo;
+        let mut files = self.files.write();
+        let first_base = files.first().map(|f| f.base);
+        let mut kept = Vec::with_capacity(files.len());
+        for f in files.drain(..) {
+            if f.base >= keep && Some(f.base) != first_base {
+                std::fs::remove_file(f.file.path())?;
+            } else {
+                if f.base + self.entries_per_file > keep {
+                    f.file.zero_from((keep.max(f.base) - f.base) * ENTRY_LEN)?;
+                }
+                kept.push(f);
+            }
+        }
+        *files = kept;
+        drop(files);
+        self.published.store(keep, Ordering::Release);
+        self.reserved.store(keep, Ordering::Relaxed);
+        self.flushed.fetch_min(keep, Ordering::AcqRel);
+        Ok(keep)
+    }
+
+    /// Deletes whole files whose entries all point below `clog_min`.
+    /// The file holding the newest entry is kept.
+    pub fn delete_before(&self, clog_min: u64) -> io::Result<usize> {
+        let mut doomed = Vec::new();
+        {
+            let files = self.files.read();
+            for (i, f) in files.iter().enumerate() {
+                if i + 1 == files.len() {
+                    break;
+                }
+                let last =
+                    (f.base + self.entries_per_file - 1).min(self.max_index().saturating_sub(1));
+                match self.raw_entry(last) {
+                    Some(e) if e.size != 0 && e.offset < clog_min => doomed.push(f.base),
+                    _ => break,
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.files.write().retain(|f| !doomed.contains(&f.base));
+        for base in &doomed {
+            std::fs::remove_file(self.dir.join(base_name(*base)))?;
+        }
+        Ok(doomed.len())
+    }
+
+    /// First index whose entry points at or past `clog_min`: the first
+    /// message of the queue still readable.
+    pub fn min_index(&self, clog_min: u64) -> u64 {
+        let mut lo = self.first_file_index();
+        let mut hi = self.max_index();
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.get(mid) {
+                Some(e) if e.offset < clog_min => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        lo
+    }
+
+    /// Raw bytes of all files (for comparing rebuilt queues in tests and tools).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let n = self.max_index();
+        let mut out = Vec::new();
+        for i in self.first_file_index()..n {
+            if let Some(e) = self.get(i) {
+                out.extend_from_slice(&e.offset.to_le_bytes());
+                out.extend_from_slice(&e.size.to_le_bytes());
+                out.extend_from_slice(&e.tag_hash.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// An entry regardless of publication (recovery and truncation only).
+    fn raw_entry(&self, index: u64) -> Option<CqEntry> {
+        let files = self.files.read();
+        let i = files.partition_point(|f| f.base <= index).checked_sub(1)?;
+        let f = &files[i];
+        if index >= f.base + self.entries_per_file {
+            return None;
+        }
+        // SAFETY: only used while the append lock is held or before the
+        // store is shared, so nothing writes concurrently.
+        let b = unsafe {
+            f.file
+                .slice((index - f.base) * ENTRY_LEN, ENTRY_LEN as usize)
+        };
+        Some(decode_entry(b))
+    }
+
+    fn file_for_write(&self, index: u64) -> io::Result<Arc<CqFile>> {
+        {
+            let files = self.files.read();
+            if let Some(i) = files.partition_point(|f| f.base <= index).checked_sub(1) {
+                let f = &files[i];
+                if index < f.base + self.entries_per_file {
+                    return Ok(f.clone());
+                }
+            }
+        }
+        let base = index - index % self.entries_per_file;
+        let file = MappedFile::create(
+            &self.dir.join(base_name(base)),
+            self.entries_per_file * ENTRY_LEN,
+        )?;
+        let f = Arc::new(CqFile { base, file });
+        let mut files = self.files.write();
+        let at = files.partition_point(|x| x.base < base);
+        files.insert(at, f.clone());
+        Ok(f)
+    }
+}
+
+fn decode_entry(b: &[u8]) -> CqEntry {
+    CqEntry {
+        offset: le_u64(b, 0),
+        size: le_u32(b, 8),
+        tag_hash: le_u64(b, 12),
+    }
+}
+
+/// Number of written entries at the start of a file (written entries are a
+/// prefix, so a binary search on "size is not zero" finds the end).
+fn written_entries(file: &MappedFile, entries_per_file: u64) -> u64 {
+    let (mut lo, mut hi) = (0, entries_per_file);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // SAFETY: in bounds; the queue is not shared yet while opening.
+        let b = unsafe { file.slice(mid * ENTRY_LEN, ENTRY_LEN as usize) };
+        if le_u32(b, 8) != 0 {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// File name for a file whose first entry is `base`.
+pub fn base_name(base: u64) -> String {
+    format!("{base:020}")
+}
+
+/// Parses a 20-digit file name.
+pub fn parse_base_name(name: &str) -> Option<u64> {
+    (name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64) -> CqEntry {
+        CqEntry {
+            offset: 1000 + i * 100,
+            size: 100,
+            tag_hash: i,
+        }
+    }
+
+    #[test]
+    fn entries_span_files_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = ConsumeQueue::open(dir.path(), 4).expect("open");
+        for i in 0..10 {
+            let idx = q.reserve();
+            assert_eq!(idx, i);
+            q.put(idx, entry(i)).expect("put");
+            q.publish(idx + 1);
+        }
+        assert_eq!(q.get(9), Some(entry(9)));
+        assert_eq!(q.get(10), None);
+        q.flush().expect("flush");
+        drop(q);
+        let q = ConsumeQueue::open(dir.path(), 4).expect("reopen");
+        assert_eq!(q.max_index(), 10);
+        assert_eq!(q.get(5), Some(entry(5)));
+        assert_eq!(q.min_index(1000 + 3 * 100), 3);
+        assert_eq!(q.truncate_to_log_end(1000 + 6 * 100).expect("truncate"), 6);
+        assert_eq!(q.get(6), None);
+        assert_eq!(
+            q.delete_before(1000 + 5 * 100).expect("delete"),
+            1,
+            "only file 0..4 is wholly older"
+        );
+        assert_eq!(q.first_file_index(), 4);
+        drop(q);
+        let q = ConsumeQueue::open(dir.path(), 4).expect("reopen");
+        assert_eq!(q.max_index(), 6);
+        assert_eq!(q.get(3), None);
+        assert_eq!(q.get(4), Some(entry(4)));
+    }
+}

@@ -1,0 +1,220 @@
+//! A fixed-size file mapped into memory: the building block of commit-log
+//! segments and consume-queue files.
+//!
+//! One writer appends below the file's end under the owner's lock and then
+//! publishes how far it wrote; readers only look below what was published.
+//! Those two rules are what make the raw-pointer accesses below sound.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A preallocated, memory-mapped file of fixed size.
+pub struct MappedFile {
+    path: PathBuf,
+    file: File,
+    map: MmapRaw,
+    len: u64,
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl MappedFile {
+    /// Creates a new file of `len` bytes with its blocks reserved up front
+    /// (so writes through the mapping can never hit a full disk), then maps it.
+    pub fn create(path: &Path, len: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let reserved = reserve(&file, len);
+        if let Err(e) = reserved {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        Self::map(path.to_owned(), file, len)
+    }
+
+    /// Maps an existing file, which must be exactly `len` bytes long.
+    pub fn open(path: &Path, len: u64) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is {actual} bytes long, expected {len}", path.display()),
+            ));
+        }
+        Self::map(path.to_owned(), file, len)
+    }
+
+    fn map(path: PathBuf, file: File, len: u64) -> io::Result<Self> {
+        let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
+        Ok(Self {
+            path,
+            file,
+            map,
+            len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// A view of `[pos, pos + len)`.
+    ///
+    /// # Safety
+    /// The range must be inside the file and must not be written while the
+    /// returned slice lives (callers only read what has been published).
+    pub unsafe fn slice(&self, pos: u64, len: usize) -> &[u8] {
+        debug_assert!(pos + len as u64 <= self.len);
+        // SAFETY: in bounds (checked by the caller), and the caller
+        // guarantees that no writer touches the range meanwhile.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(pos as usize), len) }
+    }
+
+    /// A mutable view of `[pos, pos + len)`.
+    ///
+    /// # Safety
+    /// The range must be inside the file, and the caller must be the only
+    /// writer and no reader may look at the range until it is published.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, pos: u64, len: usize) -> &mut [u8] {
+        debug_assert!(pos + len as u64 <= self.len);
+        // SAFETY: as documented above.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), len) }
+    }
+
+    /// Makes `[from, to)` durable (msync, which on Linux is an fdatasync of
+    /// the range).
+    pub fn flush_range(&self, from: u64, to: u64) -> io::Result<()> {
+        if to > from {
+            self.map.flush_range(from as usize, (to - from) as usize)?;
+        }
+        Ok(())
+    }
+
+    /// Sets `[from, len)` to zeros and makes that durable. Used to cut a
+    /// torn or divergent tail; the caller holds the writer's lock.
+    pub fn zero_from(&self, from: u64) -> io::Result<()> {
+        if from >= self.len {
+            return Ok(());
+        }
+        // Zero through the file so untouched pages are not faulted in; fall
+        // back to writing zeros where the filesystem cannot zero a range.
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                from as libc::off_t,
+                (self.len - from) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = from;
+            while pos < self.len {
+                let n = ((self.len - pos) as usize).min(zeros.len());
+                self.file.write_all_at(&zeros[..n], pos)?;
+                pos += n as u64;
+            }
+        }
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Reads through the file rather than the mapping (so scanning does not
+    /// fault pages into the mapping).
+    pub fn pread(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.file.read_at(buf, pos)
+    }
+}
+
+/// Reserves `len` bytes of disk for `file`.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Writes `bytes` to `path` so that after a crash the file holds either the
+/// old or the new contents: temp file, fsync, rename, fsync of the directory.
+pub fn persist_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory so that entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_write_flush_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        let m = MappedFile::create(&p, 8192).expect("create");
+        // SAFETY: single-threaded test, in bounds.
+        unsafe { m.slice_mut(100, 5) }.copy_from_slice(b"hello");
+        m.flush_range(0, 105).expect("flush");
+        drop(m);
+        let m = MappedFile::open(&p, 8192).expect("open");
+        // SAFETY: as above.
+        assert_eq!(unsafe { m.slice(100, 5) }, b"hello");
+        m.zero_from(102).expect("zero");
+        // SAFETY: as above.
+        assert_eq!(unsafe { m.slice(100, 5) }, b"he\0\0\0");
+        assert!(MappedFile::open(&p, 4096).is_err(), "wrong size is refused");
+        assert!(MappedFile::create(&p, 8192).is_err(), "never overwrites");
+    }
+
+    #[test]
+    fn persist_atomically_replaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("sub/meta.json");
+        persist_atomically(&p, b"one").expect("first");
+        persist_atomically(&p, b"two").expect("second");
+        assert_eq!(std::fs::read(&p).expect("read"), b"two");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .expect("ls")
+            .collect();
+        assert_eq!(leftovers.len(), 1);
+    }
+}

@@ -1,0 +1,1153 @@
+//! The broker's storage: one commit log, consume queues derived from it,
+//! flushing (group commit or interval), crash recovery, retention and the
+//! small metadata files.
+//!
+//! [`MessageStore`] is the one handle the rest of the broker uses. Appends
+//! are serialised by one lock and written straight into the mapped tail
+//! segment; readers never take that lock. Durability is reported through
+//! [`MessageStore::wait_flushed`], which a SYNC_FLUSH broker awaits before
+//! acknowledging and an ASYNC_FLUSH broker does not.
+
+mod commit_log;
+mod consume_queue;
+mod mapped;
+mod metadata;
+pub mod record;
+mod recovery;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+pub use commit_log::fs_used_ratio;
+pub use consume_queue::CqEntry;
+pub use mapped::{persist_atomically, sync_dir};
+pub use metadata::{
+    GroupOffset, MAX_QUEUES, MessageType, Metadata, TopicConfig, load_json, save_json,
+};
+pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
+
+use commit_log::{CommitLog, GrowthLimits, Tail};
+use consume_queue::ConsumeQueue;
+use record::{RECORD_MAGIC, encode_into, tag_hash};
+
+/// When an append counts as durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FlushMode {
+    /// Acknowledge after an fdatasync covered the record; concurrent
+    /// appends share one fdatasync (group commit).
+    SyncFlush,
+    /// Acknowledge after the write to the page cache; flush on an interval.
+    #[default]
+    AsyncFlush,
+}
+
+impl std::fmt::Display for FlushMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FlushMode::SyncFlush => "SYNC_FLUSH",
+            FlushMode::AsyncFlush => "ASYNC_FLUSH",
+        })
+    }
+}
+
+/// Storage settings. Defaults are documented on each field and in the README.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Directory holding the commit log, consume queues and metadata.
+    pub data_dir: PathBuf,
+    /// Size of each commit-log segment file. Default 1 GiB; at least 64 KiB
+    /// and a multiple of 4 KiB. Must not change for an existing log.
+    pub segment_size: u64,
+    /// SYNC_FLUSH or ASYNC_FLUSH (default).
+    pub flush_mode: FlushMode,
+    /// ASYNC_FLUSH flush interval. Default 500 ms.
+    pub flush_interval: Duration,
+    /// How long a SYNC_FLUSH append waits for its fdatasync before failing.
+    /// Default 5 s.
+    pub flush_timeout: Duration,
+    /// Entries per consume-queue file. Default 300,000 (6,000,000 bytes).
+    pub cq_entries_per_file: u64,
+    /// Segments whose newest record is older than this are deleted.
+    /// Default 72 h.
+    pub retention: Duration,
+    /// Above this fraction of disk use the oldest segments are deleted even
+    /// if younger than the retention. Default 0.85.
+    pub disk_high_watermark: f64,
+    /// At or above this fraction of disk use writes are refused. Default 0.95.
+    pub disk_full_ratio: f64,
+    /// Optional cap on the bytes of commit-log segments; growing past it is
+    /// refused like a full disk, and retention treats
+    /// `disk_high_watermark × max_store_bytes` as its high watermark.
+    pub max_store_bytes: Option<u64>,
+    /// How often consume queues, offsets and the checkpoint are flushed.
+    /// Default 1 s.
+    pub checkpoint_interval: Duration,
+    /// How often retention runs. Default 10 s.
+    pub retention_interval: Duration,
+    /// Operator's permission to discard the log from this offset on when
+    /// recovery finds a corrupt record exactly there.
+    pub allow_truncate_at: Option<u64>,
+}
+
+impl StoreConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            segment_size: 1 << 30,
+            flush_mode: FlushMode::AsyncFlush,
+            flush_interval: Duration::from_millis(500),
+            flush_timeout: Duration::from_secs(5),
+            cq_entries_per_file: 300_000,
+            retention: Duration::from_secs(72 * 3600),
+            disk_high_watermark: 0.85,
+            disk_full_ratio: 0.95,
+            max_store_bytes: None,
+            checkpoint_interval: Duration::from_secs(1),
+            retention_interval: Duration::from_secs(10),
+            allow_truncate_at: None,
+        }
+    }
+
+    /// Checks the settings without opening anything.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let bad = |m: String| Err(StoreError::Config(m));
+        if self.segment_size < 64 * 1024
+            || !self.segment_size.is_multiple_of(4096)
+            || self.segment_size > u32::MAX as u64
+        {
+            return bad(format!(
+                "segment size {} must be a multiple of 4096 between 64 KiB and 4 GiB",
+                self.segment_size
+            ));
+        }
+        if self.cq_entries_per_file == 0 {
+            return bad("consume queue files must hold at least one entry".into());
+        }
+        for (name, v) in [
+            ("disk high watermark", self.disk_high_watermark),
+            ("disk full ratio", self.disk_full_ratio),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return bad(format!("{name} {v} must be in (0, 1]"));
+            }
+        }
+        if self.flush_interval.is_zero()
+            || self.checkpoint_interval.is_zero()
+            || self.retention_interval.is_zero()
+        {
+            return bad("flush, checkpoint and retention intervals must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt data at commit log offset {offset}: {reason}")]
+    Corrupt { offset: u64, reason: String },
+    #[error(
+        "the commit log is corrupt at offset {offset} ({reason}); {why}. The broker will not start: \
+         nothing past that offset can be trusted. To discard the log from there on, restart with \
+         --allow-truncate-at {offset} (records at and after it are lost)"
+    )]
+    RefuseToStart {
+        offset: u64,
+        reason: String,
+        why: String,
+    },
+    #[error(
+        "disk full: {0}; writes are refused until space is freed (retention or a larger volume)"
+    )]
+    DiskFull(String),
+    #[error("record of {size} bytes is larger than the {max} bytes a segment can hold")]
+    RecordTooLarge { size: u64, max: u64 },
+    #[error("invalid name {0}")]
+    InvalidName(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("offset {offset} is outside the log [{min}, {max})")]
+    OutOfRange { offset: u64, min: u64, max: u64 },
+    #[error("append at offset {got} does not continue the log, which ends at {expected}")]
+    OffsetMismatch { expected: u64, got: u64 },
+    #[error("offset {offset} was not flushed within {waited:?}")]
+    FlushTimeout { offset: u64, waited: Duration },
+    #[error("flushing the commit log failed ({0}); the broker refuses writes until restarted")]
+    FlushFailed(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Io { context, source }
+    }
+}
+
+/// What recovery left on disk at the last checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Everything below this commit-log offset had been flushed.
+    pub flushed_offset: u64,
+    /// Consume-queue entries of every record below this offset had been flushed.
+    pub cq_offset: u64,
+    /// The broker stopped cleanly after writing this checkpoint.
+    pub clean: bool,
+    /// When the checkpoint was written (ms since the Unix epoch).
+    pub written_ms: i64,
+}
+
+/// How the last start went: reported in status and logs.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryReport {
+    pub clean_shutdown: bool,
+    pub scanned_from: u64,
+    pub end: u64,
+    pub records_scanned: u64,
+    pub truncated_bytes_at: Option<u64>,
+    pub rebuilt_consume_queues: bool,
+    pub elapsed: Duration,
+}
+
+/// A cheap, cloneable handle to the store.
+#[derive(Clone)]
+pub struct MessageStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: StoreConfig,
+    store_id: String,
+    clog: CommitLog,
+    cq_dir: PathBuf,
+    /// topic → consume queue per queue id.
+    cqs: RwLock<HashMap<String, Vec<Option<Arc<ConsumeQueue>>>>>,
+    /// The write position; holding it is holding the append lock.
+    tail: Mutex<Tail>,
+    /// Consume-queue entries of every record below this offset are written.
+    dispatched: AtomicU64,
+    flushed: AtomicU64,
+    flush_lock: Mutex<()>,
+    flush_watch: tokio::sync::watch::Sender<u64>,
+    flush_cv: Condvar,
+    flush_cv_lock: Mutex<()>,
+    flush_failed: Mutex<Option<String>>,
+    flusher: Mutex<Option<Thread>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: AtomicBool,
+    stopped: AtomicBool,
+    metadata: Metadata,
+    last_checkpoint: Mutex<Checkpoint>,
+    recovery: RecoveryReport,
+    /// The data directory lock, released at shutdown.
+    lock: Mutex<Option<File>>,
+}
+
+const CHECKPOINT: &str = "checkpoint.json";
+
+impl MessageStore {
+    /// Opens the store in `config.data_dir`, recovering from a crash if the
+    /// last run did not stop cleanly, and starts the background threads.
+    pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(StoreError::io(format!("creating {}", dir.display())))?;
+        let lock = lock_data_dir(&dir)?;
+        let store_id = load_or_create_store_id(&dir)?;
+        let metadata = Metadata::open(&dir.join("config"))?;
+        let full_ratio = config.disk_full_ratio;
+        let clog = CommitLog::open(
+            &dir.join("commitlog"),
+            config.segment_size,
+            GrowthLimits {
+                max_bytes: config.max_store_bytes,
+                full_ratio,
+            },
+        )?;
+        let checkpoint: Option<Checkpoint> = match std::fs::read(dir.join(CHECKPOINT)) {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(_) => None,
+        };
+        let cq_dir = dir.join("consumequeue");
+        let recovered = recovery::recover(&config, &clog, &cq_dir, checkpoint.as_ref())?;
+        let end = recovered.report.end;
+        let tail = clog.tail_at(end)?;
+        let (flush_watch, _) = tokio::sync::watch::channel(end);
+        let inner = Arc::new(Inner {
+            store_id,
+            clog,
+            cq_dir,
+            cqs: RwLock::new(recovered.queues),
+            tail: Mutex::new(tail),
+            dispatched: AtomicU64::new(end),
+            flushed: AtomicU64::new(end),
+            flush_lock: Mutex::new(()),
+            flush_watch,
+            flush_cv: Condvar::new(),
+            flush_cv_lock: Mutex::new(()),
+            flush_failed: Mutex::new(None),
+            flusher: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            metadata,
+            last_checkpoint: Mutex::new(Checkpoint::default()),
+            recovery: recovered.report,
+            config,
+            lock: Mutex::new(Some(lock)),
+        });
+        let store = MessageStore { inner };
+        store.write_checkpoint(false)?;
+        store.inner.clog.start_preparer();
+        store.start_threads()?;
+        let r = &store.inner.recovery;
+        tracing::info!(
+            data_dir = %dir.display(),
+            flush_mode = %store.inner.config.flush_mode,
+            clean_shutdown = r.clean_shutdown,
+            min_offset = store.min_offset(),
+            end = r.end,
+            scanned_from = r.scanned_from,
+            records_scanned = r.records_scanned,
+            rebuilt_consume_queues = r.rebuilt_consume_queues,
+            elapsed_ms = r.elapsed.as_millis() as u64,
+            "store opened"
+        );
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    pub fn flush_mode(&self) -> FlushMode {
+        self.inner.config.flush_mode
+    }
+
+    /// Identifies this data directory; a new one (empty disk) gets a new id.
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.inner.metadata
+    }
+
+    /// First readable commit-log offset.
+    pub fn min_offset(&self) -> u64 {
+        self.inner.clog.min_offset()
+    }
+
+    /// End of the commit log.
+    pub fn max_offset(&self) -> u64 {
+        self.inner.clog.max_offset()
+    }
+
+    /// Everything below this offset is durable.
+    pub fn flushed_offset(&self) -> u64 {
+        self.inner.flushed.load(Ordering::Acquire)
+    }
+
+    /// Whether the store holds no records at all (a new or wiped disk).
+    pub fn is_empty(&self) -> bool {
+        self.max_offset() == 0
+    }
+
+    /// Appends one record; see [`MessageStore::append_batch`].
+    pub fn append(&self, record: NewRecord) -> Result<Appended, StoreError> {
+        self.append_batch(vec![record])?
+            .pop()
+            .ok_or_else(|| StoreError::InvalidArgument("empty append".into()))
+    }
+
+    /// Appends records contiguously (all in one segment) and returns where
+    /// they went. They are readable at once; whether they are durable is
+    /// what [`MessageStore::wait_flushed`] tells.
+    pub fn append_batch(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, StoreError> {
+        self.append_batch_at(records, now_ms())
+    }
+
+    /// [`MessageStore::append_batch`] with the store timestamp given (tests
+    /// of time-based behaviour use it).
+    #[doc(hidden)]
+    pub fn append_batch_at(
+        &self,
+        records: Vec<NewRecord>,
+        store_ms: i64,
+    ) -> Result<Vec<Appended>, StoreError> {
+        if records.is_empty() {
+            return Err(StoreError::InvalidArgument("empty append".into()));
+        }
+        let mut total = 0u64;
+        for r in &records {
+            r.validate()?;
+            total += r.encoded_len() as u64;
+        }
+        let inner = &self.inner;
+        let mut tail = inner.tail.lock();
+        self.check_writable()?;
+        inner.clog.make_room(&mut tail, total)?;
+        // Everything that can fail happens before the first byte is written.
+        let mut slots = Vec::with_capacity(records.len());
+        for r in &records {
+            let cq = match self.queue_for_write(&r.topic, r.queue_id) {
+                Ok(cq) => cq,
+                Err(e) => {
+                    unreserve(&slots);
+                    return Err(e);
+                }
+            };
+            let qo = cq.reserve();
+            if let Err(e) = cq.ensure(qo) {
+                cq.unreserve_to(qo);
+                unreserve(&slots);
+                return Err(StoreError::Io {
+                    context: format!("creating consume queue file for {}/{}", r.topic, r.queue_id),
+                    source: e,
+                });
+            }
+            slots.push((cq, qo));
+        }
+        let mut out = Vec::with_capacity(records.len());
+        let mut entries = Vec::with_capacity(records.len());
+        for (r, (_, qo)) in records.iter().zip(&slots) {
+            let len = r.encoded_len();
+            let offset = tail.pos;
+            // SAFETY: the append lock is held and room was made; the bytes
+            // are published only below, after they are written.
+            let dst = unsafe { inner.clog.reserve(&tail, len) };
+            encode_into(dst, r, offset, *qo, store_ms);
+            tail.pos += len as u64;
+            entries.push(CqEntry {
+                offset,
+                size: len as u32,
+                tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
+            });
+            out.push(Appended {
+                offset,
+                end_offset: tail.pos,
+                queue_offset: *qo,
+                store_ms,
+            });
+        }
+        inner.clog.publish(&tail);
+        for ((cq, qo), e) in slots.iter().zip(entries) {
+            if let Err(err) = cq.put(*qo, e) {
+                tracing::error!(error = %err, "writing a consume queue entry failed; recovery will rebuild it");
+            }
+            cq.publish(qo + 1);
+        }
+        inner.dispatched.store(tail.pos, Ordering::Release);
+        drop(tail);
+        if inner.config.flush_mode == FlushMode::SyncFlush
+            && let Some(t) = inner.flusher.lock().as_ref()
+        {
+            t.unpark();
+        }
+        Ok(out)
+    }
+
+    /// Waits until everything below `offset` is durable when the store runs
+    /// SYNC_FLUSH; returns at once under ASYNC_FLUSH.
+    pub async fn wait_flushed(&self, offset: u64) -> Result<(), StoreError> {
+        if self.inner.config.flush_mode == FlushMode::AsyncFlush {
+            return Ok(());
+        }
+        self.wait_durable(offset).await
+    }
+
+    /// Waits until everything below `offset` is durable, whatever the mode.
+    pub async fn wait_durable(&self, offset: u64) -> Result<(), StoreError> {
+        let timeout = self.inner.config.flush_timeout;
+        let mut rx = self.inner.flush_watch.subscribe();
+        if self.inner.config.flush_mode == FlushMode::AsyncFlush
+            && let Some(t) = self.inner.flusher.lock().as_ref()
+        {
+            t.unpark();
+        }
+        let waited = tokio::time::timeout(timeout, async {
+            loop {
+                if *rx.borrow_and_update() >= offset {
+                    return Ok(());
+                }
+                self.check_flush_ok()?;
+                if rx.changed().await.is_err() {
+                    return Err(StoreError::Closed);
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::FlushTimeout {
+                offset,
+                waited: timeout,
+            }),
+        }
+    }
+
+    /// Blocking form of [`MessageStore::wait_flushed`], for threads outside
+    /// an async runtime.
+    pub fn wait_flushed_blocking(&self, offset: u64) -> Result<(), StoreError> {
+        if self.inner.config.flush_mode == FlushMode::AsyncFlush {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.inner.config.flush_timeout;
+        let mut g = self.inner.flush_cv_lock.lock();
+        loop {
+            if self.flushed_offset() >= offset {
+                return Ok(());
+            }
+            self.check_flush_ok()?;
+            if self.inner.flush_cv.wait_until(&mut g, deadline).timed_out()
+                && self.flushed_offset() < offset
+            {
+                return Err(StoreError::FlushTimeout {
+                    offset,
+                    waited: self.inner.config.flush_timeout,
+                });
+            }
+        }
+    }
+
+    /// Flushes everything written so far, now (used by a slave before it
+    /// reports an offset as held).
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        self.flush_to(self.max_offset())
+    }
+
+    /// The record at commit-log offset `offset`.
+    pub fn read_at(&self, offset: u64) -> Result<StoredRecord, StoreError> {
+        self.inner.clog.with_bytes(offset, |b| {
+            if b.len() < 8 || record::le_u32(b, 4) != RECORD_MAGIC {
+                return Err(StoreError::InvalidArgument(format!(
+                    "no record starts at offset {offset}"
+                )));
+            }
+            let len = record::le_u32(b, 0) as usize;
+            if len > b.len() {
+                return Err(StoreError::Corrupt {
+                    offset,
+                    reason: "record runs past the end of the log".into(),
+                });
+            }
+            record::decode(&b[..len], offset)
+        })
+    }
+
+    /// Message `queue_offset` of a topic-queue, if it exists and has not
+    /// been removed by retention. Corrupt bytes are an error, never a message.
+    pub fn get(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+    ) -> Result<Option<StoredRecord>, StoreError> {
+        let Some(e) = self.queue_entry(topic, queue_id, queue_offset) else {
+            return Ok(None);
+        };
+        if e.offset < self.min_offset() {
+            return Ok(None);
+        }
+        let bytes = self.inner.clog.read(e.offset, e.size as usize)?;
+        let rec = record::decode(&bytes, e.offset)?;
+        if rec.topic != topic || rec.queue_id != queue_id || rec.queue_offset != queue_offset {
+            return Err(StoreError::Corrupt {
+                offset: e.offset,
+                reason: format!(
+                    "consume queue {topic}/{queue_id} entry {queue_offset} points at a record of {}/{} entry {}",
+                    rec.topic, rec.queue_id, rec.queue_offset
+                ),
+            });
+        }
+        Ok(Some(rec))
+    }
+
+    /// Up to `max_count` messages (and about `max_bytes`) of a topic-queue
+    /// from `from`; skips nothing, stops at the end.
+    pub fn get_range(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        from: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut qo = from.max(self.queue_min_offset(topic, queue_id));
+        while out.len() < max_count && (bytes < max_bytes || out.is_empty()) {
+            match self.get(topic, queue_id, qo)? {
+                Some(r) => {
+                    bytes += r.size as usize;
+                    out.push(r);
+                }
+                None => break,
+            }
+            qo += 1;
+        }
+        Ok(out)
+    }
+
+    /// The consume-queue entry `queue_offset` (offset, size and tag hash).
+    pub fn queue_entry(&self, topic: &str, queue_id: u32, queue_offset: u64) -> Option<CqEntry> {
+        self.queue(topic, queue_id)?.get(queue_offset)
+    }
+
+    /// First readable message index of a topic-queue.
+    pub fn queue_min_offset(&self, topic: &str, queue_id: u32) -> u64 {
+        self.queue(topic, queue_id)
+            .map_or(0, |q| q.min_index(self.min_offset()))
+    }
+
+    /// One past the last message index of a topic-queue.
+    pub fn queue_max_offset(&self, topic: &str, queue_id: u32) -> u64 {
+        self.queue(topic, queue_id).map_or(0, |q| q.max_index())
+    }
+
+    /// Every topic-queue that has a consume queue.
+    pub fn queues(&self) -> Vec<(String, u32)> {
+        let cqs = self.inner.cqs.read();
+        let mut out: Vec<_> = cqs
+            .iter()
+            .flat_map(|(t, qs)| {
+                qs.iter()
+                    .enumerate()
+                    .filter(|(_, q)| q.is_some())
+                    .map(move |(i, _)| (t.clone(), i as u32))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The entries of a consume queue as bytes (to compare rebuilt queues).
+    pub fn consume_queue_snapshot(&self, topic: &str, queue_id: u32) -> Vec<u8> {
+        self.queue(topic, queue_id)
+            .map(|q| q.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Whole records from `from`, at most about `max` bytes (at least one
+    /// record), never crossing a segment: what a replication stream ships.
+    pub fn read_raw(&self, from: u64, max: usize) -> Result<Bytes, StoreError> {
+        self.inner.clog.with_bytes(from, |b| {
+            let mut n = 0usize;
+            while n < b.len() {
+                if b.len() - n < 8 {
+                    break;
+                }
+                let len = record::le_u32(b, n) as usize;
+                if len < 8 || n + len > b.len() {
+                    return Err(StoreError::Corrupt {
+                        offset: from + n as u64,
+                        reason: format!("record length {len} out of range"),
+                    });
+                }
+                if n > 0 && n + len > max {
+                    break;
+                }
+                n += len;
+            }
+            Ok(Bytes::copy_from_slice(&b[..n]))
+        })
+    }
+
+    /// Appends bytes read from another broker's log at `offset` (which must
+    /// be this log's end): each record is verified, written at the same
+    /// offset and indexed. Returns the new end.
+    pub fn append_raw(&self, offset: u64, bytes: &[u8]) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let mut tail = inner.tail.lock();
+        self.check_flush_ok()?;
+        if tail.pos != offset {
+            return Err(StoreError::OffsetMismatch {
+                expected: tail.pos,
+                got: offset,
+            });
+        }
+        let result = self.append_raw_locked(&mut tail, bytes);
+        inner.clog.publish(&tail);
+        inner.dispatched.store(tail.pos, Ordering::Release);
+        result.map(|()| tail.pos)
+    }
+
+    fn append_raw_locked(&self, tail: &mut Tail, bytes: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut n = 0usize;
+        while n < bytes.len() {
+            let rest = &bytes[n..];
+            let seg_left = (tail.segment.end() - tail.pos) as usize;
+            let view = &rest[..rest.len().min(seg_left)];
+            // Probe against the rest of the segment as the sender saw it.
+            let probe_len = record::le_u32(view, 0) as usize;
+            let magic = if view.len() >= 8 {
+                record::le_u32(view, 4)
+            } else {
+                0
+            };
+            if magic == record::BLANK_MAGIC {
+                if probe_len != seg_left || rest.len() < probe_len {
+                    return Err(StoreError::Corrupt {
+                        offset: tail.pos,
+                        reason: format!(
+                            "segment filler of {probe_len} bytes where {seg_left} remain"
+                        ),
+                    });
+                }
+                inner.clog.roll(tail)?;
+                n += probe_len;
+                continue;
+            }
+            if probe_len > view.len() {
+                return Err(StoreError::Corrupt {
+                    offset: tail.pos,
+                    reason: "replicated record is incomplete or does not fit its segment".into(),
+                });
+            }
+            let rec = &view[..probe_len];
+            let (qid, qo) = match record::probe(rec, tail.pos) {
+                record::Probe::Record {
+                    queue_id,
+                    queue_offset,
+                    len,
+                } if len == probe_len => (queue_id, queue_offset),
+                record::Probe::Bad(reason) => {
+                    return Err(StoreError::Corrupt {
+                        offset: tail.pos,
+                        reason,
+                    });
+                }
+                other => {
+                    return Err(StoreError::Corrupt {
+                        offset: tail.pos,
+                        reason: format!("unexpected {other:?} in a replication stream"),
+                    });
+                }
+            };
+            let (topic, hash) =
+                record::topic_and_tag_hash(rec).map_err(|reason| StoreError::Corrupt {
+                    offset: tail.pos,
+                    reason,
+                })?;
+            let cq = self.queue_for_write(topic, qid)?;
+            if cq.max_index() != qo {
+                return Err(StoreError::Corrupt {
+                    offset: tail.pos,
+                    reason: format!(
+                        "record is entry {qo} of {topic}/{qid} but the local queue has {} entries",
+                        cq.max_index()
+                    ),
+                });
+            }
+            cq.ensure(qo)
+                .map_err(StoreError::io("creating a consume queue file"))?;
+            inner.clog.make_room(tail, probe_len as u64)?;
+            // SAFETY: append lock held, room made, published after writing.
+            let dst = unsafe { inner.clog.reserve(tail, probe_len) };
+            dst.copy_from_slice(rec);
+            let offset = tail.pos;
+            tail.pos += probe_len as u64;
+            inner.clog.publish(tail);
+            if let Err(e) = cq.put(
+                qo,
+                CqEntry {
+                    offset,
+                    size: probe_len as u32,
+                    tag_hash: hash,
+                },
+            ) {
+                tracing::error!(error = %e, "writing a consume queue entry failed; recovery will rebuild it");
+            }
+            cq.publish(qo + 1);
+            n += probe_len;
+        }
+        Ok(())
+    }
+
+    /// Cuts the log at `offset` (a record boundary): used by a returning
+    /// master to drop what it wrote after the fork point.
+    pub fn truncate_to(&self, offset: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut tail = inner.tail.lock();
+        if offset < self.min_offset() || offset > tail.pos {
+            return Err(StoreError::OutOfRange {
+                offset,
+                min: self.min_offset(),
+                max: tail.pos,
+            });
+        }
+        if offset == tail.pos {
+            return Ok(());
+        }
+        if offset > self.min_offset() {
+            // The cut must be at a record boundary: a record must end exactly there.
+            let seg = inner
+                .clog
+                .segment_for(offset)
+                .or_else(|| inner.clog.segment_for(offset - 1));
+            if let Some(seg) = seg
+                && offset != seg.base
+            {
+                let at_record = inner.clog.with_bytes(offset, |b| {
+                    Ok(b.len() >= 8 && record::le_u32(b, 4) == RECORD_MAGIC)
+                })?;
+                if !at_record {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "offset {offset} is not a record boundary"
+                    )));
+                }
+            }
+        }
+        let _f = inner.flush_lock.lock();
+        *tail = inner.clog.truncate(offset)?;
+        for qs in inner.cqs.read().values() {
+            for q in qs.iter().flatten() {
+                q.truncate_to_log_end(offset)
+                    .map_err(StoreError::io("truncating a consume queue"))?;
+            }
+        }
+        inner.dispatched.store(offset, Ordering::Release);
+        inner.flushed.fetch_min(offset, Ordering::AcqRel);
+        inner.flush_watch.send_replace(self.flushed_offset());
+        drop(_f);
+        drop(tail);
+        tracing::warn!(offset, "commit log truncated");
+        self.write_checkpoint(false)
+    }
+
+    /// Deletes segments past the retention time or beyond the disk
+    /// watermark; `now_ms` is the current time.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let horizon = now_ms - cfg.retention.as_millis() as i64;
+        let clog = &inner.clog;
+        let mut removed =
+            clog.delete_oldest_while(|_, next| first_store_ms(next).is_some_and(|t| t < horizon))?;
+        let over_watermark = |clog: &CommitLog| {
+            let by_fs = fs_used_ratio(clog.dir()).is_some_and(|r| r >= cfg.disk_high_watermark);
+            let by_cap = cfg
+                .max_store_bytes
+                .is_some_and(|m| clog.disk_bytes() as f64 >= m as f64 * cfg.disk_high_watermark);
+            by_fs || by_cap
+        };
+        if over_watermark(clog) {
+            let forced = clog.delete_oldest_while(|_, _| over_watermark(clog))?;
+            if forced > 0 {
+                tracing::warn!(
+                    segments = forced,
+                    "disk use above the high watermark: deleted the oldest segments before their retention time"
+                );
+            }
+            removed += forced;
+        }
+        if removed > 0 {
+            let min = self.min_offset();
+            for qs in inner.cqs.read().values() {
+                for q in qs.iter().flatten() {
+                    q.delete_before(min)
+                        .map_err(StoreError::io("deleting old consume queue files"))?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Flushes everything and stops the background threads; the next open
+    /// finds a clean shutdown. Idempotent.
+    pub fn shutdown(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        if inner.stopped.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        inner.stopping.store(true, Ordering::Release);
+        if let Some(t) = inner.flusher.lock().as_ref() {
+            t.unpark();
+        }
+        for h in inner.threads.lock().drain(..) {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        inner.clog.stop_preparer();
+        let _tail = inner.tail.lock();
+        self.flush_to(self.max_offset())?;
+        self.flush_queues()?;
+        inner.metadata.flush_offsets()?;
+        self.write_checkpoint(true)?;
+        inner.lock.lock().take();
+        tracing::info!(end = self.max_offset(), "store shut down cleanly");
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        self.check_flush_ok()
+    }
+
+    fn check_flush_ok(&self) -> Result<(), StoreError> {
+        match self.inner.flush_failed.lock().as_ref() {
+            Some(e) => Err(StoreError::FlushFailed(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn queue(&self, topic: &str, queue_id: u32) -> Option<Arc<ConsumeQueue>> {
+        self.inner
+            .cqs
+            .read()
+            .get(topic)?
+            .get(queue_id as usize)?
+            .clone()
+    }
+
+    fn queue_for_write(&self, topic: &str, queue_id: u32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        if let Some(q) = self.queue(topic, queue_id) {
+            return Ok(q);
+        }
+        if queue_id >= MAX_QUEUES {
+            return Err(StoreError::InvalidArgument(format!(
+                "queue id {queue_id} out of range (0 to {})",
+                MAX_QUEUES - 1
+            )));
+        }
+        let inner = &self.inner;
+        let dir = queue_dir(&inner.cq_dir, topic, queue_id);
+        let q = Arc::new(
+            ConsumeQueue::open(&dir, inner.config.cq_entries_per_file).map_err(StoreError::io(
+                format!("opening consume queue {}", dir.display()),
+            ))?,
+        );
+        let mut cqs = inner.cqs.write();
+        let slots = cqs.entry(topic.to_owned()).or_default();
+        if slots.len() <= queue_id as usize {
+            slots.resize(queue_id as usize + 1, None);
+        }
+        Ok(slots[queue_id as usize].get_or_insert(q).clone())
+    }
+
+    /// Flushes the log up to `target` (serialised with the flusher thread).
+    fn flush_to(&self, target: u64) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let _g = inner.flush_lock.lock();
+        self.check_flush_ok()?;
+        let from = self.flushed_offset();
+        if target > from {
+            if let Err(e) = inner.clog.flush(from, target) {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "fdatasync of the commit log failed; refusing further writes");
+                *inner.flush_failed.lock() = Some(msg.clone());
+                inner.flush_watch.send_modify(|_| {});
+                inner.flush_cv.notify_all();
+                return Err(StoreError::FlushFailed(msg));
+            }
+            inner.flushed.store(target, Ordering::Release);
+            inner.flush_watch.send_replace(target);
+            let _l = inner.flush_cv_lock.lock();
+            inner.flush_cv.notify_all();
+        }
+        Ok(self.flushed_offset())
+    }
+
+    fn flush_queues(&self) -> Result<(), StoreError> {
+        let queues: Vec<Arc<ConsumeQueue>> = self
+            .inner
+            .cqs
+            .read()
+            .values()
+            .flat_map(|qs| qs.iter().flatten().cloned())
+            .collect();
+        for q in queues {
+            q.flush()
+                .map_err(StoreError::io("flushing a consume queue"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint if it changed.
+    fn write_checkpoint(&self, clean: bool) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let flushed = self.flushed_offset();
+        let cp = Checkpoint {
+            flushed_offset: flushed,
+            cq_offset: inner.dispatched.load(Ordering::Acquire).min(flushed),
+            clean,
+            written_ms: now_ms(),
+        };
+        let mut last = inner.last_checkpoint.lock();
+        if last.flushed_offset == cp.flushed_offset
+            && last.cq_offset == cp.cq_offset
+            && last.clean == cp.clean
+            && last.written_ms != 0
+        {
+            return Ok(());
+        }
+        save_json(&inner.config.data_dir.join(CHECKPOINT), &cp)?;
+        *last = cp;
+        Ok(())
+    }
+
+    fn start_threads(&self) -> Result<(), StoreError> {
+        let weak = Arc::downgrade(&self.inner);
+        let flusher = std::thread::Builder::new()
+            .name("keelmq-flush".into())
+            .spawn(move || flush_loop(&weak))
+            .map_err(StoreError::io("starting the flush thread"))?;
+        *self.inner.flusher.lock() = Some(flusher.thread().clone());
+        let weak = Arc::downgrade(&self.inner);
+        let maint = std::thread::Builder::new()
+            .name("keelmq-store-maint".into())
+            .spawn(move || maintenance_loop(&weak))
+            .map_err(StoreError::io("starting the store maintenance thread"))?;
+        let mut threads = self.inner.threads.lock();
+        threads.push(flusher);
+        threads.push(maint);
+        Ok(())
+    }
+}
+
+fn unreserve(slots: &[(Arc<ConsumeQueue>, u64)]) {
+    for (q, qo) in slots.iter().rev() {
+        q.unreserve_to(*qo);
+    }
+}
+
+/// The store timestamp of the first record of a segment, if it has one.
+fn first_store_ms(seg: &commit_log::Segment) -> Option<i64> {
+    let mut head = [0u8; record::FIXED_HEADER_LEN];
+    seg.file.pread(&mut head, 0).ok()?;
+    (record::le_u32(&head, 4) == RECORD_MAGIC).then(|| record::le_u64(&head, 44) as i64)
+}
+
+fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
+    cq_dir.join(topic).join(queue_id.to_string())
+}
+
+/// The SYNC_FLUSH flusher wakes on every append and flushes everything
+/// written so far: appends that arrive during an fdatasync share the next
+/// one (group commit). Under ASYNC_FLUSH it flushes on the interval.
+fn flush_loop(weak: &std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let store = MessageStore { inner };
+        let stopping = store.inner.stopping.load(Ordering::Acquire);
+        let target = store.max_offset();
+        let pending = target > store.flushed_offset();
+        if pending && store.flush_to(target).is_err() {
+            // Already reported and latched; nothing more this thread can do.
+            return;
+        }
+        if stopping {
+            return;
+        }
+        let sync = store.inner.config.flush_mode == FlushMode::SyncFlush;
+        let interval = store.inner.config.flush_interval;
+        drop(store);
+        if sync && pending {
+            continue;
+        }
+        std::thread::park_timeout(interval);
+    }
+}
+
+/// Periodically flushes consume queues and offsets, writes the
+/// checkpoint, and applies retention.
+fn maintenance_loop(weak: &std::sync::Weak<Inner>) {
+    let mut last_retention = Instant::now();
+    loop {
+        let interval = match weak.upgrade() {
+            Some(inner) => inner.config.checkpoint_interval,
+            None => return,
+        };
+        std::thread::park_timeout(interval);
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let store = MessageStore { inner };
+        let res = store
+            .flush_queues()
+            .and_then(|()| store.inner.metadata.flush_offsets())
+            .and_then(|()| store.write_checkpoint(false));
+        if let Err(e) = res {
+            tracing::error!(error = %e, "store checkpoint failed");
+        }
+        if last_retention.elapsed() >= store.inner.config.retention_interval {
+            last_retention = Instant::now();
+            if let Err(e) = store.enforce_retention(now_ms()) {
+                tracing::error!(error = %e, "retention failed");
+            }
+        }
+    }
+}
+
+/// Takes an exclusive lock on the data directory so two brokers never
+/// share one.
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(StoreError::io(format!("opening {}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(StoreError::Config(format!(
+            "data directory {} is in use by another process",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn load_or_create_store_id(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join("store_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Ok(_) | Err(_) => {
+            let id = format!("{:032x}", rand::random::<u128>());
+            persist_atomically(&path, id.as_bytes())
+                .map_err(StoreError::io("writing the store id"))?;
+            Ok(id)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

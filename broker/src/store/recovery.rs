@@ -1,0 +1,345 @@
+//! Start-up recovery: find the true end of the commit log and bring the
+//! consume queues in line with it.
+//!
+//! After a clean shutdown only the tail segment is verified. After a crash
+//! the scan starts at the segment holding the older of the last
+//! checkpoint's flushed offset and consume-queue offset, checks every
+//! record's checksum and re-indexes it (consume-queue entries sit at fixed
+//! positions, so writing one again is harmless). What the scan stops on
+//! decides what happens next:
+//!
+//! - zeros, with no valid record anywhere after: the end of the log;
+//! - a bad record past the last checkpointed flush with nothing valid
+//!   after it: a torn tail, cut off with a warning;
+//! - a bad record before the checkpointed flush, or with valid records
+//!   after it: corruption. The broker refuses to start and names the
+//!   offset; the operator may allow truncation at exactly that offset.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::commit_log::CommitLog;
+use super::consume_queue::{ConsumeQueue, CqEntry};
+use super::record::{self, Probe, RECORD_MAGIC};
+use super::{Checkpoint, RecoveryReport, StoreConfig, StoreError, queue_dir};
+
+pub(super) type Queues = HashMap<String, Vec<Option<Arc<ConsumeQueue>>>>;
+
+pub(super) struct Recovered {
+    pub queues: Queues,
+    pub report: RecoveryReport,
+}
+
+enum Stop {
+    /// Clean end of the data.
+    End(u64),
+    /// Something unreadable at this offset.
+    Bad(u64, String),
+    /// A record whose consume queue is missing earlier entries: rebuild.
+    Gap,
+}
+
+pub(super) fn recover(
+    config: &StoreConfig,
+    clog: &CommitLog,
+    cq_dir: &Path,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<Recovered, StoreError> {
+    let started = Instant::now();
+    let clean = checkpoint.is_some_and(|c| c.clean);
+    let mut rebuild = checkpoint.is_none() || !cq_dir.exists();
+    let min = clog.min_offset();
+    let flushed_mark = checkpoint.map_or(0, |c| c.flushed_offset);
+    loop {
+        let mut queues = if rebuild {
+            if cq_dir.exists() {
+                std::fs::remove_dir_all(cq_dir)
+                    .map_err(StoreError::io("removing stale consume queues"))?;
+            }
+            Queues::new()
+        } else {
+            load_queues(cq_dir, config.cq_entries_per_file)?
+        };
+        std::fs::create_dir_all(cq_dir)
+            .map_err(StoreError::io("creating the consume queue directory"))?;
+        let from = if rebuild {
+            min
+        } else {
+            let cp = checkpoint.map_or(0, |c| c.flushed_offset.min(c.cq_offset));
+            let seg = clog.segment_size();
+            (cp - cp % seg).max(min)
+        };
+        let mut scanned = 0u64;
+        let stop = scan(
+            clog,
+            cq_dir,
+            config.cq_entries_per_file,
+            &mut queues,
+            from,
+            &mut scanned,
+        )?;
+        let (end, truncated_at) = match stop {
+            Stop::Gap => {
+                tracing::warn!("consume queues are behind the commit log; rebuilding them all");
+                rebuild = true;
+                continue;
+            }
+            Stop::End(end) => {
+                if let Some(later) = valid_record_in_later_segments(clog, end) {
+                    refuse_or_cut(
+                        config,
+                        end,
+                        "zeros where a record was expected",
+                        format!("a valid record follows at offset {later}"),
+                    )?;
+                    (end, Some(end))
+                } else {
+                    (end, None)
+                }
+            }
+            Stop::Bad(at, reason) => {
+                let later = valid_record_after(clog, at);
+                if let Some(later) = later {
+                    refuse_or_cut(
+                        config,
+                        at,
+                        &reason,
+                        format!("a valid record follows at offset {later}"),
+                    )?;
+                } else if at < flushed_mark {
+                    refuse_or_cut(
+                        config,
+                        at,
+                        &reason,
+                        format!(
+                            "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
+                        ),
+                    )?;
+                } else {
+                    tracing::warn!(offset = at, reason = %reason, "cutting a torn tail off the commit log (a write that never completed)");
+                }
+                (at, Some(at))
+            }
+        };
+        // Cut everything after the end: the rest of its segment and any later segments.
+        clog.truncate(end)?;
+        for qs in queues.values() {
+            for q in qs.iter().flatten() {
+                q.truncate_to_log_end(end)
+                    .map_err(StoreError::io("truncating a consume queue"))?;
+            }
+        }
+        clog.set_end(end);
+        // What was read back may still sit only in the page cache (after a
+        // process crash); make it durable before anything relies on it.
+        clog.flush(from, end)
+            .map_err(StoreError::io("flushing the recovered commit log"))?;
+        for qs in queues.values() {
+            for q in qs.iter().flatten() {
+                q.flush()
+                    .map_err(StoreError::io("flushing a consume queue"))?;
+            }
+        }
+        return Ok(Recovered {
+            queues,
+            report: RecoveryReport {
+                clean_shutdown: clean,
+                scanned_from: from,
+                end,
+                records_scanned: scanned,
+                truncated_bytes_at: truncated_at,
+                rebuilt_consume_queues: rebuild,
+                elapsed: started.elapsed(),
+            },
+        });
+    }
+}
+
+fn refuse_or_cut(
+    config: &StoreConfig,
+    at: u64,
+    reason: &str,
+    why: String,
+) -> Result<(), StoreError> {
+    if config.allow_truncate_at == Some(at) {
+        tracing::warn!(offset = at, reason, why = %why, "corrupt commit log: truncating at the offset the operator allowed");
+        return Ok(());
+    }
+    Err(StoreError::RefuseToStart {
+        offset: at,
+        reason: reason.to_owned(),
+        why,
+    })
+}
+
+fn scan(
+    clog: &CommitLog,
+    cq_dir: &Path,
+    per_file: u64,
+    queues: &mut Queues,
+    from: u64,
+    scanned: &mut u64,
+) -> Result<Stop, StoreError> {
+    let mut pos = from;
+    loop {
+        let Some(seg) = clog.segment_for(pos) else {
+            return Ok(Stop::End(pos));
+        };
+        let rest = (seg.end() - pos) as usize;
+        // SAFETY: recovery runs before the store is shared: nothing writes.
+        let bytes = unsafe { seg.file.slice(pos - seg.base, rest) };
+        match record::probe(bytes, pos) {
+            Probe::Empty => return Ok(Stop::End(pos)),
+            Probe::Bad(reason) => return Ok(Stop::Bad(pos, reason)),
+            Probe::Blank => {
+                // A blank closes a segment; the log continues in the next one
+                // (or ends here if there is none yet).
+                if clog.segment_for(seg.end()).is_none() {
+                    return Ok(Stop::End(pos));
+                }
+                pos = seg.end();
+            }
+            Probe::Record {
+                len,
+                queue_offset,
+                queue_id,
+            } => {
+                let rec = &bytes[..len];
+                let (topic, tag_hash) =
+                    record::topic_and_tag_hash(rec).map_err(|reason| StoreError::Corrupt {
+                        offset: pos,
+                        reason,
+                    })?;
+                let q = queue(queues, cq_dir, per_file, topic, queue_id)?;
+                if queue_offset > q.max_index() {
+                    return Ok(Stop::Gap);
+                }
+                q.ensure(queue_offset)
+                    .map_err(StoreError::io("creating a consume queue file"))?;
+                q.put(
+                    queue_offset,
+                    CqEntry {
+                        offset: pos,
+                        size: len as u32,
+                        tag_hash,
+                    },
+                )
+                .map_err(StoreError::io("writing a consume queue entry"))?;
+                q.publish(queue_offset + 1);
+                *scanned += 1;
+                pos += len as u64;
+            }
+        }
+    }
+}
+
+fn queue(
+    queues: &mut Queues,
+    cq_dir: &Path,
+    per_file: u64,
+    topic: &str,
+    queue_id: u32,
+) -> Result<Arc<ConsumeQueue>, StoreError> {
+    let slots = queues.entry(topic.to_owned()).or_default();
+    let i = queue_id as usize;
+    if slots.len() <= i {
+        slots.resize(i + 1, None);
+    }
+    if let Some(q) = &slots[i] {
+        return Ok(q.clone());
+    }
+    let dir = queue_dir(cq_dir, topic, queue_id);
+    let q = Arc::new(
+        ConsumeQueue::open(&dir, per_file)
+            .map_err(StoreError::io(format!("opening {}", dir.display())))?,
+    );
+    slots[i] = Some(q.clone());
+    Ok(q)
+}
+
+fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Queues, StoreError> {
+    let mut queues = Queues::new();
+    let Ok(topics) = std::fs::read_dir(cq_dir) else {
+        return Ok(queues);
+    };
+    for t in topics {
+        let t = t.map_err(StoreError::io("listing consume queues"))?;
+        let Some(topic) = t.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Ok(ids) = std::fs::read_dir(t.path()) else {
+            continue;
+        };
+        for id in ids {
+            let id = id.map_err(StoreError::io("listing consume queues"))?;
+            let Some(qid) = id.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            queue(&mut queues, cq_dir, per_file, &topic, qid)?;
+        }
+    }
+    Ok(queues)
+}
+
+/// The first offset after `at` where a complete, valid record starts, read
+/// through the files (not the mappings).
+fn valid_record_after(clog: &CommitLog, at: u64) -> Option<u64> {
+    const CHUNK: usize = 1 << 20;
+    let max_rec = clog.segment_size() as usize;
+    for seg in clog.segments() {
+        if seg.end() <= at {
+            continue;
+        }
+        let mut pos = if seg.base > at { 0 } else { at - seg.base + 1 };
+        let len = seg.file.len();
+        let mut buf = vec![0u8; CHUNK + 8];
+        while pos + 8 <= len {
+            let n = ((len - pos) as usize).min(CHUNK + 8);
+            if seg.file.pread(&mut buf[..n], pos).is_err() {
+                break;
+            }
+            let chunk = &buf[..n];
+            if chunk.iter().all(|&b| b == 0) {
+                pos += CHUNK as u64;
+                continue;
+            }
+            for i in 0..n.saturating_sub(8) {
+                if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
+                    continue;
+                }
+                let cand = pos + i as u64;
+                let rlen = record::le_u32(chunk, i) as usize;
+                if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len {
+                    continue;
+                }
+                let mut rec = vec![0u8; rlen];
+                if seg.file.pread(&mut rec, cand).is_ok()
+                    && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
+                {
+                    return Some(seg.base + cand);
+                }
+            }
+            pos += CHUNK as u64;
+        }
+    }
+    None
+}
+
+/// A valid record at the start of any segment after the one holding `end`.
+fn valid_record_in_later_segments(clog: &CommitLog, end: u64) -> Option<u64> {
+    clog.segments()
+        .into_iter()
+        .filter(|s| s.base > end)
+        .find(|s| {
+            let mut head = [0u8; 8];
+            s.file.pread(&mut head, 0).is_ok() && record::le_u32(&head, 4) == RECORD_MAGIC && {
+                let len = record::le_u32(&head, 0) as usize;
+                let mut rec = vec![0u8; len.min(s.file.len() as usize)];
+                s.file.pread(&mut rec, 0).is_ok()
+                    && matches!(record::probe(&rec, s.base), Probe::Record { .. })
+            }
+        })
+        .map(|s| s.base)
+}
