@@ -142,6 +142,20 @@ impl MappedFile {
         Ok(())
     }
 
+    /// Maps every page writable now, ahead of the writes, so that appends
+    /// do not take page faults (best effort: ignored where unsupported).
+    pub fn populate_write(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: advice on our own mapping; failure is harmless.
+        unsafe {
+            libc::madvise(
+                self.map.as_mut_ptr().cast(),
+                self.len as usize,
+                MADV_POPULATE_WRITE,
+            );
+        }
+    }
+
     /// Reads through the file rather than the mapping (so scanning does not
     /// fault pages into the mapping).
     pub fn pread(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 pub use commit_log::fs_used_ratio;
 pub use consume_queue::CqEntry;
@@ -35,7 +36,7 @@ pub use metadata::{
 };
 pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
 
-use commit_log::{CommitLog, GrowthLimits, Tail};
+use commit_log::{CommitLog, GrowthLimits, Preparation, Tail};
 use consume_queue::ConsumeQueue;
 use record::{RECORD_MAGIC, encode_into, tag_hash};
 
@@ -258,7 +259,9 @@ struct Inner {
     flush_cv: Condvar,
     flush_cv_lock: Mutex<()>,
     flush_failed: Mutex<Option<String>>,
-    flusher: Mutex<Option<Thread>>,
+    flusher: std::sync::OnceLock<Thread>,
+    /// Set once a flush failed: cheap to check on every append.
+    failed: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopping: AtomicBool,
     stopped: AtomicBool,
@@ -289,6 +292,10 @@ impl MessageStore {
             GrowthLimits {
                 max_bytes: config.max_store_bytes,
                 full_ratio,
+                preparation: match config.flush_mode {
+                    FlushMode::SyncFlush => Preparation::Reserve,
+                    FlushMode::AsyncFlush => Preparation::Populate,
+                },
             },
         )?;
         let checkpoint: Option<Checkpoint> = match std::fs::read(dir.join(CHECKPOINT)) {
@@ -313,7 +320,8 @@ impl MessageStore {
             flush_cv: Condvar::new(),
             flush_cv_lock: Mutex::new(()),
             flush_failed: Mutex::new(None),
-            flusher: Mutex::new(None),
+            flusher: std::sync::OnceLock::new(),
+            failed: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -386,9 +394,9 @@ impl MessageStore {
 
     /// Appends one record; see [`MessageStore::append_batch`].
     pub fn append(&self, record: NewRecord) -> Result<Appended, StoreError> {
-        self.append_batch(vec![record])?
-            .pop()
-            .ok_or_else(|| StoreError::InvalidArgument("empty append".into()))
+        let mut out = None;
+        self.append_records(std::slice::from_ref(&record), now_ms(), |a| out = Some(a))?;
+        out.ok_or_else(|| StoreError::InvalidArgument("empty append".into()))
     }
 
     /// Appends records contiguously (all in one segment) and returns where
@@ -406,11 +414,22 @@ impl MessageStore {
         records: Vec<NewRecord>,
         store_ms: i64,
     ) -> Result<Vec<Appended>, StoreError> {
+        let mut out = Vec::with_capacity(records.len());
+        self.append_records(&records, store_ms, |a| out.push(a))?;
+        Ok(out)
+    }
+
+    fn append_records(
+        &self,
+        records: &[NewRecord],
+        store_ms: i64,
+        mut done: impl FnMut(Appended),
+    ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Err(StoreError::InvalidArgument("empty append".into()));
         }
         let mut total = 0u64;
-        for r in &records {
+        for r in records {
             r.validate()?;
             total += r.encoded_len() as u64;
         }
@@ -419,8 +438,9 @@ impl MessageStore {
         self.check_writable()?;
         inner.clog.make_room(&mut tail, total)?;
         // Everything that can fail happens before the first byte is written.
-        let mut slots = Vec::with_capacity(records.len());
-        for r in &records {
+        let mut slots: SmallVec<[(Arc<ConsumeQueue>, u64); 1]> =
+            SmallVec::with_capacity(records.len());
+        for r in records {
             let cq = match self.queue_for_write(&r.topic, r.queue_id) {
                 Ok(cq) => cq,
                 Err(e) => {
@@ -439,8 +459,7 @@ impl MessageStore {
             }
             slots.push((cq, qo));
         }
-        let mut out = Vec::with_capacity(records.len());
-        let mut entries = Vec::with_capacity(records.len());
+        let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
         for (r, (_, qo)) in records.iter().zip(&slots) {
             let len = r.encoded_len();
             let offset = tail.pos;
@@ -454,7 +473,7 @@ impl MessageStore {
                 size: len as u32,
                 tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
             });
-            out.push(Appended {
+            done(Appended {
                 offset,
                 end_offset: tail.pos,
                 queue_offset: *qo,
@@ -471,11 +490,11 @@ impl MessageStore {
         inner.dispatched.store(tail.pos, Ordering::Release);
         drop(tail);
         if inner.config.flush_mode == FlushMode::SyncFlush
-            && let Some(t) = inner.flusher.lock().as_ref()
+            && let Some(t) = inner.flusher.get()
         {
             t.unpark();
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Waits until everything below `offset` is durable when the store runs
@@ -492,7 +511,7 @@ impl MessageStore {
         let timeout = self.inner.config.flush_timeout;
         let mut rx = self.inner.flush_watch.subscribe();
         if self.inner.config.flush_mode == FlushMode::AsyncFlush
-            && let Some(t) = self.inner.flusher.lock().as_ref()
+            && let Some(t) = self.inner.flusher.get()
         {
             t.unpark();
         }
@@ -893,7 +912,7 @@ impl MessageStore {
             return Ok(());
         }
         inner.stopping.store(true, Ordering::Release);
-        if let Some(t) = inner.flusher.lock().as_ref() {
+        if let Some(t) = inner.flusher.get() {
             t.unpark();
         }
         for h in inner.threads.lock().drain(..) {
@@ -919,6 +938,9 @@ impl MessageStore {
     }
 
     fn check_flush_ok(&self) -> Result<(), StoreError> {
+        if !self.inner.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match self.inner.flush_failed.lock().as_ref() {
             Some(e) => Err(StoreError::FlushFailed(e.clone())),
             None => Ok(()),
@@ -970,6 +992,7 @@ impl MessageStore {
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "fdatasync of the commit log failed; refusing further writes");
                 *inner.flush_failed.lock() = Some(msg.clone());
+                inner.failed.store(true, Ordering::Release);
                 inner.flush_watch.send_modify(|_| {});
                 inner.flush_cv.notify_all();
                 return Err(StoreError::FlushFailed(msg));
@@ -1026,7 +1049,7 @@ impl MessageStore {
             .name("keelmq-flush".into())
             .spawn(move || flush_loop(&weak))
             .map_err(StoreError::io("starting the flush thread"))?;
-        *self.inner.flusher.lock() = Some(flusher.thread().clone());
+        let _ = self.inner.flusher.set(flusher.thread().clone());
         let weak = Arc::downgrade(&self.inner);
         let maint = std::thread::Builder::new()
             .name("keelmq-store-maint".into())
