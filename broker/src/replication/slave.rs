@@ -1,0 +1,191 @@
+//! The slave side: connects to the master, truncates a divergent tail at the
+//! fork point, then copies the stream into the local commit log and
+//! acknowledges what it holds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::BufWriter;
+use tokio::net::TcpStream;
+
+use super::epoch::{EpochHistory, fork_point};
+use super::frame::{Frame, FrameError, Hello, read_frame, write_frame};
+use super::{ReplicationError, ReplicationManager};
+
+/// A master that sends nothing (not even a heartbeat) for this long is gone.
+const MASTER_SILENCE: Duration = Duration::from_secs(5);
+
+fn io(e: FrameError) -> ReplicationError {
+    ReplicationError::Io(e.to_string())
+}
+
+/// Follows `master_address` in `epoch` until the task is aborted
+/// (promotion, another follow, shutdown), reconnecting with back-off.
+pub(super) async fn follow_loop(
+    manager: Arc<ReplicationManager>,
+    master_address: String,
+    epoch: u64,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow_once(&manager, &master_address, epoch, &mut backoff).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(master = %master_address, error = %e, "replication stream interrupted; retrying");
+            }
+        }
+        manager.follower_connected.send_replace(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn follow_once(
+    manager: &Arc<ReplicationManager>,
+    master_address: &str,
+    fence: u64,
+    backoff: &mut Duration,
+) -> Result<(), ReplicationError> {
+    let conn = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(master_address))
+        .await
+        .map_err(|_| ReplicationError::Io(format!("connect to {master_address} timed out")))?
+        .map_err(|e| ReplicationError::Io(format!("connect to {master_address}: {e}")))?;
+    let _ = conn.set_nodelay(true);
+    let (mut rd, wr) = conn.into_split();
+    let mut wr = BufWriter::new(wr);
+    let store = manager.store.clone();
+    let ours = manager.history();
+    let our_end = store.max_offset();
+    write_frame(
+        &mut wr,
+        &Frame::Hello(Hello {
+            broker_id: manager.cfg.broker_id.clone(),
+            store_id: store.store_id().to_owned(),
+            epochs: ours.entries().to_vec(),
+            max_offset: our_end,
+            fence_epoch: fence,
+            admin_address: manager.cfg.advertised_admin.clone(),
+            replication_address: manager.cfg.advertised_replication.clone(),
+        }),
+    )
+    .await
+    .map_err(io)?;
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd)).await {
+        Ok(Ok(Frame::Welcome(w))) => w,
+        Ok(Ok(Frame::Reject { reason })) => {
+            return Err(ReplicationError::Io(format!("master refused: {reason}")));
+        }
+        Ok(Ok(other)) => return Err(ReplicationError::Io(format!("unexpected {other:?}"))),
+        Ok(Err(e)) => return Err(io(e)),
+        Err(_) => {
+            return Err(ReplicationError::Io(
+                "no answer to Hello within 10 s".into(),
+            ));
+        }
+    };
+    if welcome.epoch < fence {
+        return Err(ReplicationError::StaleEpoch {
+            requested: welcome.epoch,
+            known: fence,
+        });
+    }
+    let theirs = EpochHistory::from_entries(welcome.epochs.clone())
+        .map_err(|e| ReplicationError::Io(format!("master sent an invalid epoch history: {e}")))?;
+    let fork = fork_point(&ours, our_end, &theirs, welcome.max_offset);
+    if fork < our_end {
+        tracing::warn!(
+            master = %welcome.broker_id,
+            our_end,
+            fork,
+            discarded_bytes = our_end - fork,
+            "this log diverged from the master's; truncating at the fork point"
+        );
+        store.truncate_to(fork)?;
+        manager.truncate_history(fork)?;
+    }
+    let mut pos = store.max_offset();
+    write_frame(&mut wr, &Frame::Start { from: pos })
+        .await
+        .map_err(io)?;
+    manager.follower_connected.send_replace(true);
+    *backoff = Duration::from_millis(100);
+    tracing::info!(master = %welcome.broker_id, epoch = welcome.epoch, from = pos, "following");
+
+    loop {
+        let frame = match tokio::time::timeout(MASTER_SILENCE, read_frame(&mut rd)).await {
+            Ok(f) => f.map_err(io)?,
+            Err(_) => {
+                return Err(ReplicationError::Io(format!(
+                    "master silent for {MASTER_SILENCE:?}"
+                )));
+            }
+        };
+        match frame {
+            Frame::Data {
+                epoch,
+                offset,
+                bytes,
+            } => {
+                // Data carries the epoch it was written in, which may be older
+                // than the master's current one (a slave catching up after a
+                // failover); it can never be newer than the master announced.
+                if epoch > welcome.epoch {
+                    return Err(ReplicationError::Io(format!(
+                        "data of epoch {epoch} from a master of epoch {}",
+                        welcome.epoch
+                    )));
+                }
+                if offset != pos {
+                    return Err(ReplicationError::Io(format!(
+                        "stream gap: expected offset {pos}, got {offset}"
+                    )));
+                }
+                if epoch > manager.epoch() {
+                    manager.record_epoch(epoch, offset)?;
+                }
+                pos = store.append_raw(offset, &bytes)?;
+                if manager.cfg.slave_flush_before_ack {
+                    store.flush()?;
+                }
+                manager.notify_appended();
+                write_frame(&mut wr, &Frame::Ack { offset: pos })
+                    .await
+                    .map_err(io)?;
+            }
+            Frame::Heartbeat { epoch, .. } => {
+                if epoch < fence {
+                    return Err(ReplicationError::StaleEpoch {
+                        requested: epoch,
+                        known: fence,
+                    });
+                }
+                write_frame(&mut wr, &Frame::Ack { offset: pos })
+                    .await
+                    .map_err(io)?;
+            }
+            other => return Err(ReplicationError::Io(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+impl ReplicationManager {
+    /// Slave side: the stream crossed into a new epoch at `offset`.
+    pub(super) fn record_epoch(&self, epoch: u64, offset: u64) -> Result<(), ReplicationError> {
+        let mut st = self.state.lock();
+        let mut history = st.history.clone();
+        history.begin(epoch, offset)?;
+        history.save(&self.cfg.data_dir.join("epochs.json"))?;
+        st.history = history;
+        Ok(())
+    }
+
+    /// Slave side: the log was truncated to `offset`.
+    pub(super) fn truncate_history(&self, offset: u64) -> Result<(), ReplicationError> {
+        let mut st = self.state.lock();
+        let mut history = st.history.clone();
+        history.truncate_to(offset);
+        history.save(&self.cfg.data_dir.join("epochs.json"))?;
+        st.history = history;
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! Master/slave replication in one process over loopback TCP: SYNC
+//! acknowledgement, catching up, promotion with a new epoch, a fenced old
+//! master whose writes can no longer be acknowledged, and that old master
+//! cutting its divergent tail at the fork point and converging.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelmq_broker::replication::{
+    ReplicationConfig, ReplicationError, ReplicationManager, ReplicationMode, Role, StartRole,
+};
+use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+
+struct Broker {
+    store: MessageStore,
+    repl: Arc<ReplicationManager>,
+    addr: String,
+}
+
+async fn start(dir: &Path, id: &str, role: StartRole) -> Broker {
+    let mut sc = StoreConfig::new(dir);
+    sc.segment_size = 256 * 1024;
+    sc.cq_entries_per_file = 1000;
+    sc.flush_mode = FlushMode::SyncFlush;
+    let store = MessageStore::open(sc).expect("store");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cfg = ReplicationConfig {
+        broker_id: id.into(),
+        mode: ReplicationMode::Sync,
+        min_in_sync_replicas: 1,
+        sync_timeout: Duration::from_secs(2),
+        in_sync_max_lag_bytes: 1 << 20,
+        listen: listener.local_addr().expect("addr"),
+        advertised_replication: addr.clone(),
+        advertised_admin: String::new(),
+        data_dir: dir.to_owned(),
+        start_role: role,
+        slave_flush_before_ack: true,
+    };
+    let repl = ReplicationManager::open(cfg, store.clone()).expect("replication");
+    let r = repl.clone();
+    tokio::spawn(async move { r.serve_listener(listener, std::future::pending()).await });
+    Broker { store, repl, addr }
+}
+
+fn body(seq: u64) -> Vec<u8> {
+    (0..(100 + seq % 700)).map(|i| (seq + i) as u8).collect()
+}
+
+/// What a send does on the master: append, wake the streams, wait for
+/// the flush and for the slaves as the mode requires.
+async fn send(b: &Broker, seq: u64) -> Result<u64, ReplicationError> {
+    b.repl.check_writable()?;
+    let a = b.store.append(
+        NewRecord::new("orders", (seq % 4) as u32, body(seq)).with_property("seq", seq.to_string()),
+    )?;
+    b.repl.notify_appended();
+    b.store.wait_flushed(a.end_offset).await?;
+    b.repl.wait_replicated(a.end_offset).await?;
+    Ok(a.end_offset)
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_bytes(s: &MessageStore) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut pos = s.min_offset();
+    while pos < s.max_offset() {
+        let chunk = s.read_raw(pos, 1 << 20).expect("read raw");
+        pos += chunk.len() as u64;
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+fn seqs(s: &MessageStore) -> Vec<u64> {
+    let mut out = Vec::new();
+    for q in 0..4 {
+        for qo in s.queue_min_offset("orders", q)..s.queue_max_offset("orders", q) {
+            let r = s.get("orders", q, qo).expect("read").expect("present");
+            assert_eq!(
+                &r.body[..],
+                &body(r.properties["seq"].parse().expect("seq"))[..]
+            );
+            out.push(r.properties["seq"].parse().expect("seq"));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replication_promotion_fencing_and_fork_truncation() {
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
+    let s1 = start(dirs[1].path(), "b1", StartRole::Standby).await;
+    let s2 = start(dirs[2].path(), "b2", StartRole::Standby).await;
+    assert!(matches!(
+        s1.repl.check_writable(),
+        Err(ReplicationError::NotMaster { .. })
+    ));
+    s1.repl.follow(m.addr.clone(), 1).expect("s1 follows");
+    s2.repl.follow(m.addr.clone(), 1).expect("s2 follows");
+
+    // SYNC: every acknowledged send is already on at least one slave.
+    let mut acked = Vec::new();
+    for seq in 0..300 {
+        let end = send(&m, seq).await.expect("send acknowledged");
+        let held = s1.store.max_offset().max(s2.store.max_offset());
+        assert!(
+            held >= end,
+            "acknowledged before any slave held it ({held} < {end})"
+        );
+        acked.push(seq);
+    }
+    wait_for("slaves to catch up", || {
+        s1.store.max_offset() == m.store.max_offset()
+            && s2.store.max_offset() == m.store.max_offset()
+    })
+    .await;
+    assert_eq!(
+        log_bytes(&s1.store),
+        log_bytes(&m.store),
+        "slave 1 is a byte copy"
+    );
+    assert_eq!(
+        log_bytes(&s2.store),
+        log_bytes(&m.store),
+        "slave 2 is a byte copy"
+    );
+    let status = m.repl.status();
+    assert_eq!(status.slaves.len(), 2);
+
+    // Failover: s1 becomes master of epoch 2; s2 follows it.
+    let fork = s1.store.max_offset();
+    let entry = s1.repl.promote(2).expect("promote");
+    assert_eq!(entry.start_offset, fork);
+    assert!(matches!(
+        s1.repl.promote(2),
+        Err(ReplicationError::StaleEpoch { .. })
+    ));
+    s2.repl.follow(s1.addr.clone(), 2).expect("s2 follows s1");
+
+    // The old master still believes it is master of epoch 1; nobody
+    // confirms its writes, so they fail instead of being acknowledged.
+    let failed = send(&m, 10_000).await;
+    assert!(
+        matches!(
+            failed,
+            Err(ReplicationError::SlaveTimeout { confirmed: 0, .. })
+        ),
+        "got {failed:?}"
+    );
+    let diverged_end = m.store.max_offset();
+    assert!(diverged_end > fork);
+
+    for seq in 300..400 {
+        send(&s1, seq).await.expect("new master acknowledges");
+        acked.push(seq);
+    }
+
+    // The old master returns as a slave: it cuts its tail at the fork
+    // point and catches up.
+    m.repl
+        .follow(s1.addr.clone(), 2)
+        .expect("old master follows");
+    assert_eq!(m.repl.role(), Role::Slave);
+    wait_for("old master to converge", || {
+        m.store.max_offset() == s1.store.max_offset()
+            && s2.store.max_offset() == s1.store.max_offset()
+    })
+    .await;
+    assert_eq!(
+        log_bytes(&m.store),
+        log_bytes(&s1.store),
+        "old master converged byte for byte"
+    );
+    assert_eq!(log_bytes(&s2.store), log_bytes(&s1.store));
+    let got = seqs(&m.store);
+    assert_eq!(
+        got, acked,
+        "exactly the acknowledged records; the fenced write is gone"
+    );
+    assert_eq!(m.repl.epoch(), 2);
+    // A broker never accepts an older epoch once it knows a newer one.
+    assert!(matches!(
+        m.repl.follow(s2.addr.clone(), 1),
+        Err(ReplicationError::StaleEpoch { .. })
+    ));
+}
