@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::replication::{ReplicationMode, StartRole};
 use crate::store::{FlushMode, StoreConfig};
 
 /// Fully resolved broker settings.
@@ -56,6 +57,22 @@ pub struct BrokerConfig {
     pub allow_truncate_at: Option<u64>,
     /// Log format: "text" or "json".
     pub log_format: LogFormat,
+    /// This broker's id within its group (default: the host name).
+    pub broker_id: Option<String>,
+    /// Role at start: "master" accepts writes at once; "standby" waits to
+    /// be told to promote or follow (by the supervisor or the operator).
+    pub role: StartRole,
+    /// Replication: "sync" acknowledges once `min_in_sync_replicas` slaves
+    /// hold a write; "async" once the master does.
+    pub replication_mode: ReplicationMode,
+    /// Slaves that must hold a write before a SYNC master acknowledges it.
+    pub min_in_sync_replicas: u32,
+    /// How long a SYNC send waits for its slaves, in milliseconds.
+    pub replication_timeout_ms: u64,
+    /// Queue count of topics created without one.
+    pub default_queue_count: u32,
+    /// Create unknown topics on first use (local development only).
+    pub auto_create_topics: bool,
 }
 
 impl Default for BrokerConfig {
@@ -80,6 +97,13 @@ impl Default for BrokerConfig {
             max_store_size: None,
             allow_truncate_at: None,
             log_format: LogFormat::Text,
+            broker_id: None,
+            role: StartRole::Master,
+            replication_mode: ReplicationMode::Async,
+            min_in_sync_replicas: 1,
+            replication_timeout_ms: 3000,
+            default_queue_count: 8,
+            auto_create_topics: false,
         }
     }
 }
@@ -234,6 +258,27 @@ pub struct BrokerArgs {
     /// Log format [default: text]
     #[arg(long, env = "KEELMQ_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Broker id within the group [default: host name]
+    #[arg(long, env = "KEELMQ_BROKER_ID")]
+    pub broker_id: Option<String>,
+    /// Role at start [default: master]
+    #[arg(long, env = "KEELMQ_ROLE")]
+    pub role: Option<StartRole>,
+    /// Replication mode [default: async]
+    #[arg(long, env = "KEELMQ_REPLICATION_MODE")]
+    pub replication_mode: Option<ReplicationMode>,
+    /// Slaves that must confirm a SYNC write [default: 1]
+    #[arg(long, env = "KEELMQ_MIN_IN_SYNC_REPLICAS")]
+    pub min_in_sync_replicas: Option<u32>,
+    /// SYNC replication wait limit in ms [default: 3000]
+    #[arg(long, env = "KEELMQ_REPLICATION_TIMEOUT_MS")]
+    pub replication_timeout_ms: Option<u64>,
+    /// Queue count of topics created without one [default: 8]
+    #[arg(long, env = "KEELMQ_DEFAULT_QUEUE_COUNT")]
+    pub default_queue_count: Option<u32>,
+    /// Create unknown topics on first use [default: false]
+    #[arg(long, env = "KEELMQ_AUTO_CREATE_TOPICS")]
+    pub auto_create_topics: Option<bool>,
     /// Print the resolved configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -303,6 +348,13 @@ impl BrokerConfig {
         self.store_config()
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        if self.default_queue_count == 0 || self.default_queue_count > crate::store::MAX_QUEUES {
+            return Err(ConfigError(format!(
+                "default_queue_count {} out of range (1 to {})",
+                self.default_queue_count,
+                crate::store::MAX_QUEUES
+            )));
+        }
         if self.broker_name.is_empty() {
             return Err(ConfigError("broker_name must not be empty".into()));
         }
@@ -334,6 +386,22 @@ impl BrokerConfig {
         s.max_store_bytes = self.max_store_size.map(|b| b.0);
         s.allow_truncate_at = self.allow_truncate_at;
         s
+    }
+
+    /// This broker's id: configured, else the host name.
+    pub fn broker_id(&self) -> String {
+        self.broker_id.clone().unwrap_or_else(|| {
+            std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_owned())
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "broker-0".into())
+        })
     }
 
     /// The address clients should dial.

@@ -1,8 +1,14 @@
-//! KeelMQ broker library: storage, configuration and the broker process.
-//! The `keelmq-broker` binary is a thin wrapper around [`server::run`].
+//! KeelMQ broker library: storage, replication, the admin API, the HTTP
+//! health and metrics port, configuration and the broker process. The
+//! `keelmq-broker` binary is a thin wrapper around [`server::run`]; the
+//! `keelmq` command-line tool uses [`cli`].
 
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod http;
 pub mod replication;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod write_path;

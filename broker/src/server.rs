@@ -1,16 +1,57 @@
-//! The broker process: opens the store, runs until SIGTERM or SIGINT, then
-//! shuts down cleanly (flush, checkpoint).
+//! The broker process: opens the store and the replication state, binds
+//! the admin, HTTP and replication ports, and runs until SIGTERM or SIGINT,
+//! then shuts down cleanly (stop serving, flush, checkpoint).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{AdminService, BrokerIdentity};
 use crate::config::BrokerConfig;
-use crate::store::{MessageStore, StoreError};
+use crate::http::HttpState;
+use crate::replication::{ReplicationConfig, ReplicationError, ReplicationManager};
+use crate::store::{FlushMode, MessageStore, StoreError};
 
 /// Why the broker stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("cannot listen on {address} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
+}
+
+async fn bind(what: &'static str, host: &str, port: u16) -> Result<TcpListener, ServerError> {
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    TcpListener::bind(&address)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what,
+            address,
+            source,
+        })
+}
+
+fn local(l: &TcpListener) -> Result<SocketAddr, ServerError> {
+    l.local_addr()
+        .map_err(|e| ServerError::Other(format!("listener address: {e}")))
 }
 
 /// Runs a broker with `config` until a termination signal arrives.
@@ -19,19 +60,133 @@ pub async fn run(config: BrokerConfig) -> Result<(), ServerError> {
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await
         .map_err(|e| ServerError::Other(format!("store open task failed: {e}")))??;
+    let result = serve(&config, store.clone()).await;
+    let s = store.clone();
+    let closed = tokio::task::spawn_blocking(move || s.shutdown())
+        .await
+        .map_err(|e| ServerError::Other(format!("store shutdown task failed: {e}")))?;
+    result?;
+    closed?;
+    Ok(())
+}
+
+async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerError> {
+    let host = config.advertised_host();
+    let admin_l = bind("admin", &config.listen_address, config.admin_port).await?;
+    let http_l = bind("http", &config.listen_address, config.http_port).await?;
+    let repl_l = bind(
+        "replication",
+        &config.listen_address,
+        config.replication_port,
+    )
+    .await?;
+    let (admin_a, http_a, repl_a) = (local(&admin_l)?, local(&http_l)?, local(&repl_l)?);
+    let broker_id = config.broker_id();
+    let repl = ReplicationManager::open(
+        ReplicationConfig {
+            broker_id: broker_id.clone(),
+            mode: config.replication_mode,
+            min_in_sync_replicas: config.min_in_sync_replicas,
+            sync_timeout: Duration::from_millis(config.replication_timeout_ms),
+            in_sync_max_lag_bytes: 64 << 20,
+            listen: repl_a,
+            advertised_replication: format!("{host}:{}", repl_a.port()),
+            advertised_admin: format!("{host}:{}", admin_a.port()),
+            data_dir: config.data_dir.clone(),
+            start_role: config.role,
+            slave_flush_before_ack: config.flush_mode == FlushMode::SyncFlush,
+        },
+        store.clone(),
+    )?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (r, stop) = (repl.clone(), stopped(stop_rx.clone()));
+        tasks.spawn(async move {
+            r.serve_listener(repl_l, stop).await;
+            Ok::<(), String>(())
+        });
+    }
+    {
+        let identity = BrokerIdentity {
+            broker_name: config.broker_name.clone(),
+            broker_id: broker_id.clone(),
+            client_endpoint: format!("{host}:{}", config.client_port),
+            replication_endpoint: format!("{host}:{}", repl_a.port()),
+            flush_mode: config.flush_mode.to_string(),
+            default_queue_count: config.default_queue_count,
+        };
+        let svc = AdminService::new(identity, store.clone(), repl.clone(), None).into_server();
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(admin_l),
+                    stop,
+                )
+                .await
+                .map_err(|e| format!("admin server: {e}"))
+        });
+    }
+    {
+        let state = HttpState {
+            store: store.clone(),
+            replication: repl.clone(),
+            ready: ready.clone(),
+        };
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            crate::http::serve(http_l, state, stop)
+                .await
+                .map_err(|e| format!("http server: {e}"))
+        });
+    }
+    ready.store(true, Ordering::Release);
     tracing::info!(
         broker = %config.broker_name,
+        broker_id = %broker_id,
+        role = %repl.role(),
+        epoch = repl.epoch(),
+        admin = %admin_a,
+        http = %http_a,
+        replication = %repl_a,
         data_dir = %config.data_dir.display(),
         end_offset = store.max_offset(),
         "broker started"
     );
-    wait_for_signal().await;
-    tracing::info!("termination signal received; shutting down");
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || s.shutdown())
-        .await
-        .map_err(|e| ServerError::Other(format!("store shutdown task failed: {e}")))??;
-    Ok(())
+
+    let failure = tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("termination signal received; shutting down");
+            None
+        }
+        Some(done) = tasks.join_next() => Some(match done {
+            Ok(Ok(())) => "a listener stopped unexpectedly".to_owned(),
+            Ok(Err(e)) => e,
+            Err(e) => format!("a listener task failed: {e}"),
+        }),
+    };
+    ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    repl.shutdown();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("listeners did not stop within 10 s; closing anyway");
+        tasks.abort_all();
+    }
+    match failure {
+        Some(e) => Err(ServerError::Other(e)),
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,0 +1,407 @@
+//! The broker's own admin gRPC service (`keelmq.admin.v1.BrokerAdmin`):
+//! status, promotion, following, switchover, topics and consumer groups.
+//! Used by the `keelmq` CLI, the local-group supervisor and the operator.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keelmq_proto::admin as pb;
+use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
+use keelmq_proto::admin::broker_admin_server::{BrokerAdmin, BrokerAdminServer};
+use tonic::{Request, Response, Status};
+
+use crate::replication::{ReplicationError, ReplicationManager, Role};
+use crate::store::{MessageStore, MessageType, StoreError, TopicConfig};
+
+/// Facts about this broker that status reports and that do not change
+/// while it runs.
+#[derive(Clone, Debug)]
+pub struct BrokerIdentity {
+    pub broker_name: String,
+    pub broker_id: String,
+    pub client_endpoint: String,
+    pub replication_endpoint: String,
+    pub flush_mode: String,
+    pub default_queue_count: u32,
+}
+
+/// Extra per-group facts (in-flight messages) supplied by the messaging layer.
+pub trait GroupInspector: Send + Sync + 'static {
+    /// Messages of `group` on `topic`/`queue_id` handed out and not yet acked.
+    fn in_flight(&self, group: &str, topic: &str, queue_id: u32) -> u64;
+}
+
+/// The admin service implementation.
+#[derive(Clone)]
+pub struct AdminService {
+    identity: BrokerIdentity,
+    store: MessageStore,
+    replication: Arc<ReplicationManager>,
+    started: Instant,
+    groups: Option<Arc<dyn GroupInspector>>,
+}
+
+impl AdminService {
+    pub fn new(
+        identity: BrokerIdentity,
+        store: MessageStore,
+        replication: Arc<ReplicationManager>,
+        groups: Option<Arc<dyn GroupInspector>>,
+    ) -> Self {
+        Self {
+            identity,
+            store,
+            replication,
+            started: Instant::now(),
+            groups,
+        }
+    }
+
+    pub fn into_server(self) -> BrokerAdminServer<Self> {
+        BrokerAdminServer::new(self)
+    }
+
+    fn topic_info(&self, t: &TopicConfig) -> pb::TopicInfo {
+        pb::TopicInfo {
+            name: t.name.clone(),
+            queue_count: t.queue_count,
+            message_type: to_pb_type(t.message_type) as i32,
+            queues: (0..t.queue_count)
+                .map(|q| pb::QueueInfo {
+                    queue_id: q,
+                    min_offset: self.store.queue_min_offset(&t.name, q),
+                    max_offset: self.store.queue_max_offset(&t.name, q),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn to_pb_type(t: MessageType) -> pb::MessageType {
+    match t {
+        MessageType::Normal => pb::MessageType::Normal,
+        MessageType::Fifo => pb::MessageType::Fifo,
+        MessageType::Delay => pb::MessageType::Delay,
+        MessageType::Transaction => pb::MessageType::Transaction,
+    }
+}
+
+fn from_pb_type(t: i32) -> Result<MessageType, Status> {
+    match pb::MessageType::try_from(t) {
+        Ok(pb::MessageType::Normal) | Ok(pb::MessageType::Unspecified) => Ok(MessageType::Normal),
+        Ok(pb::MessageType::Fifo) => Ok(MessageType::Fifo),
+        Ok(pb::MessageType::Delay) => Ok(MessageType::Delay),
+        Ok(pb::MessageType::Transaction) => Ok(MessageType::Transaction),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown message type {t}"
+        ))),
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(_) => Status::not_found(e.to_string()),
+        StoreError::InvalidName(_) | StoreError::InvalidArgument(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        StoreError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn replication_status(e: ReplicationError) -> Status {
+    match e {
+        ReplicationError::StaleEpoch { .. } => Status::failed_precondition(e.to_string()),
+        ReplicationError::NotMaster { .. } | ReplicationError::WritesPaused => {
+            Status::failed_precondition(e.to_string())
+        }
+        ReplicationError::Switchover(_) | ReplicationError::SlaveTimeout { .. } => {
+            Status::aborted(e.to_string())
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// Only the master changes topics: slaves receive them through replication.
+fn require_master(r: &ReplicationManager) -> Result<(), Status> {
+    if r.role() == Role::Master {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(
+            "this broker is a slave; change topics on the master",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerAdmin for AdminService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let r = self.replication.status();
+        Ok(Response::new(pb::StatusResponse {
+            broker_name: self.identity.broker_name.clone(),
+            broker_id: self.identity.broker_id.clone(),
+            role: match r.role {
+                Role::Master => pb::Role::Master,
+                Role::Slave => pb::Role::Slave,
+            } as i32,
+            epoch: r.epoch,
+            epochs: r
+                .epochs
+                .iter()
+                .map(|e| pb::EpochEntry {
+                    epoch: e.epoch,
+                    start_offset: e.start_offset,
+                })
+                .collect(),
+            min_offset: self.store.min_offset(),
+            max_offset: self.store.max_offset(),
+            flushed_offset: self.store.flushed_offset(),
+            confirmed_offset: r.confirmed_offset,
+            master_address: r.master_address.unwrap_or_default(),
+            slaves: r
+                .slaves
+                .iter()
+                .map(|s| pb::SlaveStatus {
+                    broker_id: s.broker_id.clone(),
+                    address: s.admin_address.clone(),
+                    acked_offset: s.acked_offset,
+                    lag_bytes: s.lag_bytes,
+                    connected: s.connected,
+                    in_sync: s.in_sync,
+                    millis_since_last_ack: s.millis_since_last_ack,
+                })
+                .collect(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            replication_mode: r.mode.to_string(),
+            flush_mode: self.identity.flush_mode.clone(),
+            min_in_sync_replicas: r.min_in_sync_replicas,
+            writable: r.writable,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            store_id: self.store.store_id().to_owned(),
+            client_endpoint: self.identity.client_endpoint.clone(),
+            replication_endpoint: self.identity.replication_endpoint.clone(),
+        }))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        let entry = self
+            .replication
+            .promote(epoch)
+            .map_err(replication_status)?;
+        Ok(Response::new(pb::PromoteResponse {
+            epoch: entry.epoch,
+            start_offset: entry.start_offset,
+        }))
+    }
+
+    async fn follow(
+        &self,
+        req: Request<pb::FollowRequest>,
+    ) -> Result<Response<pb::FollowResponse>, Status> {
+        let req = req.into_inner();
+        if req.master_address.is_empty() {
+            return Err(Status::invalid_argument("master_address is required"));
+        }
+        self.replication
+            .follow(req.master_address, req.epoch)
+            .map_err(replication_status)?;
+        Ok(Response::new(pb::FollowResponse {
+            truncated_to: 0,
+            truncated: false,
+        }))
+    }
+
+    async fn switchover(
+        &self,
+        req: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+        let req = req.into_inner();
+        let target_admin = if req.target_admin_address.is_empty() {
+            self.replication
+                .status()
+                .slaves
+                .into_iter()
+                .find(|s| s.broker_id == req.target_broker_id)
+                .map(|s| s.admin_address)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} is not a connected slave",
+                        req.target_broker_id
+                    ))
+                })?
+        } else {
+            req.target_admin_address.clone()
+        };
+        let timeout = Duration::from_millis(if req.timeout_ms == 0 {
+            10_000
+        } else {
+            req.timeout_ms
+        });
+        let pause = self
+            .replication
+            .switchover(
+                &req.target_broker_id,
+                req.new_epoch,
+                timeout,
+                |epoch| async move {
+                    let mut client = BrokerAdminClient::connect(format!("http://{target_admin}"))
+                        .await
+                        .map_err(|e| format!("connect {target_admin}: {e}"))?;
+                    client
+                        .promote(pb::PromoteRequest { epoch })
+                        .await
+                        .map_err(|e| e.message().to_owned())?;
+                    Ok(())
+                },
+            )
+            .await
+            .map_err(replication_status)?;
+        Ok(Response::new(pb::SwitchoverResponse {
+            epoch: req.new_epoch,
+            write_pause_ms: pause.as_millis() as u64,
+        }))
+    }
+
+    async fn create_topic(
+        &self,
+        req: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::TopicResponse>, Status> {
+        require_master(&self.replication)?;
+        let req = req.into_inner();
+        let queue_count = if req.queue_count == 0 {
+            self.identity.default_queue_count
+        } else {
+            req.queue_count
+        };
+        let topic = TopicConfig {
+            name: req.name,
+            queue_count,
+            message_type: from_pb_type(req.message_type)?,
+        };
+        self.store
+            .metadata()
+            .create_topic(topic.clone())
+            .map_err(store_status)?;
+        Ok(Response::new(pb::TopicResponse {
+            topic: Some(self.topic_info(&topic)),
+        }))
+    }
+
+    async fn update_topic(
+        &self,
+        req: Request<pb::UpdateTopicRequest>,
+    ) -> Result<Response<pb::TopicResponse>, Status> {
+        require_master(&self.replication)?;
+        let req = req.into_inner();
+        let topic = self
+            .store
+            .metadata()
+            .update_topic_queues(&req.name, req.queue_count)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::TopicResponse {
+            topic: Some(self.topic_info(&topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        req: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        require_master(&self.replication)?;
+        self.store
+            .metadata()
+            .delete_topic(&req.into_inner().name)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .store
+            .metadata()
+            .list_topics()
+            .iter()
+            .map(|t| self.topic_info(t))
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        req: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicResponse>, Status> {
+        let name = req.into_inner().name;
+        let topic = self
+            .store
+            .metadata()
+            .get_topic(&name)
+            .ok_or_else(|| Status::not_found(format!("topic {name} does not exist")))?;
+        Ok(Response::new(pb::TopicResponse {
+            topic: Some(self.topic_info(&topic)),
+        }))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let mut groups: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        for o in self.store.metadata().list_offsets() {
+            groups.entry(o.group).or_default().insert(o.topic);
+        }
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: groups
+                .into_iter()
+                .map(|(name, topics)| pb::GroupSummary {
+                    name,
+                    topics: topics.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn describe_group(
+        &self,
+        req: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let name = req.into_inner().name;
+        let queues: Vec<pb::GroupQueueState> = self
+            .store
+            .metadata()
+            .list_offsets()
+            .into_iter()
+            .filter(|o| o.group == name)
+            .map(|o| {
+                let max = self.store.queue_max_offset(&o.topic, o.queue_id);
+                pb::GroupQueueState {
+                    in_flight: self
+                        .groups
+                        .as_ref()
+                        .map_or(0, |g| g.in_flight(&name, &o.topic, o.queue_id)),
+                    lag: max.saturating_sub(o.offset),
+                    max_offset: max,
+                    committed_offset: o.offset,
+                    queue_id: o.queue_id,
+                    topic: o.topic,
+                }
+            })
+            .collect();
+        if queues.is_empty() {
+            return Err(Status::not_found(format!(
+                "consumer group {name} has no committed offsets"
+            )));
+        }
+        Ok(Response::new(pb::DescribeGroupResponse { name, queues }))
+    }
+}

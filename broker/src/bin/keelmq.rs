@@ -1,0 +1,82 @@
+//! `keelmq`: the KeelMQ command-line tool (topics, groups, status, promotion
+//! and switchover).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use keelmq_broker::cli::admin::{self, AdminTarget, GroupCommand, TopicCommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "keelmq", version, about = "KeelMQ command-line tool")]
+struct Cli {
+    #[command(flatten)]
+    target: AdminTarget,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Inspect consumer groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Show a broker's role, epoch, offsets and replication state.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a broker master of a new epoch.
+    Promote {
+        #[arg(long)]
+        epoch: u64,
+    },
+    /// Make a broker follow a master.
+    Follow {
+        /// The master's replication endpoint (host:port).
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        epoch: u64,
+    },
+    /// Hand the master role to one of its slaves without losing writes.
+    Switchover {
+        /// broker id of the slave that takes over.
+        #[arg(long)]
+        to: String,
+        /// The new epoch (greater than the current one).
+        #[arg(long)]
+        epoch: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keelmq: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Topic(cmd) => admin::topic(&cli.target, cmd).await,
+        Command::Group(cmd) => admin::group(&cli.target, cmd).await,
+        Command::Status { json } => admin::status(&cli.target, json).await,
+        Command::Promote { epoch } => admin::promote(&cli.target, epoch).await,
+        Command::Follow { master, epoch } => admin::follow(&cli.target, master, epoch).await,
+        Command::Switchover {
+            to,
+            epoch,
+            timeout_ms,
+        } => admin::switchover(&cli.target, to, epoch, timeout_ms).await,
+    }
+}

@@ -1,0 +1,370 @@
+//! `keelmq topic|group|status|promote|follow|switchover`: thin commands over
+//! the broker admin API that print what the broker answered.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use keelmq_proto::admin as pb;
+use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
+use tonic::transport::Channel;
+
+/// Where the broker's admin API listens.
+#[derive(Args, Debug, Clone)]
+pub struct AdminTarget {
+    /// Admin endpoint of the broker (host:port).
+    #[arg(
+        long,
+        short = 'a',
+        global = true,
+        env = "KEELMQ_ADMIN",
+        default_value = "127.0.0.1:8082"
+    )]
+    pub admin: String,
+}
+
+impl AdminTarget {
+    pub async fn connect(&self) -> Result<BrokerAdminClient<Channel>> {
+        let url = if self.admin.starts_with("http://") || self.admin.starts_with("https://") {
+            self.admin.clone()
+        } else {
+            format!("http://{}", self.admin)
+        };
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("invalid admin endpoint {url}"))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(60))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the broker admin API at {}", self.admin))?;
+        Ok(BrokerAdminClient::new(channel))
+    }
+}
+
+/// Message types a topic accepts.
+#[derive(ValueEnum, Debug, Clone, Copy)]
+#[value(rename_all = "UPPER")]
+pub enum TopicType {
+    Normal,
+    Fifo,
+    Delay,
+    Transaction,
+}
+
+impl From<TopicType> for pb::MessageType {
+    fn from(t: TopicType) -> Self {
+        match t {
+            TopicType::Normal => pb::MessageType::Normal,
+            TopicType::Fifo => pb::MessageType::Fifo,
+            TopicType::Delay => pb::MessageType::Delay,
+            TopicType::Transaction => pb::MessageType::Transaction,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Number of queues (default: the broker's default, 8).
+        #[arg(long, short = 'q', default_value_t = 0)]
+        queues: u32,
+        /// Message type the topic accepts.
+        #[arg(
+            long = "type",
+            short = 't',
+            value_enum,
+            ignore_case = true,
+            default_value = "NORMAL"
+        )]
+        message_type: TopicType,
+    },
+    /// Grow a topic's queue count.
+    Update {
+        name: String,
+        #[arg(long, short = 'q')]
+        queues: u32,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's queues and offsets.
+    Describe { name: String },
+    /// Delete a topic.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// List consumer groups with committed offsets.
+    List,
+    /// Show a group's offsets, lag and in-flight messages per queue.
+    Describe { name: String },
+}
+
+fn type_name(t: i32) -> &'static str {
+    match pb::MessageType::try_from(t) {
+        Ok(pb::MessageType::Fifo) => "FIFO",
+        Ok(pb::MessageType::Delay) => "DELAY",
+        Ok(pb::MessageType::Transaction) => "TRANSACTION",
+        _ => "NORMAL",
+    }
+}
+
+fn print_topic(t: &pb::TopicInfo, with_queues: bool) -> String {
+    let mut out = format!(
+        "{:<40} {:>6} {}\n",
+        t.name,
+        t.queue_count,
+        type_name(t.message_type)
+    );
+    if with_queues {
+        for q in &t.queues {
+            let _ = writeln!(
+                out,
+                "  queue {:>3}  min {:>12}  max {:>12}",
+                q.queue_id, q.min_offset, q.max_offset
+            );
+        }
+    }
+    out
+}
+
+pub async fn topic(target: &AdminTarget, cmd: TopicCommand) -> Result<()> {
+    let mut c = target.connect().await?;
+    match cmd {
+        TopicCommand::Create {
+            name,
+            queues,
+            message_type,
+        } => {
+            let t = c
+                .create_topic(pb::CreateTopicRequest {
+                    name,
+                    queue_count: queues,
+                    message_type: pb::MessageType::from(message_type) as i32,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .topic
+                .context("broker returned no topic")?;
+            print!("created {}", print_topic(&t, false));
+        }
+        TopicCommand::Update { name, queues } => {
+            let t = c
+                .update_topic(pb::UpdateTopicRequest {
+                    name,
+                    queue_count: queues,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .topic
+                .context("broker returned no topic")?;
+            print!("updated {}", print_topic(&t, false));
+        }
+        TopicCommand::List => {
+            let topics = c
+                .list_topics(pb::ListTopicsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .topics;
+            println!("{:<40} {:>6} TYPE", "TOPIC", "QUEUES");
+            for t in topics {
+                print!("{}", print_topic(&t, false));
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let t = c
+                .describe_topic(pb::DescribeTopicRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .topic
+                .context("broker returned no topic")?;
+            print!("{}", print_topic(&t, true));
+        }
+        TopicCommand::Delete { name } => {
+            c.delete_topic(pb::DeleteTopicRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn group(target: &AdminTarget, cmd: GroupCommand) -> Result<()> {
+    let mut c = target.connect().await?;
+    match cmd {
+        GroupCommand::List => {
+            let groups = c
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .groups;
+            println!("{:<40} TOPICS", "GROUP");
+            for g in groups {
+                println!("{:<40} {}", g.name, g.topics.join(","));
+            }
+        }
+        GroupCommand::Describe { name } => {
+            let g = c
+                .describe_group(pb::DescribeGroupRequest { name })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("group {}", g.name);
+            println!(
+                "{:<32} {:>5} {:>12} {:>12} {:>10} {:>9}",
+                "TOPIC", "QUEUE", "COMMITTED", "MAX", "LAG", "IN-FLIGHT"
+            );
+            for q in g.queues {
+                println!(
+                    "{:<32} {:>5} {:>12} {:>12} {:>10} {:>9}",
+                    q.topic, q.queue_id, q.committed_offset, q.max_offset, q.lag, q.in_flight
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(target: &AdminTarget, json: bool) -> Result<()> {
+    let mut c = target.connect().await?;
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if json {
+        println!("{}", status_json(&s));
+        return Ok(());
+    }
+    let role = match pb::Role::try_from(s.role) {
+        Ok(pb::Role::Master) => "master",
+        Ok(pb::Role::Slave) => "slave",
+        _ => "unknown",
+    };
+    println!("broker      {} ({})", s.broker_id, s.broker_name);
+    println!(
+        "role        {role}{}",
+        if s.writable { ", writable" } else { "" }
+    );
+    println!("epoch       {}", s.epoch);
+    println!(
+        "offsets     min {}  max {}  flushed {}  confirmed {}",
+        s.min_offset, s.max_offset, s.flushed_offset, s.confirmed_offset
+    );
+    println!(
+        "modes       replication {} (min in-sync {}), flush {}",
+        s.replication_mode, s.min_in_sync_replicas, s.flush_mode
+    );
+    println!("uptime      {:.1} s", s.uptime_ms as f64 / 1000.0);
+    println!("store id    {}", s.store_id);
+    if !s.master_address.is_empty() {
+        println!("following   {}", s.master_address);
+    }
+    for sl in &s.slaves {
+        println!(
+            "slave       {:<20} acked {:>12} lag {:>10} B  {}{}",
+            sl.broker_id,
+            sl.acked_offset,
+            sl.lag_bytes,
+            if sl.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            if sl.in_sync { ", in sync" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "broker_name": s.broker_name,
+        "broker_id": s.broker_id,
+        "role": match pb::Role::try_from(s.role) { Ok(pb::Role::Master) => "master", Ok(pb::Role::Slave) => "slave", _ => "unknown" },
+        "epoch": s.epoch,
+        "epochs": s.epochs.iter().map(|e| serde_json::json!({"epoch": e.epoch, "start_offset": e.start_offset})).collect::<Vec<_>>(),
+        "min_offset": s.min_offset,
+        "max_offset": s.max_offset,
+        "flushed_offset": s.flushed_offset,
+        "confirmed_offset": s.confirmed_offset,
+        "master_address": s.master_address,
+        "writable": s.writable,
+        "replication_mode": s.replication_mode,
+        "flush_mode": s.flush_mode,
+        "min_in_sync_replicas": s.min_in_sync_replicas,
+        "store_id": s.store_id,
+        "uptime_ms": s.uptime_ms,
+        "slaves": s.slaves.iter().map(|x| serde_json::json!({
+            "broker_id": x.broker_id, "address": x.address, "acked_offset": x.acked_offset,
+            "lag_bytes": x.lag_bytes, "connected": x.connected, "in_sync": x.in_sync,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn promote(target: &AdminTarget, epoch: u64) -> Result<()> {
+    let r = target
+        .connect()
+        .await?
+        .promote(pb::PromoteRequest { epoch })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    println!("master of epoch {} from offset {}", r.epoch, r.start_offset);
+    Ok(())
+}
+
+pub async fn follow(target: &AdminTarget, master: String, epoch: u64) -> Result<()> {
+    target
+        .connect()
+        .await?
+        .follow(pb::FollowRequest {
+            master_address: master.clone(),
+            epoch,
+        })
+        .await
+        .map_err(status_err)?;
+    println!("following {master} in epoch {epoch}");
+    Ok(())
+}
+
+pub async fn switchover(
+    target: &AdminTarget,
+    to: String,
+    epoch: u64,
+    timeout_ms: u64,
+) -> Result<()> {
+    if epoch == 0 {
+        bail!("--epoch must be greater than the current epoch");
+    }
+    let r = target
+        .connect()
+        .await?
+        .switchover(pb::SwitchoverRequest {
+            target_broker_id: to.clone(),
+            target_admin_address: String::new(),
+            new_epoch: epoch,
+            timeout_ms,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    println!(
+        "{to} is master of epoch {}; writes paused for {} ms",
+        r.epoch, r.write_pause_ms
+    );
+    Ok(())
+}
+
+/// Turns a gRPC status into an error that reads well on a terminal.
+pub fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

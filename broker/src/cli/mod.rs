@@ -1,0 +1,3 @@
+//! The `keelmq` command-line tool's subcommands.
+
+pub mod admin;

@@ -1,0 +1,81 @@
+//! The one way records enter a broker's commit log on behalf of a client
+//! (sends, commits, re-deliveries, state records): role check, append,
+//! wake the replication streams, then wait for what the flush mode and the
+//! replication mode promise before the caller acknowledges anything.
+
+use std::sync::Arc;
+
+use crate::replication::{ReplicationError, ReplicationManager};
+use crate::store::{Appended, MessageStore, NewRecord, StoreError};
+
+/// Why a write was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Not the master, or writes are paused: nothing was written.
+    #[error(transparent)]
+    Refused(ReplicationError),
+    /// Nothing was written (bad input, full disk, ...).
+    #[error(transparent)]
+    Store(StoreError),
+    /// Written locally but not flushed in time under SYNC_FLUSH: the client
+    /// must treat the send as failed (it may still be delivered).
+    #[error("not flushed in time: {0}")]
+    FlushTimeout(StoreError),
+    /// Written and flushed locally but not confirmed by enough slaves in
+    /// time under SYNC replication: the send fails (it may still be delivered).
+    #[error(transparent)]
+    ReplicationTimeout(ReplicationError),
+}
+
+/// Appends and waits for durability as configured.
+#[derive(Clone)]
+pub struct WritePath {
+    store: MessageStore,
+    replication: Arc<ReplicationManager>,
+}
+
+impl WritePath {
+    pub fn new(store: MessageStore, replication: Arc<ReplicationManager>) -> Self {
+        Self { store, replication }
+    }
+
+    pub fn store(&self) -> &MessageStore {
+        &self.store
+    }
+
+    pub fn replication(&self) -> &Arc<ReplicationManager> {
+        &self.replication
+    }
+
+    /// Writes `records` contiguously and returns once they are as durable as
+    /// the flush and replication modes promise.
+    pub async fn write(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, WriteError> {
+        self.replication
+            .check_writable()
+            .map_err(WriteError::Refused)?;
+        let appended = self
+            .store
+            .append_batch(records)
+            .map_err(WriteError::Store)?;
+        let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
+            return Ok(appended);
+        };
+        self.replication.notify_appended();
+        self.store.wait_flushed(end).await.map_err(|e| match e {
+            StoreError::FlushTimeout { .. } => WriteError::FlushTimeout(e),
+            other => WriteError::Store(other),
+        })?;
+        self.replication
+            .wait_replicated(end)
+            .await
+            .map_err(WriteError::ReplicationTimeout)?;
+        Ok(appended)
+    }
+
+    /// Writes one record; see [`WritePath::write`].
+    pub async fn write_one(&self, record: NewRecord) -> Result<Appended, WriteError> {
+        let mut v = self.write(vec![record]).await?;
+        v.pop()
+            .ok_or_else(|| WriteError::Store(StoreError::InvalidArgument("empty append".into())))
+    }
+}
