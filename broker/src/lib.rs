@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod messaging;
 pub mod replication;
 pub mod server;
 pub mod store;

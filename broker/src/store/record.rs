@@ -68,6 +68,10 @@ pub mod keys {
     pub const TRANSACTION_STATE: &str = "__TX_STATE";
     /// The producer's host, reported back to consumers.
     pub const BORN_HOST: &str = "__BORN_HOST";
+    /// Topic a dead-lettered message came from.
+    pub const ORIGIN_TOPIC: &str = "__ORIGIN_TOPIC";
+    /// Deliveries a dead-lettered message had.
+    pub const DELIVERY_ATTEMPTS: &str = "__DELIVERY_ATTEMPTS";
 }
 
 /// Message properties: ordered, so the encoding of a record is deterministic.
