@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client_api;
 pub mod config;
 pub mod http;
 pub mod messaging;

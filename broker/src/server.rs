@@ -10,11 +10,16 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use tokio::sync::Notify;
+
 use crate::admin::{AdminService, BrokerIdentity};
+use crate::client_api::{ClientApi, ClientApiConfig};
 use crate::config::BrokerConfig;
 use crate::http::HttpState;
+use crate::messaging::consumer::Consumption;
 use crate::replication::{ReplicationConfig, ReplicationError, ReplicationManager};
 use crate::store::{FlushMode, MessageStore, StoreError};
+use crate::write_path::WritePath;
 
 /// Why the broker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +77,7 @@ pub async fn run(config: BrokerConfig) -> Result<(), ServerError> {
 
 async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerError> {
     let host = config.advertised_host();
+    let client_l = bind("client", &config.listen_address, config.client_port).await?;
     let admin_l = bind("admin", &config.listen_address, config.admin_port).await?;
     let http_l = bind("http", &config.listen_address, config.http_port).await?;
     let repl_l = bind(
@@ -80,7 +86,12 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         config.replication_port,
     )
     .await?;
-    let (admin_a, http_a, repl_a) = (local(&admin_l)?, local(&http_l)?, local(&repl_l)?);
+    let (client_a, admin_a, http_a, repl_a) = (
+        local(&client_l)?,
+        local(&admin_l)?,
+        local(&http_l)?,
+        local(&repl_l)?,
+    );
     let broker_id = config.broker_id();
     let repl = ReplicationManager::open(
         ReplicationConfig {
@@ -99,12 +110,40 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         store.clone(),
     )?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let ready = Arc::new(AtomicBool::new(false));
+    let consumption = Arc::new(Consumption::new(store.clone()));
+    {
+        let api = ClientApi::new(
+            ClientApiConfig {
+                broker_name: config.broker_name.clone(),
+                advertised_host: host.clone(),
+                advertised_port: client_a.port(),
+                max_body_size: 4 << 20,
+                auto_create_topics: config.auto_create_topics,
+                default_queue_count: config.default_queue_count,
+                max_delivery_attempts: 17,
+            },
+            WritePath::new(store.clone(), repl.clone()),
+            consumption.clone(),
+            Arc::new(Notify::new()),
+        );
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(api.into_server())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(client_l),
+                    stop,
+                )
+                .await
+                .map_err(|e| format!("client server: {e}"))
+        });
+    }
 
-    let mut tasks = tokio::task::JoinSet::new();
     {
         let (r, stop) = (repl.clone(), stopped(stop_rx.clone()));
         tasks.spawn(async move {
@@ -116,12 +155,14 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         let identity = BrokerIdentity {
             broker_name: config.broker_name.clone(),
             broker_id: broker_id.clone(),
-            client_endpoint: format!("{host}:{}", config.client_port),
+            client_endpoint: format!("{host}:{}", client_a.port()),
             replication_endpoint: format!("{host}:{}", repl_a.port()),
             flush_mode: config.flush_mode.to_string(),
             default_queue_count: config.default_queue_count,
         };
-        let svc = AdminService::new(identity, store.clone(), repl.clone(), None).into_server();
+        let inspector: Arc<dyn crate::admin::GroupInspector> = consumption.clone();
+        let svc =
+            AdminService::new(identity, store.clone(), repl.clone(), Some(inspector)).into_server();
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
             tonic::transport::Server::builder()
@@ -153,6 +194,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         broker_id = %broker_id,
         role = %repl.role(),
         epoch = repl.epoch(),
+        client = %client_a,
         admin = %admin_a,
         http = %http_a,
         replication = %repl_a,

@@ -318,6 +318,27 @@ impl Consumption {
         Ok(h)
     }
 
+    /// Moves one delivery to the dead-letter topic at the consumer's request
+    /// (a FIFO consumer that gave up on a message).
+    pub fn forward_to_dead_letter(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+        attempts: u32,
+    ) -> Result<(), HandleError> {
+        let h = self.parse(topic, handle)?;
+        let record = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
+            Ok(Some(r)) => r,
+            _ => return Err(HandleError::Stale),
+        };
+        self.ack(group, topic, handle)?;
+        self.to_dead_letter(group, record, attempts).map_err(|e| {
+            tracing::error!(error = %e, "writing to the dead-letter topic failed");
+            HandleError::Stale
+        })
+    }
+
     /// Messages of `group` on a queue handed out and not yet acked.
     pub fn in_flight(&self, group: &str, topic: &str, queue_id: u32) -> u64 {
         self.queues

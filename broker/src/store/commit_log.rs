@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::StoreError;
 use super::consume_queue::{base_name, parse_base_name};
-use super::mapped::{MappedFile, sync_dir};
+use super::mapped::{MappedFile, remove_temp_files, sync_dir};
 use super::record::{BLANK_LEN, BLANK_MAGIC};
 
 /// One segment file of the commit log.
@@ -102,6 +102,7 @@ impl CommitLog {
     pub fn open(dir: &Path, segment_size: u64, limits: GrowthLimits) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(StoreError::io(format!("creating {}", dir.display())))?;
+        remove_temp_files(dir).map_err(StoreError::io(format!("cleaning {}", dir.display())))?;
         let mut bases = Vec::new();
         for entry in
             std::fs::read_dir(dir).map_err(StoreError::io(format!("listing {}", dir.display())))?

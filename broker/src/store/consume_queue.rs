@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
-use super::mapped::MappedFile;
+use super::mapped::{MappedFile, remove_temp_files};
 use super::record::{le_u32, le_u64};
 
 /// Bytes per consume-queue entry.
@@ -51,6 +51,7 @@ impl ConsumeQueue {
     /// Opens (or creates) the queue stored in `dir`.
     pub fn open(dir: &Path, entries_per_file: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        remove_temp_files(dir)?;
         let file_len = entries_per_file * ENTRY_LEN;
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(dir)? {

@@ -32,17 +32,28 @@ impl std::fmt::Debug for MappedFile {
 
 impl MappedFile {
     /// Creates a new file of `len` bytes with its blocks reserved up front
-    /// (so writes through the mapping can never hit a full disk), then maps it.
+    /// (so writes through the mapping can never hit a full disk), then maps
+    /// it. The file is prepared under a temporary name and renamed into
+    /// place, so a crash never leaves a half-created file under the real
+    /// name (the temporary one is removed by [`remove_temp_files`]).
     pub fn create(path: &Path, len: u64) -> io::Result<Self> {
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", path.display()),
+            ));
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let tmp = path.with_file_name(format!(".{name}{TEMP_SUFFIX}"));
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)?;
-        let reserved = reserve(&file, len);
-        if let Err(e) = reserved {
+            .open(&tmp)?;
+        if let Err(e) = reserve(&file, len).and_then(|()| std::fs::rename(&tmp, path)) {
             drop(file);
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
         Self::map(path.to_owned(), file, len)
@@ -163,6 +174,24 @@ impl MappedFile {
     }
 }
 
+/// Suffix of files being created.
+const TEMP_SUFFIX: &str = ".creating";
+
+/// Removes files left half-created by a crash in `dir`.
+pub fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(TEMP_SUFFIX))
+        {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Reserves `len` bytes of disk for `file`.
 fn reserve(file: &File, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor we own.
@@ -217,6 +246,14 @@ mod tests {
         assert_eq!(unsafe { m.slice(100, 5) }, b"he\0\0\0");
         assert!(MappedFile::open(&p, 4096).is_err(), "wrong size is refused");
         assert!(MappedFile::create(&p, 8192).is_err(), "never overwrites");
+        // A crash mid-creation leaves only a temporary file, which is cleaned.
+        std::fs::write(dir.path().join(".00000000000000000007.creating"), b"").expect("write");
+        remove_temp_files(dir.path()).expect("clean");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f")]);
     }
 
     #[test]

@@ -1,0 +1,256 @@
+//! Between protocol messages and store records.
+
+use std::time::Duration;
+
+use keelmq_proto::rocketmq::v2 as pb;
+use md5::{Digest, Md5};
+use pb::Code;
+
+use super::{ClientApiConfig, status};
+use crate::messaging::consumer::Delivered;
+use crate::store::{MessageType, NewRecord, Properties, StoredRecord, TopicConfig, keys, now_ms};
+
+/// Longest message group, as RocketMQ allows.
+const MAX_GROUP_LEN: usize = 64;
+
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub fn message_type(t: MessageType) -> pb::MessageType {
+    match t {
+        MessageType::Normal => pb::MessageType::Normal,
+        MessageType::Fifo => pb::MessageType::Fifo,
+        MessageType::Delay => pb::MessageType::Delay,
+        MessageType::Transaction => pb::MessageType::Transaction,
+    }
+}
+
+/// One queue of a route: this broker, the master, read and write.
+pub fn queue(cfg: &ClientApiConfig, topic: &TopicConfig, id: u32) -> pb::MessageQueue {
+    let scheme = if cfg.advertised_host.parse::<std::net::Ipv4Addr>().is_ok() {
+        pb::AddressScheme::IPv4
+    } else if cfg.advertised_host.parse::<std::net::Ipv6Addr>().is_ok() {
+        pb::AddressScheme::IPv6
+    } else {
+        pb::AddressScheme::DomainName
+    };
+    pb::MessageQueue {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: topic.name.clone(),
+        }),
+        id: id as i32,
+        permission: pb::Permission::ReadWrite as i32,
+        broker: Some(pb::Broker {
+            name: cfg.broker_name.clone(),
+            id: 0,
+            endpoints: Some(pb::Endpoints {
+                scheme: scheme as i32,
+                addresses: vec![pb::Address {
+                    host: cfg.advertised_host.clone(),
+                    port: i32::from(cfg.advertised_port),
+                }],
+            }),
+        }),
+        accept_message_types: vec![message_type(topic.message_type) as i32],
+    }
+}
+
+/// Validates a message for `topic` and turns it into a record.
+pub fn record(
+    cfg: &ClientApiConfig,
+    topic: &TopicConfig,
+    m: &pb::Message,
+    round_robin: u64,
+    born_host: &str,
+) -> Result<NewRecord, pb::Status> {
+    if m.body.is_empty() {
+        return Err(status(Code::MessageBodyEmpty, "message body is empty"));
+    }
+    if m.body.len() > cfg.max_body_size {
+        return Err(status(
+            Code::MessageBodyTooLarge,
+            format!(
+                "message body of {} bytes exceeds the limit of {} bytes",
+                m.body.len(),
+                cfg.max_body_size
+            ),
+        ));
+    }
+    let sp = m.system_properties.clone().unwrap_or_default();
+    let group = sp.message_group.clone().filter(|g| !g.is_empty());
+    let delayed = sp.delivery_timestamp.is_some();
+    let declared =
+        pb::MessageType::try_from(sp.message_type).unwrap_or(pb::MessageType::Unspecified);
+    let kind = match (declared, &group, delayed) {
+        (pb::MessageType::Transaction, _, _) => MessageType::Transaction,
+        (_, Some(_), _) => MessageType::Fifo,
+        (_, None, true) => MessageType::Delay,
+        (pb::MessageType::Fifo, None, _) => {
+            return Err(status(
+                Code::IllegalMessageGroup,
+                "a FIFO message needs a message group",
+            ));
+        }
+        _ => MessageType::Normal,
+    };
+    if let Some(g) = &group
+        && (g.len() > MAX_GROUP_LEN || g.chars().any(char::is_control))
+    {
+        return Err(status(
+            Code::IllegalMessageGroup,
+            format!("message group must be 1 to {MAX_GROUP_LEN} printable characters"),
+        ));
+    }
+    if kind != topic.message_type {
+        return Err(status(
+            Code::MessagePropertyConflictWithType,
+            format!(
+                "topic {} accepts {} messages, not {kind}",
+                topic.name, topic.message_type
+            ),
+        ));
+    }
+    if matches!(kind, MessageType::Delay | MessageType::Transaction) {
+        return Err(status(
+            Code::Unsupported,
+            format!("{kind} messages are not supported by this broker yet"),
+        ));
+    }
+    let mut properties = Properties::new();
+    for (k, v) in &m.user_properties {
+        if k.is_empty() || k.starts_with("__") {
+            return Err(status(
+                Code::IllegalMessagePropertyKey,
+                format!("user property key {k:?} is empty or reserved"),
+            ));
+        }
+        properties.insert(k.clone(), v.clone());
+    }
+    if let Some(tag) = sp.tag.as_ref().filter(|t| !t.is_empty()) {
+        if tag.contains("||") || tag.chars().any(char::is_whitespace) {
+            return Err(status(
+                Code::IllegalMessageTag,
+                format!("tag {tag:?} contains '||' or whitespace"),
+            ));
+        }
+        properties.insert(keys::TAG.into(), tag.clone());
+    }
+    if !sp.keys.is_empty() {
+        if sp.keys.iter().any(|k| k.chars().any(char::is_whitespace)) {
+            return Err(status(
+                Code::IllegalMessageKey,
+                "message keys must not contain whitespace",
+            ));
+        }
+        properties.insert(keys::KEYS.into(), sp.keys.join(" "));
+    }
+    if !sp.message_id.is_empty() {
+        properties.insert(keys::MESSAGE_ID.into(), sp.message_id.clone());
+    }
+    let host = if sp.born_host.is_empty() {
+        born_host
+    } else {
+        &sp.born_host
+    };
+    properties.insert(keys::BORN_HOST.into(), host.to_owned());
+    let queue_id = match &group {
+        // The group decides the queue, so a group's messages stay in order
+        // whatever queue the client picked.
+        Some(g) => (crate::store::record::tag_hash(Some(g)) % u64::from(topic.queue_count)) as u32,
+        None => u32::try_from(sp.queue_id)
+            .ok()
+            .filter(|q| *q < topic.queue_count)
+            .unwrap_or((round_robin % u64::from(topic.queue_count)) as u32),
+    };
+    if let Some(g) = group {
+        properties.insert(keys::MESSAGE_GROUP.into(), g);
+    }
+    Ok(NewRecord {
+        topic: topic.name.clone(),
+        queue_id,
+        born_ms: sp.born_timestamp.as_ref().map_or_else(now_ms, ms),
+        flags: 0,
+        properties,
+        body: m.body.clone().into(),
+    })
+}
+
+/// A stored record as the protocol's message, with the delivery's handle.
+pub fn message(
+    cfg: &ClientApiConfig,
+    topic: &TopicConfig,
+    r: &StoredRecord,
+    delivery: Option<&Delivered>,
+    invisible: Duration,
+) -> pb::Message {
+    let p = &r.properties;
+    let user_properties = p
+        .iter()
+        .filter(|(k, _)| !k.starts_with("__"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let digest = Md5::digest(&r.body);
+    let checksum: String = digest.iter().map(|b| format!("{b:02X}")).collect();
+    pb::Message {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: r.topic.clone(),
+        }),
+        user_properties,
+        system_properties: Some(pb::SystemProperties {
+            tag: p.get(keys::TAG).cloned(),
+            keys: p
+                .get(keys::KEYS)
+                .map(|k| {
+                    k.split(' ')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            message_id: p
+                .get(keys::MESSAGE_ID)
+                .cloned()
+                .unwrap_or_else(|| format!("{:016X}", r.offset)),
+            body_digest: Some(pb::Digest {
+                r#type: pb::DigestType::Md5 as i32,
+                checksum,
+            }),
+            body_encoding: pb::Encoding::Identity as i32,
+            message_type: message_type(topic.message_type) as i32,
+            born_timestamp: Some(timestamp(r.born_ms)),
+            born_host: p.get(keys::BORN_HOST).cloned().unwrap_or_default(),
+            store_timestamp: Some(timestamp(r.store_ms)),
+            store_host: format!("{}:{}", cfg.advertised_host, cfg.advertised_port),
+            delivery_timestamp: None,
+            receipt_handle: delivery.map(|d| d.handle.to_string()),
+            queue_id: r.queue_id as i32,
+            queue_offset: Some(r.queue_offset as i64),
+            invisible_duration: delivery.map(|_| proto_duration(invisible)),
+            delivery_attempt: delivery.map(|d| d.attempt as i32),
+            message_group: p.get(keys::MESSAGE_GROUP).cloned(),
+            trace_context: None,
+            orphaned_transaction_recovery_duration: None,
+            dead_letter_queue: None,
+            lite_topic: None,
+            priority: None,
+        }),
+        body: r.body.to_vec(),
+    }
+}

@@ -1,0 +1,708 @@
+//! The RocketMQ 5 client protocol (`apache.rocketmq.v2.MessagingService`):
+//! what the official clients call, mapped onto the store, the write path
+//! and the consumption state. Every answer carries a protocol `Status`;
+//! gRPC errors are kept for RPCs the broker does not implement.
+
+mod convert;
+mod settings;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use keelmq_proto::rocketmq::v2 as pb;
+use keelmq_proto::rocketmq::v2::messaging_service_server::{
+    MessagingService, MessagingServiceServer,
+};
+use pb::Code;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::messaging::consumer::{Consumption, HandleError, ReceiveRequest, TagFilter};
+use crate::replication::ReplicationError;
+use crate::store::{MessageStore, MessageType, StoreError, TopicConfig, now_ms};
+use crate::write_path::{WriteError, WritePath};
+
+/// Settings of the client API.
+#[derive(Clone, Debug)]
+pub struct ClientApiConfig {
+    /// Broker group name reported in routes.
+    pub broker_name: String,
+    /// Host and port clients should dial for this broker.
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    /// Largest message body accepted (default 4 MiB, as RocketMQ).
+    pub max_body_size: usize,
+    /// Create unknown topics on first use.
+    pub auto_create_topics: bool,
+    pub default_queue_count: u32,
+    /// Deliveries before a message goes to the dead-letter topic.
+    pub max_delivery_attempts: u32,
+}
+
+/// Server-side bounds of long polling (RocketMQ proxy defaults).
+const MIN_POLLING: Duration = Duration::from_secs(5);
+const MAX_POLLING: Duration = Duration::from_secs(20);
+/// Bounds of the invisible duration a consumer may ask for.
+const MIN_INVISIBLE: Duration = Duration::from_secs(10);
+const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
+/// Invisible duration used when the client asks the server to renew.
+const AUTO_RENEW_INVISIBLE: Duration = Duration::from_secs(60);
+
+/// The `MessagingService` implementation.
+#[derive(Clone)]
+pub struct ClientApi {
+    cfg: Arc<ClientApiConfig>,
+    store: MessageStore,
+    write: WritePath,
+    consumption: Arc<Consumption>,
+    /// Woken after every append, for long-polling receives.
+    arrivals: Arc<Notify>,
+    round_robin: Arc<AtomicU64>,
+}
+
+impl ClientApi {
+    pub fn new(
+        cfg: ClientApiConfig,
+        write: WritePath,
+        consumption: Arc<Consumption>,
+        arrivals: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store: write.store().clone(),
+            cfg: Arc::new(cfg),
+            write,
+            consumption,
+            arrivals,
+            round_robin: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The tonic service, accepting messages up to 130 MiB (batches of
+    /// maximum-size bodies), as the RocketMQ proxy does.
+    pub fn into_server(self) -> MessagingServiceServer<Self> {
+        MessagingServiceServer::new(self)
+            .max_decoding_message_size(130 << 20)
+            .max_encoding_message_size(130 << 20)
+    }
+
+    fn topic(&self, name: &str) -> Result<TopicConfig, pb::Status> {
+        if let Some(t) = self.store.metadata().get_topic(name) {
+            return Ok(t);
+        }
+        if self.cfg.auto_create_topics && crate::store::record::validate_topic(name).is_ok() {
+            let created = self.store.metadata().ensure_topic(TopicConfig {
+                name: name.to_owned(),
+                queue_count: self.cfg.default_queue_count,
+                message_type: MessageType::Normal,
+            });
+            if let Ok(t) = created {
+                tracing::info!(
+                    topic = name,
+                    queues = t.queue_count,
+                    "topic created on first use"
+                );
+                return Ok(t);
+            }
+        }
+        Err(status(
+            Code::TopicNotFound,
+            format!("topic {name} does not exist"),
+        ))
+    }
+}
+
+/// A protocol status.
+pub fn status(code: Code, message: impl Into<String>) -> pb::Status {
+    pb::Status {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+fn ok() -> pb::Status {
+    status(Code::Ok, "OK")
+}
+
+/// The client id every request must carry.
+fn client_id<T>(req: &Request<T>) -> Result<String, pb::Status> {
+    req.metadata()
+        .get("x-mq-client-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| status(Code::ClientIdRequired, "x-mq-client-id header is required"))
+}
+
+/// Time left before the client's gRPC deadline (`grpc-timeout` header).
+fn deadline<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn duration(d: &prost_types::Duration) -> Option<Duration> {
+    (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn resource_name(r: &Option<pb::Resource>) -> &str {
+    r.as_ref().map_or("", |r| r.name.as_str())
+}
+
+fn write_error_status(e: &WriteError) -> pb::Status {
+    match e {
+        WriteError::Refused(ReplicationError::NotMaster { .. }) => status(
+            Code::HaNotAvailable,
+            format!("{e}; the route will point at the new master"),
+        ),
+        WriteError::Refused(_) => status(Code::HaNotAvailable, e.to_string()),
+        WriteError::FlushTimeout(_) => status(Code::MasterPersistenceTimeout, e.to_string()),
+        WriteError::ReplicationTimeout(_) => status(Code::SlavePersistenceTimeout, e.to_string()),
+        WriteError::Store(StoreError::RecordTooLarge { .. }) => {
+            status(Code::MessageBodyTooLarge, e.to_string())
+        }
+        WriteError::Store(StoreError::InvalidName(_)) => status(Code::IllegalTopic, e.to_string()),
+        WriteError::Store(StoreError::InvalidArgument(_)) => {
+            status(Code::BadRequest, e.to_string())
+        }
+        WriteError::Store(_) => status(Code::InternalServerError, e.to_string()),
+    }
+}
+
+type ReceiveStream = Pin<Box<dyn Stream<Item = Result<pb::ReceiveMessageResponse, Status>> + Send>>;
+type TelemetryStream = Pin<Box<dyn Stream<Item = Result<pb::TelemetryCommand, Status>> + Send>>;
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullMessageResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MessagingService for ClientApi {
+    async fn query_route(
+        &self,
+        req: Request<pb::QueryRouteRequest>,
+    ) -> Result<Response<pb::QueryRouteResponse>, Status> {
+        if let Err(s) = client_id(&req) {
+            return Ok(Response::new(pb::QueryRouteResponse {
+                status: Some(s),
+                message_queues: vec![],
+            }));
+        }
+        let name = resource_name(&req.get_ref().topic).to_owned();
+        let resp = match self.topic(&name) {
+            Err(s) => pb::QueryRouteResponse {
+                status: Some(s),
+                message_queues: vec![],
+            },
+            Ok(t) => pb::QueryRouteResponse {
+                status: Some(ok()),
+                message_queues: (0..t.queue_count)
+                    .map(|q| convert::queue(&self.cfg, &t, q))
+                    .collect(),
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let s = client_id(&req).err().unwrap_or_else(ok);
+        Ok(Response::new(pb::HeartbeatResponse { status: Some(s) }))
+    }
+
+    async fn send_message(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        if let Err(s) = client_id(&req) {
+            return Ok(Response::new(pb::SendMessageResponse {
+                status: Some(s),
+                entries: vec![],
+            }));
+        }
+        let born_host = req
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let messages = req.into_inner().messages;
+        if messages.is_empty() {
+            return Ok(Response::new(pb::SendMessageResponse {
+                status: Some(status(Code::BadRequest, "no messages to send")),
+                entries: vec![],
+            }));
+        }
+        // Validate everything first: a batch is stored whole or not at all.
+        let mut records = Vec::with_capacity(messages.len());
+        let mut ids = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let topic = match self.topic(resource_name(&m.topic)) {
+                Ok(t) => t,
+                Err(s) => return Ok(Response::new(send_failure(s, &messages))),
+            };
+            let queue = self.round_robin.fetch_add(1, Ordering::Relaxed);
+            match convert::record(&self.cfg, &topic, m, queue, &born_host) {
+                Ok(r) => {
+                    ids.push(
+                        m.system_properties
+                            .as_ref()
+                            .map(|p| p.message_id.clone())
+                            .unwrap_or_default(),
+                    );
+                    records.push(r);
+                }
+                Err(s) => return Ok(Response::new(send_failure(s, &messages))),
+            }
+        }
+        let resp = match self.write.write(records).await {
+            Ok(appended) => {
+                self.arrivals.notify_waiters();
+                pb::SendMessageResponse {
+                    status: Some(ok()),
+                    entries: appended
+                        .iter()
+                        .zip(ids)
+                        .map(|(a, id)| pb::SendResultEntry {
+                            status: Some(ok()),
+                            message_id: id,
+                            transaction_id: String::new(),
+                            offset: a.queue_offset as i64,
+                            recall_handle: String::new(),
+                        })
+                        .collect(),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "send failed");
+                send_failure(write_error_status(&e), &messages)
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn query_assignment(
+        &self,
+        req: Request<pb::QueryAssignmentRequest>,
+    ) -> Result<Response<pb::QueryAssignmentResponse>, Status> {
+        if let Err(s) = client_id(&req) {
+            return Ok(Response::new(pb::QueryAssignmentResponse {
+                status: Some(s),
+                assignments: vec![],
+            }));
+        }
+        let resp = match self.topic(resource_name(&req.get_ref().topic)) {
+            Err(s) => pb::QueryAssignmentResponse {
+                status: Some(s),
+                assignments: vec![],
+            },
+            Ok(t) => pb::QueryAssignmentResponse {
+                status: Some(ok()),
+                assignments: (0..t.queue_count)
+                    .map(|q| pb::Assignment {
+                        message_queue: Some(convert::queue(&self.cfg, &t, q)),
+                    })
+                    .collect(),
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    type ReceiveMessageStream = ReceiveStream;
+
+    async fn receive_message(
+        &self,
+        req: Request<pb::ReceiveMessageRequest>,
+    ) -> Result<Response<Self::ReceiveMessageStream>, Status> {
+        let started = Instant::now();
+        let one = |s: pb::Status| -> Result<Response<ReceiveStream>, Status> {
+            let frames = vec![
+                Ok(pb::ReceiveMessageResponse {
+                    content: Some(pb::receive_message_response::Content::Status(s)),
+                }),
+                Ok(delivery_timestamp()),
+            ];
+            Ok(Response::new(Box::pin(futures::stream::iter(frames))))
+        };
+        if let Err(s) = client_id(&req) {
+            return one(s);
+        }
+        let grpc_deadline = deadline(&req);
+        let r = req.into_inner();
+        let group = resource_name(&r.group).to_owned();
+        if group.is_empty() {
+            return one(status(
+                Code::IllegalConsumerGroup,
+                "consumer group is required",
+            ));
+        }
+        let topic_name = r
+            .message_queue
+            .as_ref()
+            .map(|q| resource_name(&q.topic).to_owned())
+            .unwrap_or_default();
+        let topic = match self.topic(&topic_name) {
+            Ok(t) => t,
+            Err(s) => return one(s),
+        };
+        let invisible = if r.auto_renew {
+            AUTO_RENEW_INVISIBLE
+        } else {
+            match r.invisible_duration.as_ref().and_then(duration) {
+                Some(d) if (MIN_INVISIBLE..=MAX_INVISIBLE).contains(&d) => d,
+                Some(d) => {
+                    return one(status(
+                        Code::IllegalInvisibleTime,
+                        format!(
+                            "invisible duration {d:?} is outside [{MIN_INVISIBLE:?}, {MAX_INVISIBLE:?}]"
+                        ),
+                    ));
+                }
+                None => {
+                    return one(status(
+                        Code::IllegalInvisibleTime,
+                        "invisible duration is required",
+                    ));
+                }
+            }
+        };
+        let requested = match r.long_polling_timeout.as_ref() {
+            None => MAX_POLLING,
+            Some(d) => match duration(d) {
+                Some(d) => d.clamp(MIN_POLLING, MAX_POLLING),
+                None => {
+                    return one(status(
+                        Code::IllegalPollingTime,
+                        "long polling timeout is negative",
+                    ));
+                }
+            },
+        };
+        // Answer before the client gives up: some clients set the gRPC
+        // deadline to the polling time itself.
+        let polling = match grpc_deadline {
+            Some(d) if d < Duration::from_secs(1) => {
+                return one(status(
+                    Code::IllegalPollingTime,
+                    format!("only {d:?} left before the deadline"),
+                ));
+            }
+            Some(d) => requested.min(
+                d.saturating_sub(d / 10)
+                    .max(d.saturating_sub(Duration::from_secs(2))),
+            ),
+            None => requested,
+        };
+        let filter = match r.filter_expression.as_ref() {
+            None => TagFilter::All,
+            Some(f) if f.r#type == pb::FilterType::Sql as i32 => {
+                return one(status(
+                    Code::IllegalFilterExpression,
+                    "SQL92 filters are not supported; use TAG expressions",
+                ));
+            }
+            Some(f) => TagFilter::parse(&f.expression),
+        };
+        let batch = r.batch_size.clamp(1, 1024) as usize;
+        let fifo = topic.message_type == MessageType::Fifo;
+        let until = started + polling;
+        loop {
+            let notified = self.arrivals.notified();
+            let got = self.consumption.receive(&ReceiveRequest {
+                group: &group,
+                topic: &topic.name,
+                queue_count: topic.queue_count,
+                max_messages: batch,
+                invisible_ms: invisible.as_millis() as i64,
+                filter: &filter,
+                fifo,
+                max_attempts: self.cfg.max_delivery_attempts,
+                now_ms: now_ms(),
+            });
+            match got {
+                Err(e) => return one(status(Code::InternalServerError, e.to_string())),
+                Ok(msgs) if !msgs.is_empty() => {
+                    let mut frames = vec![Ok(pb::ReceiveMessageResponse {
+                        content: Some(pb::receive_message_response::Content::Status(ok())),
+                    })];
+                    for d in msgs {
+                        let m = convert::message(&self.cfg, &topic, &d.record, Some(&d), invisible);
+                        frames.push(Ok(pb::ReceiveMessageResponse {
+                            content: Some(pb::receive_message_response::Content::Message(m)),
+                        }));
+                    }
+                    frames.push(Ok(delivery_timestamp()));
+                    return Ok(Response::new(Box::pin(futures::stream::iter(frames))));
+                }
+                Ok(_) => {}
+            }
+            let now = Instant::now();
+            if now >= until {
+                return one(status(Code::MessageNotFound, "no new message"));
+            }
+            // Wake on a new message, or re-check for expiring in-flight ones.
+            let _ =
+                tokio::time::timeout((until - now).min(Duration::from_millis(500)), notified).await;
+        }
+    }
+
+    async fn ack_message(
+        &self,
+        req: Request<pb::AckMessageRequest>,
+    ) -> Result<Response<pb::AckMessageResponse>, Status> {
+        if let Err(s) = client_id(&req) {
+            return Ok(Response::new(pb::AckMessageResponse {
+                status: Some(s),
+                entries: vec![],
+            }));
+        }
+        let r = req.into_inner();
+        let group = resource_name(&r.group);
+        let topic = resource_name(&r.topic);
+        let mut all_ok = true;
+        let entries: Vec<_> = r
+            .entries
+            .iter()
+            .map(|e| {
+                let s = match self.consumption.ack(group, topic, &e.receipt_handle) {
+                    Ok(()) => ok(),
+                    Err(err) => {
+                        all_ok = false;
+                        handle_status(&err)
+                    }
+                };
+                pb::AckMessageResultEntry {
+                    message_id: e.message_id.clone(),
+                    receipt_handle: e.receipt_handle.clone(),
+                    status: Some(s),
+                }
+            })
+            .collect();
+        let top = if all_ok {
+            ok()
+        } else if entries.len() == 1 {
+            entries[0].status.clone().unwrap_or_else(ok)
+        } else {
+            status(Code::MultipleResults, "some acks failed; see the entries")
+        };
+        Ok(Response::new(pb::AckMessageResponse {
+            status: Some(top),
+            entries,
+        }))
+    }
+
+    async fn forward_message_to_dead_letter_queue(
+        &self,
+        req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+    ) -> Result<Response<pb::ForwardMessageToDeadLetterQueueResponse>, Status> {
+        if let Err(s) = client_id(&req) {
+            return Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+                status: Some(s),
+            }));
+        }
+        let r = req.into_inner();
+        let s = match self.consumption.forward_to_dead_letter(
+            resource_name(&r.group),
+            resource_name(&r.topic),
+            &r.receipt_handle,
+            r.delivery_attempt.max(0) as u32,
+        ) {
+            Ok(()) => ok(),
+            Err(e) => handle_status(&e),
+        };
+        Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+            status: Some(s),
+        }))
+    }
+
+    type PullMessageStream = PullStream;
+
+    async fn pull_message(
+        &self,
+        _: Request<pb::PullMessageRequest>,
+    ) -> Result<Response<Self::PullMessageStream>, Status> {
+        Err(Status::unimplemented("PullMessage is not implemented"))
+    }
+
+    async fn update_offset(
+        &self,
+        _: Request<pb::UpdateOffsetRequest>,
+    ) -> Result<Response<pb::UpdateOffsetResponse>, Status> {
+        Err(Status::unimplemented("UpdateOffset is not implemented"))
+    }
+
+    async fn get_offset(
+        &self,
+        _: Request<pb::GetOffsetRequest>,
+    ) -> Result<Response<pb::GetOffsetResponse>, Status> {
+        Err(Status::unimplemented("GetOffset is not implemented"))
+    }
+
+    async fn query_offset(
+        &self,
+        _: Request<pb::QueryOffsetRequest>,
+    ) -> Result<Response<pb::QueryOffsetResponse>, Status> {
+        Err(Status::unimplemented("QueryOffset is not implemented"))
+    }
+
+    async fn end_transaction(
+        &self,
+        req: Request<pb::EndTransactionRequest>,
+    ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let s = match client_id(&req) {
+            Err(s) => s,
+            Ok(_) => status(
+                Code::InvalidTransactionId,
+                "this broker holds no such transaction",
+            ),
+        };
+        Ok(Response::new(pb::EndTransactionResponse {
+            status: Some(s),
+        }))
+    }
+
+    type TelemetryStream = TelemetryStream;
+
+    async fn telemetry(
+        &self,
+        req: Request<Streaming<pb::TelemetryCommand>>,
+    ) -> Result<Response<Self::TelemetryStream>, Status> {
+        let id = client_id(&req).ok();
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(16);
+        tokio::spawn(async move {
+            if id.is_none() {
+                let _ = tx
+                    .send(Ok(pb::TelemetryCommand {
+                        status: Some(status(
+                            Code::ClientIdRequired,
+                            "x-mq-client-id header is required",
+                        )),
+                        command: None,
+                    }))
+                    .await;
+                return;
+            }
+            while let Ok(Some(cmd)) = inbound.message().await {
+                let reply = match cmd.command {
+                    Some(pb::telemetry_command::Command::Settings(s)) => settings::reply(s),
+                    // Thread stack traces and verification results need no answer.
+                    _ => continue,
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn notify_client_termination(
+        &self,
+        req: Request<pb::NotifyClientTerminationRequest>,
+    ) -> Result<Response<pb::NotifyClientTerminationResponse>, Status> {
+        let s = client_id(&req).err().unwrap_or_else(ok);
+        Ok(Response::new(pb::NotifyClientTerminationResponse {
+            status: Some(s),
+        }))
+    }
+
+    async fn change_invisible_duration(
+        &self,
+        req: Request<pb::ChangeInvisibleDurationRequest>,
+    ) -> Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
+        let fail = |s| {
+            Ok(Response::new(pb::ChangeInvisibleDurationResponse {
+                status: Some(s),
+                receipt_handle: String::new(),
+            }))
+        };
+        if let Err(s) = client_id(&req) {
+            return fail(s);
+        }
+        let r = req.into_inner();
+        let d = match r.invisible_duration.as_ref().and_then(duration) {
+            Some(d) if d <= MAX_INVISIBLE => d,
+            _ => {
+                return fail(status(
+                    Code::IllegalInvisibleTime,
+                    format!("invisible duration must be between 0 and {MAX_INVISIBLE:?}"),
+                ));
+            }
+        };
+        match self.consumption.change_invisible(
+            resource_name(&r.group),
+            resource_name(&r.topic),
+            &r.receipt_handle,
+            d.as_millis() as i64,
+            now_ms(),
+        ) {
+            Ok(h) => Ok(Response::new(pb::ChangeInvisibleDurationResponse {
+                status: Some(ok()),
+                receipt_handle: h.to_string(),
+            })),
+            Err(e) => fail(handle_status(&e)),
+        }
+    }
+
+    async fn recall_message(
+        &self,
+        _: Request<pb::RecallMessageRequest>,
+    ) -> Result<Response<pb::RecallMessageResponse>, Status> {
+        Err(Status::unimplemented("RecallMessage is not implemented"))
+    }
+
+    async fn sync_lite_subscription(
+        &self,
+        _: Request<pb::SyncLiteSubscriptionRequest>,
+    ) -> Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
+        Err(Status::unimplemented("lite topics are not implemented"))
+    }
+}
+
+fn handle_status(e: &HandleError) -> pb::Status {
+    status(Code::InvalidReceiptHandle, e.to_string())
+}
+
+fn delivery_timestamp() -> pb::ReceiveMessageResponse {
+    pb::ReceiveMessageResponse {
+        content: Some(pb::receive_message_response::Content::DeliveryTimestamp(
+            convert::timestamp(now_ms()),
+        )),
+    }
+}
+
+fn send_failure(s: pb::Status, messages: &[pb::Message]) -> pb::SendMessageResponse {
+    pb::SendMessageResponse {
+        entries: messages
+            .iter()
+            .map(|m| pb::SendResultEntry {
+                status: Some(s.clone()),
+                message_id: m
+                    .system_properties
+                    .as_ref()
+                    .map(|p| p.message_id.clone())
+                    .unwrap_or_default(),
+                transaction_id: String::new(),
+                offset: 0,
+                recall_handle: String::new(),
+            })
+            .collect(),
+        status: Some(s),
+    }
+}
+
+/// Keeps the type checker honest about the maps the protocol uses.
+#[allow(dead_code)]
+type UserProperties = HashMap<String, String>;

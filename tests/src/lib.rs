@@ -1,0 +1,174 @@
+//! Shared helpers for the end-to-end tests: real `keelmq-broker` processes
+//! on loopback ports, driven with the `keelmq` CLI.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a binary built from this workspace (`keelmq-broker`, `keelmq`),
+/// in the same target profile directory as the running test. The test
+/// command builds all binaries before running tests (`cargo build
+/// --workspace --bins`), so no test ever builds anything.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A `keelmq-broker` process on loopback, killed when dropped.
+pub struct BrokerProcess {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub client_port: u16,
+    pub admin_port: u16,
+    pub http_port: u16,
+    pub replication_port: u16,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on `data_dir` with extra flags and waits until it is ready.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let ports = (free_port(), free_port(), free_port(), free_port());
+        Self::start_on(data_dir, ports, extra)
+    }
+
+    /// Starts a broker on given (client, admin, http, replication) ports.
+    pub fn start_on(data_dir: &Path, ports: (u16, u16, u16, u16), extra: &[&str]) -> BrokerProcess {
+        let (client_port, admin_port, http_port, replication_port) = ports;
+        let child = Command::new(workspace_bin("keelmq-broker"))
+            .args(["--listen-address", "127.0.0.1", "--segment-size", "4MiB"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--client-port",
+                &client_port.to_string(),
+                "--admin-port",
+                &admin_port.to_string(),
+            ])
+            .args([
+                "--http-port",
+                &http_port.to_string(),
+                "--replication-port",
+                &replication_port.to_string(),
+            ])
+            .args(extra)
+            .env(
+                "KEELMQ_LOG",
+                std::env::var("KEELMQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start keelmq-broker");
+        let b = BrokerProcess {
+            child,
+            data_dir: data_dir.to_owned(),
+            client_port,
+            admin_port,
+            http_port,
+            replication_port,
+        };
+        let start = Instant::now();
+        while !b.ready() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "broker did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    /// The client endpoint (`127.0.0.1:port`).
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        http_get(self.http_port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// Runs the `keelmq` CLI against this broker's admin port.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(workspace_bin("keelmq"))
+            .args(["--admin", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(args)
+            .output()
+            .expect("run keelmq")
+    }
+
+    /// Runs the CLI and insists that it succeeds; returns its output.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "keelmq {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "broker exited with {status}");
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "broker did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no clean-up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; the whole response, or None.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
