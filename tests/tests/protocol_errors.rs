@@ -1,0 +1,344 @@
+//! Every error status the client protocol promises, reached over the wire
+//! against a real `keelmq-broker` process with a plain gRPC client (the
+//! project's own generated stubs), and no input that kills a connection.
+
+use std::time::Duration;
+
+use keelmq_proto::rocketmq::v2 as pb;
+use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+use keelmq_tests::BrokerProcess;
+use pb::Code;
+use tonic::Request;
+use tonic::transport::Channel;
+
+async fn client(b: &BrokerProcess) -> MessagingServiceClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", b.endpoint()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    MessagingServiceClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn with_id<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("x-mq-client-id", "test@1#1".parse().expect("header"));
+    r
+}
+
+fn resource(name: &str) -> Option<pb::Resource> {
+    Some(pb::Resource {
+        resource_namespace: String::new(),
+        name: name.into(),
+    })
+}
+
+fn message(topic: &str, body: Vec<u8>, group: Option<&str>) -> pb::Message {
+    pb::Message {
+        topic: resource(topic),
+        user_properties: Default::default(),
+        system_properties: Some(pb::SystemProperties {
+            message_id: "01ABC".into(),
+            message_group: group.map(str::to_owned),
+            message_type: if group.is_some() {
+                pb::MessageType::Fifo
+            } else {
+                pb::MessageType::Normal
+            } as i32,
+            ..Default::default()
+        }),
+        body,
+    }
+}
+
+async fn send_code(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> i32 {
+    let resp = c
+        .send_message(with_id(pb::SendMessageRequest { messages: vec![m] }))
+        .await
+        .expect("a send always gets a response")
+        .into_inner();
+    resp.status.expect("status").code
+}
+
+async fn receive_codes(
+    c: &mut MessagingServiceClient<Channel>,
+    req: Request<pb::ReceiveMessageRequest>,
+) -> Vec<i32> {
+    let mut stream = c.receive_message(req).await.expect("stream").into_inner();
+    let mut codes = Vec::new();
+    while let Some(frame) = stream.message().await.expect("frame") {
+        if let Some(pb::receive_message_response::Content::Status(s)) = frame.content {
+            codes.push(s.code);
+        }
+    }
+    codes
+}
+
+fn receive(topic: &str, invisible: Option<u64>, polling: Option<i64>) -> pb::ReceiveMessageRequest {
+    pb::ReceiveMessageRequest {
+        group: resource("g"),
+        message_queue: Some(pb::MessageQueue {
+            topic: resource(topic),
+            ..Default::default()
+        }),
+        filter_expression: None,
+        batch_size: 16,
+        invisible_duration: invisible.map(|s| prost_types::Duration {
+            seconds: s as i64,
+            nanos: 0,
+        }),
+        auto_renew: false,
+        long_polling_timeout: polling.map(|s| prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        }),
+        attempt_id: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_error_code_is_reachable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &[]);
+    b.cli_ok(&["topic", "create", "plain", "--queues", "2"]);
+    b.cli_ok(&[
+        "topic", "create", "ordered", "--queues", "2", "--type", "FIFO",
+    ]);
+    let mut c = client(&b).await;
+
+    // Missing client id: every RPC says so.
+    let r = c
+        .query_route(Request::new(pb::QueryRouteRequest {
+            topic: resource("plain"),
+            endpoints: None,
+        }))
+        .await
+        .expect("route")
+        .into_inner();
+    assert_eq!(
+        r.status.expect("status").code,
+        Code::ClientIdRequired as i32
+    );
+    let r = c
+        .send_message(Request::new(pb::SendMessageRequest {
+            messages: vec![message("plain", b"x".to_vec(), None)],
+        }))
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(
+        r.status.expect("status").code,
+        Code::ClientIdRequired as i32
+    );
+
+    // Unknown topic.
+    let r = c
+        .query_route(with_id(pb::QueryRouteRequest {
+            topic: resource("nope"),
+            endpoints: None,
+        }))
+        .await
+        .expect("route")
+        .into_inner();
+    assert_eq!(r.status.expect("status").code, Code::TopicNotFound as i32);
+    assert_eq!(
+        send_code(&mut c, message("nope", b"x".to_vec(), None)).await,
+        Code::TopicNotFound as i32
+    );
+
+    // Route of a known topic: master queues with the accepted type.
+    let r = c
+        .query_route(with_id(pb::QueryRouteRequest {
+            topic: resource("ordered"),
+            endpoints: None,
+        }))
+        .await
+        .expect("route")
+        .into_inner();
+    assert_eq!(r.status.expect("status").code, Code::Ok as i32);
+    assert_eq!(r.message_queues.len(), 2);
+    assert!(
+        r.message_queues
+            .iter()
+            .all(|q| q.accept_message_types == vec![pb::MessageType::Fifo as i32])
+    );
+
+    // Bodies: empty, too large (4 MiB limit), fine.
+    assert_eq!(
+        send_code(&mut c, message("plain", vec![], None)).await,
+        Code::MessageBodyEmpty as i32
+    );
+    assert_eq!(
+        send_code(&mut c, message("plain", vec![7u8; (4 << 20) + 1], None)).await,
+        Code::MessageBodyTooLarge as i32
+    );
+    assert_eq!(
+        send_code(&mut c, message("plain", b"ok".to_vec(), None)).await,
+        Code::Ok as i32
+    );
+
+    // Message type the topic does not accept, and bad message groups.
+    assert_eq!(
+        send_code(&mut c, message("plain", b"x".to_vec(), Some("g1"))).await,
+        Code::MessagePropertyConflictWithType as i32
+    );
+    let mut groupless = message("ordered", b"x".to_vec(), None);
+    if let Some(sp) = groupless.system_properties.as_mut() {
+        sp.message_type = pb::MessageType::Fifo as i32;
+    }
+    assert_eq!(
+        send_code(&mut c, groupless).await,
+        Code::IllegalMessageGroup as i32,
+        "a FIFO message without a group"
+    );
+    assert_eq!(
+        send_code(&mut c, message("ordered", b"x".to_vec(), None)).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a NORMAL message to a FIFO topic"
+    );
+    assert_eq!(
+        send_code(
+            &mut c,
+            message("ordered", b"x".to_vec(), Some(&"g".repeat(65)))
+        )
+        .await,
+        Code::IllegalMessageGroup as i32
+    );
+    assert_eq!(
+        send_code(&mut c, message("ordered", b"x".to_vec(), Some("g1"))).await,
+        Code::Ok as i32
+    );
+
+    // Receive: bad invisible duration, bad polling time, then a real receive.
+    let codes = receive_codes(&mut c, with_id(receive("plain", Some(1), Some(5)))).await;
+    assert_eq!(codes, vec![Code::IllegalInvisibleTime as i32]);
+    let codes = receive_codes(&mut c, with_id(receive("plain", None, Some(5)))).await;
+    assert_eq!(codes, vec![Code::IllegalInvisibleTime as i32]);
+    let codes = receive_codes(&mut c, with_id(receive("plain", Some(30), Some(-3)))).await;
+    assert_eq!(codes, vec![Code::IllegalPollingTime as i32]);
+    let mut short = with_id(receive("plain", Some(30), Some(5)));
+    short.set_timeout(Duration::from_millis(500));
+    let codes = receive_codes(&mut c, short).await;
+    assert_eq!(
+        codes,
+        vec![Code::IllegalPollingTime as i32],
+        "deadline too short to poll"
+    );
+    let codes = receive_codes(&mut c, with_id(receive("nope", Some(30), Some(5)))).await;
+    assert_eq!(codes, vec![Code::TopicNotFound as i32]);
+    let codes = receive_codes(&mut c, Request::new(receive("plain", Some(30), Some(5)))).await;
+    assert_eq!(codes, vec![Code::ClientIdRequired as i32]);
+
+    let mut stream = c
+        .receive_message(with_id(receive("plain", Some(30), Some(5))))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut handle = None;
+    let mut frames = Vec::new();
+    while let Some(f) = stream.message().await.expect("frame") {
+        if let Some(pb::receive_message_response::Content::Message(m)) = &f.content {
+            let sp = m.system_properties.as_ref().expect("system properties");
+            handle = sp.receipt_handle.clone();
+            let digest = sp.body_digest.as_ref().expect("digest");
+            assert_eq!(digest.r#type, pb::DigestType::Md5 as i32);
+            assert_eq!(
+                digest.checksum, "444BCB3A3FCF8389296C49467F27E1D6",
+                "MD5 of \"ok\", upper-case hex"
+            );
+        }
+        frames.push(f.content.expect("content"));
+    }
+    assert!(
+        matches!(frames.first(), Some(pb::receive_message_response::Content::Status(s)) if s.code == Code::Ok as i32)
+    );
+    assert!(matches!(
+        frames.last(),
+        Some(pb::receive_message_response::Content::DeliveryTimestamp(_))
+    ));
+    let handle = handle.expect("a message was received");
+
+    // Acks: a foreign or garbage handle, then the real one twice.
+    let ack = |h: String| {
+        with_id(pb::AckMessageRequest {
+            group: resource("g"),
+            topic: resource("plain"),
+            entries: vec![pb::AckMessageEntry {
+                message_id: "01ABC".into(),
+                receipt_handle: h,
+                lite_topic: None,
+            }],
+        })
+    };
+    let code = |r: pb::AckMessageResponse| r.status.expect("status").code;
+    assert_eq!(
+        code(
+            c.ack_message(ack("garbage".into()))
+                .await
+                .expect("ack")
+                .into_inner()
+        ),
+        Code::InvalidReceiptHandle as i32
+    );
+    let foreign = handle.replacen(' ', " someone-else-", 1);
+    assert_eq!(
+        code(c.ack_message(ack(foreign)).await.expect("ack").into_inner()),
+        Code::InvalidReceiptHandle as i32
+    );
+    // Changing the invisible time outside its range is refused.
+    let change = c
+        .change_invisible_duration(with_id(pb::ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("plain"),
+            receipt_handle: handle.clone(),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 13 * 3600,
+                nanos: 0,
+            }),
+            message_id: "01ABC".into(),
+            lite_topic: None,
+            suspend: None,
+        }))
+        .await
+        .expect("change")
+        .into_inner();
+    assert_eq!(
+        change.status.expect("status").code,
+        Code::IllegalInvisibleTime as i32
+    );
+    assert_eq!(
+        code(
+            c.ack_message(ack(handle.clone()))
+                .await
+                .expect("ack")
+                .into_inner()
+        ),
+        Code::Ok as i32
+    );
+    assert_eq!(
+        code(c.ack_message(ack(handle)).await.expect("ack").into_inner()),
+        Code::InvalidReceiptHandle as i32,
+        "a second ack of the same delivery is stale"
+    );
+
+    // RPCs the broker does not implement answer UNIMPLEMENTED, as upstream.
+    let err = c
+        .get_offset(with_id(pb::GetOffsetRequest::default()))
+        .await
+        .expect_err("unimplemented");
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+
+    // The connection survived all of it.
+    let r = c
+        .heartbeat(with_id(pb::HeartbeatRequest {
+            group: None,
+            client_type: pb::ClientType::Producer as i32,
+        }))
+        .await
+        .expect("heartbeat")
+        .into_inner();
+    assert_eq!(r.status.expect("status").code, Code::Ok as i32);
+}
