@@ -73,6 +73,11 @@ pub struct BrokerConfig {
     pub default_queue_count: u32,
     /// Create unknown topics on first use (local development only).
     pub auto_create_topics: bool,
+    /// PEM certificate chain for TLS on the client port (default: a
+    /// certificate the broker makes, with its CA in `<data_dir>/tls/ca.pem`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -104,6 +109,8 @@ impl Default for BrokerConfig {
             replication_timeout_ms: 3000,
             default_queue_count: 8,
             auto_create_topics: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -279,6 +286,12 @@ pub struct BrokerArgs {
     /// Create unknown topics on first use [default: false]
     #[arg(long, env = "KEELMQ_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
+    /// TLS certificate chain (PEM) for the client port [default: generated]
+    #[arg(long, env = "KEELMQ_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the client port [default: generated]
+    #[arg(long, env = "KEELMQ_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Print the resolved configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -315,10 +328,29 @@ impl BrokerArgs {
             retention_hours,
             disk_high_watermark,
             disk_full_ratio,
-            log_format
+            log_format,
+            role,
+            replication_mode,
+            min_in_sync_replicas,
+            replication_timeout_ms,
+            default_queue_count,
+            auto_create_topics
         );
-        if self.advertised_address.is_some() {
-            c.advertised_address = self.advertised_address.clone();
+        for (value, slot) in [
+            (&self.broker_id, &mut c.broker_id),
+            (&self.advertised_address, &mut c.advertised_address),
+        ] {
+            if value.is_some() {
+                slot.clone_from(value);
+            }
+        }
+        for (value, slot) in [
+            (&self.tls_cert, &mut c.tls_cert),
+            (&self.tls_key, &mut c.tls_key),
+        ] {
+            if value.is_some() {
+                slot.clone_from(value);
+            }
         }
         if self.max_store_size.is_some() {
             c.max_store_size = self.max_store_size;
@@ -354,6 +386,11 @@ impl BrokerConfig {
                 self.default_queue_count,
                 crate::store::MAX_QUEUES
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError(
+                "tls_cert and tls_key must be given together".into(),
+            ));
         }
         if self.broker_name.is_empty() {
             return Err(ConfigError("broker_name must not be empty".into()));
@@ -450,6 +487,35 @@ mod tests {
         assert_eq!(c.segment_size, ByteSize(64 << 20));
         assert_eq!(c.client_port, 9100, "flags beat the file");
         assert_eq!(c.admin_port, 8082, "defaults fill the rest");
+        let args = BrokerArgs::parse_from([
+            "keelmq-broker",
+            "--role",
+            "standby",
+            "--replication-mode",
+            "sync",
+            "--min-in-sync-replicas",
+            "2",
+            "--auto-create-topics",
+            "true",
+            "--broker-id",
+            "b7",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ]);
+        let c = args.resolve().expect("resolves");
+        assert_eq!(c.role, StartRole::Standby);
+        assert_eq!(c.replication_mode, ReplicationMode::Sync);
+        assert_eq!(c.min_in_sync_replicas, 2);
+        assert!(c.auto_create_topics);
+        assert_eq!(c.broker_id(), "b7");
+        assert_eq!(c.tls_key.as_deref(), Some(Path::new("/k.pem")));
+        let half = BrokerArgs::parse_from(["keelmq-broker", "--tls-cert", "/c.pem"]);
+        assert!(
+            half.resolve().is_err(),
+            "a certificate without its key is refused"
+        );
     }
 
     #[test]

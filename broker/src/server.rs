@@ -131,12 +131,23 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             consumption.clone(),
             Arc::new(Notify::new()),
         );
+        let files = config
+            .tls_cert
+            .clone()
+            .zip(config.tls_key.clone())
+            .map(|(cert, key)| crate::client_api::tls::TlsFiles { cert, key });
+        let (acceptor, ca) =
+            crate::client_api::tls::acceptor(files.as_ref(), &config.data_dir.join("tls"), &host)
+                .map_err(|e| ServerError::Other(format!("TLS for the client port: {e}")))?;
+        if let Some(ca) = ca {
+            tracing::info!(ca = %ca.display(), "client port serves TLS with the broker's own certificate; clients verifying it must trust this CA");
+        }
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(api.into_server())
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(client_l),
+                    crate::client_api::tls::incoming(client_l, acceptor),
                     stop,
                 )
                 .await

@@ -193,3 +193,35 @@ async fn fifo_messages_keep_group_order() {
         assert_eq!(seq.len(), 10);
     }
 }
+
+/// The same client with TLS on, verifying the broker's certificate
+/// against the CA the broker generated (`<data dir>/tls/ca.pem`), on the
+/// same port that serves plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_plaintext_share_the_client_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &["--auto-create-topics", "true"]);
+    let ca = dir.path().join("tls/ca.pem");
+    assert!(ca.exists(), "the broker made its CA");
+    // The client's TLS uses the platform roots, which honour SSL_CERT_FILE;
+    // this test runs in its own process, so setting it affects only itself.
+    // SAFETY: set before any other thread of this test reads the environment.
+    unsafe { std::env::set_var("SSL_CERT_FILE", &ca) };
+    let mut tls = client_option(&broker.endpoint());
+    tls.set_enable_tls(true);
+    let mut po = ProducerOption::default();
+    po.set_topics(vec!["secure"]);
+    let mut p = Producer::new(po, tls).expect("producer");
+    p.start().await.expect("TLS producer starts");
+    let m = MessageBuilder::builder()
+        .set_topic("secure")
+        .set_body(b"over tls".to_vec())
+        .build()
+        .expect("message");
+    p.send(m).await.expect("send over TLS");
+    // Plaintext on the same port.
+    let c = consumer(&broker.endpoint(), "secure-readers", "secure").await;
+    let got = receive_all(&c, "secure", "*", 1, true).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"over tls");
+}

@@ -5,6 +5,7 @@
 
 mod convert;
 mod settings;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::pin::Pin;
