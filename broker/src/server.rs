@@ -116,6 +116,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
     };
     let ready = Arc::new(AtomicBool::new(false));
     let consumption = Arc::new(Consumption::new(store.clone()));
+    let arrivals = Arc::new(Notify::new());
     {
         let api = ClientApi::new(
             ClientApiConfig {
@@ -129,8 +130,18 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             },
             WritePath::new(store.clone(), repl.clone()),
             consumption.clone(),
-            Arc::new(Notify::new()),
+            arrivals.clone(),
         );
+        let timer = crate::messaging::timer::Timer::new(store.clone());
+        let (write, arrivals, stop) = (
+            WritePath::new(store.clone(), repl.clone()),
+            arrivals.clone(),
+            stopped(stop_rx.clone()),
+        );
+        tasks.spawn(async move {
+            timer.run(write, arrivals, stop).await;
+            Ok::<(), String>(())
+        });
         let files = config
             .tls_cert
             .clone()

@@ -105,6 +105,9 @@ async fn every_documented_error_code_is_reachable() {
     let b = BrokerProcess::start(dir.path(), &[]);
     b.cli_ok(&["topic", "create", "plain", "--queues", "2"]);
     b.cli_ok(&[
+        "topic", "create", "later", "--queues", "2", "--type", "DELAY",
+    ]);
+    b.cli_ok(&[
         "topic", "create", "ordered", "--queues", "2", "--type", "FIFO",
     ]);
     let mut c = client(&b).await;
@@ -210,6 +213,33 @@ async fn every_documented_error_code_is_reachable() {
     assert_eq!(
         send_code(&mut c, message("ordered", b"x".to_vec(), Some("g1"))).await,
         Code::Ok as i32
+    );
+
+    // Delivery times: more than the timer's 3 days ahead is refused.
+    let delayed = |seconds_ahead: i64| {
+        let mut m = message("later", b"x".to_vec(), None);
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.message_type = pb::MessageType::Delay as i32;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs() as i64;
+            sp.delivery_timestamp = Some(prost_types::Timestamp {
+                seconds: now + seconds_ahead,
+                nanos: 0,
+            });
+        }
+        m
+    };
+    assert_eq!(
+        send_code(&mut c, delayed(4 * 86_400)).await,
+        Code::IllegalDeliveryTime as i32
+    );
+    assert_eq!(send_code(&mut c, delayed(60)).await, Code::Ok as i32);
+    assert_eq!(
+        send_code(&mut c, message("later", b"x".to_vec(), None)).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a NORMAL message to a DELAY topic"
     );
 
     // Receive: bad invisible duration, bad polling time, then a real receive.

@@ -225,3 +225,63 @@ async fn tls_and_plaintext_share_the_client_port() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1, b"over tls");
 }
+
+/// DELAY: a message is invisible until its delivery time, then delivered
+/// within a second of it; a pending timer survives a broker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_messages_wait_for_their_time_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    broker.cli_ok(&[
+        "topic",
+        "create",
+        "reminders",
+        "--queues",
+        "2",
+        "--type",
+        "DELAY",
+    ]);
+    let endpoint = broker.endpoint();
+    let p = producer(&endpoint, "reminders").await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    // One due in 3 s; one due in 8 s that must outlive a restart.
+    let soon = now_s + 3;
+    let later = now_s + 8;
+    for (due, body) in [(soon, "soon"), (later, "later")] {
+        let m = MessageBuilder::delay_message_builder("reminders", body.as_bytes().to_vec(), due)
+            .build()
+            .expect("message");
+        p.send(m).await.expect("send");
+    }
+    let c = consumer(&endpoint, "reminder-readers", "reminders").await;
+    let got = receive_all(&c, "reminders", "*", 1, true).await;
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"soon");
+    assert!(at >= soon * 1000, "delivered before its time");
+    assert!(
+        at <= soon * 1000 + 6_000,
+        "delivered {} ms late",
+        at - soon * 1000
+    );
+
+    // Restart before the second one is due.
+    drop((p, c));
+    broker.stop();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let c = consumer(&broker.endpoint(), "reminder-readers", "reminders").await;
+    let got = receive_all(&c, "reminders", "*", 1, true).await;
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    assert_eq!(got.len(), 1, "the pending timer survived the restart");
+    assert_eq!(got[0].1, b"later");
+    assert!(at >= later * 1000, "delivered before its time");
+}

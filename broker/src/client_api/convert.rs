@@ -10,6 +10,9 @@ use super::{ClientApiConfig, status};
 use crate::messaging::consumer::Delivered;
 use crate::store::{MessageType, NewRecord, Properties, StoredRecord, TopicConfig, keys, now_ms};
 
+/// Furthest a delivery time may lie ahead (RocketMQ's timer default: 3 days).
+const MAX_DELAY_MS: i64 = 3 * 86_400_000;
+
 /// Longest message group, as RocketMQ allows.
 const MAX_GROUP_LEN: usize = 64;
 
@@ -126,7 +129,20 @@ pub fn record(
             ),
         ));
     }
-    if matches!(kind, MessageType::Delay | MessageType::Transaction) {
+    if kind == MessageType::Delay {
+        let due = sp.delivery_timestamp.as_ref().map_or(0, ms);
+        let now = now_ms();
+        if due > now + MAX_DELAY_MS {
+            return Err(status(
+                Code::IllegalDeliveryTime,
+                format!(
+                    "delivery time is more than {} days ahead",
+                    MAX_DELAY_MS / 86_400_000
+                ),
+            ));
+        }
+    }
+    if kind == MessageType::Transaction {
         return Err(status(
             Code::Unsupported,
             format!("{kind} messages are not supported by this broker yet"),
@@ -180,6 +196,9 @@ pub fn record(
     };
     if let Some(g) = group {
         properties.insert(keys::MESSAGE_GROUP.into(), g);
+    }
+    if let Some(t) = sp.delivery_timestamp.as_ref() {
+        properties.insert(keys::DELIVERY_TIME.into(), ms(t).to_string());
     }
     Ok(NewRecord {
         topic: topic.name.clone(),
@@ -238,7 +257,10 @@ pub fn message(
             born_host: p.get(keys::BORN_HOST).cloned().unwrap_or_default(),
             store_timestamp: Some(timestamp(r.store_ms)),
             store_host: format!("{}:{}", cfg.advertised_host, cfg.advertised_port),
-            delivery_timestamp: None,
+            delivery_timestamp: p
+                .get(keys::DELIVERY_TIME)
+                .and_then(|t| t.parse().ok())
+                .map(timestamp),
             receipt_handle: delivery.map(|d| d.handle.to_string()),
             queue_id: r.queue_id as i32,
             queue_offset: Some(r.queue_offset as i64),

@@ -23,8 +23,9 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::messaging::consumer::{Consumption, HandleError, ReceiveRequest, TagFilter};
+use crate::messaging::timer::Timer;
 use crate::replication::ReplicationError;
-use crate::store::{MessageStore, MessageType, StoreError, TopicConfig, now_ms};
+use crate::store::{MessageStore, MessageType, StoreError, TopicConfig, keys, now_ms};
 use crate::write_path::{WriteError, WritePath};
 
 /// Settings of the client API.
@@ -254,6 +255,14 @@ impl MessagingService for ClientApi {
             let queue = self.round_robin.fetch_add(1, Ordering::Relaxed);
             match convert::record(&self.cfg, &topic, m, queue, &born_host) {
                 Ok(r) => {
+                    let due = r
+                        .properties
+                        .get(keys::DELIVERY_TIME)
+                        .and_then(|t| t.parse::<i64>().ok());
+                    let r = match due {
+                        Some(due) if due > now_ms() => Timer::hold(r, due),
+                        _ => r,
+                    };
                     ids.push(
                         m.system_properties
                             .as_ref()

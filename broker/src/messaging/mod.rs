@@ -3,3 +3,4 @@
 
 pub mod consumer;
 pub mod receipt;
+pub mod timer;

@@ -68,7 +68,9 @@ pub mod keys {
     pub const TRANSACTION_STATE: &str = "__TX_STATE";
     /// The producer's host, reported back to consumers.
     pub const BORN_HOST: &str = "__BORN_HOST";
-    /// Topic a dead-lettered message came from.
+    /// Queue a delayed message goes to when due.
+    pub const ORIGIN_QUEUE: &str = "__ORIGIN_QUEUE";
+    /// Topic a dead-lettered or delayed message came from (or goes to).
     pub const ORIGIN_TOPIC: &str = "__ORIGIN_TOPIC";
     /// Deliveries a dead-lettered message had.
     pub const DELIVERY_ATTEMPTS: &str = "__DELIVERY_ATTEMPTS";
