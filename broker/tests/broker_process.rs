@@ -19,6 +19,7 @@ struct Broker {
     child: Child,
     admin: String,
     http: u16,
+    client_port: u16,
 }
 
 impl Broker {
@@ -49,6 +50,7 @@ impl Broker {
             child,
             admin: format!("127.0.0.1:{admin}"),
             http,
+            client_port: client,
         };
         let start = Instant::now();
         while http_get(b.http, "/readyz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
@@ -164,6 +166,35 @@ fn topics_status_health_and_clean_restart() {
     b.ok(&["topic", "delete", "events"]);
     let err = b.fails(&["group", "describe", "nobody"]);
     assert!(err.contains("no committed offsets"), "{err}");
+
+    // The load tool speaks the client protocol: a bounded run both ways.
+    b.ok(&["topic", "create", "bench", "--queues", "4"]);
+    let client = format!("127.0.0.1:{}", b.client_port);
+    let sent = b.ok(&[
+        "bench",
+        "send",
+        "--endpoint",
+        &client,
+        "--concurrency",
+        "4",
+        "--count",
+        "200",
+        "--batch",
+        "4",
+    ]);
+    assert!(sent.contains("200 messages"), "{sent}");
+    assert!(sent.contains("p99"), "{sent}");
+    let consumed = b.ok(&[
+        "bench",
+        "consume",
+        "--endpoint",
+        &client,
+        "--concurrency",
+        "2",
+        "--count",
+        "200",
+    ]);
+    assert!(consumed.contains("200 messages"), "{consumed}");
 
     let status = b.ok(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use keelmq_broker::cli::admin::{self, AdminTarget, GroupCommand, TopicCommand};
+use keelmq_broker::cli::bench;
 
 #[derive(Parser, Debug)]
 #[command(name = "keelmq", version, about = "KeelMQ command-line tool")]
@@ -19,6 +20,9 @@ enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// Load-test any RocketMQ 5 endpoint (this broker or another).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Inspect consumer groups.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -69,6 +73,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Topic(cmd) => admin::topic(&cli.target, cmd).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
         Command::Group(cmd) => admin::group(&cli.target, cmd).await,
         Command::Status { json } => admin::status(&cli.target, json).await,
         Command::Promote { epoch } => admin::promote(&cli.target, epoch).await,

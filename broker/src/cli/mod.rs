@@ -1,3 +1,4 @@
 //! The `keelmq` command-line tool's subcommands.
 
 pub mod admin;
+pub mod bench;

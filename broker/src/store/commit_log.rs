@@ -152,7 +152,7 @@ impl CommitLog {
             segments.push(Arc::new(Segment::new(base, file)));
         }
         if segments.is_empty() {
-            let file = create_segment(dir, 0, segment_size, limits.preparation)?;
+            let file = create_segment(dir, 0, segment_size, Preparation::Reserve)?;
             segments.push(Arc::new(Segment::new(0, file)));
         }
         let end = segments.last().map_or(0, |s| s.end());
@@ -482,7 +482,7 @@ impl CommitLog {
             None => {
                 tracing::debug!(base, "creating a commit log segment on the write path");
                 let file =
-                    create_segment(&self.dir, base, self.segment_size, self.limits.preparation)?;
+                    create_segment(&self.dir, base, self.segment_size, Preparation::Reserve)?;
                 Arc::new(Segment::new(base, file))
             }
         };
@@ -493,6 +493,8 @@ impl CommitLog {
 }
 
 /// Creates, reserves and maps a segment file, and makes its name durable.
+/// Only the preparer thread populates (that takes a while for a large
+/// segment); a segment made on the write path or at start is just reserved.
 fn create_segment(
     dir: &Path,
     base: u64,

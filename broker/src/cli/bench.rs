@@ -1,0 +1,325 @@
+//! `keelmq bench`: an end-to-end load tool that speaks the RocketMQ 5
+//! protocol, so it measures this broker or any other endpoint of the
+//! protocol (an Apache RocketMQ 5 proxy, for a comparison).
+//!
+//! `send` runs `concurrency` senders, each waiting for its previous send's
+//! acknowledgement, for a count or a duration, and prints messages/s, MB/s
+//! and send-latency percentiles. `consume` receives and acks with a
+//! simple-consumer group and prints the end-to-end latency (store time of
+//! arrival minus the producer's born timestamp, on the same machine).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use keelmq_proto::rocketmq::v2 as pb;
+use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+use tonic::transport::Channel;
+
+/// What to run.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Send messages and measure acknowledged throughput and latency.
+    Send(SendArgs),
+    /// Receive and ack messages and measure end-to-end latency.
+    Consume(ConsumeArgs),
+}
+
+/// Where and what.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Client endpoint (host:port) of the broker or proxy.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub endpoint: String,
+    /// Topic (must exist, or the broker must create topics on first use).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Concurrent senders or receivers.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Stop after this many messages (whichever comes first).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// HTTP/2 connections to spread the work over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Messages per SendMessage request.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ConsumeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Consumer group.
+    #[arg(long, default_value = "bench-consumer")]
+    pub group: String,
+    /// Messages per receive.
+    #[arg(long, default_value_t = 32)]
+    pub batch: i32,
+}
+
+fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = id.parse() {
+        r.metadata_mut().insert("x-mq-client-id", v);
+    }
+    r
+}
+
+async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
+    let mut out = Vec::new();
+    for _ in 0..c.connections.max(1) {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.endpoint))
+            .context("endpoint")?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", c.endpoint))?;
+        out.push(
+            MessagingServiceClient::new(ch)
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        );
+    }
+    Ok(out)
+}
+
+fn pct(sorted: &[u64], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Duration::from_micros(sorted[i])
+}
+
+fn now_ms() -> i64 {
+    crate::store::now_ms()
+}
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// Runs a bench command and prints its report.
+pub async fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Send(a) => send(a).await,
+        BenchCommand::Consume(a) => consume(a).await,
+    }
+}
+
+async fn send(a: SendArgs) -> Result<()> {
+    let c = a.common.clone();
+    let clients = channels(&c).await?;
+    let limit = c.count.unwrap_or(u64::MAX);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(c.duration_secs);
+    let issued = Arc::new(AtomicU64::new(0));
+    let body = vec![b'k'; a.size];
+    let mut tasks = Vec::new();
+    for w in 0..c.concurrency.max(1) {
+        let mut client = clients[w % clients.len()].clone();
+        let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
+        let batch = a.batch.max(1) as u64;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let id = format!("bench@{}#{w}", std::process::id());
+            while Instant::now() < deadline {
+                let first = issued.fetch_add(batch, Ordering::Relaxed);
+                if first >= limit {
+                    break;
+                }
+                let n = batch.min(limit - first);
+                let born = now_ms();
+                let messages = (0..n)
+                    .map(|i| pb::Message {
+                        topic: Some(pb::Resource {
+                            resource_namespace: String::new(),
+                            name: topic.clone(),
+                        }),
+                        user_properties: Default::default(),
+                        system_properties: Some(pb::SystemProperties {
+                            message_id: format!("{:016X}{:08X}", first + i, w),
+                            message_type: pb::MessageType::Normal as i32,
+                            born_timestamp: Some(ts(born)),
+                            ..Default::default()
+                        }),
+                        body: body.clone(),
+                    })
+                    .collect();
+                let t = Instant::now();
+                let resp = client
+                    .send_message(with_id(pb::SendMessageRequest { messages }, &id))
+                    .await
+                    .map_err(|s| anyhow::anyhow!("send failed: {s}"))?
+                    .into_inner();
+                let code = resp.status.as_ref().map_or(0, |s| s.code);
+                if code != pb::Code::Ok as i32 {
+                    bail!("send refused: {:?}", resp.status);
+                }
+                lat.push((t.elapsed().as_micros() as u64, n));
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut sent = 0u64;
+    for t in tasks {
+        for (us, n) in t.await.context("sender task")?? {
+            lat.push(us);
+            sent += n;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    println!(
+        "send: endpoint {} topic {} concurrency {} connections {} size {} B batch {}",
+        c.endpoint, c.topic, c.concurrency, c.connections, a.size, a.batch
+    );
+    println!(
+        "  {sent} messages in {secs:.2} s: {:.0} msg/s, {:.1} MB/s",
+        sent as f64 / secs,
+        sent as f64 * a.size as f64 / 1e6 / secs
+    );
+    println!(
+        "  send latency (per request): p50 {:?}  p99 {:?}  p999 {:?}  max {:?}",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        pct(&lat, 0.999),
+        pct(&lat, 1.0)
+    );
+    Ok(())
+}
+
+async fn consume(a: ConsumeArgs) -> Result<()> {
+    let c = a.common.clone();
+    let clients = channels(&c).await?;
+    let limit = c.count.unwrap_or(u64::MAX);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(c.duration_secs);
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..c.concurrency.max(1) {
+        let mut client = clients[w % clients.len()].clone();
+        let (topic, group, received) = (c.topic.clone(), a.group.clone(), received.clone());
+        let batch = a.batch;
+        tasks.push(tokio::spawn(async move {
+            let id = format!("bench-consumer@{}#{w}", std::process::id());
+            let mut e2e = Vec::new();
+            while Instant::now() < deadline && received.load(Ordering::Relaxed) < limit {
+                let req = pb::ReceiveMessageRequest {
+                    group: Some(pb::Resource {
+                        resource_namespace: String::new(),
+                        name: group.clone(),
+                    }),
+                    message_queue: Some(pb::MessageQueue {
+                        topic: Some(pb::Resource {
+                            resource_namespace: String::new(),
+                            name: topic.clone(),
+                        }),
+                        ..Default::default()
+                    }),
+                    filter_expression: None,
+                    batch_size: batch,
+                    invisible_duration: Some(prost_types::Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                    auto_renew: false,
+                    long_polling_timeout: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                    attempt_id: None,
+                };
+                let mut r = with_id(req, &id);
+                r.set_timeout(Duration::from_secs(10));
+                let mut stream = client
+                    .receive_message(r)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("receive: {s}"))?
+                    .into_inner();
+                let mut entries = Vec::new();
+                while let Some(frame) = stream
+                    .message()
+                    .await
+                    .map_err(|s| anyhow::anyhow!("receive: {s}"))?
+                {
+                    if let Some(pb::receive_message_response::Content::Message(m)) = frame.content
+                        && let Some(sp) = m.system_properties
+                    {
+                        if let Some(b) = sp.born_timestamp {
+                            let born = b.seconds * 1000 + i64::from(b.nanos) / 1_000_000;
+                            e2e.push((now_ms() - born).max(0) as u64 * 1000);
+                        }
+                        entries.push(pb::AckMessageEntry {
+                            message_id: sp.message_id,
+                            receipt_handle: sp.receipt_handle.unwrap_or_default(),
+                            lite_topic: None,
+                        });
+                    }
+                }
+                if entries.is_empty() {
+                    continue;
+                }
+                received.fetch_add(entries.len() as u64, Ordering::Relaxed);
+                let ack = pb::AckMessageRequest {
+                    group: Some(pb::Resource {
+                        resource_namespace: String::new(),
+                        name: group.clone(),
+                    }),
+                    topic: Some(pb::Resource {
+                        resource_namespace: String::new(),
+                        name: topic.clone(),
+                    }),
+                    entries,
+                };
+                client
+                    .ack_message(with_id(ack, &id))
+                    .await
+                    .map_err(|s| anyhow::anyhow!("ack: {s}"))?;
+            }
+            Ok::<_, anyhow::Error>(e2e)
+        }));
+    }
+    let mut e2e = Vec::new();
+    for t in tasks {
+        e2e.extend(t.await.context("receiver task")??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    e2e.sort_unstable();
+    println!(
+        "consume: endpoint {} topic {} group {} concurrency {} batch {}",
+        c.endpoint, c.topic, a.group, c.concurrency, a.batch
+    );
+    println!(
+        "  {} messages in {secs:.2} s: {:.0} msg/s",
+        e2e.len(),
+        e2e.len() as f64 / secs
+    );
+    println!(
+        "  end-to-end latency (born to received, ms resolution): p50 {:?}  p99 {:?}  p999 {:?}",
+        pct(&e2e, 0.5),
+        pct(&e2e, 0.99),
+        pct(&e2e, 0.999)
+    );
+    Ok(())
+}
