@@ -176,9 +176,21 @@ impl CommitLog {
         let dir = self.dir.clone();
         let size = self.segment_size;
         let preparation = self.limits.preparation;
+        // The segment being written at start was only reserved (so the
+        // broker could listen at once); populate it here, in the background.
+        // Populating only faults pages in: it never changes their contents,
+        // so it is safe while appends go on.
+        let tail = self.segments.read().last().cloned();
         let handle = std::thread::Builder::new()
             .name("keelmq-segment-prep".into())
-            .spawn(move || prepare_loop(&prep, &dir, size, preparation))
+            .spawn(move || {
+                if preparation == Preparation::Populate
+                    && let Some(seg) = tail
+                {
+                    seg.file.populate_write();
+                }
+                prepare_loop(&prep, &dir, size, preparation)
+            })
             .ok();
         *self.preparer_thread.lock() = handle;
         self.request_next();
