@@ -127,6 +127,13 @@ impl BrokerProcess {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs the CLI and insists that it fails; returns its error output.
+    pub fn cli_fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "keelmq {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         // SAFETY: signalling our own child process.
