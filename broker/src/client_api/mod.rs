@@ -426,7 +426,11 @@ impl MessagingService for ClientApi {
         let fifo = topic.message_type == MessageType::Fifo;
         let until = started + polling;
         loop {
+            // Registered before looking, so a send that lands between the
+            // look and the wait still wakes this receive.
             let notified = self.arrivals.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let got = self.consumption.receive(&ReceiveRequest {
                 group: &group,
                 topic: &topic.name,
