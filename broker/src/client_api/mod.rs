@@ -7,7 +7,6 @@ mod convert;
 mod settings;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -716,7 +715,3 @@ fn send_failure(s: pb::Status, messages: &[pb::Message]) -> pb::SendMessageRespo
         status: Some(s),
     }
 }
-
-/// Keeps the type checker honest about the maps the protocol uses.
-#[allow(dead_code)]
-type UserProperties = HashMap<String, String>;

@@ -107,6 +107,9 @@ pub enum HandleError {
 struct QueueState {
     /// Next offset never handed out.
     next: Option<u64>,
+    /// Committed offset last recorded in the metadata, so a receive that
+    /// changes nothing does not touch it.
+    committed: Option<u64>,
     in_flight: BTreeMap<u64, InFlight>,
 }
 
@@ -243,9 +246,12 @@ impl Consumption {
             out.push(self.delivered(record, q, off, f));
         }
         let committed = st.in_flight.keys().next().copied().unwrap_or(*next);
-        self.store
-            .metadata()
-            .commit_offset(req.group, req.topic, q, committed);
+        if st.committed != Some(committed) {
+            st.committed = Some(committed);
+            self.store
+                .metadata()
+                .commit_offset(req.group, req.topic, q, committed);
+        }
         Ok(())
     }
 
@@ -284,6 +290,7 @@ impl Consumption {
             .copied()
             .or(st.next)
             .unwrap_or(h.queue_offset + 1);
+        st.committed = Some(committed);
         self.store
             .metadata()
             .commit_offset(group, &h.topic, h.queue_id, committed);

@@ -79,13 +79,6 @@ impl Timer {
         }
     }
 
-    /// Messages waiting for their time.
-    pub fn pending(&self) -> usize {
-        let mut st = self.state.lock();
-        self.load(&mut st);
-        st.pending.len()
-    }
-
     /// Runs until `stop` resolves, delivering due messages through `write`.
     pub async fn run(
         self: Arc<Self>,
