@@ -29,6 +29,8 @@ pub struct BrokerIdentity {
 pub trait GroupInspector: Send + Sync + 'static {
     /// Messages of `group` on `topic`/`queue_id` handed out and not yet acked.
     fn in_flight(&self, group: &str, topic: &str, queue_id: u32) -> u64;
+    /// Messages handed out again because a failover lost their delivery state.
+    fn failover_redeliveries(&self) -> u64;
 }
 
 /// The admin service implementation.
@@ -183,6 +185,10 @@ impl BrokerAdmin for AdminService {
             store_id: self.store.store_id().to_owned(),
             client_endpoint: self.identity.client_endpoint.clone(),
             replication_endpoint: self.identity.replication_endpoint.clone(),
+            failover_redeliveries: self
+                .groups
+                .as_ref()
+                .map_or(0, |g| g.failover_redeliveries()),
         }))
     }
 

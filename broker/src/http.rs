@@ -24,6 +24,8 @@ pub struct HttpState {
     pub replication: Arc<ReplicationManager>,
     /// Set once every listener is up.
     pub ready: Arc<AtomicBool>,
+    /// Consumer-side figures (failover redeliveries).
+    pub groups: Option<Arc<dyn crate::admin::GroupInspector>>,
 }
 
 /// Serves the HTTP port until `shutdown` resolves.
@@ -123,6 +125,15 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             .max()
             .unwrap_or(0) as i64,
     );
+    if let Some(groups) = &s.groups {
+        let c: prometheus_client::metrics::counter::Counter = Default::default();
+        c.inc_by(groups.failover_redeliveries());
+        r.register(
+            "failover_redeliveries",
+            "Messages handed out again because a failover lost their delivery state",
+            c,
+        );
+    }
     let mut body = String::new();
     match encode(&mut body, &r) {
         Ok(()) => (

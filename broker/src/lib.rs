@@ -12,5 +12,6 @@ pub mod messaging;
 pub mod replication;
 pub mod server;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod write_path;

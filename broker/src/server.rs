@@ -133,6 +133,31 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             arrivals.clone(),
         );
         let timer = crate::messaging::timer::Timer::new(store.clone());
+        {
+            // A role change means the delivery state in memory belongs to a
+            // previous master's history: reload it from the (replicated) metadata.
+            let (mut changes, timer, consumption) = (
+                repl.subscribe_role_changes(),
+                timer.clone(),
+                consumption.clone(),
+            );
+            let stop = stopped(stop_rx.clone());
+            tasks.spawn(async move {
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => return Ok::<(), String>(()),
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                return Ok(());
+                            }
+                            consumption.reset();
+                            timer.reset();
+                        }
+                    }
+                }
+            });
+        }
         let (write, arrivals, stop) = (
             WritePath::new(store.clone(), repl.clone()),
             arrivals.clone(),
@@ -202,6 +227,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             store: store.clone(),
             replication: repl.clone(),
             ready: ready.clone(),
+            groups: Some(consumption.clone()),
         };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {

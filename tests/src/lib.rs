@@ -1,6 +1,9 @@
 //! Shared helpers for the end-to-end tests: real `keelmq-broker` processes
 //! on loopback ports, driven with the `keelmq` CLI.
 
+pub mod group;
+pub mod rmq;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -95,6 +98,11 @@ impl BrokerProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         b
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The client endpoint (`127.0.0.1:port`).

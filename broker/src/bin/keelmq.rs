@@ -23,6 +23,9 @@ enum Command {
     /// Load-test any RocketMQ 5 endpoint (this broker or another).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a local group (a master and two slaves on loopback, with a
+    /// supervisor that promotes a slave when the master dies).
+    Dev(keelmq_broker::cli::dev::DevArgs),
     /// Inspect consumer groups.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -74,6 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Topic(cmd) => admin::topic(&cli.target, cmd).await,
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Dev(args) => keelmq_broker::cli::dev::run(args).await,
         Command::Group(cmd) => admin::group(&cli.target, cmd).await,
         Command::Status { json } => admin::status(&cli.target, json).await,
         Command::Promote { epoch } => admin::promote(&cli.target, epoch).await,

@@ -110,6 +110,11 @@ struct QueueState {
     /// Committed offset last recorded in the metadata, so a receive that
     /// changes nothing does not touch it.
     committed: Option<u64>,
+    /// Handed-out mark last recorded in the metadata (replicated to slaves).
+    marked: Option<u64>,
+    /// Offsets below this had been handed out by the master this broker
+    /// took over from: handing them out again is a failover redelivery.
+    redeliver_below: u64,
     in_flight: BTreeMap<u64, InFlight>,
 }
 
@@ -126,6 +131,8 @@ type Key = (String, String, u32);
 pub struct Consumption {
     store: MessageStore,
     deliveries: AtomicU64,
+    /// Messages handed out again because a failover lost their delivery state.
+    failover_redeliveries: AtomicU64,
     queues: Mutex<HashMap<Key, QueueState>>,
     /// Queue rotation so every queue gets its turn.
     rotation: AtomicU64,
@@ -136,9 +143,23 @@ impl Consumption {
         Self {
             store,
             deliveries: AtomicU64::new(1),
+            failover_redeliveries: AtomicU64::new(0),
             queues: Mutex::new(HashMap::new()),
             rotation: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets every group's in-memory delivery state, so it is reloaded
+    /// from the metadata: on a role change, when the metadata came from the
+    /// master this broker replaces.
+    pub fn reset(&self) {
+        self.queues.lock().clear();
+    }
+
+    /// How many messages were handed out again because a failover lost their
+    /// delivery state (they had been delivered by the previous master).
+    pub fn failover_redeliveries(&self) -> u64 {
+        self.failover_redeliveries.load(Ordering::Relaxed)
     }
 
     /// Hands out up to `max_messages` messages of `topic` to `group`.
@@ -173,13 +194,15 @@ impl Consumption {
         dead: &mut Vec<(StoredRecord, u32)>,
     ) -> Result<(), StoreError> {
         let min = self.store.queue_min_offset(req.topic, q);
-        let next = st.next.get_or_insert_with(|| {
-            self.store
-                .metadata()
-                .get_offset(req.group, req.topic, q)
-                .unwrap_or(min)
-                .max(min)
-        });
+        if st.next.is_none() {
+            let metadata = self.store.metadata();
+            let committed = metadata.get_offset(req.group, req.topic, q);
+            st.next = Some(committed.unwrap_or(min).max(min));
+            st.committed = committed;
+            st.redeliver_below = metadata.dispatched(req.group, req.topic, q).unwrap_or(0);
+            st.marked = None;
+        }
+        let next = st.next.get_or_insert(min);
         // Entries removed by retention cannot be delivered any more.
         st.in_flight.retain(|off, _| *off >= min);
         if *next < min {
@@ -243,14 +266,24 @@ impl Consumption {
                 attempt: 1,
             };
             st.in_flight.insert(off, f);
+            if off < st.redeliver_below {
+                self.failover_redeliveries.fetch_add(1, Ordering::Relaxed);
+            }
             out.push(self.delivered(record, q, off, f));
         }
-        let committed = st.in_flight.keys().next().copied().unwrap_or(*next);
+        let next = *next;
+        let committed = st.in_flight.keys().next().copied().unwrap_or(next);
         if st.committed != Some(committed) {
             st.committed = Some(committed);
             self.store
                 .metadata()
                 .commit_offset(req.group, req.topic, q, committed);
+        }
+        if st.marked != Some(next) {
+            st.marked = Some(next);
+            self.store
+                .metadata()
+                .mark_dispatched(req.group, req.topic, q, next);
         }
         Ok(())
     }
@@ -388,6 +421,10 @@ impl Consumption {
 impl crate::admin::GroupInspector for Consumption {
     fn in_flight(&self, group: &str, topic: &str, queue_id: u32) -> u64 {
         Consumption::in_flight(self, group, topic, queue_id)
+    }
+
+    fn failover_redeliveries(&self) -> u64 {
+        Consumption::failover_redeliveries(self)
     }
 }
 

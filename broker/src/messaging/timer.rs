@@ -47,20 +47,29 @@ pub struct Timer {
 
 impl Timer {
     pub fn new(store: MessageStore) -> Arc<Self> {
+        let state = Mutex::new(Self::initial_state(&store));
+        Arc::new(Self { store, state })
+    }
+
+    /// Forgets what is pending and reloads from the stored progress: on a
+    /// role change, when that progress came from the master this broker
+    /// replaces (which delivered what it records as done).
+    pub fn reset(&self) {
+        *self.state.lock() = Self::initial_state(&self.store);
+    }
+
+    fn initial_state(store: &MessageStore) -> State {
         let min = store.queue_min_offset(DELAY_TOPIC, 0);
         let committed = store
             .metadata()
             .get_offset(TIMER_GROUP, DELAY_TOPIC, 0)
             .unwrap_or(min)
             .max(min);
-        Arc::new(Self {
-            store,
-            state: Mutex::new(State {
-                loaded_to: committed,
-                committed,
-                ..State::default()
-            }),
-        })
+        State {
+            loaded_to: committed,
+            committed,
+            ..State::default()
+        }
     }
 
     /// The record to store for `rec`, due at `due_ms`: held in the delay topic.

@@ -12,6 +12,7 @@
 //!   Start{from}                          ->
 //!                                      <- Data{epoch, offset, bytes} ...
 //!                                      <- Heartbeat{epoch, end, confirmed}
+//!                                      <- Metadata{topics, offsets, marks}
 //!   Ack{durable offset}                  ->
 //! ```
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::epoch::EpochEntry;
+use crate::store::MetadataSnapshot;
 
 /// Largest frame accepted; a `Data` frame carries at most one read batch.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -31,6 +33,7 @@ const KIND_START: u8 = 4;
 const KIND_DATA: u8 = 5;
 const KIND_ACK: u8 = 6;
 const KIND_HEARTBEAT: u8 = 7;
+const KIND_METADATA: u8 = 8;
 
 /// A slave's introduction: who it is and what its log holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +89,8 @@ pub enum Frame {
         epoch: u64,
         max_offset: u64,
     },
+    /// The master's topics and consumer progress, sent when they change.
+    Metadata(MetadataSnapshot),
 }
 
 /// Errors reading or writing frames.
@@ -112,6 +117,7 @@ impl Frame {
             Frame::Hello(h) => json(KIND_HELLO, h)?,
             Frame::Welcome(w) => json(KIND_WELCOME, w)?,
             Frame::Reject { reason } => json(KIND_REJECT, reason)?,
+            Frame::Metadata(m) => json(KIND_METADATA, m)?,
             Frame::Start { from } => u64s(KIND_START, &[*from]),
             Frame::Ack { offset } => u64s(KIND_ACK, &[*offset]),
             Frame::Heartbeat { epoch, max_offset } => u64s(KIND_HEARTBEAT, &[*epoch, *max_offset]),
@@ -135,6 +141,7 @@ impl Frame {
         Ok(match kind {
             KIND_HELLO => Frame::Hello(serde_json::from_slice(rest).map_err(bad)?),
             KIND_WELCOME => Frame::Welcome(serde_json::from_slice(rest).map_err(bad)?),
+            KIND_METADATA => Frame::Metadata(serde_json::from_slice(rest).map_err(bad)?),
             KIND_REJECT => Frame::Reject {
                 reason: serde_json::from_slice(rest).map_err(bad)?,
             },
@@ -281,6 +288,20 @@ mod tests {
                 epoch: 3,
                 max_offset: 5,
             },
+            Frame::Metadata(MetadataSnapshot {
+                topics: vec![crate::store::TopicConfig {
+                    name: "orders".into(),
+                    queue_count: 4,
+                    message_type: crate::store::MessageType::Fifo,
+                }],
+                offsets: vec![crate::store::GroupOffset {
+                    group: "g".into(),
+                    topic: "orders".into(),
+                    queue_id: 2,
+                    offset: 17,
+                }],
+                dispatched: vec![],
+            }),
         ];
         for f in frames {
             assert_eq!(round_trip(f.clone()).await, f);

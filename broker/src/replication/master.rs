@@ -20,6 +20,9 @@ const MAX_BATCH: usize = 1024 * 1024;
 const SLAVE_SILENCE: Duration = Duration::from_secs(10);
 /// How often an idle stream sends a heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// How often the master looks for metadata changes to send (consumer
+/// progress changes with every receive; this bounds the frame rate).
+const METADATA_EVERY: Duration = Duration::from_millis(200);
 
 /// What the master knows of one slave, as reported in status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,10 +399,28 @@ async fn serve_slave(
 
     let result = async {
         let mut pos = from;
+        let metadata = store.metadata();
+        let mut sent_version = metadata.version();
+        write_frame(&mut wr, &Frame::Metadata(metadata.snapshot()))
+            .await
+            .map_err(io)?;
+        let mut last_metadata = tokio::time::Instant::now();
+        let mut last_sent = tokio::time::Instant::now();
         loop {
             let notified = manager.appended.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if last_metadata.elapsed() >= METADATA_EVERY {
+                last_metadata = tokio::time::Instant::now();
+                let version = metadata.version();
+                if version != sent_version {
+                    sent_version = version;
+                    write_frame(&mut wr, &Frame::Metadata(metadata.snapshot()))
+                        .await
+                        .map_err(io)?;
+                    last_sent = tokio::time::Instant::now();
+                }
+            }
             let end = store.max_offset();
             if pos < end {
                 let limit = history.next_epoch_start_after(pos).unwrap_or(u64::MAX);
@@ -417,13 +438,19 @@ async fn serve_slave(
                 })
                 .await
                 .map_err(io)?;
+                last_sent = tokio::time::Instant::now();
                 pos += len;
                 continue;
             }
+            let heartbeat_due = last_sent + HEARTBEAT_EVERY;
+            let wake = heartbeat_due.min(last_metadata + METADATA_EVERY);
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(HEARTBEAT_EVERY) => {
-                    write_frame(&mut wr, &Frame::Heartbeat { epoch, max_offset: end }).await.map_err(io)?;
+                _ = tokio::time::sleep_until(wake) => {
+                    if tokio::time::Instant::now() >= heartbeat_due {
+                        write_frame(&mut wr, &Frame::Heartbeat { epoch, max_offset: end }).await.map_err(io)?;
+                        last_sent = tokio::time::Instant::now();
+                    }
                 }
                 _ = generation.changed() => {
                     return Err(ReplicationError::Io("role changed; closing the stream".into()));

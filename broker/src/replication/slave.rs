@@ -163,6 +163,12 @@ async fn follow_once(
                     .await
                     .map_err(io)?;
             }
+            Frame::Metadata(snapshot) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.metadata().apply_snapshot(snapshot))
+                    .await
+                    .map_err(|e| ReplicationError::Io(format!("metadata task: {e}")))??;
+            }
             other => return Err(ReplicationError::Io(format!("unexpected {other:?}"))),
         }
     }

@@ -580,7 +580,13 @@ pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
     if rc != 0 || st.f_blocks == 0 {
         return None;
     }
-    let total = st.f_blocks as f64;
+    // As `df` reports it: used / (used + available to unprivileged users).
+    // Blocks reserved for root (or held back by the storage layer) count
+    // neither as used nor as available.
+    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
     let avail = st.f_bavail as f64;
-    Some(1.0 - avail / total)
+    if used + avail == 0.0 {
+        return None;
+    }
+    Some(used / (used + avail))
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -83,12 +83,29 @@ struct OffsetsFile {
 
 type OffsetKey = (String, String, u32);
 
+/// Everything a slave copies from its master besides the commit log: the
+/// topics, every group's committed offsets, and how far each group's
+/// deliveries had gone (so a promoted slave can count the redeliveries a
+/// failover causes). Sent on the replication stream whenever it changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataSnapshot {
+    pub topics: Vec<TopicConfig>,
+    pub offsets: Vec<GroupOffset>,
+    /// Per group and queue: the first offset never handed out.
+    pub dispatched: Vec<GroupOffset>,
+}
+
 /// Topics and consumer offsets, in memory and on disk.
 pub struct Metadata {
     dir: PathBuf,
     topics: RwLock<BTreeMap<String, TopicConfig>>,
     offsets: RwLock<BTreeMap<OffsetKey, u64>>,
     offsets_dirty: AtomicBool,
+    /// Per group and queue, the first offset never handed out (in memory:
+    /// replicated to slaves, not persisted).
+    dispatched: RwLock<BTreeMap<OffsetKey, u64>>,
+    /// Bumped on every change a slave must see.
+    version: AtomicU64,
     /// Serialises writers of the files.
     write: Mutex<()>,
 }
@@ -117,6 +134,8 @@ impl Metadata {
                     .collect(),
             ),
             offsets_dirty: AtomicBool::new(false),
+            dispatched: RwLock::new(BTreeMap::new()),
+            version: AtomicU64::new(1),
             write: Mutex::new(()),
         })
     }
@@ -208,7 +227,80 @@ impl Metadata {
         if *slot != offset {
             *slot = offset;
             self.offsets_dirty.store(true, Ordering::Release);
+            self.version.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// Records that `group` has handed out every offset of the queue below `next`.
+    pub fn mark_dispatched(&self, group: &str, topic: &str, queue_id: u32, next: u64) {
+        let mut marks = self.dispatched.write();
+        let slot = marks
+            .entry((group.to_owned(), topic.to_owned(), queue_id))
+            .or_insert(0);
+        if *slot != next {
+            *slot = next;
+            self.version.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The first offset of the queue `group` had not handed out, as last
+    /// recorded (here or, on a slave, by the master).
+    pub fn dispatched(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
+        self.dispatched
+            .read()
+            .get(&(group.to_owned(), topic.to_owned(), queue_id))
+            .copied()
+    }
+
+    /// A counter that changes whenever the snapshot would.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// What a slave needs to copy.
+    pub fn snapshot(&self) -> MetadataSnapshot {
+        MetadataSnapshot {
+            topics: self.list_topics(),
+            offsets: self.list_offsets(),
+            dispatched: self
+                .dispatched
+                .read()
+                .iter()
+                .map(|((group, topic, queue_id), offset)| GroupOffset {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    queue_id: *queue_id,
+                    offset: *offset,
+                })
+                .collect(),
+        }
+    }
+
+    /// Slave side: replaces topics, offsets and delivery marks with the
+    /// master's, and persists them, so a promotion continues from them.
+    pub fn apply_snapshot(&self, snap: MetadataSnapshot) -> Result<(), StoreError> {
+        let key = |o: GroupOffset| ((o.group, o.topic, o.queue_id), o.offset);
+        let topics: BTreeMap<String, TopicConfig> = snap
+            .topics
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let offsets: BTreeMap<OffsetKey, u64> = snap.offsets.into_iter().map(key).collect();
+        let _w = self.write.lock();
+        let topics_changed = *self.topics.read() != topics;
+        let offsets_changed = *self.offsets.read() != offsets;
+        *self.dispatched.write() = snap.dispatched.into_iter().map(key).collect();
+        if offsets_changed {
+            *self.offsets.write() = offsets;
+            self.offsets_dirty.store(true, Ordering::Release);
+        }
+        if topics_changed {
+            *self.topics.write() = topics;
+            self.persist_topics()?;
+        } else {
+            self.version.fetch_add(1, Ordering::Release);
+        }
+        Ok(())
     }
 
     pub fn get_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
@@ -248,6 +340,7 @@ impl Metadata {
     }
 
     fn persist_topics(&self) -> Result<(), StoreError> {
+        self.version.fetch_add(1, Ordering::Release);
         let file = TopicsFile {
             topics: self.list_topics(),
         };

@@ -32,7 +32,8 @@ pub use commit_log::fs_used_ratio;
 pub use consume_queue::CqEntry;
 pub use mapped::{persist_atomically, sync_dir};
 pub use metadata::{
-    GroupOffset, MAX_QUEUES, MessageType, Metadata, TopicConfig, load_json, save_json,
+    GroupOffset, MAX_QUEUES, MessageType, Metadata, MetadataSnapshot, TopicConfig, load_json,
+    save_json,
 };
 pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
 
