@@ -103,6 +103,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             listen: repl_a,
             advertised_replication: format!("{host}:{}", repl_a.port()),
             advertised_admin: format!("{host}:{}", admin_a.port()),
+            advertised_client: format!("{host}:{}", client_a.port()),
             data_dir: config.data_dir.clone(),
             start_role: config.role,
             slave_flush_before_ack: config.flush_mode == FlushMode::SyncFlush,

@@ -37,6 +37,7 @@ async fn start(dir: &Path, id: &str, role: StartRole) -> Broker {
         listen: listener.local_addr().expect("addr"),
         advertised_replication: addr.clone(),
         advertised_admin: String::new(),
+        advertised_client: String::new(),
         data_dir: dir.to_owned(),
         start_role: role,
         slave_flush_before_ack: true,

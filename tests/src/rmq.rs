@@ -75,6 +75,32 @@ impl RawClient {
         }
     }
 
+    /// The endpoints (`host:port`) a route query for `topic` lists.
+    pub async fn route(&mut self, topic: &str) -> Result<Vec<String>, Failure> {
+        let resp = self
+            .inner
+            .query_route(with_id(pb::QueryRouteRequest {
+                topic: resource(topic),
+                endpoints: None,
+            }))
+            .await
+            .map_err(transport)?
+            .into_inner();
+        let status = resp.status.unwrap_or_default();
+        if status.code != pb::Code::Ok as i32 {
+            return Err(Failure {
+                code: status.code,
+                message: status.message,
+            });
+        }
+        Ok(resp
+            .message_queues
+            .iter()
+            .filter_map(|q| q.broker.as_ref()?.endpoints.as_ref())
+            .flat_map(|e| e.addresses.iter().map(|a| format!("{}:{}", a.host, a.port)))
+            .collect())
+    }
+
     /// Sends one NORMAL message to `queue_id`; the queue offset it got.
     pub async fn send(
         &mut self,

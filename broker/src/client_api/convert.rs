@@ -45,9 +45,21 @@ pub fn message_type(t: MessageType) -> pb::MessageType {
 
 /// One queue of a route: this broker, the master, read and write.
 pub fn queue(cfg: &ClientApiConfig, topic: &TopicConfig, id: u32) -> pb::MessageQueue {
-    let scheme = if cfg.advertised_host.parse::<std::net::Ipv4Addr>().is_ok() {
+    queue_at(cfg, topic, id, &cfg.advertised_host, cfg.advertised_port)
+}
+
+/// One queue of a route served by the master at `host:port` (a slave
+/// answering a route query points clients at its master).
+pub fn queue_at(
+    cfg: &ClientApiConfig,
+    topic: &TopicConfig,
+    id: u32,
+    host: &str,
+    port: u16,
+) -> pb::MessageQueue {
+    let scheme = if host.parse::<std::net::Ipv4Addr>().is_ok() {
         pb::AddressScheme::IPv4
-    } else if cfg.advertised_host.parse::<std::net::Ipv6Addr>().is_ok() {
+    } else if host.parse::<std::net::Ipv6Addr>().is_ok() {
         pb::AddressScheme::IPv6
     } else {
         pb::AddressScheme::DomainName
@@ -65,8 +77,8 @@ pub fn queue(cfg: &ClientApiConfig, topic: &TopicConfig, id: u32) -> pb::Message
             endpoints: Some(pb::Endpoints {
                 scheme: scheme as i32,
                 addresses: vec![pb::Address {
-                    host: cfg.advertised_host.clone(),
-                    port: i32::from(cfg.advertised_port),
+                    host: host.to_owned(),
+                    port: i32::from(port),
                 }],
             }),
         }),

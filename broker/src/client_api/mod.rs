@@ -204,12 +204,28 @@ impl MessagingService for ClientApi {
                 status: Some(s),
                 message_queues: vec![],
             },
-            Ok(t) => pb::QueryRouteResponse {
-                status: Some(ok()),
-                message_queues: (0..t.queue_count)
-                    .map(|q| convert::queue(&self.cfg, &t, q))
-                    .collect(),
-            },
+            Ok(t) => {
+                // A slave sends clients to its master: routes list the
+                // current master's queues only.
+                let master = self
+                    .write
+                    .replication()
+                    .master_client_endpoint()
+                    .and_then(|ep| {
+                        let (host, port) = ep.rsplit_once(':')?;
+                        let host = host.trim_start_matches('[').trim_end_matches(']');
+                        Some((host.to_owned(), port.parse::<u16>().ok()?))
+                    });
+                pb::QueryRouteResponse {
+                    status: Some(ok()),
+                    message_queues: (0..t.queue_count)
+                        .map(|q| match &master {
+                            Some((host, port)) => convert::queue_at(&self.cfg, &t, q, host, *port),
+                            None => convert::queue(&self.cfg, &t, q),
+                        })
+                        .collect(),
+                }
+            }
         };
         Ok(Response::new(resp))
     }

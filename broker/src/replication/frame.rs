@@ -57,6 +57,9 @@ pub struct Hello {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
     pub broker_id: String,
+    /// The master's client endpoint (`host:port`); empty from older brokers.
+    #[serde(default)]
+    pub client_endpoint: String,
     pub epoch: u64,
     pub epochs: Vec<EpochEntry>,
     pub max_offset: u64,
@@ -270,6 +273,7 @@ mod tests {
             }),
             Frame::Welcome(Welcome {
                 broker_id: "b-0".into(),
+                client_endpoint: "127.0.0.1:8081".into(),
                 epoch: 3,
                 epochs: vec![],
                 max_offset: 7,

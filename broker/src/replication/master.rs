@@ -342,6 +342,7 @@ async fn serve_slave(
         &mut wr,
         &Frame::Welcome(Welcome {
             broker_id: manager.cfg.broker_id.clone(),
+            client_endpoint: manager.cfg.advertised_client.clone(),
             epoch,
             epochs: history.entries().to_vec(),
             max_offset: store.max_offset(),

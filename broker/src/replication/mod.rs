@@ -81,6 +81,8 @@ pub struct ReplicationConfig {
     /// Addresses this broker announces to its peers.
     pub advertised_replication: String,
     pub advertised_admin: String,
+    /// Client endpoint announced to slaves, so their routes point clients here.
+    pub advertised_client: String,
     /// Directory holding `epochs.json` and `role.json`.
     pub data_dir: PathBuf,
     pub start_role: StartRole,
@@ -164,6 +166,8 @@ struct RoleState {
     history: EpochHistory,
     fence_epoch: u64,
     master_address: Option<String>,
+    /// The client endpoint the followed master announced.
+    master_client: Option<String>,
     follower: Option<JoinHandle<()>>,
 }
 
@@ -222,6 +226,7 @@ impl ReplicationManager {
                 history,
                 fence_epoch,
                 master_address: None,
+                master_client: None,
                 follower: None,
             }),
             appended: Arc::new(Notify::new()),
@@ -271,6 +276,19 @@ impl ReplicationManager {
 
     pub fn role(&self) -> Role {
         self.state.lock().role
+    }
+
+    /// For a slave: the client endpoint of the master it follows, once the
+    /// master announced it. Routes served by a slave point clients there.
+    pub fn master_client_endpoint(&self) -> Option<String> {
+        let st = self.state.lock();
+        (st.role == Role::Slave)
+            .then(|| st.master_client.clone())
+            .flatten()
+    }
+
+    pub(super) fn set_master_client(&self, endpoint: Option<String>) {
+        self.state.lock().master_client = endpoint;
     }
 
     pub fn epoch(&self) -> u64 {
@@ -369,6 +387,7 @@ impl ReplicationManager {
         st.role = Role::Master;
         st.writable = true;
         st.master_address = None;
+        st.master_client = None;
         drop(st);
         self.follower_connected.send_replace(false);
         self.slaves.reset();

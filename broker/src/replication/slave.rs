@@ -107,6 +107,9 @@ async fn follow_once(
     write_frame(&mut wr, &Frame::Start { from: pos })
         .await
         .map_err(io)?;
+    manager.set_master_client(
+        (!welcome.client_endpoint.is_empty()).then(|| welcome.client_endpoint.clone()),
+    );
     manager.follower_connected.send_replace(true);
     *backoff = Duration::from_millis(100);
     tracing::info!(master = %welcome.broker_id, epoch = welcome.epoch, from = pos, "following");
