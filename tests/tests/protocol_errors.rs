@@ -372,3 +372,206 @@ async fn every_documented_error_code_is_reachable() {
         .into_inner();
     assert_eq!(r.status.expect("status").code, Code::Ok as i32);
 }
+
+fn end(
+    topic: &str,
+    message_id: &str,
+    transaction_id: &str,
+    resolution: pb::TransactionResolution,
+    source: pb::TransactionSource,
+) -> pb::EndTransactionRequest {
+    pb::EndTransactionRequest {
+        topic: resource(topic),
+        message_id: message_id.into(),
+        transaction_id: transaction_id.into(),
+        resolution: resolution as i32,
+        source: source as i32,
+        trace_context: String::new(),
+    }
+}
+
+async fn end_code(
+    c: &mut MessagingServiceClient<Channel>,
+    r: Request<pb::EndTransactionRequest>,
+) -> i32 {
+    c.end_transaction(r)
+        .await
+        .expect("EndTransaction always gets a response")
+        .into_inner()
+        .status
+        .expect("status")
+        .code
+}
+
+/// TRANSACTION messages over the wire: type checks both ways, and every
+/// status EndTransaction answers (upstream: a blank transaction id is
+/// INVALID_TRANSACTION_ID; so is one naming no half message of that topic
+/// and message here, or one already resolved the other way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_transaction_error_codes() {
+    use pb::TransactionResolution::{Commit, Rollback};
+    use pb::TransactionSource::{SourceClient, SourceServerCheck};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &[]);
+    b.cli_ok(&["topic", "create", "plain", "--queues", "2"]);
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "tx",
+        "--queues",
+        "2",
+        "--type",
+        "TRANSACTION",
+    ]);
+    let mut c = client(&b).await;
+    let tx_message = |topic: &str, id: &str| {
+        let mut m = message(topic, b"half".to_vec(), None);
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.message_type = pb::MessageType::Transaction as i32;
+            sp.message_id = id.into();
+        }
+        m
+    };
+
+    // A topic accepts only its own message type.
+    assert_eq!(
+        send_code(&mut c, tx_message("plain", "01TX0")).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a TRANSACTION message to a NORMAL topic"
+    );
+    assert_eq!(
+        send_code(&mut c, message("tx", b"x".to_vec(), None)).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a NORMAL message to a TRANSACTION topic"
+    );
+
+    let send = |m: pb::Message| with_id(pb::SendMessageRequest { messages: vec![m] });
+    let mut ids = Vec::new();
+    for id in ["01TX1", "01TX2"] {
+        let r = c
+            .send_message(send(tx_message("tx", id)))
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!(r.status.expect("status").code, Code::Ok as i32);
+        let entry = r.entries.first().expect("entry");
+        assert_eq!(entry.message_id, id);
+        assert!(!entry.transaction_id.is_empty());
+        ids.push(entry.transaction_id.clone());
+    }
+
+    // The half message is invisible.
+    let codes = receive_codes(&mut c, with_id(receive("tx", Some(30), Some(5)))).await;
+    assert_eq!(codes, vec![Code::MessageNotFound as i32]);
+
+    // Errors.
+    assert_eq!(
+        end_code(
+            &mut c,
+            Request::new(end("tx", "01TX1", &ids[0], Commit, SourceClient))
+        )
+        .await,
+        Code::ClientIdRequired as i32
+    );
+    let cases = [
+        (
+            end("tx", "01TX1", "", Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "blank id",
+        ),
+        (
+            end("tx", "01TX1", "  ", Rollback, SourceClient),
+            Code::InvalidTransactionId,
+            "blank id",
+        ),
+        (
+            end("nowhere", "01TX1", &ids[0], Commit, SourceClient),
+            Code::TopicNotFound,
+            "unknown topic",
+        ),
+        (
+            end("tx", "01TX1", "FFFF-01TX1", Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "unknown id",
+        ),
+        (
+            end(
+                "tx",
+                "01TX1",
+                "not-a-transaction",
+                Commit,
+                SourceServerCheck,
+            ),
+            Code::InvalidTransactionId,
+            "foreign id",
+        ),
+        (
+            end("plain", "01TX1", &ids[0], Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "another topic's",
+        ),
+        (
+            end("tx", "01TX2", &ids[0], Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "another message's",
+        ),
+    ];
+    for (req, want, what) in cases {
+        assert_eq!(end_code(&mut c, with_id(req)).await, want as i32, "{what}");
+    }
+
+    // Commit, then the same answer again (as a check-back answer would be):
+    // fine; the opposite answer afterwards is refused.
+    for source in [SourceClient, SourceServerCheck] {
+        assert_eq!(
+            end_code(&mut c, with_id(end("tx", "01TX1", &ids[0], Commit, source))).await,
+            Code::Ok as i32
+        );
+    }
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX1", &ids[0], Rollback, SourceClient))
+        )
+        .await,
+        Code::InvalidTransactionId as i32,
+        "a committed transaction cannot be rolled back"
+    );
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX2", &ids[1], Rollback, SourceServerCheck))
+        )
+        .await,
+        Code::Ok as i32
+    );
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX2", &ids[1], Commit, SourceClient))
+        )
+        .await,
+        Code::InvalidTransactionId as i32,
+        "a rolled-back transaction cannot be committed"
+    );
+
+    // Exactly the committed message is visible.
+    let mut stream = c
+        .receive_message(with_id(receive("tx", Some(30), Some(5))))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(frame) = stream.message().await.expect("frame") {
+        if let Some(pb::receive_message_response::Content::Message(m)) = frame.content {
+            got.push(m.system_properties.map(|p| (p.message_id, p.message_type)));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![Some((
+            "01TX1".to_owned(),
+            pb::MessageType::Transaction as i32
+        ))]
+    );
+}
