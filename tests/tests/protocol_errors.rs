@@ -575,3 +575,131 @@ async fn end_transaction_error_codes() {
         ))]
     );
 }
+
+/// Check-back on the wire: a producer's Telemetry stream that declared the
+/// topic receives RecoverOrphanedTransactionCommand (message and
+/// transaction id) for a transaction left open, not before the
+/// orphaned-transaction-recovery duration the producer asked for, and its
+/// EndTransaction from SOURCE_SERVER_CHECK commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_back_over_a_raw_telemetry_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--transaction-check-first-ms",
+            "1000",
+            "--transaction-check-interval-ms",
+            "1000",
+        ],
+    );
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "tx",
+        "--queues",
+        "1",
+        "--type",
+        "TRANSACTION",
+    ]);
+    let mut c = client(&b).await;
+    let (out, rx) = tokio::sync::mpsc::channel::<pb::TelemetryCommand>(4);
+    out.send(pb::TelemetryCommand {
+        status: None,
+        command: Some(pb::telemetry_command::Command::Settings(pb::Settings {
+            client_type: Some(pb::ClientType::Producer as i32),
+            pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+                topics: vec![pb::Resource {
+                    resource_namespace: String::new(),
+                    name: "tx".into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("queue settings");
+    let mut inbound = c
+        .telemetry(with_id(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect("telemetry")
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .expect("frame")
+        .expect("settings reply");
+    assert!(matches!(
+        first.command,
+        Some(pb::telemetry_command::Command::Settings(_))
+    ));
+
+    let mut m = message("tx", b"orphan".to_vec(), None);
+    if let Some(sp) = m.system_properties.as_mut() {
+        sp.message_type = pb::MessageType::Transaction as i32;
+        sp.message_id = "01ORPHAN".into();
+        sp.orphaned_transaction_recovery_duration = Some(prost_types::Duration {
+            seconds: 3,
+            nanos: 0,
+        });
+    }
+    let sent_at = std::time::Instant::now();
+    let r = c
+        .send_message(with_id(pb::SendMessageRequest { messages: vec![m] }))
+        .await
+        .expect("send")
+        .into_inner();
+    let tx_id = r.entries.first().expect("entry").transaction_id.clone();
+
+    let cmd = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let frame = inbound
+                .message()
+                .await
+                .expect("frame")
+                .expect("stream open");
+            if let Some(pb::telemetry_command::Command::RecoverOrphanedTransactionCommand(c)) =
+                frame.command
+            {
+                return c;
+            }
+        }
+    })
+    .await
+    .expect("checked back within 30 s");
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(2500),
+        "checked back after {:?}, before the 3 s the producer asked for",
+        sent_at.elapsed()
+    );
+    assert_eq!(cmd.transaction_id, tx_id);
+    let msg = cmd.message.expect("message");
+    assert_eq!(msg.topic.expect("topic").name, "tx");
+    assert_eq!(msg.body, b"orphan");
+    let sp = msg.system_properties.expect("system properties");
+    assert_eq!(sp.message_id, "01ORPHAN");
+    assert_eq!(sp.message_type, pb::MessageType::Transaction as i32);
+
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end(
+                "tx",
+                "01ORPHAN",
+                &tx_id,
+                pb::TransactionResolution::Commit,
+                pb::TransactionSource::SourceServerCheck,
+            ))
+        )
+        .await,
+        Code::Ok as i32
+    );
+    let codes = receive_codes(&mut c, with_id(receive("tx", Some(30), Some(5)))).await;
+    assert_eq!(
+        codes,
+        vec![Code::Ok as i32],
+        "the committed message is there"
+    );
+    drop(out);
+}

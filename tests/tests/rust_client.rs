@@ -563,6 +563,13 @@ async fn unresolved_transactions_are_given_up() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The producer may still be answering the last check-back.
+    let start = Instant::now();
+    while checked.lock().map(|v| v.len()).unwrap_or(0) < 2
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         checked.lock().map(|v| v.len()).unwrap_or(0),
         2,

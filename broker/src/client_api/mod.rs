@@ -617,7 +617,9 @@ impl MessagingService for ClientApi {
     ) -> Result<Response<Self::TelemetryStream>, Status> {
         let id = client_id(&req).ok();
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(16);
+        // Room for a burst of transaction check-backs (due together after
+        // a restart) besides the settings replies.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(1024);
         let producers = self.producers.clone();
         let stream = producers.new_stream_id();
         tokio::spawn(async move {
