@@ -144,6 +144,8 @@ struct Resolved {
     message_id: String,
 }
 
+/// Everything known about open and recently resolved transactions, rebuilt
+/// from the half and op queues.
 #[derive(Default)]
 struct State {
     /// Next half-queue offset not yet loaded.
