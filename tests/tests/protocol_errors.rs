@@ -703,3 +703,26 @@ async fn check_back_over_a_raw_telemetry_stream() {
     );
     drop(out);
 }
+
+/// Auto-creation never makes a client-visible topic of a system topic: half
+/// messages (and timers) stay out of consumers' reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_topics_are_not_auto_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &["--auto-create-topics", "true"]);
+    let mut c = client(&b).await;
+    for topic in ["%SYS_HALF%", "%SYS_HALF_OP%", "%SYS_DELAY%"] {
+        let codes = receive_codes(&mut c, with_id(receive(topic, Some(30), Some(5)))).await;
+        assert_eq!(codes, vec![Code::TopicNotFound as i32], "{topic}");
+        assert_eq!(
+            send_code(&mut c, message(topic, b"x".to_vec(), None)).await,
+            Code::TopicNotFound as i32,
+            "{topic}"
+        );
+    }
+    // Ordinary names still are.
+    assert_eq!(
+        send_code(&mut c, message("made-on-use", b"x".to_vec(), None)).await,
+        Code::Ok as i32
+    );
+}

@@ -114,7 +114,12 @@ impl ClientApi {
         if let Some(t) = self.store.metadata().get_topic(name) {
             return Ok(t);
         }
-        if self.cfg.auto_create_topics && crate::store::record::validate_topic(name).is_ok() {
+        // Never auto-create over a system topic (half messages, timers):
+        // consumers would read what is not theirs to see.
+        if self.cfg.auto_create_topics
+            && !name.starts_with("%SYS_")
+            && crate::store::record::validate_topic(name).is_ok()
+        {
             let created = self.store.metadata().ensure_topic(TopicConfig {
                 name: name.to_owned(),
                 queue_count: self.cfg.default_queue_count,
