@@ -6,7 +6,9 @@
 //! then commits or rolls back (EndTransaction); every decision is appended
 //! as an *op* record to [`OP_TOPIC`] (queue 0) naming the half message's
 //! offset. A commit writes the real message to its topic in the same append
-//! as its op record, so a crash never leaves one without the other. Half
+//! as its op record, the message first: a crash that tears that append can
+//! at worst leave the message without its op, so the transaction is checked
+//! back and committed again (at least once), never lost. Half
 //! messages and ops live in the commit log, so they survive restarts and
 //! reach slaves with everything else; the in-memory state below is rebuilt
 //! from them (and kept up to date from them on a slave, so a promoted slave
