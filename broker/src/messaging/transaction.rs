@@ -24,7 +24,10 @@
 //! message; the decision records are what must not be lost).
 //!
 //! The lowest unresolved half offset is kept like a consumer group's offset
-//! so a restart does not reload half messages resolved long ago.
+//! so a restart does not reload half messages resolved long ago, and so is
+//! the lowest op record about a half message at or above it; a restart
+//! re-reads the ops from there, plus the [`RECENT_CAP`] before it so recent
+//! decisions are still answered idempotently.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,6 +168,12 @@ struct State {
     early_ops: HashMap<u64, Decision>,
     /// Last progress stored.
     committed: u64,
+    /// Op records a restart must re-read: those about half messages at or
+    /// above `committed` (half offset -> op offset), and their op offsets.
+    needed_ops: BTreeMap<u64, u64>,
+    needed_op_offsets: BTreeSet<u64>,
+    /// Last op-queue progress stored.
+    op_committed: u64,
 }
 
 impl State {
@@ -259,13 +268,19 @@ impl Transactions {
             .unwrap_or(min)
             .max(min);
         let op_min = store.queue_min_offset(OP_TOPIC, 0);
+        let op_committed = store
+            .metadata()
+            .get_offset(TXN_GROUP, OP_TOPIC, 0)
+            .unwrap_or(op_min);
+        let op_from = op_committed.saturating_sub(RECENT_CAP as u64).max(op_min);
         Self {
             store,
             cfg,
             state: Mutex::new(State {
                 half_loaded_to: committed,
-                op_loaded_to: op_min,
+                op_loaded_to: op_from,
                 committed,
+                op_committed,
                 ..State::default()
             }),
             stats: TransactionStats::default(),
@@ -407,6 +422,10 @@ impl Transactions {
                     .cloned()
                     .zip(op.properties.get(keys::MESSAGE_ID).cloned());
                 st.resolve(half, decision, named);
+                if half >= st.committed {
+                    st.needed_ops.insert(half, off);
+                    st.needed_op_offsets.insert(off);
+                }
             }
         }
         self.store_progress(&mut st);
@@ -424,6 +443,23 @@ impl Transactions {
             self.store
                 .metadata()
                 .commit_offset(TXN_GROUP, HALF_TOPIC, 0, low);
+        }
+        // Stored after the half progress: a snapshot taken in between holds
+        // an op progress that is still low enough for its half progress.
+        let kept = st.needed_ops.split_off(&low);
+        for op in std::mem::replace(&mut st.needed_ops, kept).into_values() {
+            st.needed_op_offsets.remove(&op);
+        }
+        let op_low = st
+            .needed_op_offsets
+            .first()
+            .copied()
+            .unwrap_or(st.op_loaded_to);
+        if op_low != st.op_committed {
+            st.op_committed = op_low;
+            self.store
+                .metadata()
+                .commit_offset(TXN_GROUP, OP_TOPIC, 0, op_low);
         }
     }
 
@@ -749,6 +785,47 @@ mod tests {
             .expect("commit after restart");
         assert_eq!(store.queue_max_offset("orders", 1), 2);
         assert_eq!(tx.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn progress_skips_what_a_restart_need_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = open(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        write
+            .write(vec![half("A"), half("B"), half("C")])
+            .await
+            .expect("write");
+        let id = |off: u64, m: &str| transaction_id(off, m);
+        tx.end(&write, &id(1, "B"), "B", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        tx.load();
+        {
+            let st = tx.state.lock();
+            assert_eq!(st.committed, 0, "A is still open");
+            assert_eq!(
+                st.op_committed, 0,
+                "B's and C's ops are needed after a restart"
+            );
+        }
+        tx.end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+            .await
+            .expect("rollback");
+        tx.load();
+        let meta = store.metadata();
+        assert_eq!(meta.get_offset(TXN_GROUP, HALF_TOPIC, 0), Some(3));
+        assert_eq!(meta.get_offset(TXN_GROUP, OP_TOPIC, 0), Some(3));
+        // A restart still answers repeats of recent decisions.
+        let again = Transactions::new(store.clone(), cfg());
+        again
+            .end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+            .await
+            .expect("idempotent after a restart");
+        assert_eq!(again.pending_count(), 0);
     }
 
     #[tokio::test]
