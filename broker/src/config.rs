@@ -78,6 +78,15 @@ pub struct BrokerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Age (ms) of an unresolved half message before its first check-back
+    /// (RocketMQ `transactionTimeOut`, 6 s); a longer
+    /// `orphaned_transaction_recovery_duration` set by the producer wins.
+    pub transaction_check_first_ms: u64,
+    /// Time (ms) between check-backs (RocketMQ `transactionCheckInterval`, 30 s).
+    pub transaction_check_interval_ms: u64,
+    /// Check-backs before an unresolved half message is discarded
+    /// (RocketMQ `transactionCheckMax`, 15).
+    pub transaction_check_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -111,6 +120,9 @@ impl Default for BrokerConfig {
             auto_create_topics: false,
             tls_cert: None,
             tls_key: None,
+            transaction_check_first_ms: 6_000,
+            transaction_check_interval_ms: 30_000,
+            transaction_check_max: 15,
         }
     }
 }
@@ -292,6 +304,15 @@ pub struct BrokerArgs {
     /// TLS private key (PEM) for the client port [default: generated]
     #[arg(long, env = "KEELMQ_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Age in ms of a half message before its first check-back [default: 6000]
+    #[arg(long, env = "KEELMQ_TRANSACTION_CHECK_FIRST_MS")]
+    pub transaction_check_first_ms: Option<u64>,
+    /// Time in ms between transaction check-backs [default: 30000]
+    #[arg(long, env = "KEELMQ_TRANSACTION_CHECK_INTERVAL_MS")]
+    pub transaction_check_interval_ms: Option<u64>,
+    /// Check-backs before an unresolved half message is discarded [default: 15]
+    #[arg(long, env = "KEELMQ_TRANSACTION_CHECK_MAX")]
+    pub transaction_check_max: Option<u32>,
     /// Print the resolved configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -334,7 +355,10 @@ impl BrokerArgs {
             min_in_sync_replicas,
             replication_timeout_ms,
             default_queue_count,
-            auto_create_topics
+            auto_create_topics,
+            transaction_check_first_ms,
+            transaction_check_interval_ms,
+            transaction_check_max
         );
         for (value, slot) in [
             (&self.broker_id, &mut c.broker_id),
@@ -392,6 +416,11 @@ impl BrokerConfig {
                 "tls_cert and tls_key must be given together".into(),
             ));
         }
+        if self.transaction_check_interval_ms == 0 {
+            return Err(ConfigError(
+                "transaction_check_interval_ms must be at least 1".into(),
+            ));
+        }
         if self.broker_name.is_empty() {
             return Err(ConfigError("broker_name must not be empty".into()));
         }
@@ -423,6 +452,15 @@ impl BrokerConfig {
         s.max_store_bytes = self.max_store_size.map(|b| b.0);
         s.allow_truncate_at = self.allow_truncate_at;
         s
+    }
+
+    /// Transaction check-back timing.
+    pub fn transaction_config(&self) -> crate::messaging::transaction::TransactionConfig {
+        crate::messaging::transaction::TransactionConfig {
+            first_check: Duration::from_millis(self.transaction_check_first_ms),
+            check_interval: Duration::from_millis(self.transaction_check_interval_ms),
+            max_checks: self.transaction_check_max,
+        }
     }
 
     /// This broker's id: configured, else the host name.

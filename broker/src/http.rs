@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -26,6 +27,8 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// Consumer-side figures (failover redeliveries).
     pub groups: Option<Arc<dyn crate::admin::GroupInspector>>,
+    /// Transactional-message counters, when the client API runs.
+    pub transactions: Option<Arc<crate::messaging::transaction::Transactions>>,
 }
 
 /// Serves the HTTP port until `shutdown` resolves.
@@ -126,13 +129,54 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             .unwrap_or(0) as i64,
     );
     if let Some(groups) = &s.groups {
-        let c: prometheus_client::metrics::counter::Counter = Default::default();
+        let c: Counter = Counter::default();
         c.inc_by(groups.failover_redeliveries());
         r.register(
             "failover_redeliveries",
             "Messages handed out again because a failover lost their delivery state",
             c,
         );
+    }
+    if let Some(t) = &s.transactions {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &t.stats;
+        gauge(
+            &mut r,
+            "transactions_pending",
+            "Half messages waiting for commit or rollback",
+            t.pending_count() as i64,
+        );
+        for (name, help, v) in [
+            (
+                "transactions_committed",
+                "Transactions committed",
+                &st.committed,
+            ),
+            (
+                "transactions_rolled_back",
+                "Transactions rolled back",
+                &st.rolled_back,
+            ),
+            (
+                "transactions_discarded",
+                "Half messages discarded after the maximum check-backs",
+                &st.discarded,
+            ),
+            (
+                "transaction_checks_sent",
+                "Check-backs sent to producers",
+                &st.checks_sent,
+            ),
+            (
+                "transaction_checks_unanswerable",
+                "Check-backs due with no live producer of the topic",
+                &st.checks_unanswerable,
+            ),
+        ] {
+            let c: Counter = Counter::default();
+            c.inc_by(v.load(Relaxed));
+            r.register(name, help, c);
+        }
     }
     let mut body = String::new();
     match encode(&mut body, &r) {

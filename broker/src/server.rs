@@ -118,6 +118,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
     let ready = Arc::new(AtomicBool::new(false));
     let consumption = Arc::new(Consumption::new(store.clone()));
     let arrivals = Arc::new(Notify::new());
+    let transactions;
     {
         let api = ClientApi::new(
             ClientApiConfig {
@@ -128,11 +129,19 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
                 auto_create_topics: config.auto_create_topics,
                 default_queue_count: config.default_queue_count,
                 max_delivery_attempts: 17,
+                transactions: config.transaction_config(),
             },
             WritePath::new(store.clone(), repl.clone()),
             consumption.clone(),
             arrivals.clone(),
         );
+        // Transactions: check back unresolved half messages.
+        transactions = api.transactions();
+        let (checker, stop) = (api.clone(), stopped(stop_rx.clone()));
+        tasks.spawn(async move {
+            checker.run_transaction_checks(stop).await;
+            Ok::<(), String>(())
+        });
         let timer = crate::messaging::timer::Timer::new(store.clone());
         {
             // A role change means the delivery state in memory belongs to a
@@ -229,6 +238,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             replication: repl.clone(),
             ready: ready.clone(),
             groups: Some(consumption.clone()),
+            transactions: Some(transactions.clone()),
         };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {

@@ -372,3 +372,357 @@ async fn every_documented_error_code_is_reachable() {
         .into_inner();
     assert_eq!(r.status.expect("status").code, Code::Ok as i32);
 }
+
+fn end(
+    topic: &str,
+    message_id: &str,
+    transaction_id: &str,
+    resolution: pb::TransactionResolution,
+    source: pb::TransactionSource,
+) -> pb::EndTransactionRequest {
+    pb::EndTransactionRequest {
+        topic: resource(topic),
+        message_id: message_id.into(),
+        transaction_id: transaction_id.into(),
+        resolution: resolution as i32,
+        source: source as i32,
+        trace_context: String::new(),
+    }
+}
+
+async fn end_code(
+    c: &mut MessagingServiceClient<Channel>,
+    r: Request<pb::EndTransactionRequest>,
+) -> i32 {
+    c.end_transaction(r)
+        .await
+        .expect("EndTransaction always gets a response")
+        .into_inner()
+        .status
+        .expect("status")
+        .code
+}
+
+/// TRANSACTION messages over the wire: type checks both ways, and every
+/// status EndTransaction answers (upstream: a blank transaction id is
+/// INVALID_TRANSACTION_ID; so is one naming no half message of that topic
+/// and message here, or one already resolved the other way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_transaction_error_codes() {
+    use pb::TransactionResolution::{Commit, Rollback};
+    use pb::TransactionSource::{SourceClient, SourceServerCheck};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &[]);
+    b.cli_ok(&["topic", "create", "plain", "--queues", "2"]);
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "tx",
+        "--queues",
+        "2",
+        "--type",
+        "TRANSACTION",
+    ]);
+    let mut c = client(&b).await;
+    let tx_message = |topic: &str, id: &str| {
+        let mut m = message(topic, b"half".to_vec(), None);
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.message_type = pb::MessageType::Transaction as i32;
+            sp.message_id = id.into();
+        }
+        m
+    };
+
+    // A topic accepts only its own message type.
+    assert_eq!(
+        send_code(&mut c, tx_message("plain", "01TX0")).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a TRANSACTION message to a NORMAL topic"
+    );
+    assert_eq!(
+        send_code(&mut c, message("tx", b"x".to_vec(), None)).await,
+        Code::MessagePropertyConflictWithType as i32,
+        "a NORMAL message to a TRANSACTION topic"
+    );
+
+    let send = |m: pb::Message| with_id(pb::SendMessageRequest { messages: vec![m] });
+    let mut ids = Vec::new();
+    for id in ["01TX1", "01TX2"] {
+        let r = c
+            .send_message(send(tx_message("tx", id)))
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!(r.status.expect("status").code, Code::Ok as i32);
+        let entry = r.entries.first().expect("entry");
+        assert_eq!(entry.message_id, id);
+        assert!(!entry.transaction_id.is_empty());
+        ids.push(entry.transaction_id.clone());
+    }
+
+    // The half message is invisible.
+    let codes = receive_codes(&mut c, with_id(receive("tx", Some(30), Some(5)))).await;
+    assert_eq!(codes, vec![Code::MessageNotFound as i32]);
+
+    // Errors.
+    assert_eq!(
+        end_code(
+            &mut c,
+            Request::new(end("tx", "01TX1", &ids[0], Commit, SourceClient))
+        )
+        .await,
+        Code::ClientIdRequired as i32
+    );
+    let cases = [
+        (
+            end("tx", "01TX1", "", Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "blank id",
+        ),
+        (
+            end("tx", "01TX1", "  ", Rollback, SourceClient),
+            Code::InvalidTransactionId,
+            "blank id",
+        ),
+        (
+            end("nowhere", "01TX1", &ids[0], Commit, SourceClient),
+            Code::TopicNotFound,
+            "unknown topic",
+        ),
+        (
+            end("tx", "01TX1", "FFFF-01TX1", Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "unknown id",
+        ),
+        (
+            end(
+                "tx",
+                "01TX1",
+                "not-a-transaction",
+                Commit,
+                SourceServerCheck,
+            ),
+            Code::InvalidTransactionId,
+            "foreign id",
+        ),
+        (
+            end("plain", "01TX1", &ids[0], Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "another topic's",
+        ),
+        (
+            end("tx", "01TX2", &ids[0], Commit, SourceClient),
+            Code::InvalidTransactionId,
+            "another message's",
+        ),
+    ];
+    for (req, want, what) in cases {
+        assert_eq!(end_code(&mut c, with_id(req)).await, want as i32, "{what}");
+    }
+
+    // Commit, then the same answer again (as a check-back answer would be):
+    // fine; the opposite answer afterwards is refused.
+    for source in [SourceClient, SourceServerCheck] {
+        assert_eq!(
+            end_code(&mut c, with_id(end("tx", "01TX1", &ids[0], Commit, source))).await,
+            Code::Ok as i32
+        );
+    }
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX1", &ids[0], Rollback, SourceClient))
+        )
+        .await,
+        Code::InvalidTransactionId as i32,
+        "a committed transaction cannot be rolled back"
+    );
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX2", &ids[1], Rollback, SourceServerCheck))
+        )
+        .await,
+        Code::Ok as i32
+    );
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end("tx", "01TX2", &ids[1], Commit, SourceClient))
+        )
+        .await,
+        Code::InvalidTransactionId as i32,
+        "a rolled-back transaction cannot be committed"
+    );
+
+    // Exactly the committed message is visible.
+    let mut stream = c
+        .receive_message(with_id(receive("tx", Some(30), Some(5))))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(frame) = stream.message().await.expect("frame") {
+        if let Some(pb::receive_message_response::Content::Message(m)) = frame.content {
+            got.push(m.system_properties.map(|p| (p.message_id, p.message_type)));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![Some((
+            "01TX1".to_owned(),
+            pb::MessageType::Transaction as i32
+        ))]
+    );
+}
+
+/// Check-back on the wire: a producer's Telemetry stream that declared the
+/// topic receives RecoverOrphanedTransactionCommand (message and
+/// transaction id) for a transaction left open, not before the
+/// orphaned-transaction-recovery duration the producer asked for, and its
+/// EndTransaction from SOURCE_SERVER_CHECK commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_back_over_a_raw_telemetry_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--transaction-check-first-ms",
+            "1000",
+            "--transaction-check-interval-ms",
+            "1000",
+        ],
+    );
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "tx",
+        "--queues",
+        "1",
+        "--type",
+        "TRANSACTION",
+    ]);
+    let mut c = client(&b).await;
+    let (out, rx) = tokio::sync::mpsc::channel::<pb::TelemetryCommand>(4);
+    out.send(pb::TelemetryCommand {
+        status: None,
+        command: Some(pb::telemetry_command::Command::Settings(pb::Settings {
+            client_type: Some(pb::ClientType::Producer as i32),
+            pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+                topics: vec![pb::Resource {
+                    resource_namespace: String::new(),
+                    name: "tx".into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("queue settings");
+    let mut inbound = c
+        .telemetry(with_id(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .expect("telemetry")
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .expect("frame")
+        .expect("settings reply");
+    assert!(matches!(
+        first.command,
+        Some(pb::telemetry_command::Command::Settings(_))
+    ));
+
+    let mut m = message("tx", b"orphan".to_vec(), None);
+    if let Some(sp) = m.system_properties.as_mut() {
+        sp.message_type = pb::MessageType::Transaction as i32;
+        sp.message_id = "01ORPHAN".into();
+        sp.orphaned_transaction_recovery_duration = Some(prost_types::Duration {
+            seconds: 3,
+            nanos: 0,
+        });
+    }
+    let sent_at = std::time::Instant::now();
+    let r = c
+        .send_message(with_id(pb::SendMessageRequest { messages: vec![m] }))
+        .await
+        .expect("send")
+        .into_inner();
+    let tx_id = r.entries.first().expect("entry").transaction_id.clone();
+
+    let cmd = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let frame = inbound
+                .message()
+                .await
+                .expect("frame")
+                .expect("stream open");
+            if let Some(pb::telemetry_command::Command::RecoverOrphanedTransactionCommand(c)) =
+                frame.command
+            {
+                return c;
+            }
+        }
+    })
+    .await
+    .expect("checked back within 30 s");
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(2500),
+        "checked back after {:?}, before the 3 s the producer asked for",
+        sent_at.elapsed()
+    );
+    assert_eq!(cmd.transaction_id, tx_id);
+    let msg = cmd.message.expect("message");
+    assert_eq!(msg.topic.expect("topic").name, "tx");
+    assert_eq!(msg.body, b"orphan");
+    let sp = msg.system_properties.expect("system properties");
+    assert_eq!(sp.message_id, "01ORPHAN");
+    assert_eq!(sp.message_type, pb::MessageType::Transaction as i32);
+
+    assert_eq!(
+        end_code(
+            &mut c,
+            with_id(end(
+                "tx",
+                "01ORPHAN",
+                &tx_id,
+                pb::TransactionResolution::Commit,
+                pb::TransactionSource::SourceServerCheck,
+            ))
+        )
+        .await,
+        Code::Ok as i32
+    );
+    let codes = receive_codes(&mut c, with_id(receive("tx", Some(30), Some(5)))).await;
+    assert_eq!(
+        codes,
+        vec![Code::Ok as i32],
+        "the committed message is there"
+    );
+    drop(out);
+}
+
+/// Auto-creation never makes a client-visible topic of a system topic: half
+/// messages (and timers) stay out of consumers' reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_topics_are_not_auto_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &["--auto-create-topics", "true"]);
+    let mut c = client(&b).await;
+    for topic in ["%SYS_HALF%", "%SYS_HALF_OP%", "%SYS_DELAY%"] {
+        let codes = receive_codes(&mut c, with_id(receive(topic, Some(30), Some(5)))).await;
+        assert_eq!(codes, vec![Code::TopicNotFound as i32], "{topic}");
+        assert_eq!(
+            send_code(&mut c, message(topic, b"x".to_vec(), None)).await,
+            Code::TopicNotFound as i32,
+            "{topic}"
+        );
+    }
+    // Ordinary names still are.
+    assert_eq!(
+        send_code(&mut c, message("made-on-use", b"x".to_vec(), None)).await,
+        Code::Ok as i32
+    );
+}

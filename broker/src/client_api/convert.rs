@@ -154,12 +154,6 @@ pub fn record(
             ));
         }
     }
-    if kind == MessageType::Transaction {
-        return Err(status(
-            Code::Unsupported,
-            format!("{kind} messages are not supported by this broker yet"),
-        ));
-    }
     let mut properties = Properties::new();
     for (k, v) in &m.user_properties {
         if k.is_empty() || k.starts_with("__") {

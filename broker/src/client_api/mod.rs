@@ -4,8 +4,10 @@
 //! gRPC errors are kept for RPCs the broker does not implement.
 
 mod convert;
+mod producers;
 mod settings;
 pub mod tls;
+mod txn;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::messaging::consumer::{Consumption, HandleError, ReceiveRequest, TagFilter};
 use crate::messaging::timer::Timer;
+use crate::messaging::transaction::{self, TransactionConfig, Transactions};
 use crate::replication::ReplicationError;
 use crate::store::{MessageStore, MessageType, StoreError, TopicConfig, keys, now_ms};
 use crate::write_path::{WriteError, WritePath};
@@ -42,6 +45,8 @@ pub struct ClientApiConfig {
     pub default_queue_count: u32,
     /// Deliveries before a message goes to the dead-letter topic.
     pub max_delivery_attempts: u32,
+    /// Transaction check-back timing.
+    pub transactions: TransactionConfig,
 }
 
 /// Server-side bounds of long polling (RocketMQ proxy defaults).
@@ -63,6 +68,10 @@ pub struct ClientApi {
     /// Woken after every append, for long-polling receives.
     arrivals: Arc<Notify>,
     round_robin: Arc<AtomicU64>,
+    /// Half messages and their decisions.
+    transactions: Arc<Transactions>,
+    /// Producer Telemetry streams, for transaction check-back.
+    producers: Arc<producers::ProducerStreams>,
 }
 
 impl ClientApi {
@@ -72,6 +81,10 @@ impl ClientApi {
         consumption: Arc<Consumption>,
         arrivals: Arc<Notify>,
     ) -> Self {
+        let transactions = Arc::new(Transactions::new(
+            write.store().clone(),
+            cfg.transactions.clone(),
+        ));
         Self {
             store: write.store().clone(),
             cfg: Arc::new(cfg),
@@ -79,7 +92,14 @@ impl ClientApi {
             consumption,
             arrivals,
             round_robin: Arc::new(AtomicU64::new(0)),
+            transactions,
+            producers: Arc::default(),
         }
+    }
+
+    /// The transactional-message state (for metrics).
+    pub fn transactions(&self) -> Arc<Transactions> {
+        self.transactions.clone()
     }
 
     /// The tonic service, accepting messages up to 130 MiB (batches of
@@ -94,7 +114,12 @@ impl ClientApi {
         if let Some(t) = self.store.metadata().get_topic(name) {
             return Ok(t);
         }
-        if self.cfg.auto_create_topics && crate::store::record::validate_topic(name).is_ok() {
+        // Never auto-create over a system topic (half messages, timers):
+        // consumers would read what is not theirs to see.
+        if self.cfg.auto_create_topics
+            && !name.starts_with("%SYS_")
+            && crate::store::record::validate_topic(name).is_ok()
+        {
             let created = self.store.metadata().ensure_topic(TopicConfig {
                 name: name.to_owned(),
                 queue_count: self.cfg.default_queue_count,
@@ -262,6 +287,7 @@ impl MessagingService for ClientApi {
         // Validate everything first: a batch is stored whole or not at all.
         let mut records = Vec::with_capacity(messages.len());
         let mut ids = Vec::with_capacity(messages.len());
+        let mut half = Vec::with_capacity(messages.len());
         for m in &messages {
             let topic = match self.topic(resource_name(&m.topic)) {
                 Ok(t) => t,
@@ -274,10 +300,13 @@ impl MessagingService for ClientApi {
                         .properties
                         .get(keys::DELIVERY_TIME)
                         .and_then(|t| t.parse::<i64>().ok());
+                    let is_half = topic.message_type == MessageType::Transaction;
                     let r = match due {
+                        _ if is_half => Transactions::hold(r, recovery_delay(m)),
                         Some(due) if due > now_ms() => Timer::hold(r, due),
                         _ => r,
                     };
+                    half.push(is_half);
                     ids.push(
                         m.system_properties
                             .as_ref()
@@ -297,10 +326,15 @@ impl MessagingService for ClientApi {
                     entries: appended
                         .iter()
                         .zip(ids)
-                        .map(|(a, id)| pb::SendResultEntry {
+                        .zip(half)
+                        .map(|((a, id), is_half)| pb::SendResultEntry {
                             status: Some(ok()),
+                            transaction_id: if is_half {
+                                transaction::transaction_id(a.queue_offset, &id)
+                            } else {
+                                String::new()
+                            },
                             message_id: id,
-                            transaction_id: String::new(),
                             offset: a.queue_offset as i64,
                             recall_handle: String::new(),
                         })
@@ -589,10 +623,7 @@ impl MessagingService for ClientApi {
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let s = match client_id(&req) {
             Err(s) => s,
-            Ok(_) => status(
-                Code::InvalidTransactionId,
-                "this broker holds no such transaction",
-            ),
+            Ok(_) => self.end(req.get_ref()).await,
         };
         Ok(Response::new(pb::EndTransactionResponse {
             status: Some(s),
@@ -607,9 +638,13 @@ impl MessagingService for ClientApi {
     ) -> Result<Response<Self::TelemetryStream>, Status> {
         let id = client_id(&req).ok();
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(16);
+        // Room for a burst of transaction check-backs (due together after
+        // a restart) besides the settings replies.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(1024);
+        let producers = self.producers.clone();
+        let stream = producers.new_stream_id();
         tokio::spawn(async move {
-            if id.is_none() {
+            let Some(id) = id else {
                 let _ = tx
                     .send(Ok(pb::TelemetryCommand {
                         status: Some(status(
@@ -620,10 +655,19 @@ impl MessagingService for ClientApi {
                     }))
                     .await;
                 return;
-            }
+            };
             while let Ok(Some(cmd)) = inbound.message().await {
                 let reply = match cmd.command {
-                    Some(pb::telemetry_command::Command::Settings(s)) => settings::reply(s),
+                    Some(pb::telemetry_command::Command::Settings(s)) => {
+                        // Producers are reachable for transaction check-back
+                        // under the topics they publish to.
+                        if let Some(pb::settings::PubSub::Publishing(p)) = &s.pub_sub {
+                            let topics: Vec<String> =
+                                p.topics.iter().map(|t| t.name.clone()).collect();
+                            producers.register(stream, &id, &topics, &tx);
+                        }
+                        settings::reply(s)
+                    }
                     // Thread stack traces and verification results need no answer.
                     _ => continue,
                 };
@@ -631,6 +675,7 @@ impl MessagingService for ClientApi {
                     break;
                 }
             }
+            producers.remove(stream);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -698,6 +743,15 @@ impl MessagingService for ClientApi {
     ) -> Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
         Err(Status::unimplemented("lite topics are not implemented"))
     }
+}
+
+/// The check-back delay a producer asked for on a TRANSACTION message.
+fn recovery_delay(m: &pb::Message) -> Option<Duration> {
+    m.system_properties
+        .as_ref()?
+        .orphaned_transaction_recovery_duration
+        .as_ref()
+        .and_then(duration)
 }
 
 fn handle_status(e: &HandleError) -> pb::Status {

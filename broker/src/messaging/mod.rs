@@ -1,6 +1,8 @@
 //! Messaging semantics on top of the store: consumption (receive, ack,
-//! invisible time, redelivery, dead letters) and receipt handles.
+//! invisible time, redelivery, dead letters), receipt handles, delayed
+//! messages and transactional (half) messages.
 
 pub mod consumer;
 pub mod receipt;
 pub mod timer;
+pub mod transaction;

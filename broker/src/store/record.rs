@@ -74,6 +74,10 @@ pub mod keys {
     pub const ORIGIN_TOPIC: &str = "__ORIGIN_TOPIC";
     /// Deliveries a dead-lettered message had.
     pub const DELIVERY_ATTEMPTS: &str = "__DELIVERY_ATTEMPTS";
+    /// Half-queue offset a transaction decision (op record) refers to.
+    pub const HALF_OFFSET: &str = "__HALF_OFFSET";
+    /// How long (ms) a half message is left alone before it is checked back.
+    pub const CHECK_AFTER_MS: &str = "__TX_CHECK_AFTER_MS";
 }
 
 /// Message properties: ordered, so the encoding of a record is deterministic.

@@ -1,0 +1,858 @@
+//! Transactional messages: half messages, decisions and check-back.
+//!
+//! A TRANSACTION message is first stored as a *half* message in the system
+//! topic [`HALF_TOPIC`] (queue 0), with its real topic and queue in its
+//! properties, so consumers of the real topic do not see it. The producer
+//! then commits or rolls back (EndTransaction); every decision is appended
+//! as an *op* record to [`OP_TOPIC`] (queue 0) naming the half message's
+//! offset. A commit writes the real message to its topic in the same append
+//! as its op record, the message first: a crash that tears that append can
+//! at worst leave the message without its op, so the transaction is checked
+//! back and committed again (at least once), never lost. Half
+//! messages and ops live in the commit log, so they survive restarts and
+//! reach slaves with everything else; the in-memory state below is rebuilt
+//! from them (and kept up to date from them on a slave, so a promoted slave
+//! checks back what its master left open).
+//!
+//! A half message left unresolved is *checked back*: after its first-check
+//! delay, then every check interval, the broker asks a live producer of the
+//! topic (see the client API) for the outcome; after the maximum number of
+//! checks it is discarded (a DISCARD op, logged and counted). Defaults are
+//! RocketMQ's (`transactionTimeOut` 6 s, `transactionCheckInterval` 30 s,
+//! `transactionCheckMax` 15). Check counts are kept in memory: a restart
+//! starts them again from zero (RocketMQ keeps them by re-appending the half
+//! message; the decision records are what must not be lost).
+//!
+//! The lowest unresolved half offset is kept like a consumer group's offset
+//! so a restart does not reload half messages resolved long ago, and so is
+//! the lowest op record about a half message at or above it; a restart
+//! re-reads the ops from there, plus the [`RECENT_CAP`] before it so recent
+//! decisions are still answered idempotently.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::store::{MessageStore, NewRecord, StoredRecord, keys, record::flags};
+use crate::write_path::{WriteError, WritePath};
+
+/// System topic holding half messages until they are resolved.
+pub const HALF_TOPIC: &str = "%SYS_HALF%";
+/// System topic holding the decisions (op records) about half messages.
+pub const OP_TOPIC: &str = "%SYS_HALF_OP%";
+/// The lowest unresolved half offset is stored as this group's offset.
+const TXN_GROUP: &str = "%SYS_TXN%";
+/// Resolved transactions remembered for idempotent repeats of EndTransaction.
+const RECENT_CAP: usize = 65_536;
+/// Longest check-back delay a producer may ask for (RocketMQ's proxy caps
+/// `orphaned_transaction_recovery_duration` at one hour).
+pub const MAX_RECOVERY_DELAY: Duration = Duration::from_secs(3600);
+
+/// Check-back timing, with RocketMQ's broker defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransactionConfig {
+    /// Age before a half message is first checked back (`transactionTimeOut`).
+    /// A longer delay asked for by the producer wins.
+    pub first_check: Duration,
+    /// Time between check-backs (`transactionCheckInterval`).
+    pub check_interval: Duration,
+    /// Check-backs before an unresolved half message is discarded
+    /// (`transactionCheckMax`).
+    pub max_checks: u32,
+}
+
+impl Default for TransactionConfig {
+    fn default() -> Self {
+        Self {
+            first_check: Duration::from_secs(6),
+            check_interval: Duration::from_secs(30),
+            max_checks: 15,
+        }
+    }
+}
+
+/// What became of a half message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Rollback,
+    /// Given up after the maximum number of check-backs.
+    Discard,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Commit => "COMMIT",
+            Decision::Rollback => "ROLLBACK",
+            Decision::Discard => "DISCARD",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "COMMIT" => Some(Decision::Commit),
+            "ROLLBACK" => Some(Decision::Rollback),
+            "DISCARD" => Some(Decision::Discard),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an EndTransaction was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum EndError {
+    /// No half message of this topic and message has this transaction id
+    /// (never existed, another broker's, or resolved too long ago).
+    #[error("transaction {0:?} is unknown to this broker")]
+    Unknown(String),
+    /// The transaction exists but belongs to another topic or message.
+    #[error("transaction {tx:?} belongs to message {message_id:?} of topic {topic:?}")]
+    Mismatch {
+        tx: String,
+        topic: String,
+        message_id: String,
+    },
+    /// The transaction was already resolved the other way.
+    #[error("transaction {tx:?} was already resolved: {previous}")]
+    Conflict { tx: String, previous: Decision },
+    /// The decision could not be written.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// A half message waiting for its decision.
+#[derive(Clone, Debug)]
+struct Pending {
+    tx_id: String,
+    message_id: String,
+    topic: String,
+    next_check_ms: i64,
+    checks: u32,
+    /// A decision is being written; no check-back, no second writer.
+    resolving: Option<Decision>,
+}
+
+/// A resolved transaction, remembered for idempotent repeats.
+#[derive(Clone, Debug)]
+struct Resolved {
+    decision: Decision,
+    topic: String,
+    message_id: String,
+}
+
+/// Everything known about open and recently resolved transactions, rebuilt
+/// from the half and op queues.
+#[derive(Default)]
+struct State {
+    /// Next half-queue offset not yet loaded.
+    half_loaded_to: u64,
+    /// Next op-queue offset not yet loaded.
+    op_loaded_to: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// (next check ms, half offset) of every pending half message.
+    schedule: BTreeSet<(i64, u64)>,
+    by_tx: HashMap<String, u64>,
+    recent: HashMap<String, Resolved>,
+    recent_order: VecDeque<String>,
+    /// Ops seen for half offsets not loaded yet (appended between the two
+    /// looks of one load).
+    early_ops: HashMap<u64, Decision>,
+    /// Last progress stored.
+    committed: u64,
+    /// Op records a restart must re-read: those about half messages at or
+    /// above `committed` (half offset -> op offset), and their op offsets.
+    needed_ops: BTreeMap<u64, u64>,
+    needed_op_offsets: BTreeSet<u64>,
+    /// Last op-queue progress stored.
+    op_committed: u64,
+}
+
+impl State {
+    fn remember(&mut self, tx_id: String, r: Resolved) {
+        if self.recent.insert(tx_id.clone(), r).is_none() {
+            self.recent_order.push_back(tx_id);
+            while self.recent_order.len() > RECENT_CAP {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Removes a pending half message; returns it.
+    fn take(&mut self, off: u64) -> Option<Pending> {
+        let p = self.pending.remove(&off)?;
+        self.schedule.remove(&(p.next_check_ms, off));
+        self.by_tx.remove(&p.tx_id);
+        Some(p)
+    }
+
+    /// Applies a decision; `named` is the (topic, message id) an op record
+    /// carries, so decisions about half messages no longer loaded (resolved
+    /// before a restart) are still remembered.
+    fn resolve(&mut self, off: u64, decision: Decision, named: Option<(String, String)>) {
+        if let Some(p) = self.take(off) {
+            self.remember(
+                p.tx_id,
+                Resolved {
+                    decision,
+                    topic: p.topic,
+                    message_id: p.message_id,
+                },
+            );
+        } else if off >= self.half_loaded_to {
+            self.early_ops.insert(off, decision);
+        } else if let Some((topic, message_id)) = named {
+            self.remember(
+                transaction_id(off, &message_id),
+                Resolved {
+                    decision,
+                    topic,
+                    message_id,
+                },
+            );
+        }
+    }
+}
+
+/// A half message due for a check-back.
+#[derive(Clone, Debug)]
+pub struct DueCheck {
+    pub tx_id: String,
+    /// The message as its producer sent it (real topic and queue).
+    pub message: StoredRecord,
+    /// 1 for the first check-back.
+    pub check: u32,
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default)]
+pub struct TransactionStats {
+    pub committed: AtomicU64,
+    pub rolled_back: AtomicU64,
+    pub discarded: AtomicU64,
+    pub checks_sent: AtomicU64,
+    pub checks_unanswerable: AtomicU64,
+}
+
+/// The broker's transactional-message state.
+pub struct Transactions {
+    store: MessageStore,
+    cfg: TransactionConfig,
+    state: Mutex<State>,
+    pub stats: TransactionStats,
+}
+
+/// The transaction id given to the producer for a half message: its
+/// half-queue offset and message id, so it names one half message of one
+/// broker group (the offset is the same on every replica).
+pub fn transaction_id(half_offset: u64, message_id: &str) -> String {
+    format!("{half_offset:X}-{message_id}")
+}
+
+impl Transactions {
+    pub fn new(store: MessageStore, cfg: TransactionConfig) -> Self {
+        let min = store.queue_min_offset(HALF_TOPIC, 0);
+        let committed = store
+            .metadata()
+            .get_offset(TXN_GROUP, HALF_TOPIC, 0)
+            .unwrap_or(min)
+            .max(min);
+        let op_min = store.queue_min_offset(OP_TOPIC, 0);
+        let op_committed = store
+            .metadata()
+            .get_offset(TXN_GROUP, OP_TOPIC, 0)
+            .unwrap_or(op_min);
+        let op_from = op_committed.saturating_sub(RECENT_CAP as u64).max(op_min);
+        Self {
+            store,
+            cfg,
+            state: Mutex::new(State {
+                half_loaded_to: committed,
+                op_loaded_to: op_from,
+                committed,
+                op_committed,
+                ..State::default()
+            }),
+            stats: TransactionStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &TransactionConfig {
+        &self.cfg
+    }
+
+    /// The half message to store for `rec`: held in [`HALF_TOPIC`] with its
+    /// real topic and queue, first checked back after `recovery` (the
+    /// producer's wish, if any, capped at [`MAX_RECOVERY_DELAY`]).
+    pub fn hold(rec: NewRecord, recovery: Option<Duration>) -> NewRecord {
+        let mut properties = rec.properties;
+        properties.insert(keys::ORIGIN_TOPIC.into(), rec.topic);
+        properties.insert(keys::ORIGIN_QUEUE.into(), rec.queue_id.to_string());
+        if let Some(d) = recovery {
+            let ms = d.min(MAX_RECOVERY_DELAY).as_millis();
+            properties.insert(keys::CHECK_AFTER_MS.into(), ms.to_string());
+        }
+        NewRecord {
+            topic: HALF_TOPIC.into(),
+            queue_id: 0,
+            born_ms: rec.born_ms,
+            flags: rec.flags | flags::TRANSACTION_HALF,
+            properties,
+            body: rec.body,
+        }
+    }
+
+    /// The real message a half message stands for (its topic, queue and
+    /// properties as sent).
+    fn real(half: &StoredRecord) -> StoredRecord {
+        let mut r = half.clone();
+        r.topic = r.properties.remove(keys::ORIGIN_TOPIC).unwrap_or_default();
+        r.queue_id = r
+            .properties
+            .remove(keys::ORIGIN_QUEUE)
+            .and_then(|q| q.parse().ok())
+            .unwrap_or(0);
+        r.properties.remove(keys::CHECK_AFTER_MS);
+        r.flags &= !flags::TRANSACTION_HALF;
+        r
+    }
+
+    /// Half messages waiting for a decision.
+    pub fn pending_count(&self) -> usize {
+        self.state.lock().pending.len()
+    }
+
+    /// Loads half messages and decisions appended since the last look
+    /// (sends, ends, replication, or everything at start).
+    pub fn load(&self) {
+        let mut st = self.state.lock();
+        let half_max = self.store.queue_max_offset(HALF_TOPIC, 0);
+        while st.half_loaded_to < half_max {
+            let off = st.half_loaded_to;
+            st.half_loaded_to += 1;
+            let r = match self.store.get(HALF_TOPIC, 0, off) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, offset = off, "unreadable half message skipped");
+                    continue;
+                }
+            };
+            let message_id = r
+                .properties
+                .get(keys::MESSAGE_ID)
+                .cloned()
+                .unwrap_or_default();
+            let tx_id = transaction_id(off, &message_id);
+            let topic = r
+                .properties
+                .get(keys::ORIGIN_TOPIC)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(decision) = st.early_ops.remove(&off) {
+                st.remember(
+                    tx_id,
+                    Resolved {
+                        decision,
+                        topic,
+                        message_id,
+                    },
+                );
+                continue;
+            }
+            let delay = r
+                .properties
+                .get(keys::CHECK_AFTER_MS)
+                .and_then(|t| t.parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .unwrap_or_default()
+                .max(self.cfg.first_check);
+            let next_check_ms = r.store_ms.saturating_add(delay.as_millis() as i64);
+            st.by_tx.insert(tx_id.clone(), off);
+            st.schedule.insert((next_check_ms, off));
+            st.pending.insert(
+                off,
+                Pending {
+                    tx_id,
+                    message_id,
+                    topic,
+                    next_check_ms,
+                    checks: 0,
+                    resolving: None,
+                },
+            );
+        }
+        let op_max = self.store.queue_max_offset(OP_TOPIC, 0);
+        st.op_loaded_to = st
+            .op_loaded_to
+            .max(self.store.queue_min_offset(OP_TOPIC, 0));
+        while st.op_loaded_to < op_max {
+            let off = st.op_loaded_to;
+            st.op_loaded_to += 1;
+            let op = match self.store.get(OP_TOPIC, 0, off) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, offset = off, "unreadable transaction op skipped");
+                    continue;
+                }
+            };
+            let half = op
+                .properties
+                .get(keys::HALF_OFFSET)
+                .and_then(|o| o.parse::<u64>().ok());
+            let decision = op
+                .properties
+                .get(keys::TRANSACTION_STATE)
+                .and_then(|d| Decision::parse(d));
+            if let (Some(half), Some(decision)) = (half, decision) {
+                let named = op
+                    .properties
+                    .get(keys::ORIGIN_TOPIC)
+                    .cloned()
+                    .zip(op.properties.get(keys::MESSAGE_ID).cloned());
+                st.resolve(half, decision, named);
+                if half >= st.committed {
+                    st.needed_ops.insert(half, off);
+                    st.needed_op_offsets.insert(off);
+                }
+            }
+        }
+        self.store_progress(&mut st);
+    }
+
+    fn store_progress(&self, st: &mut State) {
+        let low = st
+            .pending
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(st.half_loaded_to);
+        if low != st.committed {
+            st.committed = low;
+            self.store
+                .metadata()
+                .commit_offset(TXN_GROUP, HALF_TOPIC, 0, low);
+        }
+        // Stored after the half progress: a snapshot taken in between holds
+        // an op progress that is still low enough for its half progress.
+        let kept = st.needed_ops.split_off(&low);
+        for op in std::mem::replace(&mut st.needed_ops, kept).into_values() {
+            st.needed_op_offsets.remove(&op);
+        }
+        let op_low = st
+            .needed_op_offsets
+            .first()
+            .copied()
+            .unwrap_or(st.op_loaded_to);
+        if op_low != st.op_committed {
+            st.op_committed = op_low;
+            self.store
+                .metadata()
+                .commit_offset(TXN_GROUP, OP_TOPIC, 0, op_low);
+        }
+    }
+
+    /// Applies a producer's decision about transaction `tx_id` (message
+    /// `message_id` of `topic`): a commit writes the message to its topic.
+    /// Repeating a decision already applied is a success.
+    pub async fn end(
+        &self,
+        write: &WritePath,
+        tx_id: &str,
+        message_id: &str,
+        topic: &str,
+        decision: Decision,
+    ) -> Result<(), EndError> {
+        self.load();
+        let off = {
+            let mut st = self.state.lock();
+            let check = |t: &str, m: &str| {
+                if t != topic || (!message_id.is_empty() && m != message_id) {
+                    Err(EndError::Mismatch {
+                        tx: tx_id.to_owned(),
+                        topic: t.to_owned(),
+                        message_id: m.to_owned(),
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            if let Some(r) = st.recent.get(tx_id) {
+                check(&r.topic, &r.message_id)?;
+                return if r.decision == decision {
+                    Ok(())
+                } else {
+                    Err(EndError::Conflict {
+                        tx: tx_id.to_owned(),
+                        previous: r.decision,
+                    })
+                };
+            }
+            let Some(off) = st.by_tx.get(tx_id).copied() else {
+                return Err(EndError::Unknown(tx_id.to_owned()));
+            };
+            let Some(p) = st.pending.get_mut(&off) else {
+                return Err(EndError::Unknown(tx_id.to_owned()));
+            };
+            check(&p.topic, &p.message_id)?;
+            match p.resolving {
+                // Another request is writing the same decision; if that
+                // write fails the half message stays and is checked back.
+                Some(d) if d == decision => return Ok(()),
+                Some(d) => {
+                    return Err(EndError::Conflict {
+                        tx: tx_id.to_owned(),
+                        previous: d,
+                    });
+                }
+                None => p.resolving = Some(decision),
+            }
+            off
+        };
+        let result = self.write_decision(write, off, decision).await;
+        let mut st = self.state.lock();
+        match &result {
+            Ok(()) => {
+                st.resolve(off, decision, None);
+                self.store_progress(&mut st);
+                let counter = match decision {
+                    Decision::Commit => &self.stats.committed,
+                    Decision::Rollback => &self.stats.rolled_back,
+                    Decision::Discard => &self.stats.discarded,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                if let Some(p) = st.pending.get_mut(&off) {
+                    p.resolving = None;
+                }
+            }
+        }
+        result
+    }
+
+    /// Appends the op record (and on commit the real message, in the same
+    /// append) for the half message at `off`.
+    async fn write_decision(
+        &self,
+        write: &WritePath,
+        off: u64,
+        decision: Decision,
+    ) -> Result<(), EndError> {
+        let mut records = Vec::with_capacity(2);
+        let half = match self.store.get(HALF_TOPIC, 0, off) {
+            Ok(h) => h.map(|h| Self::real(&h)),
+            Err(e) => return Err(EndError::Write(WriteError::Store(e))),
+        };
+        let (topic, message_id) = half.as_ref().map_or_else(Default::default, |h| {
+            let id = h.properties.get(keys::MESSAGE_ID).cloned();
+            (h.topic.clone(), id.unwrap_or_default())
+        });
+        if decision == Decision::Commit {
+            // Removed by retention: nothing left to commit.
+            let Some(real) = half else {
+                return Err(EndError::Unknown(format!("half message {off}")));
+            };
+            records.push(NewRecord {
+                topic: real.topic,
+                queue_id: real.queue_id,
+                born_ms: real.born_ms,
+                flags: real.flags,
+                properties: real.properties,
+                body: real.body,
+            });
+        }
+        records.push(
+            NewRecord::new(OP_TOPIC, 0, off.to_string())
+                .with_property(keys::HALF_OFFSET, off.to_string())
+                .with_property(keys::TRANSACTION_STATE, decision.as_str())
+                .with_property(keys::ORIGIN_TOPIC, topic)
+                .with_property(keys::MESSAGE_ID, message_id),
+        );
+        if let Some(op) = records.last_mut() {
+            op.flags = flags::TRANSACTION_END | flags::SYSTEM;
+        }
+        write.write(records).await?;
+        Ok(())
+    }
+
+    /// Half messages due for a check-back at `now`, each counted as one
+    /// more check and rescheduled one interval later; those that used up
+    /// their checks are discarded (an op record each) instead.
+    pub async fn due_checks(&self, write: &WritePath, now: i64) -> Vec<DueCheck> {
+        self.load();
+        let mut due = Vec::new();
+        let mut give_up = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let offs: Vec<(i64, u64)> = st
+                .schedule
+                .iter()
+                .take_while(|(t, _)| *t <= now)
+                .copied()
+                .collect();
+            let interval = self.cfg.check_interval.as_millis() as i64;
+            for (t, off) in offs {
+                st.schedule.remove(&(t, off));
+                let Some(p) = st.pending.get_mut(&off) else {
+                    continue;
+                };
+                if p.resolving.is_some() {
+                    // Looked at again after the write, if it failed.
+                    p.next_check_ms = now + interval;
+                    st.schedule.insert((now + interval, off));
+                    continue;
+                }
+                if p.checks >= self.cfg.max_checks {
+                    give_up.push((off, p.tx_id.clone(), p.topic.clone()));
+                    continue;
+                }
+                p.checks += 1;
+                p.next_check_ms = now + interval;
+                let (tx_id, check) = (p.tx_id.clone(), p.checks);
+                st.schedule.insert((now + interval, off));
+                match self.store.get(HALF_TOPIC, 0, off) {
+                    Ok(Some(h)) => due.push(DueCheck {
+                        tx_id,
+                        message: Self::real(&h),
+                        check,
+                    }),
+                    Ok(None) => {
+                        // Removed by retention: nothing left to decide.
+                        tracing::warn!(tx = %tx_id, "half message expired before its transaction ended");
+                        st.resolve(off, Decision::Discard, None);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, tx = %tx_id, "half message unreadable for check-back");
+                    }
+                }
+            }
+            self.store_progress(&mut st);
+        }
+        for (off, tx_id, topic) in give_up {
+            let (message_id, checks) = {
+                let st = self.state.lock();
+                st.pending
+                    .get(&off)
+                    .map(|p| (p.message_id.clone(), p.checks))
+                    .unwrap_or_default()
+            };
+            match self
+                .end(write, &tx_id, &message_id, &topic, Decision::Discard)
+                .await
+            {
+                Ok(()) => tracing::warn!(
+                    tx = %tx_id,
+                    topic = %topic,
+                    message_id = %message_id,
+                    checks,
+                    "transaction never resolved; half message discarded after the maximum check-backs"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, tx = %tx_id, "discarding an unresolved transaction failed; will retry");
+                    let mut st = self.state.lock();
+                    if let Some(p) = st.pending.get_mut(&off) {
+                        p.next_check_ms = now + 1000;
+                        st.schedule.insert((now + 1000, off));
+                    }
+                }
+            }
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::{ReplicationConfig, ReplicationManager, StartRole};
+    use crate::store::{StoreConfig, now_ms};
+
+    fn open(dir: &std::path::Path) -> (MessageStore, WritePath) {
+        let mut cfg = StoreConfig::new(dir);
+        cfg.segment_size = 1 << 20;
+        let store = MessageStore::open(cfg).expect("store");
+        let repl = ReplicationManager::open(
+            ReplicationConfig {
+                broker_id: "b0".into(),
+                mode: crate::replication::ReplicationMode::Async,
+                min_in_sync_replicas: 1,
+                sync_timeout: Duration::from_secs(1),
+                in_sync_max_lag_bytes: 1 << 20,
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                advertised_replication: "127.0.0.1:0".into(),
+                advertised_admin: "127.0.0.1:0".into(),
+                advertised_client: "127.0.0.1:0".into(),
+                data_dir: dir.to_owned(),
+                start_role: StartRole::Master,
+                slave_flush_before_ack: false,
+            },
+            store.clone(),
+        )
+        .expect("replication");
+        (store.clone(), WritePath::new(store, repl))
+    }
+
+    fn half(id: &str) -> NewRecord {
+        Transactions::hold(
+            NewRecord::new("orders", 1, id.as_bytes().to_vec()).with_property(keys::MESSAGE_ID, id),
+            None,
+        )
+    }
+
+    fn cfg() -> TransactionConfig {
+        TransactionConfig {
+            first_check: Duration::from_millis(0),
+            check_interval: Duration::from_millis(10),
+            max_checks: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn commit_rollback_idempotence_and_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = open(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = write
+            .write(vec![half("A"), half("B"), half("C")])
+            .await
+            .expect("write");
+        let ids: Vec<String> = ["A", "B", "C"]
+            .iter()
+            .zip(&a)
+            .map(|(m, a)| transaction_id(a.queue_offset, m))
+            .collect();
+        assert_eq!(
+            store.queue_max_offset("orders", 1),
+            0,
+            "halves are invisible"
+        );
+
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("repeat is fine");
+        assert!(matches!(
+            tx.end(&write, &ids[0], "A", "orders", Decision::Rollback)
+                .await,
+            Err(EndError::Conflict { .. })
+        ));
+        tx.end(&write, &ids[1], "B", "orders", Decision::Rollback)
+            .await
+            .expect("rollback");
+        assert!(matches!(
+            tx.end(&write, &ids[2], "C", "other", Decision::Commit)
+                .await,
+            Err(EndError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            tx.end(&write, "7-X", "X", "orders", Decision::Commit).await,
+            Err(EndError::Unknown(_))
+        ));
+        let real = store.get("orders", 1, 0).expect("read").expect("committed");
+        assert_eq!(&real.body[..], b"A");
+        assert_eq!(real.flags & flags::TRANSACTION_HALF, 0);
+        assert!(!real.properties.contains_key(keys::ORIGIN_TOPIC));
+        assert_eq!(
+            store.queue_max_offset("orders", 1),
+            1,
+            "only the commit is visible"
+        );
+        assert_eq!(tx.pending_count(), 1);
+
+        // A restart rebuilds the same state from the log.
+        drop(tx);
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 1);
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("still idempotent");
+        tx.end(&write, &ids[2], "C", "orders", Decision::Commit)
+            .await
+            .expect("commit after restart");
+        assert_eq!(store.queue_max_offset("orders", 1), 2);
+        assert_eq!(tx.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn progress_skips_what_a_restart_need_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = open(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        write
+            .write(vec![half("A"), half("B"), half("C")])
+            .await
+            .expect("write");
+        let id = |off: u64, m: &str| transaction_id(off, m);
+        tx.end(&write, &id(1, "B"), "B", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        tx.load();
+        {
+            let st = tx.state.lock();
+            assert_eq!(st.committed, 0, "A is still open");
+            assert_eq!(
+                st.op_committed, 0,
+                "B's and C's ops are needed after a restart"
+            );
+        }
+        tx.end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+            .await
+            .expect("rollback");
+        tx.load();
+        let meta = store.metadata();
+        assert_eq!(meta.get_offset(TXN_GROUP, HALF_TOPIC, 0), Some(3));
+        assert_eq!(meta.get_offset(TXN_GROUP, OP_TOPIC, 0), Some(3));
+        // A restart still answers repeats of recent decisions.
+        let again = Transactions::new(store.clone(), cfg());
+        again
+            .end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+            .await
+            .expect("idempotent after a restart");
+        assert_eq!(again.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn unresolved_halves_are_checked_then_discarded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = open(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        write.write(vec![half("A")]).await.expect("write");
+        let now = now_ms() + 1000;
+        let first = tx.due_checks(&write, now).await;
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].check, 1);
+        assert_eq!(first[0].message.topic, "orders");
+        assert_eq!(first[0].message.queue_id, 1);
+        assert!(
+            tx.due_checks(&write, now).await.is_empty(),
+            "not again before the interval"
+        );
+        assert_eq!(tx.due_checks(&write, now + 10).await.len(), 1);
+        assert!(tx.due_checks(&write, now + 20).await.is_empty(), "given up");
+        assert_eq!(tx.pending_count(), 0);
+        assert_eq!(tx.stats.discarded.load(Ordering::Relaxed), 1);
+        // The discard is durable.
+        let again = Transactions::new(store.clone(), cfg());
+        again.load();
+        assert_eq!(again.pending_count(), 0);
+        assert_eq!(store.queue_max_offset("orders", 1), 0);
+    }
+}
