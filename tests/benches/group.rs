@@ -91,16 +91,24 @@ async fn role_of(admin: &str) -> Option<(Role, u64)> {
     Some((Role::try_from(st.role).ok()?, st.epoch))
 }
 
-fn read_group(dir: &std::path::Path) -> Vec<DevBroker> {
-    let bytes = std::fs::read(dir.join("group.json")).expect("group.json");
-    serde_json::from_slice(&bytes).expect("group.json")
+/// The brokers `keelmq dev` wrote to `group.json`, once it has.
+fn read_group(dir: &std::path::Path) -> Option<Vec<DevBroker>> {
+    let bytes = std::fs::read(dir.join("group.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Waits until one member is master and the others answer; its index.
 async fn settled(dir: &std::path::Path) -> usize {
     let start = Instant::now();
     loop {
-        let group = read_group(dir);
+        let Some(group) = read_group(dir) else {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "keelmq dev did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let mut master = None;
         let mut answering = 0;
         for (i, b) in group.iter().enumerate() {
@@ -147,7 +155,7 @@ async fn failover(runs: u64) {
     let mut times = Vec::new();
     for run in 0..runs {
         let m = settled(dir.path()).await;
-        let group = read_group(dir.path());
+        let group = read_group(dir.path()).expect("group.json");
         let clients: Vec<RawClient> = group.iter().map(|b| RawClient::new(&b.client)).collect();
         let killed = Instant::now();
         // SAFETY: signalling a broker process of the local group we started.
