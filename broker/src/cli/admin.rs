@@ -264,6 +264,12 @@ pub async fn status(target: &AdminTarget, json: bool) -> Result<()> {
         s.replication_mode, s.min_in_sync_replicas, s.flush_mode
     );
     println!("uptime      {:.1} s", s.uptime_ms as f64 / 1000.0);
+    if s.failover_redeliveries > 0 {
+        println!(
+            "failover    {} messages redelivered because the previous master's delivery state was lost",
+            s.failover_redeliveries
+        );
+    }
     println!("store id    {}", s.store_id);
     if !s.master_address.is_empty() {
         println!("following   {}", s.master_address);
@@ -303,6 +309,7 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "min_in_sync_replicas": s.min_in_sync_replicas,
         "store_id": s.store_id,
         "uptime_ms": s.uptime_ms,
+        "failover_redeliveries": s.failover_redeliveries,
         "slaves": s.slaves.iter().map(|x| serde_json::json!({
             "broker_id": x.broker_id, "address": x.address, "acked_offset": x.acked_offset,
             "lag_bytes": x.lag_bytes, "connected": x.connected, "in_sync": x.in_sync,
