@@ -23,8 +23,14 @@ pub struct Permission {
 pub const PERMISSIONS: &[Permission] = &[
     Permission {
         api_groups: &["keelmq.io"],
-        resources: &["brokergroups", "topics"],
-        verbs: &["get", "list", "watch", "patch"],
+        resources: &["brokergroups"],
+        verbs: &["get", "list", "watch"],
+        namespaced: true,
+    },
+    Permission {
+        api_groups: &["keelmq.io"],
+        resources: &["topics"],
+        verbs: &["list", "watch", "patch"],
         namespaced: true,
     },
     Permission {
@@ -48,7 +54,7 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         api_groups: &[""],
         resources: &["pods"],
-        verbs: &["list", "watch", "patch", "delete"],
+        verbs: &["list", "watch", "patch"],
         namespaced: true,
     },
     Permission {
