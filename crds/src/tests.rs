@@ -1,0 +1,211 @@
+//! Tests of the resource types: the committed CRD YAML matches the types,
+//! defaults fill in everything but the name, and the samples validate
+//! against the generated schema.
+
+use std::path::PathBuf;
+
+use super::*;
+use crate::schema_check::validate;
+
+fn crate_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// The committed CRD YAML is what the types generate. `KEELMQ_BLESS=1`
+/// rewrites the files instead of failing.
+#[test]
+fn committed_crd_yaml_matches_the_types() {
+    let cases = [
+        (
+            "keelmq.io_brokergroups.yaml",
+            brokergroup_crd_yaml().expect("yaml"),
+        ),
+        ("keelmq.io_topics.yaml", topic_crd_yaml().expect("yaml")),
+    ];
+    let bless = std::env::var("KEELMQ_BLESS").is_ok_and(|v| v == "1");
+    for (file, generated) in cases {
+        let path = crate_file(file);
+        if bless {
+            std::fs::write(&path, &generated).expect("write CRD yaml");
+            continue;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} differs from what the Rust types generate; regenerate it with \
+             `KEELMQ_BLESS=1 cargo test -p keelmq-crds` (or `cargo run -p keelmq-operator -- crds`) \
+             and commit the result (the Helm chart copies these files)",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn crds_are_in_the_keelmq_group_with_status_and_short_name() {
+    let bg = BrokerGroup::crd();
+    assert_eq!(bg.metadata.name.as_deref(), Some("brokergroups.keelmq.io"));
+    assert_eq!(bg.spec.group, GROUP);
+    assert_eq!(bg.spec.names.short_names, Some(vec!["bg".to_string()]));
+    let v = &bg.spec.versions[0];
+    assert_eq!(v.name, VERSION);
+    let sub = v.subresources.as_ref().expect("subresources");
+    assert!(sub.status.is_some());
+    assert!(sub.scale.is_some(), "kubectl scale works on a BrokerGroup");
+    let columns: Vec<_> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Master", "Epoch", "Ready", "Replicas", "Replication", "Age"]
+    );
+    let topic = Topic::crd();
+    assert_eq!(topic.metadata.name.as_deref(), Some("topics.keelmq.io"));
+    assert!(topic.spec.versions[0].subresources.is_some());
+}
+
+#[test]
+fn an_empty_spec_gets_working_defaults() {
+    let bg: BrokerGroup = serde_yaml::from_str(
+        &std::fs::read_to_string(crate_file("samples/brokergroup-minimal.yaml")).expect("sample"),
+    )
+    .expect("parse");
+    assert_eq!(bg.spec, BrokerGroupSpec::default());
+    assert_eq!(bg.spec.replicas, 2);
+    assert_eq!(
+        bg.spec.image,
+        format!("keelmq/broker:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(bg.spec.replication.mode, ReplicationMode::Sync);
+    assert_eq!(bg.spec.replication.min_in_sync_replicas, 1);
+    assert_eq!(bg.spec.storage.size.0, "10Gi");
+    assert_eq!(bg.spec.storage.when_deleted, RetentionPolicy::Retain);
+    assert!(bg.spec.failover.enabled);
+    assert_eq!(bg.spec.failover.detection_delay_seconds, 15);
+    assert!(!bg.spec.failover.allow_data_loss);
+}
+
+#[test]
+fn the_schema_carries_the_same_defaults_as_the_types() {
+    // The apiserver fills defaults from the schema; they must agree with
+    // what serde fills in when a field is absent.
+    let crd = serde_json::to_value(BrokerGroup::crd()).expect("json");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    assert_eq!(spec["replicas"]["default"], 2);
+    assert_eq!(spec["replication"]["default"]["mode"], "Sync");
+    assert_eq!(spec["failover"]["default"]["detectionDelaySeconds"], 15);
+    assert_eq!(spec["storage"]["default"]["size"], "10Gi");
+    assert_eq!(spec["flushMode"]["default"], "AsyncFlush");
+}
+
+#[test]
+fn storage_class_and_size_are_immutable_by_cel_rule() {
+    let crd = serde_json::to_value(BrokerGroup::crd()).expect("json");
+    let storage = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["storage"];
+    let rules = storage["x-kubernetes-validations"].to_string();
+    assert!(rules.contains("oldSelf.storageClassName"), "{rules}");
+    assert!(rules.contains("storageClassName is immutable"), "{rules}");
+    let size_rules = storage["properties"]["size"]["x-kubernetes-validations"].to_string();
+    assert!(size_rules.contains("self == oldSelf"), "{size_rules}");
+    let root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+        .to_string();
+    assert!(
+        root.contains("minInSyncReplicas < self.spec.replicas"),
+        "{root}"
+    );
+}
+
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> serde_json::Value {
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("json")
+}
+
+#[test]
+fn samples_validate_against_the_generated_schema() {
+    let bg_schema = schema_of(&BrokerGroup::crd());
+    let topic_schema = schema_of(&Topic::crd());
+    for (file, schema) in [
+        ("samples/brokergroup-minimal.yaml", &bg_schema),
+        ("samples/brokergroup-full.yaml", &bg_schema),
+        ("samples/topic.yaml", &topic_schema),
+    ] {
+        let text = std::fs::read_to_string(crate_file(file)).expect("sample");
+        let value: serde_json::Value = serde_yaml::from_str(&text).expect("yaml");
+        let errors = validate(schema, &value);
+        assert!(errors.is_empty(), "{file}: {errors:?}");
+    }
+    // And they parse into the types.
+    let full: BrokerGroup = serde_yaml::from_str(
+        &std::fs::read_to_string(crate_file("samples/brokergroup-full.yaml")).expect("sample"),
+    )
+    .expect("parse");
+    assert_eq!(full.spec.replicas, 3);
+    assert_eq!(full.spec.storage.when_scaled, RetentionPolicy::Delete);
+    assert_eq!(full.spec.pod_template.tolerations.len(), 1);
+    assert_eq!(full.spec.config["retention_hours"], 24);
+}
+
+#[test]
+fn the_schema_rejects_what_it_should() {
+    let schema = schema_of(&BrokerGroup::crd());
+    let bad = serde_json::json!({
+        "apiVersion": "keelmq.io/v1alpha1",
+        "kind": "BrokerGroup",
+        "metadata": {"name": "x"},
+        "spec": {"replicas": 0, "replication": {"mode": "Eventually"}, "flushMode": 3}
+    });
+    let errors = validate(&schema, &bad).join("\n");
+    assert!(errors.contains("spec.replicas"), "{errors}");
+    assert!(errors.contains("spec.replication.mode"), "{errors}");
+    assert!(errors.contains("spec.flushMode"), "{errors}");
+    let topic_schema = schema_of(&Topic::crd());
+    let no_group = serde_json::json!({"apiVersion": "keelmq.io/v1alpha1", "kind": "Topic",
+        "metadata": {"name": "t"}, "spec": {"queues": 4}});
+    let errors = validate(&topic_schema, &no_group).join("\n");
+    assert!(errors.contains("brokerGroup"), "{errors}");
+}
+
+#[test]
+fn status_round_trips() {
+    let status = BrokerGroupStatus {
+        master: Some("orders-1".into()),
+        epoch: 3,
+        ready_replicas: 2,
+        replicas: vec![ReplicaStatus {
+            name: "orders-0".into(),
+            role: "slave".into(),
+            ready: true,
+            reachable: true,
+            offset: 100,
+            lag: 0,
+            in_sync: true,
+        }],
+        ..Default::default()
+    };
+    let json = serde_json::to_value(&status).expect("json");
+    assert_eq!(json["replicas"][0]["inSync"], true);
+    assert_eq!(json["readyReplicas"], 2);
+    let back: BrokerGroupStatus = serde_json::from_value(json).expect("back");
+    assert_eq!(back, status);
+}
+
+#[test]
+fn topic_name_defaults_to_the_object_name() {
+    let t: Topic = serde_yaml::from_str(
+        &std::fs::read_to_string(crate_file("samples/topic.yaml")).expect("sample"),
+    )
+    .expect("parse");
+    assert_eq!(t.topic_name(), "orders-created");
+    assert_eq!(t.spec.queues, 8);
+}

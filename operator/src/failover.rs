@@ -1,0 +1,529 @@
+//! The failover executor: observes a group's pods and brokers, asks the
+//! shared pure [`keelmq_failover::decide`] what to do, and carries the
+//! decision out in the only safe order: the new epoch and master are written
+//! to the BrokerGroup status first (a PUT carrying the resourceVersion that
+//! was read, so Kubernetes is the consensus store and a stale operator loses),
+//! then the broker is promoted, then the others follow it, then the role
+//! labels move so the client Service follows the master.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use keelmq_crds::{BrokerGroup, BrokerGroupStatus, FailoverRecord, ReplicaStatus};
+use keelmq_failover::{
+    BrokerObservation, BrokerStatus, Decision, Observation, Policy, PossibleLoss, Role,
+};
+use keelmq_proto::admin as pb;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::controller::Context;
+use crate::model::{GroupNames, LABEL_ROLE};
+use crate::{Error, Result};
+
+/// What was seen of a group at one moment: the decision's input plus the
+/// raw broker answers the status is built from.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    /// Input of `decide`.
+    pub observation: Observation,
+    /// Admin `status` answers by pod name.
+    pub statuses: BTreeMap<String, pb::StatusResponse>,
+    /// Pods by name.
+    pub pods: BTreeMap<String, Pod>,
+}
+
+/// The group's failover policy, from its spec.
+pub fn policy(bg: &BrokerGroup) -> Policy {
+    let spec = &bg.spec;
+    Policy {
+        mode: match spec.replication.mode {
+            keelmq_crds::ReplicationMode::Sync => keelmq_failover::ReplicationMode::Sync,
+            keelmq_crds::ReplicationMode::Async => keelmq_failover::ReplicationMode::Async,
+        },
+        min_in_sync_replicas: u32::try_from(spec.replication.min_in_sync_replicas).unwrap_or(0),
+        replicas: u32::try_from(spec.replicas).unwrap_or(1),
+        enabled: spec.failover.enabled,
+        detection_delay: Duration::from_secs(
+            u64::try_from(spec.failover.detection_delay_seconds).unwrap_or(0),
+        ),
+        allow_data_loss: spec.failover.allow_data_loss,
+    }
+}
+
+fn pod_condition(pod: &Pod, type_: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+/// The pod's Ready condition is True.
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod_condition(pod, "Ready").as_deref() == Some("True")
+}
+
+/// The pod is being deleted, or its node stopped reporting (Ready Unknown).
+fn pod_gone(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || pod_condition(pod, "Ready").as_deref() == Some("Unknown")
+}
+
+fn role_of(s: &pb::StatusResponse) -> Role {
+    match pb::Role::try_from(s.role) {
+        Ok(pb::Role::Master) => Role::Master,
+        Ok(pb::Role::Slave) => Role::Slave,
+        _ => Role::Unknown,
+    }
+}
+
+/// Pods that belong to the group: every ordinal the spec asks for, plus any
+/// existing pod beyond it (a scale-down in progress).
+pub fn member_names(
+    names: &GroupNames,
+    replicas: i32,
+    pods: &BTreeMap<String, Pod>,
+) -> Vec<String> {
+    let mut members: Vec<String> = (0..replicas.max(1)).map(|i| names.pod(i)).collect();
+    for p in pods.keys() {
+        if !members.contains(p) {
+            members.push(p.clone());
+        }
+    }
+    members.sort();
+    members
+}
+
+/// Asks every member's admin API for its status (concurrently, each call
+/// bounded) and builds the observation.
+pub async fn observe(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    pods: Vec<Pod>,
+) -> Observed {
+    let pods: BTreeMap<String, Pod> = pods.into_iter().map(|p| (p.name_any(), p)).collect();
+    let members = member_names(names, bg.spec.replicas, &pods);
+    let answers = futures::future::join_all(members.iter().map(|m| {
+        let addr = ctx.addresses.admin(names, m);
+        let admin = ctx.admin.clone();
+        async move { admin.status(&addr).await }
+    }))
+    .await;
+    let status = bg.status.clone().unwrap_or_default();
+    let replication_to_pod: BTreeMap<String, String> = members
+        .iter()
+        .map(|m| (ctx.addresses.replication(names, m), m.clone()))
+        .collect();
+
+    let mut statuses = BTreeMap::new();
+    let mut brokers = Vec::new();
+    for (m, answer) in members.iter().zip(answers) {
+        let pod = pods.get(m);
+        let ready = pod.is_some_and(pod_ready);
+        let st = match answer {
+            Ok(s) => {
+                statuses.insert(m.clone(), s.clone());
+                Some(BrokerStatus {
+                    role: role_of(&s),
+                    epoch: s.epoch,
+                    max_offset: s.max_offset,
+                    store_id: s.store_id.clone(),
+                    empty: s.max_offset == 0,
+                    master: (!s.master_address.is_empty()).then(|| {
+                        replication_to_pod
+                            .get(&s.master_address)
+                            .cloned()
+                            .unwrap_or_else(|| s.master_address.clone())
+                    }),
+                })
+            }
+            Err(e) => {
+                tracing::debug!(broker = %m, error = %e, "broker admin API did not answer");
+                None
+            }
+        };
+        brokers.push(BrokerObservation {
+            name: m.clone(),
+            reachable: st.is_some(),
+            ready,
+            status: st,
+        });
+    }
+
+    let master = status.master.clone();
+    let master_up = master.as_ref().is_some_and(|m| {
+        brokers
+            .iter()
+            .any(|b| &b.name == m && b.reachable && b.ready)
+    });
+    let master_unready_for = {
+        let key = format!("{}/{}", names.namespace, names.group);
+        let mut memory = ctx.unready_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (&master, master_up) {
+            (Some(m), false) => {
+                let since = memory
+                    .entry(key)
+                    .and_modify(|(who, at)| {
+                        if who != m {
+                            *who = m.clone();
+                            *at = Instant::now();
+                        }
+                    })
+                    .or_insert_with(|| (m.clone(), Instant::now()));
+                Some(since.1.elapsed())
+            }
+            _ => {
+                memory.remove(&key);
+                None
+            }
+        }
+    };
+    let master_gone = master
+        .as_ref()
+        .is_some_and(|m| pods.get(m).is_none_or(pod_gone));
+    let last_known_master_offset = master.as_ref().and_then(|m| {
+        status
+            .replicas
+            .iter()
+            .find(|r| &r.name == m && r.offset > 0)
+            .and_then(|r| u64::try_from(r.offset).ok())
+    });
+    Observed {
+        observation: Observation {
+            group_epoch: u64::try_from(status.epoch).unwrap_or(0),
+            current_master: master,
+            master_store_id: status.master_store_id.clone(),
+            last_known_master_offset,
+            brokers,
+            master_unready_for,
+            master_gone,
+        },
+        statuses,
+        pods,
+    }
+}
+
+/// Per-replica status lines from an observation.
+pub fn replica_statuses(observed: &Observed, master: Option<&str>) -> Vec<ReplicaStatus> {
+    let master_status = master.and_then(|m| observed.statuses.get(m));
+    let master_offset = master_status.map(|s| s.max_offset).unwrap_or(0);
+    observed
+        .observation
+        .brokers
+        .iter()
+        .map(|b| {
+            let s = observed.statuses.get(&b.name);
+            let offset = s.map(|s| s.max_offset).unwrap_or_else(|| {
+                // Keep the last offset seen for an unreachable broker: it is
+                // what tells a shortened restart from a complete one.
+                0
+            });
+            let is_master = Some(b.name.as_str()) == master;
+            let in_sync = is_master
+                || master_status.is_some_and(|ms| {
+                    ms.slaves
+                        .iter()
+                        .any(|sl| sl.broker_id == b.name && sl.in_sync)
+                });
+            ReplicaStatus {
+                name: b.name.clone(),
+                role: b
+                    .status
+                    .as_ref()
+                    .filter(|_| b.reachable)
+                    .map(|s| s.role.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                ready: b.ready,
+                reachable: b.reachable,
+                offset: i64::try_from(offset).unwrap_or(i64::MAX),
+                lag: if s.is_some() && !is_master {
+                    i64::try_from(master_offset.saturating_sub(offset)).unwrap_or(i64::MAX)
+                } else {
+                    0
+                },
+                in_sync,
+            }
+        })
+        .collect()
+}
+
+/// What the executor did, for the status conditions and the requeue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to do.
+    Healthy,
+    /// Waiting, with the reason in words.
+    Waiting(String),
+    /// A broker was made master (first master, failover or reinstatement).
+    Promoted {
+        /// The new master.
+        master: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// Stray brokers were told to follow the master.
+    Redirected(Vec<String>),
+}
+
+/// Carries out `decision`; `status` is updated to what was recorded.
+pub async fn execute(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    observed: &Observed,
+    decision: Decision,
+    status: &mut BrokerGroupStatus,
+) -> Result<Outcome> {
+    match decision {
+        Decision::Healthy => {
+            if let Some(m) = status.master.clone() {
+                label_roles(ctx, names, observed, &m).await?;
+            }
+            Ok(Outcome::Healthy)
+        }
+        Decision::Wait { reason } => Ok(Outcome::Waiting(reason.to_string())),
+        Decision::Bootstrap {
+            broker,
+            epoch,
+            followers,
+        } => {
+            info!(
+                master = %broker, epoch,
+                "no master yet and every broker is up: choosing {broker}, which holds the most data, as the first master of epoch {epoch}"
+            );
+            promote(
+                ctx, bg, names, observed, &broker, epoch, &followers, None, status,
+            )
+            .await?;
+            publish(
+                ctx,
+                bg,
+                EventType::Normal,
+                "MasterElected",
+                "Promote",
+                format!("{broker} is the first master, epoch {epoch}"),
+            )
+            .await;
+            Ok(Outcome::Promoted {
+                master: broker,
+                epoch,
+            })
+        }
+        Decision::Promote {
+            broker,
+            new_epoch,
+            followers,
+            possible_loss,
+            reason,
+        } => {
+            let from = status.master.clone();
+            info!(
+                from = from.as_deref().unwrap_or("-"), to = %broker, epoch = new_epoch,
+                "failing over: {reason}; promoting {broker} to master of epoch {new_epoch} ({possible_loss})"
+            );
+            let record = FailoverRecord {
+                time: Time(jiff::Timestamp::now()),
+                from: from.clone(),
+                to: broker.clone(),
+                epoch: i64::try_from(new_epoch).unwrap_or(i64::MAX),
+                reason: reason.to_string(),
+                possible_loss: possible_loss.to_string(),
+            };
+            promote(
+                ctx,
+                bg,
+                names,
+                observed,
+                &broker,
+                new_epoch,
+                &followers,
+                Some(record),
+                status,
+            )
+            .await?;
+            ctx.metrics.failover(&names.namespace, &names.group);
+            let kind = if matches!(possible_loss, PossibleLoss::Nothing) {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            publish(
+                ctx,
+                bg,
+                kind,
+                "FailedOver",
+                "Promote",
+                format!(
+                    "promoted {broker} to master of epoch {new_epoch} (was {}): {reason}; {possible_loss}",
+                    from.as_deref().unwrap_or("none")
+                ),
+            )
+            .await;
+            Ok(Outcome::Promoted {
+                master: broker,
+                epoch: new_epoch,
+            })
+        }
+        Decision::MakeFollow {
+            brokers,
+            master,
+            epoch,
+        } => {
+            let master_repl = ctx.addresses.replication(names, &master);
+            for b in &brokers {
+                info!(broker = %b, %master, epoch, "{b} does not follow master {master}; telling it to follow in epoch {epoch}");
+                follow(ctx, names, b, &master_repl, epoch).await;
+            }
+            label_roles(ctx, names, observed, &master).await?;
+            publish(
+                ctx,
+                bg,
+                EventType::Normal,
+                "Following",
+                "Follow",
+                format!(
+                    "told {} to follow master {master} in epoch {epoch}",
+                    brokers.join(", ")
+                ),
+            )
+            .await;
+            Ok(Outcome::Redirected(brokers))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn promote(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    observed: &Observed,
+    broker: &str,
+    epoch: u64,
+    followers: &[String],
+    record: Option<FailoverRecord>,
+    status: &mut BrokerGroupStatus,
+) -> Result<()> {
+    // 1. The record first, with optimistic concurrency on the object read.
+    let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let mut next = bg.clone();
+    let mut st = bg.status.clone().unwrap_or_default();
+    st.master = Some(broker.to_string());
+    st.epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
+    st.master_store_id = observed.statuses.get(broker).map(|s| s.store_id.clone());
+    if record.is_some() {
+        st.last_failover = record;
+    }
+    next.status = Some(st.clone());
+    let written = api
+        .replace_status(&names.group, &PostParams::default(), &next)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+            e => Error::Kube(e),
+        })?;
+    info!(
+        master = %broker, epoch,
+        resource_version = written.resource_version().as_deref().unwrap_or(""),
+        "recorded {broker} as master of epoch {epoch} in the BrokerGroup status"
+    );
+    *status = BrokerGroupStatus {
+        conditions: status.conditions.clone(),
+        replicas: status.replicas.clone(),
+        ..st
+    };
+
+    // 2. Promote.
+    let addr = ctx.addresses.admin(names, broker);
+    let promoted = ctx
+        .admin
+        .promote(&addr, epoch)
+        .await
+        .map_err(|message| Error::Admin {
+            broker: broker.to_string(),
+            op: "promote",
+            message,
+        })?;
+    info!(master = %broker, epoch, start_offset = promoted.start_offset, "{broker} is master of epoch {epoch}, writing from offset {}", promoted.start_offset);
+
+    // 3. The others follow.
+    let master_repl = ctx.addresses.replication(names, broker);
+    for f in followers {
+        follow(ctx, names, f, &master_repl, epoch).await;
+    }
+
+    // 4. Labels: the client Service follows the master.
+    label_roles(ctx, names, observed, broker).await
+}
+
+async fn follow(ctx: &Context, names: &GroupNames, broker: &str, master_repl: &str, epoch: u64) {
+    let addr = ctx.addresses.admin(names, broker);
+    match ctx.admin.follow(&addr, master_repl, epoch).await {
+        Ok(r) if r.truncated => info!(
+            broker,
+            epoch,
+            "{broker} follows the master in epoch {epoch}; it cut its log back to offset {} (records after the fork point were never acknowledged)",
+            r.truncated_to
+        ),
+        Ok(_) => info!(
+            broker,
+            epoch, "{broker} follows the master in epoch {epoch}"
+        ),
+        Err(e) => warn!(broker, epoch, error = %e, "{broker} did not accept follow; will retry"),
+    }
+}
+
+/// Sets `keelmq.io/role` on each existing pod: `master` on `master`, `slave`
+/// on the others; pods already labelled right are not touched.
+async fn label_roles(
+    ctx: &Context,
+    names: &GroupNames,
+    observed: &Observed,
+    master: &str,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    for (name, pod) in &observed.pods {
+        let want = if name == master { "master" } else { "slave" };
+        if pod.labels().get(LABEL_ROLE).map(String::as_str) == Some(want) {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_ROLE: want}}});
+        pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        info!(pod = %name, role = want, "labelled {name} {LABEL_ROLE}={want}");
+    }
+    Ok(())
+}
+
+/// Publishes a Kubernetes Event about the group; a failure is logged, not fatal.
+pub async fn publish(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &bg.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+/// Shared handle type for the context.
+pub type SharedContext = Arc<Context>;

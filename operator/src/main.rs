@@ -1,0 +1,143 @@
+//! `keelmq-operator`: runs the operator (default), or prints what the Helm
+//! chart and reviewers need: the CRDs, the RBAC table, the objects a
+//! BrokerGroup becomes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use keelmq_crds::BrokerGroup;
+use keelmq_operator::controller::{self, Context};
+use keelmq_operator::http::{self, HttpState};
+use keelmq_operator::metrics::Metrics;
+use keelmq_operator::telemetry::{self, LogFormat};
+use keelmq_operator::{leader, model, rbac};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keelmq-operator",
+    version,
+    about = "KeelMQ Kubernetes operator",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator (the default).
+    Run(RunArgs),
+    /// Print the CRD YAML (BrokerGroup and Topic, multi-document).
+    Crds,
+    /// Print, as JSON, every Kubernetes permission the operator uses.
+    Rbac,
+    /// Print the objects the operator would build for a BrokerGroup file, as YAML.
+    Render {
+        /// BrokerGroup YAML file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Namespace to watch; empty watches all namespaces.
+    #[arg(long, env = "KEELMQ_WATCH_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// Port for /healthz, /readyz and /metrics.
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// Hold a Lease before acting (`--leader-election=false` to disable).
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, default_value = "keelmq-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Crds) => keelmq_crds::crds_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(|e| e.to_string()),
+        Some(Command::Rbac) => {
+            println!("{}", rbac::to_json());
+            Ok(())
+        }
+        Some(Command::Render { file }) => render(&file),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keelmq-operator: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn render(file: &PathBuf) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let mut bg: BrokerGroup = serde_yaml::from_str(&text)
+        .map_err(|e| format!("{} is not a BrokerGroup: {e}", file.display()))?;
+    model::prepare_for_render(&mut bg);
+    let objects = model::desired_objects(&bg).map_err(|e| e.to_string())?;
+    for o in objects {
+        let y = serde_yaml::to_string(&o).map_err(|e| e.to_string())?;
+        print!("---\n{y}");
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    telemetry::init(args.log_format);
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+        let metrics = Arc::new(Metrics::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let http_state = HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        };
+        let port = args.http_port;
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(port, http_state).await {
+                tracing::error!(error = %e, port, "HTTP server failed");
+            }
+        });
+        let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
+        let ctx = Arc::new(Context::new(client.clone(), metrics));
+        if args.leader_election {
+            let identity = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| format!("keelmq-operator-{}", std::process::id()));
+            let cfg = leader::LeaseConfig::new(&args.lease_name, &args.lease_namespace, &identity);
+            leader::acquire(&client, &cfg).await;
+            ready.store(true, Ordering::Release);
+            tokio::select! {
+                r = controller::run(client.clone(), namespace, ctx) => r.map_err(|e| e.to_string()),
+                () = leader::hold(&client, &cfg) => Err("lost the leader Lease; exiting so a new leader takes over".into()),
+            }
+        } else {
+            ready.store(true, Ordering::Release);
+            controller::run(client, namespace, ctx).await.map_err(|e| e.to_string())
+        }
+    })
+}

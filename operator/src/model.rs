@@ -1,0 +1,507 @@
+//! The objects a BrokerGroup is made of, built by pure functions from the
+//! spec (Strimzi's model classes): no I/O, so every object is unit tested
+//! and `keelmq-operator render` prints exactly what the reconciler applies.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use keelmq_crds::{ANNOTATION_RESTART, BrokerGroup};
+use kube::{Resource, ResourceExt};
+
+use crate::Error;
+
+/// Label: the application (always `keelmq`).
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+/// Label: the BrokerGroup a pod belongs to.
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+/// Label: the part of the application (`broker`).
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// Label: who manages the object.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Label on broker pods: `master` or `slave`, moved by the operator.
+pub const LABEL_ROLE: &str = "keelmq.io/role";
+/// Pod annotation: hash of the broker configuration, so a change restarts the brokers.
+pub const ANNOTATION_CONFIG_HASH: &str = "keelmq.io/config-hash";
+
+/// Broker client (RocketMQ gRPC) port.
+pub const CLIENT_PORT: i32 = 8081;
+/// Broker admin gRPC port.
+pub const ADMIN_PORT: i32 = 8082;
+/// Broker HTTP port (health, metrics).
+pub const HTTP_PORT: i32 = 8083;
+/// Broker replication port.
+pub const REPLICATION_PORT: i32 = 10912;
+/// Where the broker's data volume is mounted.
+pub const DATA_DIR: &str = "/var/lib/keelmq";
+/// Directory the ConfigMap is mounted at.
+pub const CONFIG_DIR: &str = "/etc/keelmq";
+/// The configuration file inside [`CONFIG_DIR`] (and key in the ConfigMap).
+pub const CONFIG_FILE: &str = "broker.toml";
+
+/// Broker settings the operator decides; a spec's `config` may not set them.
+pub const RESERVED_CONFIG_KEYS: &[&str] = &[
+    "data_dir",
+    "broker_name",
+    "broker_id",
+    "listen_address",
+    "advertised_address",
+    "client_port",
+    "admin_port",
+    "http_port",
+    "replication_port",
+    "role",
+    "replication_mode",
+    "min_in_sync_replicas",
+    "flush_mode",
+];
+
+/// Names of the objects of one group, in one place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupNames {
+    /// The BrokerGroup's name; also the StatefulSet, client Service and PDB name.
+    pub group: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+impl GroupNames {
+    /// Names for a BrokerGroup (which must have a name and a namespace).
+    pub fn of(bg: &BrokerGroup) -> Result<Self, Error> {
+        Ok(Self {
+            group: bg
+                .metadata
+                .name
+                .clone()
+                .ok_or(Error::MissingObjectKey("metadata.name"))?,
+            namespace: bg
+                .metadata
+                .namespace
+                .clone()
+                .ok_or(Error::MissingObjectKey("metadata.namespace"))?,
+        })
+    }
+    /// ConfigMap holding `broker.toml`.
+    pub fn config_map(&self) -> String {
+        format!("{}-config", self.group)
+    }
+    /// Headless Service giving each pod a DNS name.
+    pub fn headless(&self) -> String {
+        format!("{}-headless", self.group)
+    }
+    /// Service for reads (all ready brokers, or only the master).
+    pub fn read(&self) -> String {
+        format!("{}-read", self.group)
+    }
+    /// The pod of ordinal `i`.
+    pub fn pod(&self, i: i32) -> String {
+        format!("{}-{i}", self.group)
+    }
+    /// A pod's stable DNS name.
+    pub fn pod_host(&self, pod: &str) -> String {
+        format!("{pod}.{}.{}.svc", self.headless(), self.namespace)
+    }
+}
+
+/// Labels every object of the group carries.
+pub fn labels(group: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(group);
+    l.insert(LABEL_MANAGED_BY.into(), "keelmq-operator".into());
+    l
+}
+
+/// Labels that select the group's broker pods (the StatefulSet selector).
+pub fn selector_labels(group: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), "keelmq".to_string()),
+        (LABEL_INSTANCE.to_string(), group.to_string()),
+        (LABEL_COMPONENT.to_string(), "broker".to_string()),
+    ])
+}
+
+/// `key=value,...` form of the selector, for list calls.
+pub fn selector_string(group: &str) -> String {
+    selector_labels(group)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn meta(bg: &BrokerGroup, name: String) -> Result<ObjectMeta, Error> {
+    let owner: OwnerReference = bg
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: bg.namespace(),
+        labels: Some(labels(&bg.name_any())),
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    })
+}
+
+/// The broker configuration file: operator-managed settings first, then the
+/// spec's extra settings. Checked by parsing it as the broker would.
+pub fn broker_config(bg: &BrokerGroup) -> Result<String, Error> {
+    let spec = &bg.spec;
+    let mut table = toml::Table::new();
+    let mut set = |k: &str, v: toml::Value| {
+        table.insert(k.to_string(), v);
+    };
+    set("broker_name", bg.name_any().into());
+    set("data_dir", DATA_DIR.into());
+    set("listen_address", "0.0.0.0".into());
+    set("client_port", i64::from(CLIENT_PORT).into());
+    set("admin_port", i64::from(ADMIN_PORT).into());
+    set("http_port", i64::from(HTTP_PORT).into());
+    set("replication_port", i64::from(REPLICATION_PORT).into());
+    set("role", "standby".into());
+    set(
+        "replication_mode",
+        spec.replication.mode.broker_value().into(),
+    );
+    set(
+        "min_in_sync_replicas",
+        i64::from(spec.replication.min_in_sync_replicas).into(),
+    );
+    set("flush_mode", spec.flush_mode.broker_value().into());
+    let mut extra = toml::Table::new();
+    for (key, value) in &spec.config {
+        if RESERVED_CONFIG_KEYS.contains(&key.as_str()) {
+            return Err(Error::InvalidSpec(format!(
+                "config.{key} is set by the operator and cannot be overridden"
+            )));
+        }
+        let v = toml::Value::try_from(value)
+            .map_err(|e| Error::InvalidSpec(format!("config.{key}: {e}")))?;
+        extra.insert(key.clone(), v);
+    }
+    let mut text = String::from("# Written by the KeelMQ operator from the BrokerGroup spec.\n");
+    text.push_str(&toml::to_string(&table).map_err(|e| Error::InvalidSpec(e.to_string()))?);
+    if !extra.is_empty() {
+        text.push_str("\n# spec.config\n");
+        text.push_str(&toml::to_string(&extra).map_err(|e| Error::InvalidSpec(e.to_string()))?);
+    }
+    let parsed: keelmq_broker::config::BrokerConfig = toml::from_str(&text).map_err(|e| {
+        Error::InvalidSpec(format!("the broker would refuse config: {}", e.message()))
+    })?;
+    parsed
+        .validate()
+        .map_err(|e| Error::InvalidSpec(format!("the broker would refuse config: {e}")))?;
+    Ok(text)
+}
+
+/// A short, stable hash of the configuration (FNV-1a), for the pod annotation.
+pub fn config_hash(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// ConfigMap `<group>-config` with `broker.toml`.
+pub fn config_map(bg: &BrokerGroup) -> Result<ConfigMap, Error> {
+    let names = GroupNames::of(bg)?;
+    Ok(ConfigMap {
+        metadata: meta(bg, names.config_map())?,
+        data: Some(BTreeMap::from([(
+            CONFIG_FILE.to_string(),
+            broker_config(bg)?,
+        )])),
+        ..Default::default()
+    })
+}
+
+fn port(name: &str, p: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::Int(p)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// Headless Service `<group>-headless`: a DNS name per pod, published
+/// before the pods are ready (the operator must reach standby brokers).
+pub fn headless_service(bg: &BrokerGroup) -> Result<Service, Error> {
+    let names = GroupNames::of(bg)?;
+    Ok(Service {
+        metadata: meta(bg, names.headless())?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&names.group)),
+            ports: Some(vec![
+                port("client", CLIENT_PORT),
+                port("admin", ADMIN_PORT),
+                port("http", HTTP_PORT),
+                port("replication", REPLICATION_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Client Service `<group>`: the pod labelled master.
+pub fn client_service(bg: &BrokerGroup) -> Result<Service, Error> {
+    let names = GroupNames::of(bg)?;
+    let mut selector = selector_labels(&names.group);
+    selector.insert(LABEL_ROLE.into(), "master".into());
+    Ok(Service {
+        metadata: meta(bg, names.group.clone())?,
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![port("client", CLIENT_PORT)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Read Service `<group>-read`: every ready broker, or only the master
+/// when `readFromSlaves` is false.
+pub fn read_service(bg: &BrokerGroup) -> Result<Service, Error> {
+    let names = GroupNames::of(bg)?;
+    let mut selector = selector_labels(&names.group);
+    if !bg.spec.read_from_slaves {
+        selector.insert(LABEL_ROLE.into(), "master".into());
+    }
+    Ok(Service {
+        metadata: meta(bg, names.read())?,
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![port("client", CLIENT_PORT)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// PodDisruptionBudget: at most one broker voluntarily down at a time.
+pub fn pod_disruption_budget(bg: &BrokerGroup) -> Result<PodDisruptionBudget, Error> {
+    let names = GroupNames::of(bg)?;
+    Ok(PodDisruptionBudget {
+        metadata: meta(bg, names.group.clone())?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&names.group)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(HTTP_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// StatefulSet `<group>`: the brokers. Pods start in standby; the operator
+/// promotes one and moves the role label. `OnDelete` updates so that the
+/// operator, not the StatefulSet controller, decides the order of restarts
+/// (slaves first, the master after a switchover).
+pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
+    let names = GroupNames::of(bg)?;
+    let spec = &bg.spec;
+    let config = broker_config(bg)?;
+    let pt = &spec.pod_template;
+
+    let mut pod_labels = pt.labels.clone();
+    pod_labels.extend(labels(&names.group));
+    let mut pod_annotations = pt.annotations.clone();
+    pod_annotations.insert(ANNOTATION_CONFIG_HASH.into(), config_hash(&config));
+    if let Some(restart) = bg.annotations().get(ANNOTATION_RESTART) {
+        pod_annotations.insert(ANNOTATION_RESTART.into(), restart.clone());
+    }
+
+    let container = Container {
+        name: "broker".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            env("KEELMQ_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+            env("KEELMQ_BROKER_ID", "$(POD_NAME)"),
+            env(
+                "KEELMQ_ADVERTISED_ADDRESS",
+                &format!("$(POD_NAME).{}.{}.svc", names.headless(), names.namespace),
+            ),
+        ]),
+        ports: Some(
+            [
+                ("client", CLIENT_PORT),
+                ("admin", ADMIN_PORT),
+                ("http", HTTP_PORT),
+                ("replication", REPLICATION_PORT),
+            ]
+            .into_iter()
+            .map(|(n, p)| ContainerPort {
+                name: Some(n.into()),
+                container_port: p,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect(),
+        ),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "data".into(),
+                mount_path: DATA_DIR.into(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        affinity: pt.affinity.clone(),
+        tolerations: (!pt.tolerations.is_empty()).then(|| pt.tolerations.clone()),
+        node_selector: (!pt.node_selector.is_empty()).then(|| pt.node_selector.clone()),
+        security_context: pt.security_context.clone(),
+        priority_class_name: pt.priority_class_name.clone(),
+        termination_grace_period_seconds: Some(60),
+        ..Default::default()
+    };
+
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".into()),
+            labels: Some(labels(&names.group)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    spec.storage.size.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    Ok(StatefulSet {
+        metadata: meta(bg, names.group.clone())?,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(names.headless()),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&names.group)),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(spec.storage.when_deleted.as_str().into()),
+                    when_scaled: Some(spec.storage.when_scaled.as_str().into()),
+                },
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Every object of the group, in the order they are applied.
+pub fn desired_objects(bg: &BrokerGroup) -> Result<Vec<serde_json::Value>, Error> {
+    let to = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(Error::Serialize);
+    Ok(vec![
+        to(serde_json::to_value(config_map(bg)?))?,
+        to(serde_json::to_value(headless_service(bg)?))?,
+        to(serde_json::to_value(client_service(bg)?))?,
+        to(serde_json::to_value(read_service(bg)?))?,
+        to(serde_json::to_value(stateful_set(bg)?))?,
+        to(serde_json::to_value(pod_disruption_budget(bg)?))?,
+    ])
+}
+
+/// Fills what a stored object always has and a file may lack (namespace
+/// `default`, a placeholder uid for the owner reference), for `render`.
+pub fn prepare_for_render(bg: &mut BrokerGroup) {
+    bg.metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    bg.metadata
+        .uid
+        .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+}

@@ -1,0 +1,302 @@
+//! Every object the model builds, checked field by field.
+
+use k8s_openapi::api::core::v1::Container;
+use serde_json::json;
+
+use super::group;
+use crate::Error;
+use crate::model::*;
+
+fn full() -> keelmq_crds::BrokerGroup {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/samples/brokergroup-full.yaml"
+    ))
+    .expect("sample");
+    let mut bg: keelmq_crds::BrokerGroup = serde_yaml::from_str(&text).expect("parse");
+    prepare_for_render(&mut bg);
+    bg
+}
+
+#[test]
+fn config_map_holds_a_broker_config_the_broker_accepts() {
+    let bg = full();
+    let cm = config_map(&bg).expect("cm");
+    assert_eq!(cm.metadata.name.as_deref(), Some("payments-config"));
+    let toml_text = &cm.data.as_ref().expect("data")[CONFIG_FILE];
+    let parsed: keelmq_broker::config::BrokerConfig =
+        toml::from_str(toml_text).expect("broker parses it");
+    assert_eq!(parsed.broker_name, "payments");
+    assert_eq!(parsed.data_dir.to_str(), Some(DATA_DIR));
+    assert_eq!(parsed.min_in_sync_replicas, 1);
+    assert_eq!(parsed.retention_hours, 24, "spec.config reaches the broker");
+    assert!(toml_text.contains("role = \"standby\""));
+    assert!(toml_text.contains("flush_mode = \"SYNC_FLUSH\""));
+    assert!(toml_text.contains("replication_mode = \"sync\""));
+    let owner = &cm.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(owner.kind, "BrokerGroup");
+    assert_eq!(owner.controller, Some(true));
+}
+
+#[test]
+fn config_overrides_of_managed_or_unknown_keys_are_refused() {
+    let bg = group("g", json!({"config": {"role": "master"}}));
+    let e = config_map(&bg).expect_err("role is managed");
+    assert!(
+        matches!(&e, Error::InvalidSpec(m) if m.contains("config.role is set by the operator")),
+        "{e}"
+    );
+    let bg = group("g", json!({"config": {"retention_hourz": 3}}));
+    let e = config_map(&bg).expect_err("typo");
+    assert!(
+        matches!(&e, Error::InvalidSpec(m) if m.contains("retention_hourz")),
+        "{e}"
+    );
+}
+
+#[test]
+fn services_select_the_right_pods() {
+    let bg = full();
+    let headless = headless_service(&bg).expect("svc");
+    let hs = headless.spec.expect("spec");
+    assert_eq!(headless.metadata.name.as_deref(), Some("payments-headless"));
+    assert_eq!(hs.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(hs.publish_not_ready_addresses, Some(true));
+    assert_eq!(hs.ports.as_ref().map(Vec::len), Some(4));
+    assert!(!hs.selector.as_ref().expect("sel").contains_key(LABEL_ROLE));
+
+    let client = client_service(&bg).expect("svc");
+    assert_eq!(client.metadata.name.as_deref(), Some("payments"));
+    let sel = client.spec.expect("spec").selector.expect("sel");
+    assert_eq!(sel[LABEL_ROLE], "master");
+    assert_eq!(sel[LABEL_INSTANCE], "payments");
+    assert_eq!(sel[LABEL_NAME], "keelmq");
+    assert_eq!(sel[LABEL_COMPONENT], "broker");
+
+    let read = read_service(&bg).expect("svc");
+    assert_eq!(read.metadata.name.as_deref(), Some("payments-read"));
+    assert!(
+        !read
+            .spec
+            .expect("spec")
+            .selector
+            .expect("sel")
+            .contains_key(LABEL_ROLE)
+    );
+    let mut master_only = bg.clone();
+    master_only.spec.read_from_slaves = false;
+    let read = read_service(&master_only).expect("svc");
+    assert_eq!(
+        read.spec.expect("spec").selector.expect("sel")[LABEL_ROLE],
+        "master"
+    );
+}
+
+fn broker_container(sts: &k8s_openapi::api::apps::v1::StatefulSet) -> Container {
+    sts.spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod")
+        .containers[0]
+        .clone()
+}
+
+#[test]
+fn stateful_set_carries_the_spec() {
+    let bg = full();
+    let sts = stateful_set(&bg).expect("sts");
+    let spec = sts.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.service_name.as_deref(), Some("payments-headless"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        spec.update_strategy
+            .as_ref()
+            .and_then(|u| u.type_.as_deref()),
+        Some("OnDelete")
+    );
+    let retention = spec
+        .persistent_volume_claim_retention_policy
+        .as_ref()
+        .expect("retention");
+    assert_eq!(retention.when_deleted.as_deref(), Some("Retain"));
+    assert_eq!(retention.when_scaled.as_deref(), Some("Delete"));
+    let claim = &spec.volume_claim_templates.as_ref().expect("vct")[0];
+    let cs = claim.spec.as_ref().expect("claim spec");
+    assert_eq!(cs.storage_class_name.as_deref(), Some("fast-ssd"));
+    assert_eq!(
+        cs.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .expect("req")["storage"]
+            .0,
+        "50Gi"
+    );
+
+    let template = &spec.template;
+    let labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .expect("labels");
+    assert_eq!(labels[LABEL_INSTANCE], "payments");
+    assert!(
+        !labels.contains_key(LABEL_ROLE),
+        "the operator sets roles on pods, not the template"
+    );
+    let annotations = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .expect("ann");
+    assert!(annotations.contains_key(ANNOTATION_CONFIG_HASH));
+    let pod = template.spec.as_ref().expect("pod");
+    assert_eq!(pod.tolerations.as_ref().map(Vec::len), Some(1));
+    assert_eq!(
+        pod.node_selector.as_ref().expect("ns")["kubernetes.io/os"],
+        "linux"
+    );
+    assert!(
+        pod.affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .is_some()
+    );
+    assert_eq!(
+        pod.security_context.as_ref().and_then(|s| s.run_as_user),
+        Some(10001)
+    );
+    assert_eq!(pod.priority_class_name.as_deref(), Some("keelmq-brokers"));
+
+    let c = broker_container(&sts);
+    assert_eq!(c.image.as_deref(), Some("keelmq/broker:0.1.0"));
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [8081, 8082, 8083, 10912]);
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    let mounts: Vec<(&str, &str)> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [("config", "/etc/keelmq"), ("data", "/var/lib/keelmq")]
+    );
+    let env: Vec<(String, String)> = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert!(env.contains(&("KEELMQ_CONFIG".into(), "/etc/keelmq/broker.toml".into())));
+    assert!(env.contains(&(
+        "KEELMQ_ADVERTISED_ADDRESS".into(),
+        "$(POD_NAME).payments-headless.keelmq.svc".into()
+    )));
+    assert_eq!(
+        c.resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .expect("requests")["cpu"]
+            .0,
+        "500m"
+    );
+}
+
+#[test]
+fn a_config_change_or_restart_annotation_changes_the_pod_template() {
+    let bg = group("g", json!({}));
+    let hash = |bg: &keelmq_crds::BrokerGroup| {
+        let sts = stateful_set(bg).expect("sts");
+        serde_json::to_value(sts.spec.expect("spec").template.metadata).expect("json")["annotations"].clone()
+    };
+    let before = hash(&bg);
+    let mut changed = bg.clone();
+    changed
+        .spec
+        .config
+        .insert("retention_hours".into(), json!(1));
+    assert_ne!(
+        hash(&changed)[ANNOTATION_CONFIG_HASH],
+        before[ANNOTATION_CONFIG_HASH]
+    );
+    let mut restarted = bg.clone();
+    restarted
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(
+            keelmq_crds::ANNOTATION_RESTART.into(),
+            "2026-11-25T20:00:00Z".into(),
+        );
+    assert_eq!(
+        hash(&restarted)[keelmq_crds::ANNOTATION_RESTART],
+        "2026-11-25T20:00:00Z"
+    );
+}
+
+#[test]
+fn pod_disruption_budget_allows_one_broker_down() {
+    let pdb = pod_disruption_budget(&full()).expect("pdb");
+    let spec = pdb.spec.expect("spec");
+    assert_eq!(
+        spec.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    assert_eq!(
+        spec.selector.and_then(|s| s.match_labels).expect("labels")[LABEL_INSTANCE],
+        "payments"
+    );
+}
+
+#[test]
+fn rendered_objects_have_kind_api_version_owner_and_labels() {
+    let objects = desired_objects(&full()).expect("objects");
+    let kinds: Vec<&str> = objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Service",
+            "Service",
+            "Service",
+            "StatefulSet",
+            "PodDisruptionBudget"
+        ]
+    );
+    for o in &objects {
+        assert!(o["apiVersion"].is_string());
+        assert_eq!(o["metadata"]["namespace"], "keelmq");
+        assert_eq!(o["metadata"]["labels"][LABEL_MANAGED_BY], "keelmq-operator");
+        assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], "BrokerGroup");
+    }
+}
+
+#[test]
+fn an_object_without_namespace_or_uid_is_refused() {
+    let mut bg = group("g", json!({}));
+    bg.metadata.uid = None;
+    assert!(matches!(
+        config_map(&bg),
+        Err(Error::MissingObjectKey("metadata.uid"))
+    ));
+    bg.metadata.namespace = None;
+    assert!(matches!(
+        config_map(&bg),
+        Err(Error::MissingObjectKey("metadata.namespace"))
+    ));
+}
