@@ -53,9 +53,25 @@ def chart_crds() -> list[dict]:
     return crds
 
 
+class RenderCache:
+    """The chart rendered once per values set, on first use, so that a broken
+    values file fails the tests of that set only."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, checks.Rendered] = {}
+
+    def __getitem__(self, name: str) -> checks.Rendered:
+        if name not in self._cache:
+            self._cache[name] = checks.render_chart(checks.load_values(name))
+        return self._cache[name]
+
+    def items(self):
+        return [(name, self[name]) for name in VALUE_SETS]
+
+
 @pytest.fixture(scope="session")
-def rendered() -> dict[str, checks.Rendered]:
-    return {name: checks.render_chart(checks.load_values(name)) for name in VALUE_SETS}
+def rendered() -> RenderCache:
+    return RenderCache()
 
 
 @pytest.fixture(scope="session")
