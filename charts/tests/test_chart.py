@@ -350,7 +350,37 @@ def test_operator_render_is_valid_and_matches_the_image(operator_bin, chart_crds
     sts = find(objects, "StatefulSet")
     assert sts, f"no StatefulSet for {example}: {kinds(objects)}"
     for s in sts:
-        assert broker_pod_problems(s["spec"]["template"]["spec"], s) == []
+        problems = broker_pod_problems(s["spec"]["template"]["spec"], s)
+        assert not problems, f"{example}: " + "; ".join(problems)
+    # The example's own selectors (PodDisruptionBudget, anti-affinity) must
+    # select the broker pods the operator builds.
+    pod_labels = [s["spec"]["template"]["metadata"].get("labels") or {} for s in sts]
+    selectors = [
+        (f"PodDisruptionBudget {o['metadata']['name']}", o["spec"]["selector"].get("matchLabels") or {})
+        for o in checks.load_yaml_docs((EXAMPLES / example).read_text())
+        if o.get("kind") == "PodDisruptionBudget"
+    ]
+    selectors += [(f"affinity {path}", sel) for path, sel in label_selectors(group["spec"].get("podTemplate", {}).get("affinity"))]
+    for what, sel in selectors:
+        assert sel, f"{example}: {what} has no matchLabels"
+        assert any(all(labels.get(k) == v for k, v in sel.items()) for labels in pod_labels), (
+            f"{example}: {what} selects {sel}, but the broker pods are labelled {pod_labels}"
+        )
+
+
+def label_selectors(obj, path="") -> list[tuple[str, dict]]:
+    """Every labelSelector.matchLabels under an affinity."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "labelSelector" and isinstance(v, dict):
+                out.append((path, v.get("matchLabels") or {}))
+            else:
+                out += label_selectors(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += label_selectors(v, f"{path}[{i}]")
+    return out
 
 
 def broker_pod_problems(pod: dict, owner: dict) -> list[str]:
