@@ -10,8 +10,8 @@
 # clients, 503 until then; GET /metrics: Prometheus), 10912 replication.
 # The operator's StatefulSet points its liveness probe at :8083/healthz and
 # its readiness probe at :8083/readyz, mounts the broker's ConfigMap at
-# /etc/keelmq (passing --config /etc/keelmq/broker.toml) and its volume
-# claim at /var/lib/keelmq. No HEALTHCHECK: Kubernetes probes replace it.
+# /etc/keelmq (KEELMQ_CONFIG=/etc/keelmq/broker.toml) and its volume claim at
+# /var/lib/keelmq. No HEALTHCHECK: Kubernetes probes replace it.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm

@@ -3,10 +3,11 @@
 #
 #   docker build -f docker/operator.Dockerfile -t keelmq/keelmq-operator:dev .
 #
-# Port 8080 serves GET /healthz (the process runs), GET /readyz (the
-# controller is watching; a standby replica waiting for the leader Lease is
-# ready too) and GET /metrics (Prometheus). The Helm chart wires its liveness
-# and readiness probes to these. No HEALTHCHECK: Kubernetes probes replace it.
+# Port 8080 serves GET /healthz (the process runs), GET /readyz (it holds the
+# leader Lease, or runs without election, and its controllers run; a standby
+# replica answers 503) and GET /metrics (Prometheus). The Helm chart wires its
+# liveness and readiness probes to these. No HEALTHCHECK: Kubernetes probes
+# replace it.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm

@@ -177,6 +177,8 @@ def test_deployment_is_hardened(rendered):
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert "RUST_LOG" in env and "KEELMQ_WATCH_NAMESPACE" in env
+        # standbys are not ready (/readyz = holds the Lease): a rolling update would stall
+        assert dep["spec"]["strategy"] == {"type": "Recreate"}, name
         # leader election is on unless turned off, and then never with two replicas
         assert "--leader-election=false" not in c["args"], name
         assert any(a.startswith("--lease-name=") for a in c["args"]), name
@@ -285,8 +287,8 @@ def test_examples_cover_the_brief(examples):
     assert spec["replication"]["mode"] == "Sync" and spec["flushMode"] == "SyncFlush"
     aff = json.dumps(spec)
     assert "podAntiAffinity" in aff
-    (pdb,) = find(prod, "PodDisruptionBudget")
-    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 2
+    # the PodDisruptionBudget is the operator's (see the render test)
+    assert not find(prod, "PodDisruptionBudget"), "the operator makes the PDB; a second one would fight it"
     minimal = examples["brokergroup-minimal.yaml"]
     assert len(minimal) == 1 and len(groups) == 2
 
@@ -352,11 +354,17 @@ def test_operator_render_is_valid_and_matches_the_image(operator_bin, chart_crds
     for s in sts:
         problems = broker_pod_problems(s["spec"]["template"]["spec"], s)
         assert not problems, f"{example}: " + "; ".join(problems)
-    # The example's own selectors (PodDisruptionBudget, anti-affinity) must
-    # select the broker pods the operator builds.
+    # A PodDisruptionBudget (one broker down at a time), and the selectors of
+    # the operator's PDB and of the example's anti-affinity select the broker
+    # pods the operator builds.
+    pdbs = find(objects, "PodDisruptionBudget")
+    assert pdbs, f"no PodDisruptionBudget for {example}: {kinds(objects)}"
+    for pdb in pdbs:
+        assert pdb["spec"].get("maxUnavailable") == 1, pdb["spec"]
     pod_labels = [s["spec"]["template"]["metadata"].get("labels") or {} for s in sts]
-    selectors = [
-        (f"PodDisruptionBudget {o['metadata']['name']}", o["spec"]["selector"].get("matchLabels") or {})
+    selectors = [(f"PodDisruptionBudget {o['metadata']['name']}", o["spec"]["selector"].get("matchLabels") or {}) for o in pdbs]
+    selectors += [
+        (f"PodDisruptionBudget {o['metadata']['name']} in the example", o["spec"]["selector"].get("matchLabels") or {})
         for o in checks.load_yaml_docs((EXAMPLES / example).read_text())
         if o.get("kind") == "PodDisruptionBudget"
     ]
