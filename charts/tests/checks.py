@@ -458,6 +458,10 @@ def compare_rbac(
     lease_name = merged["leaderElection"]["leaseName"]
     want = required_grants(perms, merged["watchNamespaces"], release_namespace, merged["leaderElection"]["enabled"])
     have, problems = chart_grants(objects, sa, release_namespace, lease_name)
+    for dep in (o for o in objects if o.get("kind") == "Deployment"):
+        runs_as = dep["spec"]["template"]["spec"].get("serviceAccountName", "default")
+        if runs_as != sa:
+            problems.append(f"{object_name(dep)} runs as ServiceAccount {runs_as}, the RBAC binds {sa}")
     missing = want - have
     extra = have - want
     if missing:
