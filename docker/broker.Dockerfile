@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
 # The KeelMQ broker image: keelmq-broker (entrypoint) and the keelmq CLI.
 #
-#   docker build -f docker/broker.Dockerfile -t keelmq/keelmq-broker:dev .
+#   docker build -f docker/broker.Dockerfile -t keelmq/broker:0.1.0 .
 #   docker run --rm -p 8081:8081 -p 8083:8083 -v keelmq-data:/var/lib/keelmq \
-#     keelmq/keelmq-broker:dev --auto-create-topics true
+#     keelmq/broker:0.1.0 --auto-create-topics true
+#
+# keelmq/broker:<version> is the image a BrokerGroup runs when its spec names
+# none.
 #
 # Ports: 8081 client (RocketMQ 5 gRPC, TLS and plaintext), 8082 admin gRPC,
 # 8083 HTTP (GET /healthz: the process is alive; GET /readyz: it serves

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The KeelMQ operator image: keelmq-operator.
 #
-#   docker build -f docker/operator.Dockerfile -t keelmq/keelmq-operator:dev .
+#   docker build -f docker/operator.Dockerfile -t keelmq/operator:0.1.0 .
 #
 # Port 8080 serves GET /healthz (the process runs), GET /readyz (it holds the
 # leader Lease, or runs without election, and its controllers run; a standby
