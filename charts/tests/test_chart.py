@@ -262,7 +262,12 @@ def test_crds_carry_cel_rules(chart_crds):
     by the API server; jsonschema does not evaluate them, so the examples are
     not checked against them here."""
     rules = {v.kind: checks.cel_rules(v.schema) for crd in chart_crds for v in checks.crd_versions(crd)}
-    assert rules["BrokerGroup"], "the BrokerGroup CRD has no x-kubernetes-validations rule"
+    for kind in ("BrokerGroup", "Topic"):
+        assert rules[kind], f"the {kind} CRD has no x-kubernetes-validations rule"
+    # the rules the operator's design relies on
+    flat = {kind: " ".join(r for _, r in rs) for kind, rs in rules.items()}
+    assert "minInSyncReplicas" in flat["BrokerGroup"], rules["BrokerGroup"]
+    assert any(where.endswith(".storage.size") for where, _ in rules["BrokerGroup"]), rules["BrokerGroup"]
     for kind, rs in rules.items():
         for where, rule in rs:
             assert rule.strip(), f"{kind} {where}: empty CEL rule"
