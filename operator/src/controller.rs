@@ -273,7 +273,12 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
     .await?;
 
     // 4. Status.
-    status.replicas = failover::replica_statuses(&observed, status.master.as_deref());
+    let previous = fresh
+        .status
+        .as_ref()
+        .map(|s| s.replicas.clone())
+        .unwrap_or_default();
+    status.replicas = failover::replica_statuses(&observed, status.master.as_deref(), &previous);
     status.ready_replicas = i32::try_from(
         observed
             .observation

@@ -212,8 +212,15 @@ pub async fn observe(
     }
 }
 
-/// Per-replica status lines from an observation.
-pub fn replica_statuses(observed: &Observed, master: Option<&str>) -> Vec<ReplicaStatus> {
+/// Per-replica status lines from an observation. An unreachable broker keeps
+/// the offset last seen (from `previous`): it is what tells a master that
+/// restarts shorter from one that restarts complete, and what an `ASYNC`
+/// failover may lose.
+pub fn replica_statuses(
+    observed: &Observed,
+    master: Option<&str>,
+    previous: &[ReplicaStatus],
+) -> Vec<ReplicaStatus> {
     let master_status = master.and_then(|m| observed.statuses.get(m));
     let master_offset = master_status.map(|s| s.max_offset).unwrap_or(0);
     observed
@@ -223,9 +230,11 @@ pub fn replica_statuses(observed: &Observed, master: Option<&str>) -> Vec<Replic
         .map(|b| {
             let s = observed.statuses.get(&b.name);
             let offset = s.map(|s| s.max_offset).unwrap_or_else(|| {
-                // Keep the last offset seen for an unreachable broker: it is
-                // what tells a shortened restart from a complete one.
-                0
+                previous
+                    .iter()
+                    .find(|r| r.name == b.name)
+                    .and_then(|r| u64::try_from(r.offset).ok())
+                    .unwrap_or(0)
             });
             let is_master = Some(b.name.as_str()) == master;
             let in_sync = is_master

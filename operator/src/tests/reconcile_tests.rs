@@ -191,6 +191,16 @@ pub(super) async fn failover() -> FakeApi {
     );
     assert_eq!(last.reason, "the master's pod or node is gone");
     assert_eq!(last.possible_loss, "no acknowledged message is lost");
+    let gone = st
+        .replicas
+        .iter()
+        .find(|r| r.name == "orders-1")
+        .expect("listed");
+    assert!(!gone.reachable);
+    assert_eq!(
+        gone.offset, 100,
+        "the offset last seen is kept for an unreachable broker"
+    );
     let t = timeline(&brokers);
     let record = t
         .iter()
