@@ -262,7 +262,7 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
     let fresh = api.get(&names.group).await?;
     let observed = failover::observe(&ctx, &fresh, &names, pod_list).await;
     let decision = decide(&observed.observation, &failover::policy(&fresh));
-    let outcome = failover::execute(
+    let mut outcome = failover::execute(
         &ctx,
         &fresh,
         &names,
@@ -271,6 +271,15 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
         &mut status,
     )
     .await?;
+    if outcome == Outcome::Healthy
+        && let Some(target) = fresh
+            .annotations()
+            .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
+        && let Some(done) =
+            failover::switchover(&ctx, &fresh, &names, &observed, target, &mut status).await?
+    {
+        outcome = done;
+    }
 
     // 4. Status.
     let previous = fresh
