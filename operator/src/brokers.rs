@@ -76,6 +76,12 @@ pub trait BrokerAdmin: Send + Sync {
         master: &'a str,
         epoch: u64,
     ) -> BoxFuture<'a, Result<pb::FollowResponse, AdminError>>;
+    /// Planned hand-over: tell the master at `addr` to pass its role to a slave.
+    fn switchover<'a>(
+        &'a self,
+        addr: &'a str,
+        req: pb::SwitchoverRequest,
+    ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>>;
     /// Describe a topic; `Ok(None)` when the broker does not have it.
     fn describe_topic<'a>(
         &'a self,
@@ -179,6 +185,19 @@ impl BrokerAdmin for GrpcAdmin {
             .await
             .map(|r| r.into_inner())
             .map_err(status_text)
+        })
+    }
+    fn switchover<'a>(
+        &'a self,
+        addr: &'a str,
+        req: pb::SwitchoverRequest,
+    ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>> {
+        Box::pin(async move {
+            let mut c = self.client(addr).await?;
+            c.switchover(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(status_text)
         })
     }
     fn describe_topic<'a>(

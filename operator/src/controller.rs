@@ -262,7 +262,7 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
     let fresh = api.get(&names.group).await?;
     let observed = failover::observe(&ctx, &fresh, &names, pod_list).await;
     let decision = decide(&observed.observation, &failover::policy(&fresh));
-    let outcome = failover::execute(
+    let mut outcome = failover::execute(
         &ctx,
         &fresh,
         &names,
@@ -271,9 +271,23 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
         &mut status,
     )
     .await?;
+    if outcome == Outcome::Healthy
+        && let Some(target) = fresh
+            .annotations()
+            .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
+        && let Some(done) =
+            failover::switchover(&ctx, &fresh, &names, &observed, target, &mut status).await?
+    {
+        outcome = done;
+    }
 
     // 4. Status.
-    status.replicas = failover::replica_statuses(&observed, status.master.as_deref());
+    let previous = fresh
+        .status
+        .as_ref()
+        .map(|s| s.replicas.clone())
+        .unwrap_or_default();
+    status.replicas = failover::replica_statuses(&observed, status.master.as_deref(), &previous);
     status.ready_replicas = i32::try_from(
         observed
             .observation

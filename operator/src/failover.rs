@@ -212,8 +212,15 @@ pub async fn observe(
     }
 }
 
-/// Per-replica status lines from an observation.
-pub fn replica_statuses(observed: &Observed, master: Option<&str>) -> Vec<ReplicaStatus> {
+/// Per-replica status lines from an observation. An unreachable broker keeps
+/// the offset last seen (from `previous`): it is what tells a master that
+/// restarts shorter from one that restarts complete, and what an `ASYNC`
+/// failover may lose.
+pub fn replica_statuses(
+    observed: &Observed,
+    master: Option<&str>,
+    previous: &[ReplicaStatus],
+) -> Vec<ReplicaStatus> {
     let master_status = master.and_then(|m| observed.statuses.get(m));
     let master_offset = master_status.map(|s| s.max_offset).unwrap_or(0);
     observed
@@ -223,9 +230,11 @@ pub fn replica_statuses(observed: &Observed, master: Option<&str>) -> Vec<Replic
         .map(|b| {
             let s = observed.statuses.get(&b.name);
             let offset = s.map(|s| s.max_offset).unwrap_or_else(|| {
-                // Keep the last offset seen for an unreachable broker: it is
-                // what tells a shortened restart from a complete one.
-                0
+                previous
+                    .iter()
+                    .find(|r| r.name == b.name)
+                    .and_then(|r| u64::try_from(r.offset).ok())
+                    .unwrap_or(0)
             });
             let is_master = Some(b.name.as_str()) == master;
             let in_sync = is_master
@@ -463,6 +472,122 @@ async fn promote(
 
     // 4. Labels: the client Service follows the master.
     label_roles(ctx, names, observed, broker).await
+}
+
+/// Planned switchover requested with the `keelmq.io/switchover-to`
+/// annotation, done only while the group is healthy: the target must be a
+/// reachable, ready slave the master counts as in sync. Recorded in status
+/// first (new epoch, optimistic concurrency), then the master hands over,
+/// then the labels move; the annotation is removed either way, with an
+/// Event saying what happened.
+pub async fn switchover(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    observed: &Observed,
+    target: &str,
+    status: &mut BrokerGroupStatus,
+) -> Result<Option<Outcome>> {
+    let Some(master) = status.master.clone() else {
+        return Ok(None);
+    };
+    let replicas = replica_statuses(observed, Some(&master), &status.replicas);
+    let eligible = replicas
+        .iter()
+        .find(|r| r.name == target)
+        .is_some_and(|r| r.reachable && r.ready && r.in_sync && r.role == "slave");
+    let outcome = if target == master {
+        info!("switchover to {target} requested, but it is already the master");
+        None
+    } else if !eligible {
+        warn!("switchover to {target} refused: it is not a reachable, ready, in-sync slave");
+        publish(
+            ctx,
+            bg,
+            EventType::Warning,
+            "SwitchoverRefused",
+            "Switchover",
+            format!("{target} is not a reachable, ready, in-sync slave of {master}"),
+        )
+        .await;
+        None
+    } else {
+        let new_epoch = u64::try_from(status.epoch).unwrap_or(0) + 1;
+        info!(from = %master, to = %target, epoch = new_epoch, "planned switchover requested by annotation: handing the master role from {master} to {target} in epoch {new_epoch}");
+        let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+        let mut next = bg.clone();
+        let mut st = bg.status.clone().unwrap_or_default();
+        st.master = Some(target.to_string());
+        st.epoch = i64::try_from(new_epoch).unwrap_or(i64::MAX);
+        st.master_store_id = observed.statuses.get(target).map(|s| s.store_id.clone());
+        st.last_failover = Some(FailoverRecord {
+            time: Time(jiff::Timestamp::now()),
+            from: Some(master.clone()),
+            to: target.to_string(),
+            epoch: st.epoch,
+            reason: format!(
+                "planned switchover requested with {}",
+                keelmq_crds::ANNOTATION_SWITCHOVER_TO
+            ),
+            possible_loss: PossibleLoss::Nothing.to_string(),
+        });
+        next.status = Some(st.clone());
+        api.replace_status(&names.group, &PostParams::default(), &next)
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+                e => Error::Kube(e),
+            })?;
+        info!(master = %target, epoch = new_epoch, "recorded {target} as master of epoch {new_epoch} in the BrokerGroup status");
+        *status = BrokerGroupStatus {
+            conditions: status.conditions.clone(),
+            replicas: status.replicas.clone(),
+            ..st
+        };
+        let r = ctx
+            .admin
+            .switchover(
+                &ctx.addresses.admin(names, &master),
+                pb::SwitchoverRequest {
+                    target_broker_id: target.to_string(),
+                    target_admin_address: ctx.addresses.admin(names, target),
+                    new_epoch,
+                    timeout_ms: 10_000,
+                },
+            )
+            .await
+            .map_err(|message| Error::Admin {
+                broker: master.clone(),
+                op: "switchover",
+                message,
+            })?;
+        info!(
+            epoch = r.epoch,
+            write_pause_ms = r.write_pause_ms,
+            "{target} is master of epoch {}; writes paused for {} ms",
+            r.epoch,
+            r.write_pause_ms
+        );
+        label_roles(ctx, names, observed, target).await?;
+        publish(
+            ctx,
+            bg,
+            EventType::Normal,
+            "SwitchedOver",
+            "Switchover",
+            format!("master role handed from {master} to {target} in epoch {new_epoch}"),
+        )
+        .await;
+        Some(Outcome::Promoted {
+            master: target.to_string(),
+            epoch: new_epoch,
+        })
+    };
+    let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {keelmq_crds::ANNOTATION_SWITCHOVER_TO: null}}});
+    api.patch(&names.group, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(outcome)
 }
 
 async fn follow(ctx: &Context, names: &GroupNames, broker: &str, master_repl: &str, epoch: u64) {

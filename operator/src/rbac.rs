@@ -24,7 +24,7 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         api_groups: &["keelmq.io"],
         resources: &["brokergroups"],
-        verbs: &["get", "list", "watch"],
+        verbs: &["get", "list", "watch", "patch"],
         namespaced: true,
     },
     Permission {

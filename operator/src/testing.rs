@@ -626,6 +626,33 @@ impl BrokerAdmin for FakeBrokers {
             )
         })
     }
+    fn switchover<'a>(
+        &'a self,
+        addr: &'a str,
+        req: pb::SwitchoverRequest,
+    ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>> {
+        Box::pin(async move {
+            let target = req.target_admin_address.clone();
+            self.call(
+                addr,
+                format!("switchover {addr} -> {target} epoch {}", req.new_epoch),
+                |b| {
+                    b.status.role = pb::Role::Slave as i32;
+                    b.status.master_address = format!("repl-{}", req.target_broker_id);
+                    Ok(())
+                },
+            )?;
+            self.call(&target, String::new(), |b| {
+                b.status.role = pb::Role::Master as i32;
+                b.status.epoch = req.new_epoch;
+                b.status.master_address.clear();
+                Ok(pb::SwitchoverResponse {
+                    epoch: req.new_epoch,
+                    write_pause_ms: 1,
+                })
+            })
+        })
+    }
     fn describe_topic<'a>(
         &'a self,
         addr: &'a str,

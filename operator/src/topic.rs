@@ -193,7 +193,8 @@ async fn apply(topic: &Topic, ctx: &Context, api: &Api<Topic>) -> Result<Action>
         msg,
     )
     .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Checked again soon: after a failover the new master may lack the topic.
+    Ok(Action::requeue(Duration::from_secs(30)))
 }
 
 fn addr_label(group: &str) -> String {

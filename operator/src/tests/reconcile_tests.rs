@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keelmq_crds::{BrokerGroup, Topic};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
@@ -191,6 +192,16 @@ pub(super) async fn failover() -> FakeApi {
     );
     assert_eq!(last.reason, "the master's pod or node is gone");
     assert_eq!(last.possible_loss, "no acknowledged message is lost");
+    let gone = st
+        .replicas
+        .iter()
+        .find(|r| r.name == "orders-1")
+        .expect("listed");
+    assert!(!gone.reachable);
+    assert_eq!(
+        gone.offset, 100,
+        "the offset last seen is kept for an unreachable broker"
+    );
     let t = timeline(&brokers);
     let record = t
         .iter()
@@ -230,6 +241,53 @@ pub(super) async fn failover() -> FakeApi {
     );
     assert_eq!(label(&api, "orders-1").as_deref(), Some("slave"));
     assert_valid_against_crd(&api, "orders");
+    api
+}
+
+/// The switchover annotation hands the master role to an in-sync slave:
+/// status first, then the master hands over, labels move, annotation gone.
+pub(super) async fn switchover() -> FakeApi {
+    let (ctx, api, brokers) = bootstrap().await;
+    brokers.with("admin-orders-1", |b| {
+        b.status.slaves = vec![keelmq_proto::admin::SlaveStatus {
+            broker_id: "orders-0".into(),
+            in_sync: true,
+            connected: true,
+            ..Default::default()
+        }];
+    });
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    bg["metadata"]["annotations"] = json!({keelmq_crds::ANNOTATION_SWITCHOVER_TO: "orders-0"});
+    api.insert(bg);
+    brokers.timeline.lock().expect("timeline").clear();
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 2));
+    let last = st.last_failover.expect("recorded");
+    assert!(
+        last.reason.starts_with("planned switchover"),
+        "{}",
+        last.reason
+    );
+    let t = timeline(&brokers);
+    let record = t
+        .iter()
+        .position(|e| e == "update brokergroups/status orders")
+        .expect("recorded");
+    let hand = t
+        .iter()
+        .position(|e| e == "switchover admin-orders-1 -> admin-orders-0 epoch 2")
+        .expect("switched");
+    assert!(record < hand, "{t:?}");
+    assert_eq!(label(&api, "orders-0").as_deref(), Some("master"));
+    assert_eq!(label(&api, "orders-1").as_deref(), Some("slave"));
+    assert!(
+        !bg.annotations()
+            .contains_key(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
+    );
     api
 }
 
@@ -540,6 +598,11 @@ async fn a_lost_status_race_promotes_nobody() {
 }
 
 #[tokio::test]
+async fn switchover_annotation_hands_over_to_an_in_sync_slave() {
+    switchover().await;
+}
+
+#[tokio::test]
 async fn pause_writes_only_the_status() {
     pause().await;
 }
@@ -576,6 +639,7 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
         pause().await,
         update_and_scale().await,
         topic().await,
+        switchover().await,
         leader_election().await,
         controllers_watch().await,
     ];
