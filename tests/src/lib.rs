@@ -58,6 +58,9 @@ impl BrokerProcess {
         let (client_port, admin_port, http_port, replication_port) = ports;
         let child = Command::new(workspace_bin("keelmq-broker"))
             .args(["--listen-address", "127.0.0.1", "--segment-size", "4MiB"])
+            // How full the machine's disk is must not delete or refuse data
+            // in tests that are about something else.
+            .args(["--disk-high-watermark", "1.0", "--disk-full-ratio", "1.0"])
             .arg("--data-dir")
             .arg(data_dir)
             .args([
