@@ -220,12 +220,7 @@ impl Metadata {
 
     /// Records a consumer group's progress; written to disk by [`Metadata::flush_offsets`].
     pub fn commit_offset(&self, group: &str, topic: &str, queue_id: u32, offset: u64) {
-        let mut offsets = self.offsets.write();
-        let slot = offsets
-            .entry((group.to_owned(), topic.to_owned(), queue_id))
-            .or_insert(0);
-        if *slot != offset {
-            *slot = offset;
+        if set_offset(&mut self.offsets.write(), group, topic, queue_id, offset) {
             self.offsets_dirty.store(true, Ordering::Release);
             self.version.fetch_add(1, Ordering::Release);
         }
@@ -233,12 +228,7 @@ impl Metadata {
 
     /// Records that `group` has handed out every offset of the queue below `next`.
     pub fn mark_dispatched(&self, group: &str, topic: &str, queue_id: u32, next: u64) {
-        let mut marks = self.dispatched.write();
-        let slot = marks
-            .entry((group.to_owned(), topic.to_owned(), queue_id))
-            .or_insert(0);
-        if *slot != next {
-            *slot = next;
+        if set_offset(&mut self.dispatched.write(), group, topic, queue_id, next) {
             self.version.fetch_add(1, Ordering::Release);
         }
     }
@@ -262,17 +252,7 @@ impl Metadata {
         MetadataSnapshot {
             topics: self.list_topics(),
             offsets: self.list_offsets(),
-            dispatched: self
-                .dispatched
-                .read()
-                .iter()
-                .map(|((group, topic, queue_id), offset)| GroupOffset {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    queue_id: *queue_id,
-                    offset: *offset,
-                })
-                .collect(),
+            dispatched: group_offsets(&self.dispatched.read()),
         }
     }
 
@@ -311,16 +291,7 @@ impl Metadata {
     }
 
     pub fn list_offsets(&self) -> Vec<GroupOffset> {
-        self.offsets
-            .read()
-            .iter()
-            .map(|((group, topic, queue_id), offset)| GroupOffset {
-                group: group.clone(),
-                topic: topic.clone(),
-                queue_id: *queue_id,
-                offset: *offset,
-            })
-            .collect()
+        group_offsets(&self.offsets.read())
     }
 
     /// Writes the offsets file if anything changed since the last write.
@@ -354,6 +325,33 @@ impl Metadata {
         }
         Ok(())
     }
+}
+
+/// Sets one queue's value; whether it changed.
+fn set_offset(
+    map: &mut BTreeMap<OffsetKey, u64>,
+    group: &str,
+    topic: &str,
+    queue_id: u32,
+    value: u64,
+) -> bool {
+    let slot = map
+        .entry((group.to_owned(), topic.to_owned(), queue_id))
+        .or_insert(0);
+    let changed = *slot != value;
+    *slot = value;
+    changed
+}
+
+fn group_offsets(map: &BTreeMap<OffsetKey, u64>) -> Vec<GroupOffset> {
+    map.iter()
+        .map(|((group, topic, queue_id), offset)| GroupOffset {
+            group: group.clone(),
+            topic: topic.clone(),
+            queue_id: *queue_id,
+            offset: *offset,
+        })
+        .collect()
 }
 
 fn check_queue_count(n: u32) -> Result<(), StoreError> {
