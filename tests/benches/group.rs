@@ -15,6 +15,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keelmq_broker::cli::dev::read_group;
 use keelmq_failover::ReplicationMode;
 use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
 use keelmq_proto::admin::{Role, StatusRequest};
@@ -67,14 +68,6 @@ async fn throughput(seconds: u64) {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct DevBroker {
-    name: String,
-    pid: u32,
-    client: String,
-    admin: String,
-}
-
 async fn role_of(admin: &str) -> Option<(Role, u64)> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
         .ok()?
@@ -89,12 +82,6 @@ async fn role_of(admin: &str) -> Option<(Role, u64)> {
         .ok()?
         .into_inner();
     Some((Role::try_from(st.role).ok()?, st.epoch))
-}
-
-/// The brokers `keelmq dev` wrote to `group.json`, once it has.
-fn read_group(dir: &std::path::Path) -> Option<Vec<DevBroker>> {
-    let bytes = std::fs::read(dir.join("group.json")).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// Waits until one member is master and the others answer; its index.

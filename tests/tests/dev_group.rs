@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 use keelmq_tests::rmq::RawClient;
 use keelmq_tests::{free_port, workspace_bin};
 
-#[derive(serde::Deserialize, Clone, Debug)]
-struct DevBroker {
-    name: String,
-    pid: u32,
-    client: String,
-    admin: String,
-}
-
-fn group(dir: &std::path::Path) -> Option<Vec<DevBroker>> {
-    serde_json::from_slice(&std::fs::read(dir.join("group.json")).ok()?).ok()
-}
+use keelmq_broker::cli::dev::{DevBroker, read_group as group};
 
 fn status_json(admin: &str) -> Option<serde_json::Value> {
     let out = Command::new(workspace_bin("keelmq"))

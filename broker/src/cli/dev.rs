@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use keelmq_failover::{Policy, ReplicationMode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::supervisor::{Member, Supervisor};
 
@@ -57,7 +57,7 @@ pub struct DevArgs {
 
 /// One broker of the local group as written to `<dir>/group.json`, so
 /// scripts (and the failover benchmark) can find and kill processes.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DevBroker {
     pub name: String,
     pub pid: u32,
@@ -130,6 +130,11 @@ fn spawn(bin: &Path, args: &DevArgs, b: &DevBroker, ports: [u16; 4]) -> Result<C
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     Ok(child)
+}
+
+/// The brokers a running `keelmq dev` wrote to `<dir>/group.json`, once it has.
+pub fn read_group(dir: &Path) -> Option<Vec<DevBroker>> {
+    serde_json::from_slice(&std::fs::read(dir.join("group.json")).ok()?).ok()
 }
 
 fn write_group(dir: &Path, procs: &[Proc]) {
