@@ -507,8 +507,44 @@ async fn consumer_progress_survives_failover_and_redeliveries_are_counted() {
         .await
         .expect("receive");
     assert_eq!(second.len(), 10);
-    // Progress reaches the slaves on the metadata stream (every 200 ms).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Progress reaches the slaves on the metadata stream. A later change (a
+    // probe group's commit) seen on every slave means a snapshot taken after
+    // the deliveries above has arrived there.
+    let probe = c
+        .receive(
+            "probe",
+            TOPIC,
+            1,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("probe receive");
+    assert!(c.ack("probe", TOPIC, &probe).await.expect("ack").is_empty());
+    let start = std::time::Instant::now();
+    for (i, m) in g.members.iter().enumerate() {
+        if i == old {
+            continue;
+        }
+        let p = m.process.as_ref().expect("running");
+        loop {
+            let out = String::from_utf8_lossy(&p.cli(&["group", "describe", "probe"]).stdout)
+                .into_owned();
+            let committed = out.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 3 && f[0] == TOPIC && f[1] == "0" && f[2] == "1"
+            });
+            if committed {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{} never saw the probe's progress: {out}",
+                m.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     g.kill(old);
     let new = g.wait_new_master(old, Duration::from_secs(20)).await;
     let after = drain(&g, new, "g").await;
