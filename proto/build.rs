@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Record bytes a slave serves to its master: shared, not copied.
+        .bytes(".keelmq.admin.v1.ReadRecordsResponse.records")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -10,6 +10,7 @@ use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
 use keelmq_proto::admin::broker_admin_server::{BrokerAdmin, BrokerAdminServer};
 use tonic::{Request, Response, Status};
 
+use crate::messaging::slave_reads::{SlaveReadMode, SlaveReadStats, serve_read};
 use crate::replication::{ReplicationError, ReplicationManager, Role};
 use crate::store::{MessageStore, MessageType, StoreError, TopicConfig};
 
@@ -41,6 +42,8 @@ pub struct AdminService {
     replication: Arc<ReplicationManager>,
     started: Instant,
     groups: Option<Arc<dyn GroupInspector>>,
+    slave_reads: SlaveReadMode,
+    slave_read_stats: Arc<SlaveReadStats>,
 }
 
 impl AdminService {
@@ -56,7 +59,16 @@ impl AdminService {
             replication,
             started: Instant::now(),
             groups,
+            slave_reads: SlaveReadMode::Off,
+            slave_read_stats: Arc::default(),
         }
+    }
+
+    /// Reports and serves slave reads with these settings and counters.
+    pub fn with_slave_reads(mut self, mode: SlaveReadMode, stats: Arc<SlaveReadStats>) -> Self {
+        self.slave_reads = mode;
+        self.slave_read_stats = stats;
+        self
     }
 
     pub fn into_server(self) -> BrokerAdminServer<Self> {
@@ -189,7 +201,29 @@ impl BrokerAdmin for AdminService {
                 .groups
                 .as_ref()
                 .map_or(0, |g| g.failover_redeliveries()),
+            slave_read_mode: self.slave_reads.to_string(),
+            records_read_from_slaves: SlaveReadStats::get(&self.slave_read_stats.read_from_slaves),
+            slave_read_fallbacks: SlaveReadStats::get(&self.slave_read_stats.fallbacks),
+            records_served_to_master: SlaveReadStats::get(&self.slave_read_stats.served_to_master),
         }))
+    }
+
+    async fn read_records(
+        &self,
+        req: Request<pb::ReadRecordsRequest>,
+    ) -> Result<Response<pb::ReadRecordsResponse>, Status> {
+        let req = req.into_inner();
+        let (store, replication, stats) = (
+            self.store.clone(),
+            self.replication.clone(),
+            self.slave_read_stats.clone(),
+        );
+        // Reading may fault pages in from disk: keep it off the async workers.
+        let records =
+            tokio::task::spawn_blocking(move || serve_read(&store, &replication, &stats, &req))
+                .await
+                .map_err(|e| Status::internal(format!("read task failed: {e}")))??;
+        Ok(Response::new(pb::ReadRecordsResponse { records }))
     }
 
     async fn promote(

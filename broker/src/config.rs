@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::messaging::slave_reads::SlaveReadMode;
 use crate::replication::{ReplicationMode, StartRole};
 use crate::store::{FlushMode, StoreConfig};
 
@@ -87,6 +88,16 @@ pub struct BrokerConfig {
     /// Check-backs before an unresolved half message is discarded
     /// (RocketMQ `transactionCheckMax`, 15).
     pub transaction_check_max: u32,
+    /// Slave reads: "auto" makes a master read records that are far behind
+    /// the head of its log from an in-sync slave; "always" reads every
+    /// record it can from a slave; "off" never does.
+    pub slave_read: SlaveReadMode,
+    /// Auto slave reads: "far behind" means more than this fraction of the
+    /// memory the broker may use (RocketMQ's `accessMessageInMemoryMaxRatio`, 40 %).
+    pub slave_read_memory_ratio: f64,
+    /// Auto slave reads: a fixed distance behind the head instead of the
+    /// memory fraction ("512MiB").
+    pub slave_read_lag_bytes: Option<ByteSize>,
 }
 
 impl Default for BrokerConfig {
@@ -123,6 +134,9 @@ impl Default for BrokerConfig {
             transaction_check_first_ms: 6_000,
             transaction_check_interval_ms: 30_000,
             transaction_check_max: 15,
+            slave_read: SlaveReadMode::Auto,
+            slave_read_memory_ratio: 0.4,
+            slave_read_lag_bytes: None,
         }
     }
 }
@@ -313,6 +327,15 @@ pub struct BrokerArgs {
     /// Check-backs before an unresolved half message is discarded [default: 15]
     #[arg(long, env = "KEELMQ_TRANSACTION_CHECK_MAX")]
     pub transaction_check_max: Option<u32>,
+    /// When a master reads consumers' records from a slave [default: auto]
+    #[arg(long, env = "KEELMQ_SLAVE_READ")]
+    pub slave_read: Option<SlaveReadMode>,
+    /// Auto slave reads: distance behind the head, as a fraction of memory [default: 0.4]
+    #[arg(long, env = "KEELMQ_SLAVE_READ_MEMORY_RATIO")]
+    pub slave_read_memory_ratio: Option<f64>,
+    /// Auto slave reads: distance behind the head in bytes, instead of the ratio [default: none]
+    #[arg(long, env = "KEELMQ_SLAVE_READ_LAG_BYTES")]
+    pub slave_read_lag_bytes: Option<ByteSize>,
     /// Print the resolved configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -358,7 +381,9 @@ impl BrokerArgs {
             auto_create_topics,
             transaction_check_first_ms,
             transaction_check_interval_ms,
-            transaction_check_max
+            transaction_check_max,
+            slave_read,
+            slave_read_memory_ratio
         );
         for (value, slot) in [
             (&self.broker_id, &mut c.broker_id),
@@ -381,6 +406,9 @@ impl BrokerArgs {
         }
         if self.allow_truncate_at.is_some() {
             c.allow_truncate_at = self.allow_truncate_at;
+        }
+        if self.slave_read_lag_bytes.is_some() {
+            c.slave_read_lag_bytes = self.slave_read_lag_bytes;
         }
         c.validate()?;
         Ok(c)
@@ -409,6 +437,12 @@ impl BrokerConfig {
                 "default_queue_count {} out of range (1 to {})",
                 self.default_queue_count,
                 crate::store::MAX_QUEUES
+            )));
+        }
+        if !(self.slave_read_memory_ratio > 0.0 && self.slave_read_memory_ratio <= 1.0) {
+            return Err(ConfigError(format!(
+                "slave_read_memory_ratio {} must be in (0, 1]",
+                self.slave_read_memory_ratio
             )));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
@@ -455,6 +489,18 @@ impl BrokerConfig {
     }
 
     /// Transaction check-back timing.
+    /// Auto slave reads: how far behind the head of the log (bytes) a
+    /// record must be for the master to read it from a slave.
+    pub fn slave_read_threshold(&self) -> u64 {
+        match self.slave_read_lag_bytes {
+            Some(b) => b.0,
+            None => {
+                (crate::messaging::slave_reads::memory_limit_bytes() as f64
+                    * self.slave_read_memory_ratio) as u64
+            }
+        }
+    }
+
     pub fn transaction_config(&self) -> crate::messaging::transaction::TransactionConfig {
         crate::messaging::transaction::TransactionConfig {
             first_check: Duration::from_millis(self.transaction_check_first_ms),

@@ -29,6 +29,8 @@ pub struct HttpState {
     pub groups: Option<Arc<dyn crate::admin::GroupInspector>>,
     /// Transactional-message counters, when the client API runs.
     pub transactions: Option<Arc<crate::messaging::transaction::Transactions>>,
+    /// Slave-read counters, when the client API runs.
+    pub slave_reads: Option<Arc<crate::messaging::slave_reads::SlaveReadStats>>,
 }
 
 /// Serves the HTTP port until `shutdown` resolves.
@@ -63,6 +65,12 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g: Gauge = Gauge::default();
     g.set(value);
     registry.register(name, help, g);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
@@ -129,12 +137,11 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             .unwrap_or(0) as i64,
     );
     if let Some(groups) = &s.groups {
-        let c: Counter = Counter::default();
-        c.inc_by(groups.failover_redeliveries());
-        r.register(
+        counter(
+            &mut r,
             "failover_redeliveries",
             "Messages handed out again because a failover lost their delivery state",
-            c,
+            groups.failover_redeliveries(),
         );
     }
     if let Some(t) = &s.transactions {
@@ -173,9 +180,29 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
                 &st.checks_unanswerable,
             ),
         ] {
-            let c: Counter = Counter::default();
-            c.inc_by(v.load(Relaxed));
-            r.register(name, help, c);
+            counter(&mut r, name, help, v.load(Relaxed));
+        }
+    }
+    if let Some(st) = &s.slave_reads {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, help, v) in [
+            (
+                "slave_read_records",
+                "Records a master read from a slave for consumers",
+                &st.read_from_slaves,
+            ),
+            (
+                "slave_read_fallbacks",
+                "Records meant for a slave read that the master read itself",
+                &st.fallbacks,
+            ),
+            (
+                "slave_read_records_served",
+                "Records a slave served to its master",
+                &st.served_to_master,
+            ),
+        ] {
+            counter(&mut r, name, help, v.load(Relaxed));
         }
     }
     let mut body = String::new();

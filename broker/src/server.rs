@@ -17,6 +17,7 @@ use crate::client_api::{ClientApi, ClientApiConfig};
 use crate::config::BrokerConfig;
 use crate::http::HttpState;
 use crate::messaging::consumer::Consumption;
+use crate::messaging::slave_reads::{SlaveReadStats, SlaveReads};
 use crate::replication::{ReplicationConfig, ReplicationError, ReplicationManager};
 use crate::store::{FlushMode, MessageStore, StoreError};
 use crate::write_path::WritePath;
@@ -119,7 +120,15 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
     let consumption = Arc::new(Consumption::new(store.clone()));
     let arrivals = Arc::new(Notify::new());
     let transactions;
+    let slave_read_stats = Arc::new(SlaveReadStats::default());
     {
+        let slave_reads = Arc::new(SlaveReads::new(
+            config.slave_read,
+            config.slave_read_threshold(),
+            store.clone(),
+            repl.clone(),
+            slave_read_stats.clone(),
+        ));
         let api = ClientApi::new(
             ClientApiConfig {
                 broker_name: config.broker_name.clone(),
@@ -134,7 +143,8 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             WritePath::new(store.clone(), repl.clone()),
             consumption.clone(),
             arrivals.clone(),
-        );
+        )
+        .with_slave_reads(slave_reads);
         // Transactions: check back unresolved half messages.
         transactions = api.transactions();
         let (checker, stop) = (api.clone(), stopped(stop_rx.clone()));
@@ -218,8 +228,9 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             default_queue_count: config.default_queue_count,
         };
         let inspector: Arc<dyn crate::admin::GroupInspector> = consumption.clone();
-        let svc =
-            AdminService::new(identity, store.clone(), repl.clone(), Some(inspector)).into_server();
+        let svc = AdminService::new(identity, store.clone(), repl.clone(), Some(inspector))
+            .with_slave_reads(config.slave_read, slave_read_stats.clone())
+            .into_server();
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
             tonic::transport::Server::builder()
@@ -239,6 +250,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             ready: ready.clone(),
             groups: Some(consumption.clone()),
             transactions: Some(transactions.clone()),
+            slave_reads: Some(slave_read_stats.clone()),
         };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {

@@ -270,6 +270,13 @@ pub async fn status(target: &AdminTarget, json: bool) -> Result<()> {
             s.failover_redeliveries
         );
     }
+    println!(
+        "slave reads {}: {} records read from slaves, {} read locally instead, {} served to a master",
+        s.slave_read_mode,
+        s.records_read_from_slaves,
+        s.slave_read_fallbacks,
+        s.records_served_to_master
+    );
     println!("store id    {}", s.store_id);
     if !s.master_address.is_empty() {
         println!("following   {}", s.master_address);
@@ -310,6 +317,12 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "store_id": s.store_id,
         "uptime_ms": s.uptime_ms,
         "failover_redeliveries": s.failover_redeliveries,
+        "slave_reads": {
+            "mode": s.slave_read_mode,
+            "records_read_from_slaves": s.records_read_from_slaves,
+            "fallbacks": s.slave_read_fallbacks,
+            "records_served_to_master": s.records_served_to_master,
+        },
         "slaves": s.slaves.iter().map(|x| serde_json::json!({
             "broker_id": x.broker_id, "address": x.address, "acked_offset": x.acked_offset,
             "lag_bytes": x.lag_bytes, "connected": x.connected, "in_sync": x.in_sync,

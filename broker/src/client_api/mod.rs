@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::messaging::consumer::{Consumption, HandleError, ReceiveRequest, TagFilter};
+use crate::messaging::slave_reads::SlaveReads;
 use crate::messaging::timer::Timer;
 use crate::messaging::transaction::{self, TransactionConfig, Transactions};
 use crate::replication::ReplicationError;
@@ -72,6 +73,8 @@ pub struct ClientApi {
     transactions: Arc<Transactions>,
     /// Producer Telemetry streams, for transaction check-back.
     producers: Arc<producers::ProducerStreams>,
+    /// Where received records are read from (a slave, or this broker).
+    slave_reads: Option<Arc<SlaveReads>>,
 }
 
 impl ClientApi {
@@ -94,7 +97,32 @@ impl ClientApi {
             round_robin: Arc::new(AtomicU64::new(0)),
             transactions,
             producers: Arc::default(),
+            slave_reads: None,
         }
+    }
+
+    /// Consumption state lives on the master (a slave's would diverge from
+    /// it): a slave refuses receives and acks with the status clients treat
+    /// as "ask the route again". The master reads from slaves itself.
+    fn consumer_refusal(&self) -> Option<pb::Status> {
+        let r = self.write.replication();
+        (r.role() == crate::replication::Role::Slave).then(|| {
+            status(
+                Code::HaNotAvailable,
+                format!(
+                    "this broker is a slave; consumers are served by the master{}",
+                    r.master_client_endpoint()
+                        .map(|e| format!(" at {e}"))
+                        .unwrap_or_default()
+                ),
+            )
+        })
+    }
+
+    /// Reads received records from slaves as `reads` decides.
+    pub fn with_slave_reads(mut self, reads: Arc<SlaveReads>) -> Self {
+        self.slave_reads = Some(reads);
+        self
     }
 
     /// The transactional-message state (for metrics).
@@ -395,6 +423,9 @@ impl MessagingService for ClientApi {
         if let Err(s) = client_id(&req) {
             return one(s);
         }
+        if let Some(s) = self.consumer_refusal() {
+            return one(s);
+        }
         let grpc_deadline = deadline(&req);
         let r = req.into_inner();
         let group = resource_name(&r.group).to_owned();
@@ -480,7 +511,7 @@ impl MessagingService for ClientApi {
             let notified = self.arrivals.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self.consumption.receive(&ReceiveRequest {
+            let request = ReceiveRequest {
                 group: &group,
                 topic: &topic.name,
                 queue_count: topic.queue_count,
@@ -490,7 +521,22 @@ impl MessagingService for ClientApi {
                 fifo,
                 max_attempts: self.cfg.max_delivery_attempts,
                 now_ms: now_ms(),
-            });
+            };
+            let got = match &self.slave_reads {
+                None => self.consumption.receive(&request),
+                Some(reads) => match self.consumption.claim(&request) {
+                    Ok(claimed) if claimed.is_empty() => Ok(Vec::new()),
+                    Ok(claimed) => {
+                        let records = reads.read(&topic.name, &claimed).await;
+                        match self.consumption.complete(&request, claimed, records) {
+                            // Everything claimed was filtered out: look again.
+                            Ok(msgs) if msgs.is_empty() => continue,
+                            other => other,
+                        }
+                    }
+                    Err(e) => Err(e),
+                },
+            };
             match got {
                 Err(e) => return one(status(Code::InternalServerError, e.to_string())),
                 Ok(msgs) if !msgs.is_empty() => {
@@ -529,6 +575,12 @@ impl MessagingService for ClientApi {
             }));
         }
         let r = req.into_inner();
+        if let Some(s) = self.consumer_refusal() {
+            return Ok(Response::new(pb::AckMessageResponse {
+                status: Some(s),
+                entries: vec![],
+            }));
+        }
         let group = resource_name(&r.group);
         let topic = resource_name(&r.topic);
         let mut all_ok = true;
@@ -573,6 +625,11 @@ impl MessagingService for ClientApi {
             }));
         }
         let r = req.into_inner();
+        if let Some(s) = self.consumer_refusal() {
+            return Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+                status: Some(s),
+            }));
+        }
         let s = match self.consumption.forward_to_dead_letter(
             resource_name(&r.group),
             resource_name(&r.topic),
@@ -703,6 +760,9 @@ impl MessagingService for ClientApi {
             }))
         };
         if let Err(s) = client_id(&req) {
+            return fail(s);
+        }
+        if let Some(s) = self.consumer_refusal() {
             return fail(s);
         }
         let r = req.into_inner();

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::receipt::ReceiptHandle;
-use crate::store::{MessageStore, NewRecord, StoreError, StoredRecord, keys, record::tag_hash};
+use crate::store::{
+    CqEntry, MessageStore, NewRecord, StoreError, StoredRecord, keys, record::tag_hash,
+};
 
 /// Prefix of dead-letter topics.
 pub const DLQ_PREFIX: &str = "%DLQ%";
@@ -118,7 +120,7 @@ struct QueueState {
     in_flight: BTreeMap<u64, InFlight>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct InFlight {
     delivery: u64,
     visible_at_ms: i64,
@@ -126,6 +128,17 @@ struct InFlight {
 }
 
 type Key = (String, String, u32);
+
+/// A message chosen for a consumer and marked in flight, whose record is
+/// still to be read (see [`Consumption::claim`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Claimed {
+    pub queue_id: u32,
+    pub queue_offset: u64,
+    /// Where the record is in the commit log.
+    pub location: CqEntry,
+    f: InFlight,
+}
 
 /// Consumption state of every group on this broker.
 pub struct Consumption {
@@ -162,8 +175,26 @@ impl Consumption {
         self.failover_redeliveries.load(Ordering::Relaxed)
     }
 
-    /// Hands out up to `max_messages` messages of `topic` to `group`.
+    /// Hands out up to `max_messages` messages of `topic` to `group`, read
+    /// from this broker's own store.
     pub fn receive(&self, req: &ReceiveRequest<'_>) -> Result<Vec<Delivered>, StoreError> {
+        let claimed = self.claim(req)?;
+        let records = claimed
+            .iter()
+            .map(|c| {
+                self.store
+                    .get_entry(req.topic, c.queue_id, c.queue_offset, c.location)
+            })
+            .collect();
+        self.complete(req, claimed, records)
+    }
+
+    /// First half of a receive: chooses the messages to hand out and marks
+    /// them in flight, without reading them, so the records can be read
+    /// elsewhere (a slave) with no lock held. [`Consumption::complete`]
+    /// finishes it. Messages that used up their attempts go to the
+    /// dead-letter topic here.
+    pub fn claim(&self, req: &ReceiveRequest<'_>) -> Result<Vec<Claimed>, StoreError> {
         let mut out = Vec::new();
         let mut dead = Vec::new();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
@@ -176,23 +207,61 @@ impl Consumption {
                 let q = ((start + i) % u64::from(req.queue_count)) as u32;
                 let key = (req.group.to_owned(), req.topic.to_owned(), q);
                 let st = queues.entry(key).or_default();
-                self.receive_queue(req, q, st, &mut out, &mut dead)?;
+                self.claim_queue(req, q, st, &mut out, &mut dead);
             }
         }
-        for (record, attempts) in dead {
-            self.to_dead_letter(req.group, record, attempts)?;
+        for (q, off, attempts) in dead {
+            if let Some(record) = self.store.get(req.topic, q, off)? {
+                self.to_dead_letter(req.group, record, attempts)?;
+            }
         }
         Ok(out)
     }
 
-    fn receive_queue(
+    /// Second half of a receive: pairs each claimed message with its record
+    /// (`records[i]` for `claimed[i]`). A message whose record is gone
+    /// (retention) or whose tag does not match after all (the consume queue
+    /// keeps only a hash) is settled as consumed instead of handed out. On
+    /// a read error the error is returned and the claimed messages stay in
+    /// flight: they are offered again when their invisible time runs out.
+    pub fn complete(
+        &self,
+        req: &ReceiveRequest<'_>,
+        claimed: Vec<Claimed>,
+        records: Vec<Result<Option<StoredRecord>, StoreError>>,
+    ) -> Result<Vec<Delivered>, StoreError> {
+        let mut pairs = Vec::with_capacity(claimed.len());
+        for (c, record) in claimed.into_iter().zip(records) {
+            pairs.push((c, record?));
+        }
+        let mut out = Vec::with_capacity(pairs.len());
+        for (c, record) in pairs {
+            match record {
+                Some(record) if req.filter.matches(&record) => {
+                    out.push(self.delivered(record, c.queue_id, c.queue_offset, c.f));
+                }
+                _ => {
+                    self.settle(
+                        req.group,
+                        req.topic,
+                        c.queue_id,
+                        c.queue_offset,
+                        c.f.delivery,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn claim_queue(
         &self,
         req: &ReceiveRequest<'_>,
         q: u32,
         st: &mut QueueState,
-        out: &mut Vec<Delivered>,
-        dead: &mut Vec<(StoredRecord, u32)>,
-    ) -> Result<(), StoreError> {
+        out: &mut Vec<Claimed>,
+        dead: &mut Vec<(u32, u64, u32)>,
+    ) {
         let min = self.store.queue_min_offset(req.topic, q);
         if st.next.is_none() {
             let metadata = self.store.metadata();
@@ -216,13 +285,13 @@ impl Consumption {
             .map(|(o, _)| *o)
             .collect();
         if req.fifo && st.in_flight.len() > expired.len() {
-            return Ok(()); // part of the previous batch is still being processed
+            return; // part of the previous batch is still being processed
         }
         for off in expired {
             if out.len() >= req.max_messages {
-                return Ok(());
+                return;
             }
-            let Some(record) = self.store.get(req.topic, q, off)? else {
+            let Some(location) = self.store.queue_entry(req.topic, q, off) else {
                 st.in_flight.remove(&off);
                 continue;
             };
@@ -230,34 +299,32 @@ impl Consumption {
                 continue;
             };
             if f.attempt >= req.max_attempts {
-                let attempts = f.attempt;
+                dead.push((q, off, f.attempt));
                 st.in_flight.remove(&off);
-                dead.push((record, attempts));
                 continue;
             }
             f.attempt += 1;
             f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
             f.visible_at_ms = req.now_ms + req.invisible_ms;
-            out.push(self.delivered(record, q, off, *f));
+            out.push(Claimed {
+                queue_id: q,
+                queue_offset: off,
+                location,
+                f: *f,
+            });
         }
         if req.fifo && !st.in_flight.is_empty() {
-            return Ok(());
+            return;
         }
         let max = self.store.queue_max_offset(req.topic, q);
         let next = st.next.get_or_insert(min);
         while out.len() < req.max_messages && *next < max {
             let off = *next;
             *next += 1;
-            let Some(entry) = self.store.queue_entry(req.topic, q, off) else {
+            let Some(location) = self.store.queue_entry(req.topic, q, off) else {
                 continue;
             };
-            if !req.filter.may_match(entry.tag_hash) {
-                continue;
-            }
-            let Some(record) = self.store.get(req.topic, q, off)? else {
-                continue;
-            };
-            if !req.filter.matches(&record) {
+            if !req.filter.may_match(location.tag_hash) {
                 continue;
             }
             let f = InFlight {
@@ -269,7 +336,12 @@ impl Consumption {
             if off < st.redeliver_below {
                 self.failover_redeliveries.fetch_add(1, Ordering::Relaxed);
             }
-            out.push(self.delivered(record, q, off, f));
+            out.push(Claimed {
+                queue_id: q,
+                queue_offset: off,
+                location,
+                f,
+            });
         }
         let next = *next;
         let committed = st.in_flight.keys().next().copied().unwrap_or(next);
@@ -285,7 +357,41 @@ impl Consumption {
                 .metadata()
                 .mark_dispatched(req.group, req.topic, q, next);
         }
-        Ok(())
+    }
+
+    /// Ends delivery `delivery` of a message (acked, or consumed without
+    /// being handed out) and moves the group's committed offset. False when
+    /// the message is not in flight under that delivery.
+    fn settle(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+        delivery: u64,
+    ) -> bool {
+        let mut queues = self.queues.lock();
+        let Some(st) = queues.get_mut(&(group.to_owned(), topic.to_owned(), queue_id)) else {
+            return false;
+        };
+        match st.in_flight.get(&queue_offset) {
+            Some(f) if f.delivery == delivery => {
+                st.in_flight.remove(&queue_offset);
+            }
+            _ => return false,
+        }
+        let committed = st
+            .in_flight
+            .keys()
+            .next()
+            .copied()
+            .or(st.next)
+            .unwrap_or(queue_offset + 1);
+        st.committed = Some(committed);
+        self.store
+            .metadata()
+            .commit_offset(group, topic, queue_id, committed);
+        true
     }
 
     fn delivered(&self, record: StoredRecord, queue_id: u32, off: u64, f: InFlight) -> Delivered {
@@ -306,28 +412,11 @@ impl Consumption {
     /// Acknowledges one delivery.
     pub fn ack(&self, group: &str, topic: &str, handle: &str) -> Result<(), HandleError> {
         let h = self.parse(topic, handle)?;
-        let mut queues = self.queues.lock();
-        let st = queues
-            .get_mut(&(group.to_owned(), h.topic.clone(), h.queue_id))
-            .ok_or(HandleError::Stale)?;
-        match st.in_flight.get(&h.queue_offset) {
-            Some(f) if f.delivery == h.delivery => {
-                st.in_flight.remove(&h.queue_offset);
-            }
-            _ => return Err(HandleError::Stale),
+        if self.settle(group, &h.topic, h.queue_id, h.queue_offset, h.delivery) {
+            Ok(())
+        } else {
+            Err(HandleError::Stale)
         }
-        let committed = st
-            .in_flight
-            .keys()
-            .next()
-            .copied()
-            .or(st.next)
-            .unwrap_or(h.queue_offset + 1);
-        st.committed = Some(committed);
-        self.store
-            .metadata()
-            .commit_offset(group, &h.topic, h.queue_id, committed);
-        Ok(())
     }
 
     /// Makes a delivery invisible for `invisible_ms` from `now_ms`; returns
@@ -542,6 +631,58 @@ mod tests {
             dlq.properties.get(keys::ORIGIN_TOPIC).map(String::as_str),
             Some("t")
         );
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn records_read_elsewhere_complete_a_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        for i in 0..3 {
+            put(&s, 0, "a", &format!("m{i}"));
+        }
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
+        let claimed = c.claim(&r).expect("claim");
+        assert_eq!(claimed.len(), 3);
+        assert_eq!(c.in_flight("g", "t", 0), 3);
+        // The first record is gone (as after retention), the second comes
+        // with the wrong tag: both are settled, only the third is handed out.
+        let wrong_tag = s.get("t", 0, 1).expect("read").map(|mut rec| {
+            rec.properties.insert(keys::TAG.into(), "b".into());
+            rec
+        });
+        let only_a = TagFilter::parse("a");
+        r.filter = &only_a;
+        let third = s.get("t", 0, 2);
+        let got = c
+            .complete(&r, claimed, vec![Ok(None), Ok(wrong_tag), third])
+            .expect("complete");
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].record.body[..], b"m2");
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        assert_eq!(s.metadata().get_offset("g", "t", 0), Some(2));
+        c.ack("g", "t", &got[0].handle.to_string()).expect("ack");
+        assert_eq!(s.metadata().get_offset("g", "t", 0), Some(3));
+        // A read error leaves the claim in flight, to be offered again later.
+        let claimed = {
+            put(&s, 0, "a", "m3");
+            c.claim(&r).expect("claim")
+        };
+        let err = c.complete(
+            &r,
+            claimed,
+            vec![Err(StoreError::InvalidArgument("unreadable".into()))],
+        );
+        assert!(err.is_err());
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        let again = c
+            .receive(&ReceiveRequest { now_ms: 5000, ..r })
+            .expect("receive");
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempt, 2);
         s.shutdown().expect("shutdown");
     }
 

@@ -4,5 +4,6 @@
 
 pub mod consumer;
 pub mod receipt;
+pub mod slave_reads;
 pub mod timer;
 pub mod transaction;

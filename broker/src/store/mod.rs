@@ -275,6 +275,29 @@ struct Inner {
 
 const CHECKPOINT: &str = "checkpoint.json";
 
+/// Decodes (CRC-checked) the record stored at commit-log `offset` and
+/// checks it is message `queue_offset` of `topic`/`queue_id`, as the consume
+/// queue said: a mismatch is corruption, never a message.
+pub fn decode_entry(
+    bytes: &[u8],
+    topic: &str,
+    queue_id: u32,
+    queue_offset: u64,
+    offset: u64,
+) -> Result<StoredRecord, StoreError> {
+    let rec = record::decode(bytes, offset)?;
+    if rec.topic != topic || rec.queue_id != queue_id || rec.queue_offset != queue_offset {
+        return Err(StoreError::Corrupt {
+            offset,
+            reason: format!(
+                "consume queue {topic}/{queue_id} entry {queue_offset} points at a record of {}/{} entry {}",
+                rec.topic, rec.queue_id, rec.queue_offset
+            ),
+        });
+    }
+    Ok(rec)
+}
+
 impl MessageStore {
     /// Opens the store in `config.data_dir`, recovering from a crash if the
     /// last run did not stop cleanly, and starts the background threads.
@@ -597,21 +620,47 @@ impl MessageStore {
         let Some(e) = self.queue_entry(topic, queue_id, queue_offset) else {
             return Ok(None);
         };
+        self.get_entry(topic, queue_id, queue_offset, e)
+    }
+
+    /// The record consume-queue entry `e` (message `queue_offset` of a
+    /// topic-queue) points at, unless retention removed it.
+    pub fn get_entry(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+        e: CqEntry,
+    ) -> Result<Option<StoredRecord>, StoreError> {
         if e.offset < self.min_offset() {
             return Ok(None);
         }
         let bytes = self.inner.clog.read(e.offset, e.size as usize)?;
-        let rec = record::decode(&bytes, e.offset)?;
-        if rec.topic != topic || rec.queue_id != queue_id || rec.queue_offset != queue_offset {
-            return Err(StoreError::Corrupt {
-                offset: e.offset,
-                reason: format!(
-                    "consume queue {topic}/{queue_id} entry {queue_offset} points at a record of {}/{} entry {}",
-                    rec.topic, rec.queue_id, rec.queue_offset
-                ),
-            });
+        decode_entry(&bytes, topic, queue_id, queue_offset, e.offset).map(Some)
+    }
+
+    /// The bytes of the whole record stored at `offset`, `size` long, as a
+    /// slave hands them to its master for a slave read. Only the framing is
+    /// checked here; the reader verifies the CRC when it decodes them.
+    pub fn record_bytes(&self, offset: u64, size: u32) -> Result<Bytes, StoreError> {
+        let end = offset.saturating_add(u64::from(size));
+        if offset < self.min_offset() || end > self.max_offset() || size < 8 {
+            return Err(StoreError::InvalidArgument(format!(
+                "no record of {size} bytes at offset {offset}: the log holds [{}, {})",
+                self.min_offset(),
+                self.max_offset()
+            )));
         }
-        Ok(Some(rec))
+        let bytes = Bytes::from(self.inner.clog.read(offset, size as usize)?);
+        if bytes.len() != size as usize
+            || record::le_u32(&bytes, 0) != size
+            || record::le_u32(&bytes, 4) != RECORD_MAGIC
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "no record of {size} bytes starts at offset {offset}"
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Up to `max_count` messages (and about `max_bytes`) of a topic-queue
