@@ -3,13 +3,15 @@
 //! * Send throughput and latency, 1 KiB messages, 64 concurrent senders
 //!   (`keelmq bench send`), for a lone master, a master with two ASYNC
 //!   slaves, and a master with two SYNC slaves (one must confirm).
+//! * Receive throughput of a SYNC group with slave reads off and forced on.
 //! * Failover time of the local group (`keelmq dev`): from SIGKILL of the
 //!   master to the first send acknowledged by the new master, over 10 runs.
 //!
 //! Build the binaries first, in the profile the bench runs in:
 //! `cargo build --release --bins && cargo bench -p keelmq-tests --bench group`.
 //! `KEELMQ_BENCH_SECONDS` (default 10) sets each throughput run's length,
-//! `KEELMQ_BENCH_ONLY=throughput|failover` runs one part,
+//! `KEELMQ_BENCH_ONLY=throughput|failover|slave_reads` runs one part,
+//! `KEELMQ_BENCH_READS` (default 20000) the messages of the read part,
 //! `KEELMQ_BENCH_FAILOVERS` (default 10) the number of failovers.
 
 use std::process::{Command, Stdio};
@@ -31,13 +33,85 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 fn bench_send(endpoint: &str, seconds: u64) -> String {
+    keelmq_bench(&[
+        "send",
+        "--endpoint",
+        endpoint,
+        "--concurrency",
+        "64",
+        "--size",
+        "1024",
+        "--duration-secs",
+        &seconds.to_string(),
+    ])
+}
+
+/// Runs `keelmq bench <args>` on topic `bench`; its report.
+fn keelmq_bench(args: &[&str]) -> String {
     let out = Command::new(workspace_bin("keelmq"))
-        .args(["bench", "send", "--endpoint", endpoint, "--topic", "bench"])
-        .args(["--concurrency", "64", "--size", "1024"])
-        .args(["--duration-secs", &seconds.to_string()])
+        .arg("bench")
+        .args(args)
+        .args(["--topic", "bench"])
         .output()
         .expect("run keelmq bench");
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Consumer throughput of a SYNC group with slave reads off and forced on:
+/// `count` 1 KiB messages are sent, then received and acked by 8 receivers.
+async fn slave_reads(count: u64) {
+    println!(
+        "== receive throughput: {count} messages of 1 KiB, 8 receivers, batch 32, SYNC group of 3"
+    );
+    for mode in ["off", "always"] {
+        let mut g = LocalGroup::start(
+            3,
+            ReplicationMode::Sync,
+            Duration::from_secs(5),
+            &["--slave-read", mode],
+        )
+        .await;
+        let m = g.master().expect("master");
+        let ep = g.members[m].client_endpoint();
+        let n = count.to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            let send = keelmq_bench(&[
+                "send",
+                "--endpoint",
+                &ep,
+                "--concurrency",
+                "64",
+                "--size",
+                "1024",
+                "--count",
+                &n,
+                "--duration-secs",
+                "120",
+            ]);
+            let consume = keelmq_bench(&[
+                "consume",
+                "--endpoint",
+                &ep,
+                "--concurrency",
+                "8",
+                "--count",
+                &n,
+                "--duration-secs",
+                "120",
+            ]);
+            (send, consume)
+        })
+        .await
+        .expect("bench");
+        let st = g.status(m).await.expect("master status");
+        println!("-- slave_read = {mode}");
+        print!("{}", out.1);
+        println!(
+            "  master: {} records read from slaves, {} read locally instead",
+            st.records_read_from_slaves, st.slave_read_fallbacks
+        );
+        g.shutdown();
+    }
 }
 
 async fn throughput(seconds: u64) {
@@ -202,6 +276,9 @@ fn main() {
         }
         if only.is_empty() || only == "failover" {
             failover(env_u64("KEELMQ_BENCH_FAILOVERS", 10)).await;
+        }
+        if only.is_empty() || only == "slave_reads" {
+            slave_reads(env_u64("KEELMQ_BENCH_READS", 20_000)).await;
         }
     });
 }
