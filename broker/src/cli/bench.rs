@@ -216,10 +216,18 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_secs);
     let received = Arc::new(AtomicU64::new(0));
+    // When the last ack completed (µs after the start): receivers left in a
+    // long poll once everything was consumed do not count.
+    let last_ack_us = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..c.concurrency.max(1) {
         let mut client = clients[w % clients.len()].clone();
-        let (topic, group, received) = (c.topic.clone(), a.group.clone(), received.clone());
+        let (topic, group, received, last_ack_us) = (
+            c.topic.clone(),
+            a.group.clone(),
+            received.clone(),
+            last_ack_us.clone(),
+        );
         let batch = a.batch;
         tasks.push(tokio::spawn(async move {
             let id = format!("bench-consumer@{}#{w}", std::process::id());
@@ -296,6 +304,7 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
                     .ack_message(with_id(ack, &id))
                     .await
                     .map_err(|s| anyhow::anyhow!("ack: {s}"))?;
+                last_ack_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>(e2e)
         }));
@@ -304,7 +313,10 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
     for t in tasks {
         e2e.extend(t.await.context("receiver task")??);
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = match last_ack_us.load(Ordering::Relaxed) {
+        0 => started.elapsed().as_secs_f64(),
+        us => us as f64 / 1e6,
+    };
     e2e.sort_unstable();
     println!(
         "consume: endpoint {} topic {} group {} concurrency {} batch {}",
