@@ -188,6 +188,29 @@ impl State {
         }
     }
 
+    /// A restart must re-read op record `op` about the half message at
+    /// `half` (the latest op about a half message supersedes earlier ones).
+    fn need_op(&mut self, half: u64, op: u64) {
+        if let Some(old) = self.needed_ops.insert(half, op) {
+            self.needed_op_offsets.remove(&old);
+        }
+        self.needed_op_offsets.insert(op);
+    }
+
+    /// Records that the half message at `off` had `checks` check-backs, the
+    /// next one due at `next_ms` at the earliest.
+    fn note_checks(&mut self, off: u64, checks: u32, next_ms: i64) {
+        let Some(p) = self.pending.get_mut(&off) else {
+            return;
+        };
+        p.checks = p.checks.max(checks);
+        if next_ms > p.next_check_ms {
+            let old = std::mem::replace(&mut p.next_check_ms, next_ms);
+            self.schedule.remove(&(old, off));
+            self.schedule.insert((next_ms, off));
+        }
+    }
+
     /// Removes a pending half message; returns it.
     fn take(&mut self, off: u64) -> Option<Pending> {
         let p = self.pending.remove(&off)?;
@@ -228,6 +251,8 @@ impl State {
 #[derive(Clone, Debug)]
 pub struct DueCheck {
     pub tx_id: String,
+    /// Offset of the half message in the half queue.
+    pub half_offset: u64,
     /// The message as its producer sent it (real topic and queue).
     pub message: StoredRecord,
     /// 1 for the first check-back.
@@ -415,6 +440,20 @@ impl Transactions {
                 .properties
                 .get(keys::TRANSACTION_STATE)
                 .and_then(|d| Decision::parse(d));
+            let checks = op
+                .properties
+                .get(keys::TRANSACTION_CHECKS)
+                .and_then(|n| n.parse::<u32>().ok());
+            if let (Some(half), None, Some(checks)) = (half, decision, checks) {
+                // A check-back was sent: its count and time survive restarts.
+                let next = op
+                    .store_ms
+                    .saturating_add(self.cfg.check_interval.as_millis() as i64);
+                st.note_checks(half, checks, next);
+                if half >= st.committed {
+                    st.need_op(half, off);
+                }
+            }
             if let (Some(half), Some(decision)) = (half, decision) {
                 let named = op
                     .properties
@@ -423,8 +462,7 @@ impl Transactions {
                     .zip(op.properties.get(keys::MESSAGE_ID).cloned());
                 st.resolve(half, decision, named);
                 if half >= st.committed {
-                    st.needed_ops.insert(half, off);
-                    st.needed_op_offsets.insert(off);
+                    st.need_op(half, off);
                 }
             }
         }
@@ -624,6 +662,7 @@ impl Transactions {
                 st.schedule.insert((now + interval, off));
                 match self.store.get(HALF_TOPIC, 0, off) {
                     Ok(Some(h)) => due.push(DueCheck {
+                        half_offset: off,
                         tx_id,
                         message: Self::real(&h),
                         check,
@@ -639,6 +678,23 @@ impl Transactions {
                 }
             }
             self.store_progress(&mut st);
+        }
+        if !due.is_empty() {
+            // One op record per check-back, so a restart or a promoted
+            // slave continues the count instead of starting over.
+            let ops = due
+                .iter()
+                .map(|d| {
+                    let mut op = NewRecord::new(OP_TOPIC, 0, d.half_offset.to_string())
+                        .with_property(keys::HALF_OFFSET, d.half_offset.to_string())
+                        .with_property(keys::TRANSACTION_CHECKS, d.check.to_string());
+                    op.flags = flags::SYSTEM;
+                    op
+                })
+                .collect();
+            if let Err(e) = write.write(ops).await {
+                tracing::warn!(error = %e, "recording check-backs failed; a restart may check these half messages again");
+            }
         }
         for (off, tx_id, topic) in give_up {
             let (message_id, checks) = {
@@ -827,6 +883,39 @@ mod tests {
             .await
             .expect("idempotent after a restart");
         assert_eq!(again.pending_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn check_back_counts_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = open(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        write.write(vec![half("A")]).await.expect("write");
+        let now = now_ms() + 1000;
+        assert_eq!(tx.due_checks(&write, now).await[0].check, 1);
+        // A restarted broker (or a promoted slave) continues the count: the
+        // second check is the last one allowed, the third gives up.
+        let again = Transactions::new(store.clone(), cfg());
+        again.load();
+        let second = again.due_checks(&write, now + 10).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].check, 2, "the count did not start over");
+        assert!(again.due_checks(&write, now + 20).await.is_empty());
+        assert_eq!(again.pending_count(), 0, "given up after the maximum");
+        // Once the half message is resolved its check ops are not needed by
+        // a restart: the op progress reaches the end of the op queue.
+        let third = Transactions::new(store.clone(), cfg());
+        third.load();
+        assert_eq!(third.pending_count(), 0);
+        assert_eq!(
+            store.metadata().get_offset(TXN_GROUP, OP_TOPIC, 0),
+            Some(store.queue_max_offset(OP_TOPIC, 0))
+        );
+        assert_eq!(
+            store.queue_max_offset(OP_TOPIC, 0),
+            3,
+            "two checks and the discard"
+        );
     }
 
     #[tokio::test]

@@ -78,6 +78,9 @@ pub mod keys {
     pub const HALF_OFFSET: &str = "__HALF_OFFSET";
     /// How long (ms) a half message is left alone before it is checked back.
     pub const CHECK_AFTER_MS: &str = "__TX_CHECK_AFTER_MS";
+    /// Check-backs a half message has had (an op record written with each
+    /// check, so the count survives restarts and failovers).
+    pub const TRANSACTION_CHECKS: &str = "__TX_CHECKS";
 }
 
 /// Message properties: ordered, so the encoding of a record is deterministic.
