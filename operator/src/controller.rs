@@ -298,7 +298,17 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             outcome = done;
         }
     } else if let Some(r) = status.rollout.as_mut() {
-        r.message = "paused while the master changes or the group recovers".into();
+        r.message = match &outcome {
+            Outcome::Redirected(b) => format!(
+                "{} told to follow the master; the roll goes on once every broker is in sync",
+                b.join(", ")
+            ),
+            Outcome::Waiting(why) => format!("on hold: {why}"),
+            Outcome::Promoted { master, .. } => {
+                format!("on hold while {master} takes over as master")
+            }
+            Outcome::Healthy => "on hold while the switchover annotation is handled".into(),
+        };
     }
 
     // 4. Status.
