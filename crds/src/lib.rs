@@ -364,6 +364,59 @@ pub struct BrokerGroupStatus {
     /// The most recent automatic or planned change of master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverRecord>,
+    /// Since when the recorded master has been unready: the failover
+    /// detection delay runs from here, so an operator restart does not start
+    /// it over.
+    // Serialised as null when None, so the operator's merge patch clears it.
+    #[serde(default)]
+    pub master_unready: Option<MasterUnready>,
+    /// The rolling restart in progress (pods onto a new pod template), so a
+    /// restarted operator resumes it.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// The recorded master seen unready, and since when.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MasterUnready {
+    /// The master pod (the record is void once another pod is master).
+    pub master: String,
+    /// When it was first seen unready (or unreachable).
+    pub since: Time,
+}
+
+/// A rolling restart: slaves one at a time, then a planned switchover, then
+/// the old master; each pod only once the group is healthy and in sync.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Hash of the pod template being rolled out (pod annotation
+    /// `keelmq.io/template-hash`).
+    pub template_hash: String,
+    /// Why: `TemplateChanged` or `RestartRequested`.
+    pub reason: String,
+    /// When the roll started.
+    pub started: Time,
+    /// Pods restarted onto the template so far, in order.
+    #[serde(default)]
+    pub restarted: Vec<String>,
+    /// The pod deleted last, not yet back ready and in sync.
+    #[serde(default)]
+    pub pending: Option<PendingRestart>,
+    /// What the roll does or waits for, in words.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A pod the operator deleted and waits for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRestart {
+    /// Pod name.
+    pub pod: String,
+    /// Uid of the pod that was deleted (its replacement has another).
+    pub uid: String,
 }
 
 /// One broker as last observed.

@@ -118,6 +118,94 @@ fn storage_class_and_size_are_immutable_by_cel_rule() {
     );
 }
 
+/// The CEL rules evaluated (kube's client-side CEL validator), creation and
+/// transition rules alike, not only found in the schema.
+#[test]
+fn cel_rules_accept_and_refuse_what_they_say() {
+    use kube::core::cel::Validator;
+    let v = Validator::new();
+    let check =
+        |schema: &serde_json::Value,
+         new: &serde_json::Value,
+         old: Option<&serde_json::Value>|
+         -> Result<(), String> { v.validate(schema, new, old).map_err(|e| e.to_string()) };
+
+    let bg_schema = schema_of(&BrokerGroup::crd());
+    let bg = |spec: serde_json::Value| {
+        let mut full = serde_json::to_value(BrokerGroupSpec::default()).expect("json");
+        json_merge(&mut full, &spec);
+        serde_json::json!({"apiVersion": "keelmq.io/v1alpha1", "kind": "BrokerGroup",
+            "metadata": {"name": "g"}, "spec": full})
+    };
+    // Creation: minInSyncReplicas must leave the master out in Sync mode.
+    check(&bg_schema, &bg(serde_json::json!({"replicas": 3})), None).expect("defaults pass");
+    let too_many = bg(serde_json::json!({"replicas": 2,
+        "replication": {"mode": "Sync", "minInSyncReplicas": 2}}));
+    let err = check(&bg_schema, &too_many, None).expect_err("refused");
+    assert!(
+        err.contains("minInSyncReplicas must be below replicas"),
+        "{err}"
+    );
+    let async_ok = bg(serde_json::json!({"replicas": 2,
+        "replication": {"mode": "Async", "minInSyncReplicas": 2}}));
+    check(&bg_schema, &async_ok, None).expect("Async ignores minInSyncReplicas");
+
+    // Transitions: storage size and class are fixed; other fields move.
+    let old = bg(serde_json::json!({"storage": {"size": "10Gi", "storageClassName": "fast"}}));
+    let grown = bg(serde_json::json!({"storage": {"size": "20Gi", "storageClassName": "fast"}}));
+    let err = check(&bg_schema, &grown, Some(&old)).expect_err("size is fixed");
+    assert!(err.contains("storage.size is immutable"), "{err}");
+    let moved = bg(serde_json::json!({"storage": {"size": "10Gi", "storageClassName": "slow"}}));
+    let err = check(&bg_schema, &moved, Some(&old)).expect_err("class is fixed");
+    assert!(
+        err.contains("storage.storageClassName is immutable"),
+        "{err}"
+    );
+    let dropped = bg(serde_json::json!({"storage": {"size": "10Gi"}}));
+    let err = check(&bg_schema, &dropped, Some(&old)).expect_err("class cannot be removed");
+    assert!(
+        err.contains("storage.storageClassName is immutable"),
+        "{err}"
+    );
+    let scaled = bg(serde_json::json!({"replicas": 4,
+        "storage": {"size": "10Gi", "storageClassName": "fast"}}));
+    check(&bg_schema, &scaled, Some(&old)).expect("scaling and other changes pass");
+
+    // Topics: queues only grow; group, name and type are fixed.
+    let topic_schema = schema_of(&Topic::crd());
+    let topic = |spec: serde_json::Value| {
+        serde_json::json!({"apiVersion": "keelmq.io/v1alpha1", "kind": "Topic",
+            "metadata": {"name": "t"}, "spec": spec})
+    };
+    let old = topic(serde_json::json!({"brokerGroup": "g", "queues": 8, "messageType": "Normal"}));
+    let more =
+        topic(serde_json::json!({"brokerGroup": "g", "queues": 16, "messageType": "Normal"}));
+    check(&topic_schema, &more, Some(&old)).expect("queues grow");
+    let fewer =
+        topic(serde_json::json!({"brokerGroup": "g", "queues": 4, "messageType": "Normal"}));
+    let err = check(&topic_schema, &fewer, Some(&old)).expect_err("queues shrink");
+    assert!(err.contains("queues may only grow"), "{err}");
+    let elsewhere =
+        topic(serde_json::json!({"brokerGroup": "h", "queues": 8, "messageType": "Normal"}));
+    let err = check(&topic_schema, &elsewhere, Some(&old)).expect_err("group is fixed");
+    assert!(err.contains("brokerGroup is immutable"), "{err}");
+    let fifo = topic(serde_json::json!({"brokerGroup": "g", "queues": 8, "messageType": "Fifo"}));
+    let err = check(&topic_schema, &fifo, Some(&old)).expect_err("type is fixed");
+    assert!(err.contains("messageType is immutable"), "{err}");
+}
+
+/// JSON merge of `patch` into `target` (objects merged, the rest replaced).
+fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
 fn schema_of(
     crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> serde_json::Value {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -28,6 +28,7 @@ use crate::conditions::{self, DEGRADED, PAUSED, PROGRESSING, READY};
 use crate::failover::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::model::{self, GroupNames, LABEL_INSTANCE};
+use crate::rollout;
 use crate::{Error, MANAGER, Result};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -42,9 +43,6 @@ pub struct Context {
     pub admin: Arc<dyn BrokerAdmin>,
     /// Where brokers are.
     pub addresses: Arc<dyn AddressBook>,
-    /// Since when each group's recorded master has been unready (the
-    /// detection delay is measured from here), keyed `namespace/name`.
-    pub unready_since: Mutex<HashMap<String, (String, Instant)>>,
     /// The last wait reason reported per group, so the Warning event is
     /// published on a change, not on every poll.
     pub last_wait: Mutex<HashMap<String, String>>,
@@ -78,7 +76,6 @@ impl Context {
             metrics,
             admin,
             addresses,
-            unready_since: Mutex::default(),
             last_wait: Mutex::default(),
         }
     }
@@ -110,7 +107,7 @@ pub async fn reconcile(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Action
     reconcile_group(bg, ctx).instrument(span).await
 }
 
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -124,13 +121,13 @@ where
         .name
         .clone()
         .ok_or(Error::MissingObjectKey("metadata.name"))?;
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
 }
 
 async fn patch_status(
@@ -237,8 +234,9 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
     apply(&ctx.client, ns, &headless).await?;
     apply(&ctx.client, ns, &client_svc).await?;
     apply(&ctx.client, ns, &read_svc).await?;
-    apply(&ctx.client, ns, &sts).await?;
+    let sts = apply(&ctx.client, ns, &sts).await?;
     apply(&ctx.client, ns, &pdb).await?;
+    let sts_replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     if status.observed_generation != generation {
         info!(
             replicas = bg.spec.replicas,
@@ -248,8 +246,16 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             names.headless(),
             names.read(),
             names.group,
-            bg.spec.replicas,
+            sts_replicas,
             names.group
+        );
+    }
+    if sts_replicas > bg.spec.replicas.max(1) {
+        info!(
+            replicas = bg.spec.replicas,
+            "scale-down to {} held at {sts_replicas} pods: master {} is on an ordinal the StatefulSet would remove; it hands over to a slave that stays first",
+            bg.spec.replicas.max(1),
+            status.master.as_deref().unwrap_or("-")
         );
     }
 
@@ -271,14 +277,38 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
         &mut status,
     )
     .await?;
+    let switchover_to = fresh
+        .annotations()
+        .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO);
     if outcome == Outcome::Healthy
-        && let Some(target) = fresh
-            .annotations()
-            .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
+        && let Some(target) = switchover_to
         && let Some(done) =
             failover::switchover(&ctx, &fresh, &names, &observed, target, &mut status).await?
     {
         outcome = done;
+    }
+    // Rolling restarts and scale-down hand-overs, only while nothing else
+    // is going on.
+    let mut roll = None;
+    if outcome == Outcome::Healthy && switchover_to.is_none() {
+        let (report, done) =
+            rollout::advance(&ctx, &fresh, &names, &observed, &sts, &mut status).await?;
+        roll = report;
+        if let Some(done) = done {
+            outcome = done;
+        }
+    } else if let Some(r) = status.rollout.as_mut() {
+        r.message = match &outcome {
+            Outcome::Redirected(b) => format!(
+                "{} told to follow the master; the roll goes on once every broker is in sync",
+                b.join(", ")
+            ),
+            Outcome::Waiting(why) => format!("on hold: {why}"),
+            Outcome::Promoted { master, .. } => {
+                format!("on hold while {master} takes over as master")
+            }
+            Outcome::Healthy => "on hold while the switchover annotation is handled".into(),
+        };
     }
 
     // 4. Status.
@@ -298,6 +328,10 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
     )
     .unwrap_or(i32::MAX);
     status.observed_generation = generation;
+    status.master_unready = observed
+        .master_unready
+        .clone()
+        .filter(|u| status.master.as_deref() == Some(u.master.as_str()));
     let key = format!("{}/{}", names.namespace, names.group);
     let replicas = bg.spec.replicas;
     let requeue = match &outcome {
@@ -479,6 +513,21 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             );
             Duration::from_secs(1)
         }
+    };
+    let requeue = match roll {
+        Some(r) => {
+            conditions::set(
+                &mut status.conditions,
+                PROGRESSING,
+                true,
+                r.reason,
+                r.message,
+                generation,
+                &now,
+            );
+            requeue.min(Duration::from_secs(2))
+        }
+        None => requeue,
     };
     patch_status(&api, &names.group, &status).await?;
     Ok(Action::requeue(requeue))

@@ -8,11 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use keelmq_crds::{BrokerGroup, BrokerGroupStatus, FailoverRecord, ReplicaStatus};
+use keelmq_crds::{BrokerGroup, BrokerGroupStatus, FailoverRecord, MasterUnready, ReplicaStatus};
 use keelmq_failover::{
     BrokerObservation, BrokerStatus, Decision, Observation, Policy, PossibleLoss, Role,
 };
@@ -36,6 +36,9 @@ pub struct Observed {
     pub statuses: BTreeMap<String, pb::StatusResponse>,
     /// Pods by name.
     pub pods: BTreeMap<String, Pod>,
+    /// The recorded master is unready: since when (carried over from the
+    /// status, or now); written back to the status.
+    pub master_unready: Option<MasterUnready>,
 }
 
 /// The group's failover policy, from its spec.
@@ -119,6 +122,7 @@ pub async fn observe(
     }))
     .await;
     let status = bg.status.clone().unwrap_or_default();
+    let now = jiff::Timestamp::now();
     let replication_to_pod: BTreeMap<String, String> = members
         .iter()
         .map(|m| (ctx.addresses.replication(names, m), m.clone()))
@@ -165,28 +169,20 @@ pub async fn observe(
             .iter()
             .any(|b| &b.name == m && b.reachable && b.ready)
     });
-    let master_unready_for = {
-        let key = format!("{}/{}", names.namespace, names.group);
-        let mut memory = ctx.unready_since.lock().unwrap_or_else(|e| e.into_inner());
-        match (&master, master_up) {
-            (Some(m), false) => {
-                let since = memory
-                    .entry(key)
-                    .and_modify(|(who, at)| {
-                        if who != m {
-                            *who = m.clone();
-                            *at = Instant::now();
-                        }
-                    })
-                    .or_insert_with(|| (m.clone(), Instant::now()));
-                Some(since.1.elapsed())
-            }
-            _ => {
-                memory.remove(&key);
-                None
-            }
-        }
+    let master_unready = match (&master, master_up) {
+        (Some(m), false) => Some(
+            status
+                .master_unready
+                .clone()
+                .filter(|u| &u.master == m)
+                .unwrap_or_else(|| MasterUnready {
+                    master: m.clone(),
+                    since: Time(now),
+                }),
+        ),
+        _ => None,
     };
+    let master_unready_for = master_unready.as_ref().map(|u| unready_for(&u.since, now));
     let master_gone = master
         .as_ref()
         .is_some_and(|m| pods.get(m).is_none_or(pod_gone));
@@ -209,7 +205,15 @@ pub async fn observe(
         },
         statuses,
         pods,
+        master_unready,
     }
+}
+
+/// How long since `since`, as of `now` (zero if `since` is in the future,
+/// as with clocks that disagree between operator replicas).
+fn unready_for(since: &Time, now: jiff::Timestamp) -> Duration {
+    let nanos = now.as_nanosecond().saturating_sub(since.0.as_nanosecond());
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
 }
 
 /// Per-replica status lines from an observation. An unreachable broker keeps
@@ -429,6 +433,7 @@ async fn promote(
     st.master = Some(broker.to_string());
     st.epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
     st.master_store_id = observed.statuses.get(broker).map(|s| s.store_id.clone());
+    st.master_unready = None;
     if record.is_some() {
         st.last_failover = record;
     }
@@ -448,6 +453,7 @@ async fn promote(
     *status = BrokerGroupStatus {
         conditions: status.conditions.clone(),
         replicas: status.replicas.clone(),
+        rollout: status.rollout.clone(),
         ..st
     };
 
@@ -475,11 +481,8 @@ async fn promote(
 }
 
 /// Planned switchover requested with the `keelmq.io/switchover-to`
-/// annotation, done only while the group is healthy: the target must be a
-/// reachable, ready slave the master counts as in sync. Recorded in status
-/// first (new epoch, optimistic concurrency), then the master hands over,
-/// then the labels move; the annotation is removed either way, with an
-/// Event saying what happened.
+/// annotation, done only while the group is healthy (see [`hand_over`]);
+/// the annotation is removed either way, with an Event saying what happened.
 pub async fn switchover(
     ctx: &Context,
     bg: &BrokerGroup,
@@ -488,19 +491,54 @@ pub async fn switchover(
     target: &str,
     status: &mut BrokerGroupStatus,
 ) -> Result<Option<Outcome>> {
+    let reason = format!(
+        "planned switchover requested with {}",
+        keelmq_crds::ANNOTATION_SWITCHOVER_TO
+    );
+    let outcome = hand_over(ctx, bg, names, observed, target, &reason, status).await?;
+    let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {keelmq_crds::ANNOTATION_SWITCHOVER_TO: null}}});
+    api.patch(&names.group, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(outcome)
+}
+
+/// Whether `target` may take the master role in a planned hand-over: a
+/// reachable, ready slave the master counts as in sync.
+pub fn can_take_over(observed: &Observed, status: &BrokerGroupStatus, target: &str) -> bool {
+    let master = status.master.as_deref();
+    replica_statuses(observed, master, &status.replicas)
+        .iter()
+        .find(|r| r.name == target)
+        .is_some_and(|r| r.reachable && r.ready && r.in_sync && r.role == "slave")
+}
+
+/// The planned hand-over of the master role to `target` (the switchover
+/// annotation, a rolling update, a scale-down), done only to a reachable,
+/// ready slave the master counts as in sync. Recorded in status first (new
+/// epoch, optimistic concurrency), then the master hands over through the
+/// admin API, then the labels move. `Ok(None)` when nothing was done (the
+/// target is already master, or not eligible: a Warning event says so).
+pub async fn hand_over(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    observed: &Observed,
+    target: &str,
+    reason: &str,
+    status: &mut BrokerGroupStatus,
+) -> Result<Option<Outcome>> {
     let Some(master) = status.master.clone() else {
         return Ok(None);
     };
-    let replicas = replica_statuses(observed, Some(&master), &status.replicas);
-    let eligible = replicas
-        .iter()
-        .find(|r| r.name == target)
-        .is_some_and(|r| r.reachable && r.ready && r.in_sync && r.role == "slave");
-    let outcome = if target == master {
-        info!("switchover to {target} requested, but it is already the master");
-        None
-    } else if !eligible {
-        warn!("switchover to {target} refused: it is not a reachable, ready, in-sync slave");
+    if target == master {
+        info!("{reason}: switchover to {target} requested, but it is already the master");
+        return Ok(None);
+    }
+    if !can_take_over(observed, status, target) {
+        warn!(
+            "{reason}: switchover to {target} refused: it is not a reachable, ready, in-sync slave"
+        );
         publish(
             ctx,
             bg,
@@ -510,84 +548,77 @@ pub async fn switchover(
             format!("{target} is not a reachable, ready, in-sync slave of {master}"),
         )
         .await;
-        None
-    } else {
-        let new_epoch = u64::try_from(status.epoch).unwrap_or(0) + 1;
-        info!(from = %master, to = %target, epoch = new_epoch, "planned switchover requested by annotation: handing the master role from {master} to {target} in epoch {new_epoch}");
-        let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
-        let mut next = bg.clone();
-        let mut st = bg.status.clone().unwrap_or_default();
-        st.master = Some(target.to_string());
-        st.epoch = i64::try_from(new_epoch).unwrap_or(i64::MAX);
-        st.master_store_id = observed.statuses.get(target).map(|s| s.store_id.clone());
-        st.last_failover = Some(FailoverRecord {
-            time: Time(jiff::Timestamp::now()),
-            from: Some(master.clone()),
-            to: target.to_string(),
-            epoch: st.epoch,
-            reason: format!(
-                "planned switchover requested with {}",
-                keelmq_crds::ANNOTATION_SWITCHOVER_TO
-            ),
-            possible_loss: PossibleLoss::Nothing.to_string(),
-        });
-        next.status = Some(st.clone());
-        api.replace_status(&names.group, &PostParams::default(), &next)
-            .await
-            .map_err(|e| match e {
-                kube::Error::Api(s) if s.code == 409 => Error::Conflict,
-                e => Error::Kube(e),
-            })?;
-        info!(master = %target, epoch = new_epoch, "recorded {target} as master of epoch {new_epoch} in the BrokerGroup status");
-        *status = BrokerGroupStatus {
-            conditions: status.conditions.clone(),
-            replicas: status.replicas.clone(),
-            ..st
-        };
-        let r = ctx
-            .admin
-            .switchover(
-                &ctx.addresses.admin(names, &master),
-                pb::SwitchoverRequest {
-                    target_broker_id: target.to_string(),
-                    target_admin_address: ctx.addresses.admin(names, target),
-                    new_epoch,
-                    timeout_ms: 10_000,
-                },
-            )
-            .await
-            .map_err(|message| Error::Admin {
-                broker: master.clone(),
-                op: "switchover",
-                message,
-            })?;
-        info!(
-            epoch = r.epoch,
-            write_pause_ms = r.write_pause_ms,
-            "{target} is master of epoch {}; writes paused for {} ms",
-            r.epoch,
-            r.write_pause_ms
-        );
-        label_roles(ctx, names, observed, target).await?;
-        publish(
-            ctx,
-            bg,
-            EventType::Normal,
-            "SwitchedOver",
-            "Switchover",
-            format!("master role handed from {master} to {target} in epoch {new_epoch}"),
-        )
-        .await;
-        Some(Outcome::Promoted {
-            master: target.to_string(),
-            epoch: new_epoch,
-        })
-    };
+        return Ok(None);
+    }
+    let new_epoch = u64::try_from(status.epoch).unwrap_or(0) + 1;
+    info!(from = %master, to = %target, epoch = new_epoch, "{reason}: handing the master role from {master} to {target} in epoch {new_epoch}");
     let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let patch = serde_json::json!({"metadata": {"annotations": {keelmq_crds::ANNOTATION_SWITCHOVER_TO: null}}});
-    api.patch(&names.group, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(outcome)
+    let mut next = bg.clone();
+    let mut st = bg.status.clone().unwrap_or_default();
+    st.master = Some(target.to_string());
+    st.epoch = i64::try_from(new_epoch).unwrap_or(i64::MAX);
+    st.master_store_id = observed.statuses.get(target).map(|s| s.store_id.clone());
+    st.master_unready = None;
+    st.last_failover = Some(FailoverRecord {
+        time: Time(jiff::Timestamp::now()),
+        from: Some(master.clone()),
+        to: target.to_string(),
+        epoch: st.epoch,
+        reason: reason.to_string(),
+        possible_loss: PossibleLoss::Nothing.to_string(),
+    });
+    next.status = Some(st.clone());
+    api.replace_status(&names.group, &PostParams::default(), &next)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+            e => Error::Kube(e),
+        })?;
+    info!(master = %target, epoch = new_epoch, "recorded {target} as master of epoch {new_epoch} in the BrokerGroup status");
+    *status = BrokerGroupStatus {
+        conditions: status.conditions.clone(),
+        replicas: status.replicas.clone(),
+        rollout: status.rollout.clone(),
+        ..st
+    };
+    let r = ctx
+        .admin
+        .switchover(
+            &ctx.addresses.admin(names, &master),
+            pb::SwitchoverRequest {
+                target_broker_id: target.to_string(),
+                target_admin_address: ctx.addresses.admin(names, target),
+                new_epoch,
+                timeout_ms: 10_000,
+            },
+        )
+        .await
+        .map_err(|message| Error::Admin {
+            broker: master.clone(),
+            op: "switchover",
+            message,
+        })?;
+    info!(
+        epoch = r.epoch,
+        write_pause_ms = r.write_pause_ms,
+        "{target} is master of epoch {}; writes paused for {} ms",
+        r.epoch,
+        r.write_pause_ms
+    );
+    label_roles(ctx, names, observed, target).await?;
+    publish(
+        ctx,
+        bg,
+        EventType::Normal,
+        "SwitchedOver",
+        "Switchover",
+        format!("master role handed from {master} to {target} in epoch {new_epoch}: {reason}"),
+    )
+    .await;
+    Ok(Some(Outcome::Promoted {
+        master: target.to_string(),
+        epoch: new_epoch,
+    }))
 }
 
 async fn follow(ctx: &Context, names: &GroupNames, broker: &str, master_repl: &str, epoch: u64) {

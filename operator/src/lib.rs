@@ -8,7 +8,8 @@
 //! `error_policy`; [`model`] builds objects with pure functions; [`failover`]
 //! observes the brokers and carries out `keelmq_failover::decide`;
 //! [`brokers`] talks to the broker admin API; [`topic`] is the Topic
-//! controller; [`leader`] holds the Lease; [`metrics`], [`telemetry`] and
+//! controller; [`rollout`] rolls pods onto a new template and moves the
+//! master off ordinals a scale-down removes; [`leader`] holds the Lease; [`metrics`], [`telemetry`] and
 //! [`http`] are the process plumbing; [`rbac`] lists every permission used.
 
 pub mod brokers;
@@ -20,6 +21,7 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod rbac;
+pub mod rollout;
 pub mod telemetry;
 pub mod topic;
 

@@ -34,6 +34,12 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_ROLE: &str = "keelmq.io/role";
 /// Pod annotation: hash of the broker configuration, so a change restarts the brokers.
 pub const ANNOTATION_CONFIG_HASH: &str = "keelmq.io/config-hash";
+/// Pod annotation: hash of the whole pod template the pod was made from; a
+/// pod whose value differs from the StatefulSet's runs an older template and
+/// is rolled.
+pub const ANNOTATION_TEMPLATE_HASH: &str = "keelmq.io/template-hash";
+/// Pod label the StatefulSet controller sets to the revision a pod was made from.
+pub const LABEL_REVISION: &str = "controller-revision-hash";
 
 /// Broker client (RocketMQ gRPC) port.
 pub const CLIENT_PORT: i32 = 8081;
@@ -112,6 +118,28 @@ impl GroupNames {
     pub fn pod_host(&self, pod: &str) -> String {
         format!("{pod}.{}.{}.svc", self.headless(), self.namespace)
     }
+    /// The ordinal of a pod of this group (`<group>-<i>`), if it is one.
+    pub fn ordinal(&self, pod: &str) -> Option<i32> {
+        pod.strip_prefix(&self.group)?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
+            .filter(|i: &i32| *i >= 0)
+    }
+}
+
+/// How many pods the StatefulSet keeps: the spec's replicas (at least one),
+/// except while the recorded master sits on an ordinal a scale-down would
+/// remove; then up to and including the master's pod, until the operator
+/// has handed the master role to a broker that stays.
+pub fn stateful_set_replicas(bg: &BrokerGroup) -> Result<i32, Error> {
+    let names = GroupNames::of(bg)?;
+    let wanted = bg.spec.replicas.max(1);
+    let master = bg.status.as_ref().and_then(|s| s.master.as_deref());
+    Ok(match master.and_then(|m| names.ordinal(m)) {
+        Some(o) if o >= wanted => o.saturating_add(1),
+        _ => wanted,
+    })
 }
 
 /// Labels every object of the group carries.
@@ -447,10 +475,27 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
         ..Default::default()
     };
 
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(pod_annotations),
+            ..Default::default()
+        }),
+        spec: Some(pod_spec),
+    };
+    let hash = config_hash(&serde_json::to_string(&template).map_err(Error::Serialize)?);
+    if let Some(a) = template
+        .metadata
+        .as_mut()
+        .and_then(|m| m.annotations.as_mut())
+    {
+        a.insert(ANNOTATION_TEMPLATE_HASH.into(), hash);
+    }
+
     Ok(StatefulSet {
         metadata: meta(bg, names.group.clone())?,
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(stateful_set_replicas(bg)?),
             service_name: Some(names.headless()),
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -461,14 +506,7 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
                 match_labels: Some(selector_labels(&names.group)),
                 ..Default::default()
             },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(pod_annotations),
-                    ..Default::default()
-                }),
-                spec: Some(pod_spec),
-            },
+            template,
             volume_claim_templates: Some(vec![claim]),
             persistent_volume_claim_retention_policy: Some(
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
@@ -480,6 +518,19 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
         }),
         ..Default::default()
     })
+}
+
+/// The template hash a StatefulSet's pods should carry.
+pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
+    sts.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TEMPLATE_HASH)
+        .map(String::as_str)
 }
 
 /// Every object of the group, in the order they are applied.

@@ -54,7 +54,7 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         api_groups: &[""],
         resources: &["pods"],
-        verbs: &["list", "watch", "patch"],
+        verbs: &["list", "watch", "patch", "delete"],
         namespaced: true,
     },
     Permission {

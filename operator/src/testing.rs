@@ -4,7 +4,7 @@
 //! the apiserver would, including resourceVersion preconditions), and fake
 //! brokers for the admin API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -509,6 +509,35 @@ impl FakeApi {
             .remove(&format!("{group}/{resource}/{ns}/{name}"));
     }
 
+    /// Does what the StatefulSet controller does for ordinal `i` of
+    /// StatefulSet `sts`: stores a pod (new uid) with the template's labels
+    /// and annotations and the update revision (if the StatefulSet's status
+    /// has one) as `controller-revision-hash`; Ready or not.
+    pub fn pod_from_stateful_set(&self, ns: &str, sts: &str, i: i32, ready: bool) -> Value {
+        let set = self
+            .get("apps", "statefulsets", ns, sts)
+            .expect("the StatefulSet exists");
+        let template = &set["spec"]["template"]["metadata"];
+        let mut labels = template["labels"].clone();
+        if let Some(rev) = set["status"]["updateRevision"].as_str() {
+            labels["controller-revision-hash"] = json!(rev);
+        }
+        let rv = self.state.lock().expect("api state").rv;
+        let name = format!("{sts}-{i}");
+        self.insert(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "uid": format!("uid-{name}-{rv}"),
+                "labels": labels,
+                "annotations": template["annotations"].clone(),
+            },
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+        }))
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().expect("api state").requests.clone()
@@ -533,6 +562,10 @@ pub struct FakeBrokers {
     pub brokers: Arc<Mutex<BTreeMap<String, FakeBroker>>>,
     /// Where calls are logged.
     pub timeline: Timeline,
+    /// When set, a master's status lists as its slaves the brokers that
+    /// follow it (replication address `repl-<broker id>`), each in sync
+    /// unless its broker id is in the set (a lagging slave).
+    pub replication: Arc<Mutex<Option<BTreeSet<String>>>>,
 }
 
 impl FakeBrokers {
@@ -552,6 +585,61 @@ impl FakeBrokers {
                 topics: BTreeMap::new(),
             },
         );
+    }
+
+    /// Masters report their followers as slaves, all in sync (see
+    /// [`FakeBrokers::replication`]).
+    pub fn track_replication(&self) {
+        *self.replication.lock().expect("replication") = Some(BTreeSet::new());
+    }
+
+    /// Marks the broker `broker_id` as lagging (out of sync) or caught up.
+    pub fn set_lagging(&self, broker_id: &str, lagging: bool) {
+        let mut r = self.replication.lock().expect("replication");
+        let set = r.get_or_insert_with(BTreeSet::new);
+        if lagging {
+            set.insert(broker_id.to_string());
+        } else {
+            set.remove(broker_id);
+        }
+    }
+
+    /// The broker at `addr` restarted: back in standby, following nobody.
+    pub fn restart(&self, addr: &str) {
+        self.with(addr, |b| {
+            b.up = true;
+            b.status.role = pb::Role::Slave as i32;
+            b.status.master_address.clear();
+            b.status.slaves.clear();
+        });
+    }
+
+    fn status_of(&self, addr: &str) -> Result<pb::StatusResponse, AdminError> {
+        let brokers = self.brokers.lock().expect("brokers");
+        let b = match brokers.get(addr) {
+            Some(b) if b.up => b,
+            _ => return Err(format!("cannot connect to {addr}")),
+        };
+        let mut st = b.status.clone();
+        if let Some(lagging) = self.replication.lock().expect("replication").as_ref()
+            && st.role == pb::Role::Master as i32
+        {
+            let repl = format!("repl-{}", st.broker_id);
+            st.slaves = brokers
+                .values()
+                .filter(|o| {
+                    o.up && o.status.role == pb::Role::Slave as i32
+                        && o.status.master_address == repl
+                })
+                .map(|o| pb::SlaveStatus {
+                    broker_id: o.status.broker_id.clone(),
+                    connected: true,
+                    in_sync: !lagging.contains(&o.status.broker_id),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        Ok(st)
     }
 
     /// Changes a broker.
@@ -588,7 +676,7 @@ impl BrokerAdmin for FakeBrokers {
         &'a self,
         addr: &'a str,
     ) -> BoxFuture<'a, Result<pb::StatusResponse, AdminError>> {
-        Box::pin(async move { self.call(addr, String::new(), |b| Ok(b.status.clone())) })
+        Box::pin(async move { self.status_of(addr) })
     }
     fn promote<'a>(
         &'a self,

@@ -247,6 +247,53 @@ fn a_config_change_or_restart_annotation_changes_the_pod_template() {
 }
 
 #[test]
+fn the_template_hash_follows_every_template_change_and_only_those() {
+    let bg = group("g", json!({}));
+    let hash = |bg: &keelmq_crds::BrokerGroup| {
+        template_hash(&stateful_set(bg).expect("sts"))
+            .expect("hash")
+            .to_string()
+    };
+    assert_eq!(hash(&bg), hash(&bg.clone()), "stable");
+    let mut image = bg.clone();
+    image.spec.image = "keelmq/broker:9".into();
+    assert_ne!(hash(&image), hash(&bg));
+    let mut restarted = bg.clone();
+    restarted
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(keelmq_crds::ANNOTATION_RESTART.into(), "now".into());
+    assert_ne!(hash(&restarted), hash(&bg));
+    let mut scaled = bg.clone();
+    scaled.spec.replicas = 5;
+    assert_eq!(hash(&scaled), hash(&bg), "scaling restarts nobody");
+}
+
+#[test]
+fn the_stateful_set_keeps_the_masters_pod_until_it_moves() {
+    let mut bg = group("g", json!({"replicas": 2}));
+    assert_eq!(stateful_set_replicas(&bg).expect("n"), 2);
+    bg.status = Some(keelmq_crds::BrokerGroupStatus {
+        master: Some("g-3".into()),
+        ..Default::default()
+    });
+    assert_eq!(stateful_set_replicas(&bg).expect("n"), 4);
+    bg.status = Some(keelmq_crds::BrokerGroupStatus {
+        master: Some("g-1".into()),
+        ..Default::default()
+    });
+    assert_eq!(stateful_set_replicas(&bg).expect("n"), 2);
+    bg.spec.replicas = 0;
+    bg.status = None;
+    assert_eq!(stateful_set_replicas(&bg).expect("n"), 1, "never below one");
+    let names = GroupNames::of(&bg).expect("names");
+    assert_eq!(names.ordinal("g-12"), Some(12));
+    assert_eq!(names.ordinal("gx-1"), None);
+    assert_eq!(names.ordinal("g-"), None);
+}
+
+#[test]
 fn pod_disruption_budget_allows_one_broker_down() {
     let pdb = pod_disruption_budget(&full()).expect("pdb");
     let spec = pdb.spec.expect("spec");

@@ -642,6 +642,10 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
         switchover().await,
         leader_election().await,
         controllers_watch().await,
+        super::rollout_tests::template_change().await,
+        super::rollout_tests::restart_annotation_waits_for_sync().await,
+        super::rollout_tests::resume_after_operator_restart().await,
+        super::rollout_tests::scale_down_moves_the_master().await,
     ];
     let mut used = BTreeSet::new();
     for api in &apis {

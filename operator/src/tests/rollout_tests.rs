@@ -1,0 +1,530 @@
+//! Rolling restarts, scale-down and the persisted detection delay, through
+//! the mock API server and fake brokers. The test plays the StatefulSet
+//! controller: when the operator deletes a pod, the test recreates it from
+//! the StatefulSet's current template and the fake broker restarts in
+//! standby.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keelmq_crds::BrokerGroup;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+use super::{group, harness, pod};
+use crate::Error;
+use crate::controller::{Context, reconcile};
+use crate::metrics::Metrics;
+use crate::model::ANNOTATION_TEMPLATE_HASH;
+use crate::testing::{FakeApi, FakeBrokers};
+
+const NS: &str = "ns";
+
+fn stored(api: &FakeApi, name: &str) -> BrokerGroup {
+    serde_json::from_value(
+        api.get("keelmq.io", "brokergroups", NS, name)
+            .expect("stored"),
+    )
+    .expect("BrokerGroup")
+}
+
+async fn run(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
+    let bg = stored(api, name);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(bg), ctx.clone()),
+    )
+    .await
+    .expect("reconcile finishes")
+}
+
+fn condition(bg: &BrokerGroup, type_: &str) -> (String, String, String) {
+    let c = bg
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+/// Timeline entries that delete pods or hand the master role over.
+fn steps(brokers: &FakeBrokers) -> Vec<String> {
+    brokers
+        .timeline
+        .lock()
+        .expect("timeline")
+        .iter()
+        .filter(|e| e.starts_with("delete pods") || e.starts_with("switchover"))
+        .cloned()
+        .collect()
+}
+
+fn event_reasons(api: &FakeApi) -> Vec<String> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/events") && r.method == http::Method::POST)
+        .filter_map(|r| r.body["reason"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn template_hash(api: &FakeApi) -> String {
+    api.get("apps", "statefulsets", NS, "orders").expect("sts")["spec"]["template"]["metadata"]
+        ["annotations"][ANNOTATION_TEMPLATE_HASH]
+        .as_str()
+        .expect("hash")
+        .to_string()
+}
+
+fn pod_hash(api: &FakeApi, pod: &str) -> Option<String> {
+    api.get("", "pods", NS, pod)?["metadata"]["annotations"][ANNOTATION_TEMPLATE_HASH]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A healthy three-broker group `orders` with `orders-0` as master (epoch
+/// 1), pods made from the StatefulSet, masters reporting their slaves.
+async fn healthy_group() -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    run(&api, &ctx, "orders")
+        .await
+        .expect("creates the objects");
+    for i in 0..3 {
+        api.pod_from_stateful_set(NS, "orders", i, true);
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            300 - 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    let bg = stored(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 1));
+    assert_eq!(
+        condition(&bg, "Ready").0,
+        "True",
+        "{:?}",
+        condition(&bg, "Ready")
+    );
+    assert!(st.rollout.is_none());
+    brokers.timeline.lock().expect("timeline").clear();
+    (ctx, api, brokers)
+}
+
+/// Changes the stored BrokerGroup as a user would (a new generation).
+fn edit(api: &FakeApi, f: impl FnOnce(&mut Value)) {
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    f(&mut bg);
+    let g = bg["metadata"]["generation"].as_i64().unwrap_or(1);
+    bg["metadata"]["generation"] = json!(g + 1);
+    api.insert(bg);
+}
+
+/// Reconciles until the roll is over (bounded), playing the StatefulSet
+/// controller. After each pod deletion one more reconcile runs while the
+/// pod is gone, and must delete nothing. Returns the number of reconciles.
+async fn drive_roll(api: &FakeApi, ctx: &Arc<Context>, brokers: &FakeBrokers) -> usize {
+    for n in 1..=40 {
+        run(api, ctx, "orders").await.expect("reconcile");
+        let missing: Vec<i32> = (0..3)
+            .filter(|i| api.get("", "pods", NS, &format!("orders-{i}")).is_none())
+            .collect();
+        assert!(missing.len() <= 1, "one pod at a time: {missing:?} missing");
+        if let Some(&i) = missing.first() {
+            brokers.with(&format!("admin-orders-{i}"), |b| b.up = false);
+            let before = steps(brokers).len();
+            run(api, ctx, "orders").await.expect("reconcile");
+            assert_eq!(
+                steps(brokers).len(),
+                before,
+                "nothing else is deleted while orders-{i} is away"
+            );
+            let bg = stored(api, "orders");
+            let (_, reason, message) = condition(&bg, "Progressing");
+            assert_eq!(reason, "WaitingForSync", "{message}");
+            assert!(
+                message.contains(&format!("orders-{i} has no pod yet")),
+                "{message}"
+            );
+            api.pod_from_stateful_set(NS, "orders", i, true);
+            brokers.restart(&format!("admin-orders-{i}"));
+            continue;
+        }
+        let bg = stored(api, "orders");
+        let hash = template_hash(api);
+        let all_new = (0..3).all(|i| pod_hash(api, &format!("orders-{i}")) == Some(hash.clone()));
+        if all_new && bg.status.as_ref().is_some_and(|s| s.rollout.is_none()) {
+            return n;
+        }
+    }
+    panic!(
+        "the roll did not finish: {:?}",
+        stored(api, "orders").status
+    );
+}
+
+/// A new image rolls the slaves (highest ordinal first, each back and in
+/// sync before the next), then hands the master role to an updated slave,
+/// then restarts the old master, which follows.
+pub(super) async fn template_change() -> FakeApi {
+    let (ctx, api, brokers) = healthy_group().await;
+    let old_hash = template_hash(&api);
+    edit(&api, |bg| {
+        bg["spec"]["image"] = json!("keelmq/broker:0.2.0")
+    });
+
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_ne!(template_hash(&api), old_hash);
+    assert_eq!(steps(&brokers), ["delete pods orders-2"]);
+    let bg = stored(&api, "orders");
+    let rollout = bg
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .expect("recorded");
+    assert_eq!(rollout.reason, "TemplateChanged");
+    assert_eq!(
+        rollout.pending.as_ref().map(|p| p.pod.as_str()),
+        Some("orders-2")
+    );
+    assert_eq!(condition(&bg, "Progressing").1, "RollingUpdate");
+
+    drive_roll(&api, &ctx, &brokers).await;
+    assert_eq!(
+        steps(&brokers),
+        [
+            "delete pods orders-2",
+            "delete pods orders-1",
+            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
+            "delete pods orders-0",
+        ]
+    );
+    let t = brokers.timeline.lock().expect("timeline").clone();
+    let followed = t
+        .iter()
+        .position(|e| e == "follow admin-orders-1 -> repl-orders-0 epoch 1")
+        .expect("orders-1 followed the master after its restart");
+    let handed = t
+        .iter()
+        .position(|e| e.starts_with("switchover"))
+        .expect("switched over");
+    assert!(followed < handed, "{t:?}");
+    assert!(
+        t.contains(&"follow admin-orders-0 -> repl-orders-1 epoch 2".to_string()),
+        "the old master follows after its restart: {t:?}"
+    );
+    let bg = stored(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-1"), 2));
+    assert!(
+        st.last_failover
+            .as_ref()
+            .is_some_and(|f| f.reason.starts_with("rolling update"))
+    );
+    assert_eq!(condition(&bg, "Progressing").1, "Stable");
+    assert_eq!(condition(&bg, "Ready").0, "True");
+    let reasons = event_reasons(&api);
+    for r in [
+        "RollingUpdateStarted",
+        "RestartingBroker",
+        "BrokerRestarted",
+        "SwitchedOver",
+        "RollingUpdateFinished",
+    ] {
+        assert!(reasons.iter().any(|x| x == r), "{r} in {reasons:?}");
+    }
+    api
+}
+
+/// A lagging slave holds the roll (requested with the restart annotation)
+/// until it catches up; then the roll runs to the end and every pod carries
+/// the annotation's value.
+pub(super) async fn restart_annotation_waits_for_sync() -> FakeApi {
+    let (ctx, api, brokers) = healthy_group().await;
+    brokers.set_lagging("orders-1", true);
+    edit(&api, |bg| {
+        bg["metadata"]["annotations"] =
+            json!({keelmq_crds::ANNOTATION_RESTART: "2026-11-25T23:00:00Z"});
+    });
+    for _ in 0..3 {
+        run(&api, &ctx, "orders").await.expect("reconcile");
+    }
+    assert!(
+        steps(&brokers).is_empty(),
+        "nothing deleted while orders-1 lags"
+    );
+    let bg = stored(&api, "orders");
+    let (status, reason, message) = condition(&bg, "Progressing");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "WaitingForSync")
+    );
+    assert!(
+        message.contains("orders-1 is not in sync with master orders-0"),
+        "{message}"
+    );
+    let rollout = bg
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .expect("recorded");
+    assert_eq!(rollout.reason, "RestartRequested");
+    assert!(
+        rollout.message.contains("orders-1 is not in sync"),
+        "{}",
+        rollout.message
+    );
+
+    brokers.set_lagging("orders-1", false);
+    drive_roll(&api, &ctx, &brokers).await;
+    assert_eq!(
+        steps(&brokers),
+        [
+            "delete pods orders-2",
+            "delete pods orders-1",
+            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
+            "delete pods orders-0",
+        ]
+    );
+    for i in 0..3 {
+        let p = api
+            .get("", "pods", NS, &format!("orders-{i}"))
+            .expect("pod");
+        assert_eq!(
+            p["metadata"]["annotations"][keelmq_crds::ANNOTATION_RESTART],
+            "2026-11-25T23:00:00Z"
+        );
+    }
+    api
+}
+
+/// An operator restart mid-roll (a fresh context; only the status is
+/// left): the roll goes on where it was, not from the start.
+pub(super) async fn resume_after_operator_restart() -> FakeApi {
+    let (ctx, api, brokers) = healthy_group().await;
+    edit(&api, |bg| {
+        bg["spec"]["image"] = json!("keelmq/broker:0.2.0")
+    });
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_eq!(steps(&brokers), ["delete pods orders-2"]);
+    let before = stored(&api, "orders")
+        .status
+        .and_then(|s| s.rollout)
+        .expect("rollout");
+    drop(ctx);
+
+    // The operator is gone; the StatefulSet recreates the pod meanwhile.
+    api.pod_from_stateful_set(NS, "orders", 2, true);
+    brokers.restart("admin-orders-2");
+    let ctx = Arc::new(Context::with_brokers(
+        api.client.clone(),
+        Arc::new(Metrics::default()),
+        Arc::new(brokers.clone()),
+        harness_addresses(),
+    ));
+    run(&api, &ctx, "orders")
+        .await
+        .expect("the returned pod follows");
+    run(&api, &ctx, "orders").await.expect("the roll goes on");
+    assert_eq!(
+        steps(&brokers),
+        ["delete pods orders-2", "delete pods orders-1"],
+        "orders-2 is not restarted again"
+    );
+    let after = stored(&api, "orders")
+        .status
+        .and_then(|s| s.rollout)
+        .expect("rollout");
+    assert_eq!(after.started, before.started, "the same roll, resumed");
+    assert_eq!(after.restarted, ["orders-2"]);
+    assert_eq!(after.pending.map(|p| p.pod), Some("orders-1".to_string()));
+    let started = event_reasons(&api)
+        .iter()
+        .filter(|r| *r == "RollingUpdateStarted")
+        .count();
+    assert_eq!(started, 1);
+    api
+}
+
+fn harness_addresses() -> Arc<crate::brokers::StaticAddresses> {
+    let mut a = crate::brokers::StaticAddresses::default();
+    for i in 0..4 {
+        let p = format!("orders-{i}");
+        a.pods
+            .insert(p.clone(), (format!("admin-{p}"), format!("repl-{p}")));
+    }
+    Arc::new(a)
+}
+
+/// Scaling 3 -> 2 with the master on ordinal 2: the StatefulSet keeps three
+/// pods while no slave that stays is in sync, then the master hands over,
+/// and only then does the StatefulSet shrink.
+pub(super) async fn scale_down_moves_the_master() -> FakeApi {
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    run(&api, &ctx, "orders").await.expect("creates");
+    for i in 0..3 {
+        api.pod_from_stateful_set(NS, "orders", i, true);
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            100 + 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    let st = stored(&api, "orders").status.expect("status");
+    assert_eq!(st.master.as_deref(), Some("orders-2"));
+    brokers.timeline.lock().expect("timeline").clear();
+
+    brokers.set_lagging("orders-0", true);
+    brokers.set_lagging("orders-1", true);
+    edit(&api, |bg| bg["spec"]["replicas"] = json!(2));
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 3, "the master's pod is kept");
+    assert!(steps(&brokers).is_empty());
+    let bg = stored(&api, "orders");
+    let (_, reason, message) = condition(&bg, "Progressing");
+    assert_eq!(reason, "WaitingForSync");
+    assert!(
+        message.starts_with("scale-down held: master orders-2 is on ordinal 2"),
+        "{message}"
+    );
+
+    brokers.set_lagging("orders-1", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_eq!(
+        steps(&brokers),
+        ["switchover admin-orders-2 -> admin-orders-1 epoch 2"]
+    );
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(
+        sts["spec"]["replicas"], 3,
+        "not yet: the switchover came first"
+    );
+    let bg = stored(&api, "orders");
+    assert_eq!(
+        bg.status.as_ref().and_then(|s| s.master.as_deref()),
+        Some("orders-1")
+    );
+    assert_eq!(condition(&bg, "Progressing").1, "ScaleDown");
+
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 2, "shrinks once the master stays");
+    assert_eq!(
+        sts["spec"]["persistentVolumeClaimRetentionPolicy"],
+        json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+    );
+    api
+}
+
+/// The detection delay runs from the time recorded in status: a fresh
+/// operator whose status says the master has been unready for a minute
+/// fails over at once; one that says five seconds waits, keeping the
+/// recorded start; with no record the start is recorded.
+#[tokio::test]
+async fn detection_delay_start_survives_an_operator_restart() {
+    async fn with_since(since: Option<jiff::Timestamp>) -> (FakeApi, FakeBrokers) {
+        let (ctx, api, brokers) = harness("pay", 3);
+        let mut bg = serde_json::to_value(group("pay", json!({"replicas": 3}))).expect("json");
+        bg["status"] = json!({"master": "pay-0", "epoch": 1});
+        if let Some(t) = since {
+            bg["status"]["masterUnready"] = json!({"master": "pay-0", "since": t.to_string()});
+        }
+        api.insert(bg);
+        api.insert(pod("pay", 0, false));
+        for i in 1..3 {
+            api.insert(pod("pay", i, true));
+            brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), 10);
+            brokers.with(&format!("admin-pay-{i}"), |b| b.status.epoch = 1);
+        }
+        let bg: BrokerGroup =
+            serde_json::from_value(api.get("keelmq.io", "brokergroups", NS, "pay").expect("bg"))
+                .expect("BrokerGroup");
+        tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(bg), ctx))
+            .await
+            .expect("finishes")
+            .expect("reconcile");
+        (api, brokers)
+    }
+    let stored_pay = |api: &FakeApi| -> BrokerGroup {
+        serde_json::from_value(api.get("keelmq.io", "brokergroups", NS, "pay").expect("bg"))
+            .expect("BrokerGroup")
+    };
+    let now = jiff::Timestamp::now();
+
+    let long_ago = now - jiff::SignedDuration::from_secs(60);
+    let (api, brokers) = with_since(Some(long_ago)).await;
+    let st = stored_pay(&api).status.expect("status");
+    assert_eq!(st.master.as_deref(), Some("pay-1"), "failed over at once");
+    assert!(
+        st.last_failover
+            .is_some_and(|f| f.reason.starts_with("the master has been unready for")),
+    );
+    assert!(st.master_unready.is_none(), "cleared with the new master");
+    assert!(
+        brokers
+            .timeline
+            .lock()
+            .expect("timeline")
+            .contains(&"promote admin-pay-1 epoch 2".to_string())
+    );
+
+    let recent = now - jiff::SignedDuration::from_secs(5);
+    let (api, brokers) = with_since(Some(recent)).await;
+    let bg = stored_pay(&api);
+    let st = bg.status.clone().expect("status");
+    assert_eq!(
+        st.master.as_deref(),
+        Some("pay-0"),
+        "still within the delay"
+    );
+    assert_eq!(
+        st.master_unready.map(|u| u.since.0.as_second()),
+        Some(recent.as_second()),
+        "the recorded start is kept (status times have whole seconds)"
+    );
+    assert_eq!(condition(&bg, "Ready").1, "MasterUnready");
+    assert!(
+        !brokers
+            .timeline
+            .lock()
+            .expect("timeline")
+            .iter()
+            .any(|e| e.starts_with("promote"))
+    );
+
+    let (api, _) = with_since(None).await;
+    let st = stored_pay(&api).status.expect("status");
+    let u = st.master_unready.expect("the start is recorded");
+    assert_eq!(u.master, "pay-0");
+    assert!(u.since.0.as_second() >= now.as_second());
+}
+
+#[tokio::test]
+async fn a_template_change_rolls_slaves_then_switches_over_then_the_old_master() {
+    template_change().await;
+}
+
+#[tokio::test]
+async fn the_restart_annotation_rolls_once_every_slave_is_in_sync() {
+    restart_annotation_waits_for_sync().await;
+}
+
+#[tokio::test]
+async fn a_restarted_operator_resumes_the_roll_from_status() {
+    resume_after_operator_restart().await;
+}
+
+#[tokio::test]
+async fn scale_down_hands_the_master_over_before_removing_its_pod() {
+    scale_down_moves_the_master().await;
+}
