@@ -95,7 +95,11 @@ pub struct BrokerGroupSpec {
     /// What happens when the master fails.
     #[serde(default)]
     pub failover: FailoverSpec,
-    /// Whether the `<name>-read` Service includes slaves (true) or only the master.
+    /// Whether slaves serve reads: the `<name>-read` Service includes them and
+    /// each master reads records far behind its head from an in-sync slave
+    /// (broker `slave_read = "auto"`). False: the read Service selects only
+    /// the master and brokers run with `slave_read = "off"`. A
+    /// `config.slave_read` entry overrides the broker side.
     #[serde(default = "default_true")]
     pub read_from_slaves: bool,
     /// Extra broker settings (keys of the broker's TOML file, e.g.

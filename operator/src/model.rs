@@ -205,6 +205,9 @@ pub fn broker_config(bg: &BrokerGroup) -> Result<String, Error> {
         i64::from(spec.replication.min_in_sync_replicas).into(),
     );
     set("flush_mode", spec.flush_mode.broker_value().into());
+    if !spec.read_from_slaves && !spec.config.contains_key("slave_read") {
+        set("slave_read", "off".into());
+    }
     let mut extra = toml::Table::new();
     for (key, value) in &spec.config {
         if RESERVED_CONFIG_KEYS.contains(&key.as_str()) {

@@ -33,6 +33,20 @@ fn config_map_holds_a_broker_config_the_broker_accepts() {
     assert!(toml_text.contains("role = \"standby\""));
     assert!(toml_text.contains("flush_mode = \"SYNC_FLUSH\""));
     assert!(toml_text.contains("replication_mode = \"sync\""));
+    assert_eq!(
+        parsed.slave_read,
+        keelmq_broker::messaging::slave_reads::SlaveReadMode::Auto,
+        "slaves serve reads by default"
+    );
+    let mut no_slave_reads = bg.clone();
+    no_slave_reads.spec.read_from_slaves = false;
+    let cm = config_map(&no_slave_reads).expect("cm");
+    let parsed: keelmq_broker::config::BrokerConfig =
+        toml::from_str(&cm.data.as_ref().expect("data")[CONFIG_FILE]).expect("parses");
+    assert_eq!(
+        parsed.slave_read,
+        keelmq_broker::messaging::slave_reads::SlaveReadMode::Off
+    );
     let owner = &cm.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(owner.kind, "BrokerGroup");
     assert_eq!(owner.controller, Some(true));
