@@ -327,6 +327,10 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             .count(),
     )
     .unwrap_or(i32::MAX);
+    if roll.as_ref().is_some_and(|r| r.deleted.is_some()) {
+        // The pod just deleted was ready when observed.
+        status.ready_replicas = status.ready_replicas.saturating_sub(1);
+    }
     status.observed_generation = generation;
     status.master_unready = observed
         .master_unready

@@ -310,6 +310,8 @@ pub struct Report {
     pub reason: &'static str,
     /// In words.
     pub message: String,
+    /// A ready pod this step deleted (it no longer counts as ready).
+    pub deleted: Option<String>,
 }
 
 /// Takes the next step of a scale-down or roll, if any. Call only when the
@@ -342,6 +344,7 @@ pub async fn advance(
                 Some(Report {
                     reason: REASON_WAITING,
                     message,
+                    deleted: None,
                 }),
                 None,
             ));
@@ -362,6 +365,7 @@ pub async fn advance(
                 Some(Report {
                     reason: REASON_SCALE_DOWN,
                     message,
+                    deleted: None,
                 }),
                 outcome,
             ));
@@ -523,6 +527,7 @@ pub async fn advance(
                 Report {
                     reason: REASON_WAITING,
                     message,
+                    deleted: None,
                 },
                 None,
             )
@@ -573,6 +578,7 @@ pub async fn advance(
                     message: format!(
                         "restarted {pod}; waiting for it to come back ready and in sync"
                     ),
+                    deleted: Some(pod.clone()),
                 },
                 None,
             )
@@ -593,6 +599,7 @@ pub async fn advance(
                 Report {
                     reason: REASON_ROLLING,
                     message,
+                    deleted: None,
                 },
                 outcome,
             )

@@ -193,6 +193,8 @@ pub(super) async fn template_change() -> FakeApi {
         Some("orders-2")
     );
     assert_eq!(condition(&bg, "Progressing").1, "RollingUpdate");
+    assert_eq!(condition(&bg, "Ready").0, "False", "a broker is away");
+    assert_eq!(bg.status.as_ref().map(|s| s.ready_replicas), Some(2));
 
     drive_roll(&api, &ctx, &brokers).await;
     assert_eq!(
