@@ -525,6 +525,11 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
 
 /// The template hash a StatefulSet's pods should carry.
 pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
+    template_annotation(sts, ANNOTATION_TEMPLATE_HASH)
+}
+
+/// An annotation of a StatefulSet's pod template.
+pub fn template_annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
     sts.spec
         .as_ref()?
         .template
@@ -532,7 +537,7 @@ pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
         .as_ref()?
         .annotations
         .as_ref()?
-        .get(ANNOTATION_TEMPLATE_HASH)
+        .get(key)
         .map(String::as_str)
 }
 

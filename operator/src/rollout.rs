@@ -252,15 +252,8 @@ pub fn outdated(pod: &Pod, sts: &StatefulSet) -> bool {
     by_hash || by_revision
 }
 
-fn restart_value(sts: &StatefulSet) -> Option<&String> {
-    sts.spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_RESTART)
+fn restart_value(sts: &StatefulSet) -> Option<&str> {
+    crate::model::template_annotation(sts, ANNOTATION_RESTART)
 }
 
 /// The group's members as the roll sees them.
@@ -466,6 +459,7 @@ pub async fn advance(
             .pods
             .get(*p)
             .and_then(|pod| pod.annotations().get(ANNOTATION_RESTART))
+            .map(String::as_str)
             != restart_value(sts)
     }) {
         RESTART_REQUESTED
