@@ -10,14 +10,61 @@ mod reconcile_tests;
 mod rollout_tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keelmq_crds::BrokerGroup;
 use serde_json::{Value, json};
 
 use crate::brokers::StaticAddresses;
-use crate::controller::Context;
+use kube::runtime::controller::Action;
+
+use crate::Error;
+use crate::controller::{Context, reconcile};
 use crate::metrics::Metrics;
 use crate::testing::{FakeApi, FakeBrokers};
+
+const NS: &str = "ns";
+
+/// Fake admin and replication addresses of pods 0..n of a group.
+fn addresses(group: &str, n: i32) -> StaticAddresses {
+    let mut a = StaticAddresses::default();
+    for i in 0..n {
+        let p = format!("{group}-{i}");
+        a.pods
+            .insert(p.clone(), (format!("admin-{p}"), format!("repl-{p}")));
+    }
+    a
+}
+
+/// The BrokerGroup as the mock API server holds it now.
+fn stored_group(api: &FakeApi, name: &str) -> BrokerGroup {
+    serde_json::from_value(
+        api.get("keelmq.io", "brokergroups", NS, name)
+            .expect("stored"),
+    )
+    .expect("BrokerGroup")
+}
+
+/// One reconcile of the stored BrokerGroup, bounded in time.
+async fn run(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
+    let bg = stored_group(api, name);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(bg), ctx.clone()),
+    )
+    .await
+    .expect("reconcile finishes")
+}
+
+/// (status, reason, message) of a condition the operator wrote.
+fn condition(bg: &BrokerGroup, type_: &str) -> (String, String, String) {
+    let c = bg
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition"));
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
 
 /// A BrokerGroup as stored, from YAML spec text.
 fn group(name: &str, spec: Value) -> BrokerGroup {
@@ -52,18 +99,11 @@ fn harness(group: &str, replicas: i32) -> (Arc<Context>, FakeApi, FakeBrokers) {
     let (client, api) = FakeApi::start();
     let brokers = FakeBrokers::default();
     api.state.lock().expect("state").timeline = Some(brokers.timeline.clone());
-    let mut addresses = StaticAddresses::default();
-    for i in 0..replicas.max(4) {
-        let p = format!("{group}-{i}");
-        addresses
-            .pods
-            .insert(p.clone(), (format!("admin-{p}"), format!("repl-{p}")));
-    }
     let ctx = Arc::new(Context::with_brokers(
         client,
         Arc::new(Metrics::default()),
         Arc::new(brokers.clone()),
-        Arc::new(addresses),
+        Arc::new(addresses(group, replicas.max(4))),
     ));
     (ctx, api, brokers)
 }

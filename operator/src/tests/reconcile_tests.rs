@@ -11,39 +11,10 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
-use super::{group, harness, pod};
+use super::{NS, condition, group, harness, pod, run, stored_group};
 use crate::Error;
-use crate::controller::{Context, error_policy, reconcile};
+use crate::controller::{Context, error_policy};
 use crate::testing::{FakeApi, FakeBrokers};
-
-const NS: &str = "ns";
-
-fn stored_group(api: &FakeApi, name: &str) -> BrokerGroup {
-    serde_json::from_value(
-        api.get("keelmq.io", "brokergroups", NS, name)
-            .expect("stored"),
-    )
-    .expect("BrokerGroup")
-}
-
-fn condition(bg: &BrokerGroup, type_: &str) -> (String, String, String) {
-    let c = bg
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .unwrap_or_else(|| panic!("no {type_} condition"));
-    (c.status.clone(), c.reason.clone(), c.message.clone())
-}
-
-async fn run(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
-    let bg = stored_group(api, name);
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        reconcile(Arc::new(bg), ctx.clone()),
-    )
-    .await
-    .expect("reconcile finishes")
-}
 
 fn timeline(brokers: &FakeBrokers) -> Vec<String> {
     brokers.timeline.lock().expect("timeline").clone()

@@ -8,44 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keelmq_crds::BrokerGroup;
-use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
-use super::{group, harness, pod};
-use crate::Error;
+use super::{NS, addresses, condition, group, harness, pod, run, stored_group};
 use crate::controller::{Context, reconcile};
 use crate::metrics::Metrics;
 use crate::model::ANNOTATION_TEMPLATE_HASH;
 use crate::testing::{FakeApi, FakeBrokers};
-
-const NS: &str = "ns";
-
-fn stored(api: &FakeApi, name: &str) -> BrokerGroup {
-    serde_json::from_value(
-        api.get("keelmq.io", "brokergroups", NS, name)
-            .expect("stored"),
-    )
-    .expect("BrokerGroup")
-}
-
-async fn run(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
-    let bg = stored(api, name);
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        reconcile(Arc::new(bg), ctx.clone()),
-    )
-    .await
-    .expect("reconcile finishes")
-}
-
-fn condition(bg: &BrokerGroup, type_: &str) -> (String, String, String) {
-    let c = bg
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .unwrap_or_else(|| panic!("no {type_} condition"));
-    (c.status.clone(), c.reason.clone(), c.message.clone())
-}
 
 /// Timeline entries that delete pods or hand the master role over.
 fn steps(brokers: &FakeBrokers) -> Vec<String> {
@@ -100,7 +69,7 @@ async fn healthy_group() -> (Arc<Context>, FakeApi, FakeBrokers) {
     }
     run(&api, &ctx, "orders").await.expect("bootstrap");
     run(&api, &ctx, "orders").await.expect("healthy");
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     let st = bg.status.clone().expect("status");
     assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 1));
     assert_eq!(
@@ -144,7 +113,7 @@ async fn drive_roll(api: &FakeApi, ctx: &Arc<Context>, brokers: &FakeBrokers) ->
                 before,
                 "nothing else is deleted while orders-{i} is away"
             );
-            let bg = stored(api, "orders");
+            let bg = stored_group(api, "orders");
             let (_, reason, message) = condition(&bg, "Progressing");
             assert_eq!(reason, "WaitingForSync", "{message}");
             assert!(
@@ -155,7 +124,7 @@ async fn drive_roll(api: &FakeApi, ctx: &Arc<Context>, brokers: &FakeBrokers) ->
             brokers.restart(&format!("admin-orders-{i}"));
             continue;
         }
-        let bg = stored(api, "orders");
+        let bg = stored_group(api, "orders");
         let hash = template_hash(api);
         let all_new = (0..3).all(|i| pod_hash(api, &format!("orders-{i}")) == Some(hash.clone()));
         if all_new && bg.status.as_ref().is_some_and(|s| s.rollout.is_none()) {
@@ -164,7 +133,7 @@ async fn drive_roll(api: &FakeApi, ctx: &Arc<Context>, brokers: &FakeBrokers) ->
     }
     panic!(
         "the roll did not finish: {:?}",
-        stored(api, "orders").status
+        stored_group(api, "orders").status
     );
 }
 
@@ -181,7 +150,7 @@ pub(super) async fn template_change() -> FakeApi {
     run(&api, &ctx, "orders").await.expect("reconcile");
     assert_ne!(template_hash(&api), old_hash);
     assert_eq!(steps(&brokers), ["delete pods orders-2"]);
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     let rollout = bg
         .status
         .as_ref()
@@ -220,7 +189,7 @@ pub(super) async fn template_change() -> FakeApi {
         t.contains(&"follow admin-orders-0 -> repl-orders-1 epoch 2".to_string()),
         "the old master follows after its restart: {t:?}"
     );
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     let st = bg.status.clone().expect("status");
     assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-1"), 2));
     assert!(
@@ -260,7 +229,7 @@ pub(super) async fn restart_annotation_waits_for_sync() -> FakeApi {
         steps(&brokers).is_empty(),
         "nothing deleted while orders-1 lags"
     );
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     let (status, reason, message) = condition(&bg, "Progressing");
     assert_eq!(
         (status.as_str(), reason.as_str()),
@@ -314,7 +283,7 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
     });
     run(&api, &ctx, "orders").await.expect("reconcile");
     assert_eq!(steps(&brokers), ["delete pods orders-2"]);
-    let before = stored(&api, "orders")
+    let before = stored_group(&api, "orders")
         .status
         .and_then(|s| s.rollout)
         .expect("rollout");
@@ -327,7 +296,7 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
         api.client.clone(),
         Arc::new(Metrics::default()),
         Arc::new(brokers.clone()),
-        harness_addresses(),
+        Arc::new(addresses("orders", 4)),
     ));
     run(&api, &ctx, "orders")
         .await
@@ -338,7 +307,7 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
         ["delete pods orders-2", "delete pods orders-1"],
         "orders-2 is not restarted again"
     );
-    let after = stored(&api, "orders")
+    let after = stored_group(&api, "orders")
         .status
         .and_then(|s| s.rollout)
         .expect("rollout");
@@ -351,16 +320,6 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
         .count();
     assert_eq!(started, 1);
     api
-}
-
-fn harness_addresses() -> Arc<crate::brokers::StaticAddresses> {
-    let mut a = crate::brokers::StaticAddresses::default();
-    for i in 0..4 {
-        let p = format!("orders-{i}");
-        a.pods
-            .insert(p.clone(), (format!("admin-{p}"), format!("repl-{p}")));
-    }
-    Arc::new(a)
 }
 
 /// Scaling 3 -> 2 with the master on ordinal 2: the StatefulSet keeps three
@@ -381,7 +340,7 @@ pub(super) async fn scale_down_moves_the_master() -> FakeApi {
     }
     run(&api, &ctx, "orders").await.expect("bootstrap");
     run(&api, &ctx, "orders").await.expect("healthy");
-    let st = stored(&api, "orders").status.expect("status");
+    let st = stored_group(&api, "orders").status.expect("status");
     assert_eq!(st.master.as_deref(), Some("orders-2"));
     brokers.timeline.lock().expect("timeline").clear();
 
@@ -392,7 +351,7 @@ pub(super) async fn scale_down_moves_the_master() -> FakeApi {
     let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
     assert_eq!(sts["spec"]["replicas"], 3, "the master's pod is kept");
     assert!(steps(&brokers).is_empty());
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     let (_, reason, message) = condition(&bg, "Progressing");
     assert_eq!(reason, "WaitingForSync");
     assert!(
@@ -411,7 +370,7 @@ pub(super) async fn scale_down_moves_the_master() -> FakeApi {
         sts["spec"]["replicas"], 3,
         "not yet: the switchover came first"
     );
-    let bg = stored(&api, "orders");
+    let bg = stored_group(&api, "orders");
     assert_eq!(
         bg.status.as_ref().and_then(|s| s.master.as_deref()),
         Some("orders-1")
