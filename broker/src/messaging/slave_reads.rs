@@ -139,25 +139,31 @@ impl SlaveReads {
         topic: &str,
         claimed: &[Claimed],
     ) -> Vec<Result<Option<StoredRecord>, StoreError>> {
+        let local = |c: &Claimed| {
+            self.store
+                .get_entry(topic, c.queue_id, c.queue_offset, c.location)
+        };
         let steered = self.steer(claimed);
+        if steered.is_empty() {
+            // The common case: nothing far behind, no slave involved.
+            return claimed.iter().map(local).collect();
+        }
         let mut remote: Vec<Option<StoredRecord>> = vec![None; claimed.len()];
-        if !steered.is_empty() {
-            let wanted: Vec<Claimed> = steered.iter().map(|&i| claimed[i]).collect();
-            match self.read_remote(topic, &wanted).await {
-                Ok(records) => {
-                    self.stats
-                        .read_from_slaves
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    for (&i, r) in steered.iter().zip(records) {
-                        remote[i] = Some(r);
-                    }
+        let wanted: Vec<Claimed> = steered.iter().map(|&i| claimed[i]).collect();
+        match self.read_remote(topic, &wanted).await {
+            Ok(records) => {
+                self.stats
+                    .read_from_slaves
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                for (&i, r) in steered.iter().zip(records) {
+                    remote[i] = Some(r);
                 }
-                Err(why) => {
-                    self.stats
-                        .fallbacks
-                        .fetch_add(wanted.len() as u64, Ordering::Relaxed);
-                    tracing::debug!(topic, records = wanted.len(), reason = %why, "slave read not possible; reading locally");
-                }
+            }
+            Err(why) => {
+                self.stats
+                    .fallbacks
+                    .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+                tracing::debug!(topic, records = wanted.len(), reason = %why, "slave read not possible; reading locally");
             }
         }
         claimed
@@ -165,9 +171,7 @@ impl SlaveReads {
             .zip(remote)
             .map(|(c, r)| match r {
                 Some(r) => Ok(Some(r)),
-                None => self
-                    .store
-                    .get_entry(topic, c.queue_id, c.queue_offset, c.location),
+                None => local(c),
             })
             .collect()
     }
