@@ -23,7 +23,7 @@ use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
 use keelmq_proto::admin::{Role, StatusRequest};
 use keelmq_tests::group::LocalGroup;
 use keelmq_tests::rmq::RawClient;
-use keelmq_tests::{BrokerProcess, free_port, workspace_bin};
+use keelmq_tests::{BrokerProcess, free_port, free_port_block, workspace_bin};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -200,7 +200,7 @@ async fn settled(dir: &std::path::Path) -> usize {
 
 async fn failover(runs: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = free_port().saturating_sub(50).max(20000);
+    let base = free_port_block(24);
     let mut dev = Command::new(workspace_bin("keelmq"))
         .args(["dev", "--base-port", &base.to_string()])
         .arg("--dir")

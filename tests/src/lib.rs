@@ -32,8 +32,62 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    l.local_addr().expect("local addr").port()
+    free_port_block(1)
+}
+
+/// The first of `n` consecutive loopback ports that were all free a moment
+/// ago.
+///
+/// Ports come from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), never from it: a test that restarts a
+/// broker on the same ports must not find one taken by some process's
+/// outgoing connection in between. Each process starts at its own random
+/// point of the range and walks it, so concurrent tests rarely try the same
+/// port and one process never hands out a port twice.
+pub fn free_port_block(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = non_ephemeral_ports();
+    let span = u32::from(high - low);
+    let n32 = u32::from(n.max(1));
+    assert!(n32 < span, "{n} ports do not fit in {low}..{high}");
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            seed.wrapping_mul(2_654_435_761) % span,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(n32, Ordering::Relaxed) % (span - n32);
+        let base = low + offset as u16;
+        let all_free = (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free loopback ports in {low}..{high}");
+}
+
+/// The loopback ports tests may use: from 10000 up to the start of the
+/// kernel's ephemeral range (to 32768 when it cannot be read).
+fn non_ephemeral_ports() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start > LOW + 2_000 {
+        (LOW, ephemeral_start)
+    } else {
+        // An unusual kernel setting: use the ports above the ephemeral range.
+        (61_000, 65_000)
+    }
 }
 
 /// A `keelmq-broker` process on loopback, killed when dropped.

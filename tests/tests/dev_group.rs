@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keelmq_tests::rmq::RawClient;
-use keelmq_tests::{free_port, workspace_bin};
+use keelmq_tests::{free_port_block, workspace_bin};
 
 use keelmq_broker::cli::dev::{DevBroker, read_group as group};
 
@@ -44,8 +44,8 @@ async fn writable(brokers: &[DevBroker], except: Option<&str>) -> Option<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keelmq_dev_runs_a_group_that_survives_losing_its_master() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // 24 consecutive ports from a base that was free a moment ago.
-    let base = free_port().clamp(20_000, 60_000);
+    // Consecutive ports from a base that were free a moment ago.
+    let base = free_port_block(24);
     let mut dev = Command::new(workspace_bin("keelmq"))
         .args([
             "dev",
