@@ -156,11 +156,15 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         {
             // A role change means the delivery state in memory belongs to a
             // previous master's history: reload it from the (replicated) metadata.
-            let (mut changes, timer, consumption) = (
+            let (mut changes, timer, consumption, repl) = (
                 repl.subscribe_role_changes(),
                 timer.clone(),
                 consumption.clone(),
+                repl.clone(),
             );
+            if repl.role() == crate::replication::Role::Master {
+                consumption.load();
+            }
             let stop = stopped(stop_rx.clone());
             tasks.spawn(async move {
                 tokio::pin!(stop);
@@ -173,6 +177,9 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
                             }
                             consumption.reset();
                             timer.reset();
+                            if repl.role() == crate::replication::Role::Master {
+                                consumption.load();
+                            }
                         }
                     }
                 }

@@ -60,16 +60,41 @@ impl WritePath {
         let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
             return Ok(appended);
         };
+        self.wait_durable(end).await?;
+        Ok(appended)
+    }
+
+    /// Waits until everything before commit-log offset `end` is as durable
+    /// as the flush and replication modes promise for a send.
+    pub async fn wait_durable(&self, end: u64) -> Result<(), WriteError> {
         self.replication.notify_appended();
-        self.store.wait_flushed(end).await.map_err(|e| match e {
-            StoreError::FlushTimeout { .. } => WriteError::FlushTimeout(e),
-            other => WriteError::Store(other),
-        })?;
+        self.wait_flushed(end).await?;
         self.replication
             .wait_replicated(end)
             .await
-            .map_err(WriteError::ReplicationTimeout)?;
-        Ok(appended)
+            .map_err(WriteError::ReplicationTimeout)
+    }
+
+    /// Waits for a consumer's delivery record (ending at `end`): always for
+    /// the local flush the flush mode promises, for the slaves only when
+    /// enough of them are in sync to confirm it, and at most the replication
+    /// timeout. Consumers keep being served when the slaves cannot confirm
+    /// (as RocketMQ's POP does with its checkpoints); `Ok(false)` says so:
+    /// a failover may then make such a delivery again.
+    pub async fn wait_delivery_record(&self, end: u64) -> Result<bool, WriteError> {
+        self.replication.notify_appended();
+        self.wait_flushed(end).await?;
+        if !self.replication.can_confirm() {
+            return Ok(false);
+        }
+        Ok(self.replication.wait_replicated(end).await.is_ok())
+    }
+
+    async fn wait_flushed(&self, end: u64) -> Result<(), WriteError> {
+        self.store.wait_flushed(end).await.map_err(|e| match e {
+            StoreError::FlushTimeout { .. } => WriteError::FlushTimeout(e),
+            other => WriteError::Store(other),
+        })
     }
 
     /// Writes one record; see [`WritePath::write`].

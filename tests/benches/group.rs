@@ -23,7 +23,7 @@ use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
 use keelmq_proto::admin::{Role, StatusRequest};
 use keelmq_tests::group::LocalGroup;
 use keelmq_tests::rmq::RawClient;
-use keelmq_tests::{BrokerProcess, free_port, free_port_block, workspace_bin};
+use keelmq_tests::{BrokerProcess, free_port_block, workspace_bin};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)

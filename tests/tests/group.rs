@@ -472,8 +472,8 @@ async fn planned_switchover_under_load_loses_nothing() {
     assert!(produced.values().all(|p| p.acked.len() > 5));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn consumer_progress_survives_failover_and_redeliveries_are_counted() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_keep_their_in_flight_messages_and_handles_across_a_failover() {
     let mut g = LocalGroup::start(3, ReplicationMode::Sync, Duration::from_secs(1), &[]).await;
     create_topic(&g, 1).await;
     let old = g.master().expect("master");
@@ -507,44 +507,8 @@ async fn consumer_progress_survives_failover_and_redeliveries_are_counted() {
         .await
         .expect("receive");
     assert_eq!(second.len(), 10);
-    // Progress reaches the slaves on the metadata stream. A later change (a
-    // probe group's commit) seen on every slave means a snapshot taken after
-    // the deliveries above has arrived there.
-    let probe = c
-        .receive(
-            "probe",
-            TOPIC,
-            1,
-            Duration::from_secs(60),
-            Duration::from_secs(1),
-        )
-        .await
-        .expect("probe receive");
-    assert!(c.ack("probe", TOPIC, &probe).await.expect("ack").is_empty());
-    let start = std::time::Instant::now();
-    for (i, m) in g.members.iter().enumerate() {
-        if i == old {
-            continue;
-        }
-        let p = m.process.as_ref().expect("running");
-        loop {
-            let out = String::from_utf8_lossy(&p.cli(&["group", "describe", "probe"]).stdout)
-                .into_owned();
-            let committed = out.lines().any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() >= 3 && f[0] == TOPIC && f[1] == "0" && f[2] == "1"
-            });
-            if committed {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{} never saw the probe's progress: {out}",
-                m.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // No waiting for the slaves: under SYNC replication a receive or an ack
+    // is answered only once its delivery record is on a slave.
     g.kill(old);
     let new = g.wait_new_master(old, Duration::from_secs(20)).await;
     let after = drain(&g, new, "g").await;
@@ -554,12 +518,28 @@ async fn consumer_progress_survives_failover_and_redeliveries_are_counted() {
         .collect();
     assert_eq!(
         seqs,
-        (10..30).collect::<Vec<_>>(),
-        "acked messages are not redelivered; in-flight ones are"
+        (20..30).collect::<Vec<_>>(),
+        "acked messages are not redelivered, in-flight ones stay invisible"
     );
+    // The consumer finishes the ten it was processing with the handles the
+    // old master gave it.
+    let mut c = g.client(new);
+    let failed = c.ack("g", TOPIC, &second).await.expect("ack");
+    assert!(failed.is_empty(), "old handles refused: {failed:?}");
     let st = g.status(new).await.expect("status");
     assert_eq!(
-        st.failover_redeliveries, 10,
-        "the ten in-flight messages count as failover redeliveries"
+        st.failover_redeliveries, 0,
+        "nothing was handed out twice because of the failover"
     );
+    let rest = c
+        .receive(
+            "g",
+            TOPIC,
+            10,
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+        )
+        .await
+        .expect("receive");
+    assert!(rest.is_empty(), "everything was acked: {rest:?}");
 }

@@ -75,6 +75,8 @@ pub struct ClientApi {
     producers: Arc<producers::ProducerStreams>,
     /// Where received records are read from (a slave, or this broker).
     slave_reads: Option<Arc<SlaveReads>>,
+    /// When consumers were last warned about unconfirmed delivery records.
+    unconfirmed_warned_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl ClientApi {
@@ -98,6 +100,7 @@ impl ClientApi {
             transactions,
             producers: Arc::default(),
             slave_reads: None,
+            unconfirmed_warned_ms: Arc::default(),
         }
     }
 
@@ -117,6 +120,30 @@ impl ClientApi {
                 ),
             )
         })
+    }
+
+    /// OK once a consumer's change, whose delivery record ends at `end`, is
+    /// flushed as the flush mode promises and, when enough slaves are in
+    /// sync, replicated; the write status when the flush failed.
+    async fn confirm(&self, end: Option<u64>) -> pb::Status {
+        let Some(end) = end else {
+            return ok();
+        };
+        match self.write.wait_delivery_record(end).await {
+            Ok(true) => ok(),
+            Ok(false) => {
+                let now = now_ms();
+                let last = self.unconfirmed_warned_ms.load(Ordering::Relaxed);
+                if now - last >= 10_000 {
+                    self.unconfirmed_warned_ms.store(now, Ordering::Relaxed);
+                    tracing::warn!(
+                        "consumers are served although the slaves did not confirm their delivery records: a failover now may deliver some messages again"
+                    );
+                }
+                ok()
+            }
+            Err(e) => write_error_status(&e),
+        }
     }
 
     /// Reads received records from slaves as `reads` decides.
@@ -522,20 +549,27 @@ impl MessagingService for ClientApi {
                 max_attempts: self.cfg.max_delivery_attempts,
                 now_ms: now_ms(),
             };
-            let got = match &self.slave_reads {
-                None => self.consumption.receive(&request),
-                Some(reads) => match self.consumption.claim(&request) {
-                    Ok(claimed) if claimed.is_empty() => Ok(Vec::new()),
-                    Ok(claimed) => {
-                        let records = reads.read(&topic.name, &claimed).await;
-                        match self.consumption.complete(&request, claimed, records) {
-                            // Everything claimed was filtered out: look again.
-                            Ok(msgs) if msgs.is_empty() => continue,
-                            other => other,
-                        }
+            let got = match self.consumption.claim(&request) {
+                Ok(claim) if claim.items.is_empty() => Ok(Vec::new()),
+                Ok(claim) => {
+                    // The delivery record is made durable (and replicated when
+                    // the slaves can confirm it) before anything is handed out,
+                    // so a restart or failover keeps it.
+                    let recorded = self.confirm(claim.durable_at).await;
+                    if recorded.code != Code::Ok as i32 {
+                        return one(recorded);
                     }
-                    Err(e) => Err(e),
-                },
+                    let records = match &self.slave_reads {
+                        Some(reads) => reads.read(&topic.name, &claim.items).await,
+                        None => self.consumption.read_local(&topic.name, &claim.items),
+                    };
+                    match self.consumption.complete(&request, claim.items, records) {
+                        // Everything claimed was filtered out: look again.
+                        Ok(msgs) if msgs.is_empty() => continue,
+                        other => other,
+                    }
+                }
+                Err(e) => Err(e),
             };
             match got {
                 Err(e) => return one(status(Code::InternalServerError, e.to_string())),
@@ -583,14 +617,34 @@ impl MessagingService for ClientApi {
         }
         let group = resource_name(&r.group);
         let topic = resource_name(&r.topic);
+        let handles: Vec<&str> = r
+            .entries
+            .iter()
+            .map(|e| e.receipt_handle.as_str())
+            .collect();
+        let (results, logged) = self.consumption.ack_many(group, topic, &handles);
+        // An ack is confirmed once its delivery record is as durable as a
+        // send: a failover then never hands the message out again.
+        let unconfirmed = match logged {
+            Ok(end) => Some(self.confirm(end).await).filter(|s| s.code != Code::Ok as i32),
+            Err(e) => Some(status(
+                Code::InternalServerError,
+                format!("the acks could not be recorded: {e}"),
+            )),
+        };
         let mut all_ok = true;
         let entries: Vec<_> = r
             .entries
             .iter()
-            .map(|e| {
-                let s = match self.consumption.ack(group, topic, &e.receipt_handle) {
-                    Ok(()) => ok(),
-                    Err(err) => {
+            .zip(results)
+            .map(|(e, result)| {
+                let s = match (result, &unconfirmed) {
+                    (Ok(()), None) => ok(),
+                    (Ok(()), Some(failed)) => {
+                        all_ok = false;
+                        failed.clone()
+                    }
+                    (Err(err), _) => {
                         all_ok = false;
                         handle_status(&err)
                     }
@@ -636,7 +690,7 @@ impl MessagingService for ClientApi {
             &r.receipt_handle,
             r.delivery_attempt.max(0) as u32,
         ) {
-            Ok(()) => ok(),
+            Ok(end) => self.confirm(end).await,
             Err(e) => handle_status(&e),
         };
         Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
@@ -782,8 +836,8 @@ impl MessagingService for ClientApi {
             d.as_millis() as i64,
             now_ms(),
         ) {
-            Ok(h) => Ok(Response::new(pb::ChangeInvisibleDurationResponse {
-                status: Some(ok()),
+            Ok((h, end)) => Ok(Response::new(pb::ChangeInvisibleDurationResponse {
+                status: Some(self.confirm(end).await),
                 receipt_handle: h.to_string(),
             })),
             Err(e) => fail(handle_status(&e)),
@@ -815,7 +869,10 @@ fn recovery_delay(m: &pb::Message) -> Option<Duration> {
 }
 
 fn handle_status(e: &HandleError) -> pb::Status {
-    status(Code::InvalidReceiptHandle, e.to_string())
+    match e {
+        HandleError::Unrecorded(_) => status(Code::InternalServerError, e.to_string()),
+        _ => status(Code::InvalidReceiptHandle, e.to_string()),
+    }
 }
 
 fn delivery_timestamp() -> pb::ReceiveMessageResponse {

@@ -6,15 +6,25 @@
 //! invisible time ran out (a redelivery, one attempt more), then messages
 //! never delivered. An ack removes the delivery; the group's committed
 //! offset is the lowest offset still in flight (or the next undelivered
-//! one), so a restart redelivers what was not acknowledged (at least once)
-//! and never what was. A message that used up its attempts goes to the
-//! group's dead-letter topic `%DLQ%<group>`.
+//! one). A message that used up its attempts goes to the group's
+//! dead-letter topic `%DLQ%<group>`.
+//!
+//! Every change is also appended to the delivery log
+//! ([`super::delivery_log`]), under the same lock, so the log's order is
+//! the order of the changes. A broker rebuilds the state from the
+//! committed offsets and a replay of the log from the stored progress: the
+//! oldest record that still set an entry in flight. After a restart or a
+//! failover the same messages are in flight under the same receipt handles,
+//! acked ones stay acked, and only deliveries whose record never became
+//! durable are made again (counted as failover redeliveries when the
+//! replicated "handed out up to" mark says a previous master made them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
+use super::delivery_log::{DELIVERY_TOPIC, DeliveryOps, RemoveEntry, SetEntry};
 use super::receipt::ReceiptHandle;
 use crate::store::{
     CqEntry, MessageStore, NewRecord, StoreError, StoredRecord, keys, record::tag_hash,
@@ -22,6 +32,16 @@ use crate::store::{
 
 /// Prefix of dead-letter topics.
 pub const DLQ_PREFIX: &str = "%DLQ%";
+
+/// The metadata "group" whose committed offset on [`DELIVERY_TOPIC`] is
+/// where a replay of the delivery log starts.
+const DELIVERY_GROUP: &str = "%SYS_DELIVERY%";
+
+/// An entry whose record is this many delivery-log records behind the head,
+/// or this old, is logged again, so the replay stays short and retention
+/// never removes the only record of something still in flight.
+const RELOG_RECORDS: u64 = 50_000;
+const RELOG_AGE_MS: i64 = 3_600_000;
 
 /// A tag filter: `*` (everything) or tags separated by `||`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +123,10 @@ pub enum HandleError {
     Foreign,
     #[error("receipt handle is stale: the message was acked, redelivered or expired")]
     Stale,
+    /// The change was made in memory but its delivery-log record could not
+    /// be written: a restart or failover may undo it.
+    #[error("the change could not be recorded: {0}")]
+    Unrecorded(StoreError),
 }
 
 #[derive(Default)]
@@ -120,14 +144,78 @@ struct QueueState {
     in_flight: BTreeMap<u64, InFlight>,
 }
 
+impl QueueState {
+    /// The offset a restart must consume from: the lowest in flight, or the
+    /// next never handed out.
+    fn low(&self) -> Option<u64> {
+        self.in_flight.keys().next().copied().or(self.next)
+    }
+}
+
+/// Marks an entry whose delivery-log record is not written yet.
+const UNLOGGED: u64 = u64::MAX;
+
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
     delivery: u64,
     visible_at_ms: i64,
     attempt: u32,
+    /// Delivery-log queue offset of the record that set this entry.
+    event: u64,
+    /// The broker that made the delivery (index into [`State::issuers`]).
+    issuer: u16,
 }
 
 type Key = (String, String, u32);
+
+/// Delivery-log records that set an entry still in flight: how many
+/// entries each, and when it was stored.
+#[derive(Default)]
+struct Events(BTreeMap<u64, (u32, i64)>);
+
+impl Events {
+    fn add(&mut self, event: u64, stored_ms: i64) {
+        self.0.entry(event).or_insert((0, stored_ms)).0 += 1;
+    }
+
+    fn release(&mut self, event: u64) {
+        if let Some((n, _)) = self.0.get_mut(&event) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&event);
+            }
+        }
+    }
+
+    fn oldest(&self) -> Option<(u64, i64)> {
+        self.0.first_key_value().map(|(e, (_, ms))| (*e, *ms))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Whether the delivery log was replayed into this state.
+    loaded: bool,
+    queues: HashMap<Key, QueueState>,
+    events: Events,
+    /// Delivery-log queue offset replayed or appended up to.
+    log_end: u64,
+    /// Replay start last stored in the metadata.
+    progress: Option<u64>,
+    /// Brokers (store ids) whose deliveries this state holds: their receipt
+    /// handles are honoured here.
+    issuers: Vec<String>,
+}
+
+impl State {
+    fn issuer(&mut self, store_id: &str) -> u16 {
+        if let Some(i) = self.issuers.iter().position(|s| s == store_id) {
+            return i as u16;
+        }
+        self.issuers.push(store_id.to_owned());
+        (self.issuers.len() - 1) as u16
+    }
+}
 
 /// A message chosen for a consumer and marked in flight, whose record is
 /// still to be read (see [`Consumption::claim`]).
@@ -140,33 +228,52 @@ pub struct Claimed {
     f: InFlight,
 }
 
+/// Where a delivery record ends (`None`: nothing to record), or why it
+/// could not be written.
+pub type Logged = Result<Option<u64>, StoreError>;
+
+/// What [`Consumption::claim`] chose.
+#[derive(Debug, Default)]
+pub struct Claim {
+    pub items: Vec<Claimed>,
+    /// Commit-log offset the delivery record ends at: hand the messages out
+    /// only once the store holds it as durably as a send (see
+    /// [`crate::write_path::WritePath::wait_durable`]).
+    pub durable_at: Option<u64>,
+}
+
 /// Consumption state of every group on this broker.
 pub struct Consumption {
     store: MessageStore,
     deliveries: AtomicU64,
     /// Messages handed out again because a failover lost their delivery state.
     failover_redeliveries: AtomicU64,
-    queues: Mutex<HashMap<Key, QueueState>>,
+    state: Mutex<State>,
     /// Queue rotation so every queue gets its turn.
     rotation: AtomicU64,
+    /// When entries are logged again (see [`Consumption::relog_old`]).
+    relog_records: u64,
+    relog_age_ms: i64,
 }
 
 impl Consumption {
     pub fn new(store: MessageStore) -> Self {
         Self {
             store,
-            deliveries: AtomicU64::new(1),
+            deliveries: AtomicU64::new(first_delivery_number()),
             failover_redeliveries: AtomicU64::new(0),
-            queues: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             rotation: AtomicU64::new(0),
+            relog_records: RELOG_RECORDS,
+            relog_age_ms: RELOG_AGE_MS,
         }
     }
 
-    /// Forgets every group's in-memory delivery state, so it is reloaded
-    /// from the metadata: on a role change, when the metadata came from the
-    /// master this broker replaces.
+    /// Forgets every group's in-memory delivery state, so it is rebuilt
+    /// from the metadata and the delivery log: on a role change, when both
+    /// came from the master this broker replaces.
     pub fn reset(&self) {
-        self.queues.lock().clear();
+        *self.state.lock() = State::default();
     }
 
     /// How many messages were handed out again because a failover lost their
@@ -175,47 +282,96 @@ impl Consumption {
         self.failover_redeliveries.load(Ordering::Relaxed)
     }
 
+    /// Rebuilds the delivery state now rather than on first use (a master
+    /// does so at start and when promoted, so status shows it at once).
+    pub fn load(&self) {
+        drop(self.lock());
+    }
+
+    /// The state, rebuilt from the delivery log on first use.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut st = self.state.lock();
+        if !st.loaded {
+            self.replay(&mut st);
+        }
+        st
+    }
+
     /// Hands out up to `max_messages` messages of `topic` to `group`, read
-    /// from this broker's own store.
+    /// from this broker's own store, without waiting for the delivery
+    /// record to be durable.
     pub fn receive(&self, req: &ReceiveRequest<'_>) -> Result<Vec<Delivered>, StoreError> {
-        let claimed = self.claim(req)?;
-        let records = claimed
+        let claim = self.claim(req)?;
+        let records = self.read_local(req.topic, &claim.items);
+        self.complete(req, claim.items, records)
+    }
+
+    /// Reads the records of claimed messages from this broker's store.
+    pub fn read_local(
+        &self,
+        topic: &str,
+        claimed: &[Claimed],
+    ) -> Vec<Result<Option<StoredRecord>, StoreError>> {
+        claimed
             .iter()
             .map(|c| {
                 self.store
-                    .get_entry(req.topic, c.queue_id, c.queue_offset, c.location)
+                    .get_entry(topic, c.queue_id, c.queue_offset, c.location)
             })
-            .collect();
-        self.complete(req, claimed, records)
+            .collect()
     }
 
-    /// First half of a receive: chooses the messages to hand out and marks
-    /// them in flight, without reading them, so the records can be read
-    /// elsewhere (a slave) with no lock held. [`Consumption::complete`]
-    /// finishes it. Messages that used up their attempts go to the
-    /// dead-letter topic here.
-    pub fn claim(&self, req: &ReceiveRequest<'_>) -> Result<Vec<Claimed>, StoreError> {
+    /// First half of a receive: chooses the messages to hand out, marks
+    /// them in flight and logs that, without reading them, so the records
+    /// can be read elsewhere (a slave) with no lock held.
+    /// [`Consumption::complete`] finishes it. Messages that used up their
+    /// attempts go to the dead-letter topic here.
+    pub fn claim(&self, req: &ReceiveRequest<'_>) -> Result<Claim, StoreError> {
         let mut out = Vec::new();
         let mut dead = Vec::new();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut queues = self.queues.lock();
+        let durable_at = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let me = st.issuer(self.store.store_id());
+            let mut ops = DeliveryOps::new(req.group, req.topic, self.store.store_id());
             for i in 0..u64::from(req.queue_count) {
                 if out.len() >= req.max_messages {
                     break;
                 }
                 let q = ((start + i) % u64::from(req.queue_count)) as u32;
                 let key = (req.group.to_owned(), req.topic.to_owned(), q);
-                let st = queues.entry(key).or_default();
-                self.claim_queue(req, q, st, &mut out, &mut dead);
+                let qs = st.queues.entry(key).or_default();
+                self.init_queue(req.group, req.topic, q, qs);
+                let (sets, next) = (ops.sets.len(), qs.next);
+                self.claim_queue(
+                    req,
+                    q,
+                    qs,
+                    &mut st.events,
+                    me,
+                    &mut out,
+                    &mut dead,
+                    &mut ops,
+                );
+                // Every record that sets entries of a queue also carries its
+                // "next never handed out", so a replay from any entry's record
+                // on knows it exactly.
+                if ops.sets.len() > sets || qs.next != next {
+                    ops.nexts.push((q, qs.next.unwrap_or(0)));
+                }
             }
-        }
+            self.log(st, &ops)?
+        };
         for (q, off, attempts) in dead {
             if let Some(record) = self.store.get(req.topic, q, off)? {
                 self.to_dead_letter(req.group, record, attempts)?;
             }
         }
-        Ok(out)
+        Ok(Claim {
+            items: out,
+            durable_at,
+        })
     }
 
     /// Second half of a receive: pairs each claimed message with its record
@@ -235,45 +391,65 @@ impl Consumption {
             pairs.push((c, record?));
         }
         let mut out = Vec::with_capacity(pairs.len());
+        let mut settled = Vec::new();
         for (c, record) in pairs {
             match record {
                 Some(record) if req.filter.matches(&record) => {
                     out.push(self.delivered(record, c.queue_id, c.queue_offset, c.f));
                 }
-                _ => {
-                    self.settle(
-                        req.group,
-                        req.topic,
-                        c.queue_id,
-                        c.queue_offset,
-                        c.f.delivery,
-                    );
-                }
+                _ => settled.push(RemoveEntry {
+                    queue_id: c.queue_id,
+                    queue_offset: c.queue_offset,
+                    delivery: c.f.delivery,
+                }),
             }
+        }
+        if !settled.is_empty() {
+            // Not waited for: if this record is lost, the message is only
+            // offered again and filtered out again.
+            let mut st = self.lock();
+            let (_, logged) = self.settle(&mut st, req.group, req.topic, &settled);
+            logged?;
         }
         Ok(out)
     }
 
+    /// Loads a queue's committed offset and handed-out mark on first use.
+    fn init_queue(&self, group: &str, topic: &str, q: u32, qs: &mut QueueState) {
+        if qs.next.is_some() {
+            return;
+        }
+        let min = self.store.queue_min_offset(topic, q);
+        let metadata = self.store.metadata();
+        let committed = metadata.get_offset(group, topic, q);
+        qs.next = Some(committed.unwrap_or(min).max(min));
+        qs.committed = committed;
+        qs.redeliver_below = metadata.dispatched(group, topic, q).unwrap_or(0);
+        qs.marked = None;
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn claim_queue(
         &self,
         req: &ReceiveRequest<'_>,
         q: u32,
         st: &mut QueueState,
+        events: &mut Events,
+        me: u16,
         out: &mut Vec<Claimed>,
         dead: &mut Vec<(u32, u64, u32)>,
+        ops: &mut DeliveryOps,
     ) {
         let min = self.store.queue_min_offset(req.topic, q);
-        if st.next.is_none() {
-            let metadata = self.store.metadata();
-            let committed = metadata.get_offset(req.group, req.topic, q);
-            st.next = Some(committed.unwrap_or(min).max(min));
-            st.committed = committed;
-            st.redeliver_below = metadata.dispatched(req.group, req.topic, q).unwrap_or(0);
-            st.marked = None;
-        }
         let next = st.next.get_or_insert(min);
         // Entries removed by retention cannot be delivered any more.
-        st.in_flight.retain(|off, _| *off >= min);
+        st.in_flight.retain(|off, f| {
+            let keep = *off >= min;
+            if !keep {
+                events.release(f.event);
+            }
+            keep
+        });
         if *next < min {
             *next = min;
         }
@@ -292,7 +468,9 @@ impl Consumption {
                 return;
             }
             let Some(location) = self.store.queue_entry(req.topic, q, off) else {
-                st.in_flight.remove(&off);
+                if let Some(f) = st.in_flight.remove(&off) {
+                    events.release(f.event);
+                }
                 continue;
             };
             let Some(f) = st.in_flight.get_mut(&off) else {
@@ -300,12 +478,20 @@ impl Consumption {
             };
             if f.attempt >= req.max_attempts {
                 dead.push((q, off, f.attempt));
+                ops.removes.push(RemoveEntry {
+                    queue_id: q,
+                    queue_offset: off,
+                    delivery: f.delivery,
+                });
+                events.release(f.event);
                 st.in_flight.remove(&off);
                 continue;
             }
             f.attempt += 1;
             f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
             f.visible_at_ms = req.now_ms + req.invisible_ms;
+            f.issuer = me;
+            ops.sets.push(set_entry(q, off, f));
             out.push(Claimed {
                 queue_id: q,
                 queue_offset: off,
@@ -331,8 +517,11 @@ impl Consumption {
                 delivery: self.deliveries.fetch_add(1, Ordering::Relaxed),
                 visible_at_ms: req.now_ms + req.invisible_ms,
                 attempt: 1,
+                event: UNLOGGED,
+                issuer: me,
             };
             st.in_flight.insert(off, f);
+            ops.sets.push(set_entry(q, off, &f));
             if off < st.redeliver_below {
                 self.failover_redeliveries.fetch_add(1, Ordering::Relaxed);
             }
@@ -344,13 +533,7 @@ impl Consumption {
             });
         }
         let next = *next;
-        let committed = st.in_flight.keys().next().copied().unwrap_or(next);
-        if st.committed != Some(committed) {
-            st.committed = Some(committed);
-            self.store
-                .metadata()
-                .commit_offset(req.group, req.topic, q, committed);
-        }
+        self.store_committed(req.group, req.topic, q, st);
         if st.marked != Some(next) {
             st.marked = Some(next);
             self.store
@@ -359,39 +542,213 @@ impl Consumption {
         }
     }
 
-    /// Ends delivery `delivery` of a message (acked, or consumed without
-    /// being handed out) and moves the group's committed offset. False when
-    /// the message is not in flight under that delivery.
+    /// Records the queue's committed offset in the metadata when it moved.
+    fn store_committed(&self, group: &str, topic: &str, q: u32, st: &mut QueueState) {
+        if let Some(low) = st.low()
+            && st.committed != Some(low)
+        {
+            st.committed = Some(low);
+            self.store.metadata().commit_offset(group, topic, q, low);
+        }
+    }
+
+    /// Ends deliveries (acked, or consumed without being handed out) and
+    /// moves the group's committed offsets. Says for each whether it was in
+    /// flight under that delivery, and where the delivery record ends.
     fn settle(
         &self,
+        st: &mut State,
         group: &str,
         topic: &str,
-        queue_id: u32,
-        queue_offset: u64,
-        delivery: u64,
-    ) -> bool {
-        let mut queues = self.queues.lock();
-        let Some(st) = queues.get_mut(&(group.to_owned(), topic.to_owned(), queue_id)) else {
-            return false;
-        };
-        match st.in_flight.get(&queue_offset) {
-            Some(f) if f.delivery == delivery => {
-                st.in_flight.remove(&queue_offset);
+        items: &[RemoveEntry],
+    ) -> (Vec<bool>, Logged) {
+        let mut ops = DeliveryOps::new(group, topic, self.store.store_id());
+        let mut found = Vec::with_capacity(items.len());
+        for r in items {
+            let key = (group.to_owned(), topic.to_owned(), r.queue_id);
+            let Some(qs) = st.queues.get_mut(&key) else {
+                found.push(false);
+                continue;
+            };
+            match qs.in_flight.get(&r.queue_offset) {
+                Some(f) if f.delivery == r.delivery => {
+                    st.events.release(f.event);
+                    qs.in_flight.remove(&r.queue_offset);
+                    ops.removes.push(*r);
+                    self.store_committed(group, topic, r.queue_id, qs);
+                    found.push(true);
+                }
+                _ => found.push(false),
             }
-            _ => return false,
         }
-        let committed = st
-            .in_flight
-            .keys()
-            .next()
-            .copied()
-            .or(st.next)
-            .unwrap_or(queue_offset + 1);
-        st.committed = Some(committed);
-        self.store
+        let logged = self.log(st, &ops);
+        (found, logged)
+    }
+
+    /// Appends `ops` to the delivery log and ties the entries it set to its
+    /// record. Returns the commit-log offset the record ends at.
+    fn log(&self, st: &mut State, ops: &DeliveryOps) -> Logged {
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let a = self
+            .store
+            .append(NewRecord::new(DELIVERY_TOPIC, 0, ops.encode()))?;
+        st.log_end = st.log_end.max(a.queue_offset + 1);
+        tie(st, ops, a.queue_offset, a.store_ms);
+        self.relog_old(st, a.store_ms);
+        self.store_progress(st);
+        Ok(Some(a.end_offset))
+    }
+
+    /// Logs again the entries whose record is far behind the head of the
+    /// delivery log, so the replay stays short and retention cannot remove
+    /// the only record of an entry still in flight.
+    fn relog_old(&self, st: &mut State, now_ms: i64) {
+        let Some((oldest, oldest_ms)) = st.events.oldest() else {
+            return;
+        };
+        if oldest + self.relog_records > st.log_end && oldest_ms + self.relog_age_ms > now_ms {
+            return;
+        }
+        // Everything in the older half of what is pinned moves to the head.
+        let cutoff = oldest + (st.log_end - oldest) / 2 + 1;
+        // Each entry keeps the broker that made its delivery, so the
+        // consumer's receipt handle stays valid after a replay.
+        let mut by_topic: BTreeMap<(String, String, u16), DeliveryOps> = BTreeMap::new();
+        for ((group, topic, q), qs) in &st.queues {
+            for (off, f) in &qs.in_flight {
+                if f.event < cutoff {
+                    let issuer = st
+                        .issuers
+                        .get(usize::from(f.issuer))
+                        .map_or("", String::as_str);
+                    let ops = by_topic
+                        .entry((group.clone(), topic.clone(), f.issuer))
+                        .or_insert_with(|| DeliveryOps::new(group, topic, issuer));
+                    ops.sets.push(set_entry(*q, *off, f));
+                    if ops.nexts.last().is_none_or(|(last, _)| last != q) {
+                        ops.nexts.push((*q, qs.next.unwrap_or(0)));
+                    }
+                }
+            }
+        }
+        for ops in by_topic.values() {
+            match self
+                .store
+                .append(NewRecord::new(DELIVERY_TOPIC, 0, ops.encode()))
+            {
+                Ok(a) => {
+                    st.log_end = st.log_end.max(a.queue_offset + 1);
+                    tie(st, ops, a.queue_offset, a.store_ms);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "logging old in-flight entries again failed; will retry");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stores where a replay must start: the oldest record that set an
+    /// entry still in flight, or the end of the log.
+    fn store_progress(&self, st: &mut State) {
+        let low = st.events.oldest().map_or(st.log_end, |(e, _)| e);
+        if st.progress != Some(low) {
+            st.progress = Some(low);
+            self.store
+                .metadata()
+                .commit_offset(DELIVERY_GROUP, DELIVERY_TOPIC, 0, low);
+        }
+    }
+
+    /// Rebuilds the state from the committed offsets and the delivery log.
+    /// Writes nothing: the committed offsets and the progress are stored
+    /// by the next change.
+    fn replay(&self, st: &mut State) {
+        *st = State {
+            loaded: true,
+            ..State::default()
+        };
+        let min = self.store.queue_min_offset(DELIVERY_TOPIC, 0);
+        let max = self.store.queue_max_offset(DELIVERY_TOPIC, 0);
+        let from = self
+            .store
             .metadata()
-            .commit_offset(group, topic, queue_id, committed);
-        true
+            .get_offset(DELIVERY_GROUP, DELIVERY_TOPIC, 0)
+            .unwrap_or(0)
+            .clamp(min, max);
+        let mut highest_delivery = 0;
+        let mut skipped = 0u64;
+        for off in from..max {
+            let record = match self.store.get(DELIVERY_TOPIC, 0, off) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, offset = off, "unreadable delivery record skipped");
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let Some(ops) = DeliveryOps::decode(&record.body) else {
+                tracing::error!(offset = off, "delivery record in an unknown format skipped");
+                skipped += 1;
+                continue;
+            };
+            for s in &ops.sets {
+                highest_delivery = highest_delivery.max(s.delivery);
+            }
+            self.apply(st, &ops, off, record.store_ms);
+        }
+        st.log_end = max;
+        let in_flight: usize = st.queues.values().map(|qs| qs.in_flight.len()).sum();
+        self.deliveries
+            .fetch_max(highest_delivery.saturating_add(1), Ordering::Relaxed);
+        if max > from {
+            tracing::info!(
+                records = max - from,
+                skipped,
+                in_flight,
+                "consumer delivery state rebuilt from the delivery log"
+            );
+        }
+    }
+
+    /// Applies one replayed delivery record (queue offset `event`).
+    fn apply(&self, st: &mut State, ops: &DeliveryOps, event: u64, stored_ms: i64) {
+        let issuer = st.issuer(&ops.issuer);
+        for r in &ops.removes {
+            let key = (ops.group.clone(), ops.topic.clone(), r.queue_id);
+            if let Some(qs) = st.queues.get_mut(&key)
+                && let Some(f) = qs.in_flight.get(&r.queue_offset)
+                && f.delivery == r.delivery
+            {
+                st.events.release(f.event);
+                qs.in_flight.remove(&r.queue_offset);
+            }
+        }
+        for s in &ops.sets {
+            let key = (ops.group.clone(), ops.topic.clone(), s.queue_id);
+            let qs = st.queues.entry(key).or_default();
+            self.init_queue(&ops.group, &ops.topic, s.queue_id, qs);
+            let f = InFlight {
+                delivery: s.delivery,
+                visible_at_ms: s.visible_at_ms,
+                attempt: s.attempt,
+                event,
+                issuer,
+            };
+            if let Some(old) = qs.in_flight.insert(s.queue_offset, f) {
+                st.events.release(old.event);
+            }
+            st.events.add(event, stored_ms);
+        }
+        for (q, next) in &ops.nexts {
+            let key = (ops.group.clone(), ops.topic.clone(), *q);
+            let qs = st.queues.entry(key).or_default();
+            self.init_queue(&ops.group, &ops.topic, *q, qs);
+            qs.next = qs.next.max(Some(*next));
+        }
     }
 
     fn delivered(&self, record: StoredRecord, queue_id: u32, off: u64, f: InFlight) -> Delivered {
@@ -409,18 +766,68 @@ impl Consumption {
         }
     }
 
-    /// Acknowledges one delivery.
-    pub fn ack(&self, group: &str, topic: &str, handle: &str) -> Result<(), HandleError> {
-        let h = self.parse(topic, handle)?;
-        if self.settle(group, &h.topic, h.queue_id, h.queue_offset, h.delivery) {
-            Ok(())
-        } else {
-            Err(HandleError::Stale)
+    /// Acknowledges one delivery; see [`Consumption::ack_many`].
+    pub fn ack(&self, group: &str, topic: &str, handle: &str) -> Result<Option<u64>, HandleError> {
+        let (mut results, logged) = self.ack_many(group, topic, &[handle]);
+        let result = results.pop().unwrap_or(Err(HandleError::Stale));
+        result?;
+        logged.map_err(HandleError::Unrecorded)
+    }
+
+    /// Acknowledges deliveries, with one delivery record for all of them.
+    /// Returns each one's outcome and the commit-log offset the record ends
+    /// at (to wait for before confirming the acks).
+    pub fn ack_many(
+        &self,
+        group: &str,
+        topic: &str,
+        handles: &[&str],
+    ) -> (Vec<Result<(), HandleError>>, Logged) {
+        let mut st = self.lock();
+        let mut results = Vec::with_capacity(handles.len());
+        let mut items = Vec::with_capacity(handles.len());
+        for handle in handles {
+            match self.parse(&st, topic, handle) {
+                Ok(h) => {
+                    items.push((
+                        results.len(),
+                        h.topic,
+                        RemoveEntry {
+                            queue_id: h.queue_id,
+                            queue_offset: h.queue_offset,
+                            delivery: h.delivery,
+                        },
+                    ));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
         }
+        // Handles name their topic; an ack without one settles each on its own.
+        let mut end = Ok(None);
+        let mut by_topic: BTreeMap<String, Vec<(usize, RemoveEntry)>> = BTreeMap::new();
+        for (i, t, r) in items {
+            by_topic.entry(t).or_default().push((i, r));
+        }
+        for (t, entries) in by_topic {
+            let removes: Vec<RemoveEntry> = entries.iter().map(|(_, r)| *r).collect();
+            let (found, logged) = self.settle(&mut st, group, &t, &removes);
+            for ((i, _), ok) in entries.iter().zip(found) {
+                if !ok {
+                    results[*i] = Err(HandleError::Stale);
+                }
+            }
+            end = match (end, logged) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+            };
+        }
+        (results, end)
     }
 
     /// Makes a delivery invisible for `invisible_ms` from `now_ms`; returns
-    /// the new handle (the old one becomes stale).
+    /// the new handle (the old one becomes stale) and where its delivery
+    /// record ends.
     pub fn change_invisible(
         &self,
         group: &str,
@@ -428,13 +835,16 @@ impl Consumption {
         handle: &str,
         invisible_ms: i64,
         now_ms: i64,
-    ) -> Result<ReceiptHandle, HandleError> {
-        let mut h = self.parse(topic, handle)?;
-        let mut queues = self.queues.lock();
-        let st = queues
+    ) -> Result<(ReceiptHandle, Option<u64>), HandleError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut h = self.parse(st, topic, handle)?;
+        let me = st.issuer(self.store.store_id());
+        let qs = st
+            .queues
             .get_mut(&(group.to_owned(), h.topic.clone(), h.queue_id))
             .ok_or(HandleError::Stale)?;
-        let f = st
+        let f = qs
             .in_flight
             .get_mut(&h.queue_offset)
             .ok_or(HandleError::Stale)?;
@@ -443,58 +853,71 @@ impl Consumption {
         }
         f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
         f.visible_at_ms = now_ms + invisible_ms;
+        f.issuer = me;
         h.delivery = f.delivery;
-        Ok(h)
+        h.store_id = self.store.store_id().to_owned();
+        let mut ops = DeliveryOps::new(group, &h.topic, self.store.store_id());
+        ops.sets.push(set_entry(h.queue_id, h.queue_offset, f));
+        ops.nexts.push((h.queue_id, qs.next.unwrap_or(0)));
+        let end = self.log(st, &ops).map_err(HandleError::Unrecorded)?;
+        Ok((h, end))
     }
 
     /// Moves one delivery to the dead-letter topic at the consumer's request
-    /// (a FIFO consumer that gave up on a message).
+    /// (a FIFO consumer that gave up on a message). Returns where the
+    /// records written end.
     pub fn forward_to_dead_letter(
         &self,
         group: &str,
         topic: &str,
         handle: &str,
         attempts: u32,
-    ) -> Result<(), HandleError> {
-        let h = self.parse(topic, handle)?;
+    ) -> Result<Option<u64>, HandleError> {
+        let h = self.parse(&self.lock(), topic, handle)?;
         let record = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
             Ok(Some(r)) => r,
             _ => return Err(HandleError::Stale),
         };
-        self.ack(group, topic, handle)?;
-        self.to_dead_letter(group, record, attempts).map_err(|e| {
+        let acked = self.ack(group, topic, handle)?;
+        let moved = self.to_dead_letter(group, record, attempts).map_err(|e| {
             tracing::error!(error = %e, "writing to the dead-letter topic failed");
-            HandleError::Stale
-        })
+            HandleError::Unrecorded(e)
+        })?;
+        Ok(acked.max(Some(moved)))
     }
 
-    /// Messages of `group` on a queue handed out and not yet acked.
+    /// Messages of `group` on a queue handed out and not yet acked (0 until
+    /// the state is loaded: a slave holds none).
     pub fn in_flight(&self, group: &str, topic: &str, queue_id: u32) -> u64 {
-        self.queues
+        self.state
             .lock()
+            .queues
             .get(&(group.to_owned(), topic.to_owned(), queue_id))
             .map_or(0, |s| s.in_flight.len() as u64)
     }
 
-    fn parse(&self, topic: &str, handle: &str) -> Result<ReceiptHandle, HandleError> {
+    fn parse(&self, st: &State, topic: &str, handle: &str) -> Result<ReceiptHandle, HandleError> {
         let h: ReceiptHandle = handle.parse().map_err(|_| HandleError::Malformed)?;
-        if h.store_id != self.store.store_id() || (!topic.is_empty() && h.topic != topic) {
+        let known = h.store_id == self.store.store_id() || st.issuers.contains(&h.store_id);
+        if !known || (!topic.is_empty() && h.topic != topic) {
             return Err(HandleError::Foreign);
         }
         Ok(h)
     }
 
+    /// Appends a copy of `record` to the group's dead-letter topic; returns
+    /// where it ends.
     fn to_dead_letter(
         &self,
         group: &str,
         record: StoredRecord,
         attempts: u32,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let dlq = format!("{DLQ_PREFIX}{group}");
         let mut properties = record.properties.clone();
         properties.insert(keys::ORIGIN_TOPIC.into(), record.topic.clone());
         properties.insert(keys::DELIVERY_ATTEMPTS.into(), attempts.to_string());
-        self.store.append(NewRecord {
+        let a = self.store.append(NewRecord {
             topic: dlq.clone(),
             queue_id: 0,
             born_ms: record.born_ms,
@@ -503,8 +926,49 @@ impl Consumption {
             body: record.body.clone(),
         })?;
         tracing::info!(group, topic = %record.topic, queue = record.queue_id, offset = record.queue_offset, attempts, dead_letter_topic = %dlq, "message moved to the dead-letter topic");
-        Ok(())
+        Ok(a.end_offset)
     }
+}
+
+fn set_entry(queue_id: u32, queue_offset: u64, f: &InFlight) -> SetEntry {
+    SetEntry {
+        queue_id,
+        queue_offset,
+        delivery: f.delivery,
+        attempt: f.attempt,
+        visible_at_ms: f.visible_at_ms,
+    }
+}
+
+/// Ties the entries `ops` set (if still under the same delivery) to their
+/// delivery record `event`.
+fn tie(st: &mut State, ops: &DeliveryOps, event: u64, stored_ms: i64) {
+    let mut key = (ops.group.clone(), ops.topic.clone(), u32::MAX);
+    for s in &ops.sets {
+        key.2 = s.queue_id;
+        let Some(qs) = st.queues.get_mut(&key) else {
+            continue;
+        };
+        if let Some(f) = qs.in_flight.get_mut(&s.queue_offset)
+            && f.delivery == s.delivery
+            && f.event != event
+        {
+            st.events.release(f.event);
+            f.event = event;
+            st.events.add(event, stored_ms);
+        }
+    }
+}
+
+/// Delivery numbers start from the clock (2^16 per millisecond), so they
+/// keep growing across restarts and failovers even before a replay raises
+/// them past every number in the log: a handle from an earlier delivery
+/// never matches a later one.
+fn first_delivery_number() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms << 16
 }
 
 impl crate::admin::GroupInspector for Consumption {
@@ -582,7 +1046,7 @@ mod tests {
             Err(HandleError::Foreign)
         ));
         // Extend one, let the others expire: they come back with attempt 2.
-        let kept = c
+        let (kept, _) = c
             .change_invisible("g", "t", &got[1].handle.to_string(), 10_000, 0)
             .expect("change");
         assert!(matches!(
@@ -645,7 +1109,7 @@ mod tests {
         let all = TagFilter::All;
         let mut r = req(&all, 0, false);
         r.queue_count = 1;
-        let claimed = c.claim(&r).expect("claim");
+        let claimed = c.claim(&r).expect("claim").items;
         assert_eq!(claimed.len(), 3);
         assert_eq!(c.in_flight("g", "t", 0), 3);
         // The first record is gone (as after retention), the second comes
@@ -669,7 +1133,7 @@ mod tests {
         // A read error leaves the claim in flight, to be offered again later.
         let claimed = {
             put(&s, 0, "a", "m3");
-            c.claim(&r).expect("claim")
+            c.claim(&r).expect("claim").items
         };
         let err = c.complete(
             &r,
@@ -716,20 +1180,143 @@ mod tests {
     }
 
     #[test]
-    fn a_new_consumer_state_resumes_from_committed_offsets() {
+    fn in_flight_state_survives_a_restart_under_the_same_handles() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        for i in 0..4 {
+            put(&s, 0, "a", &format!("m{i}"));
+        }
+        let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
+        let c = Consumption::new(s.clone());
+        let got = c.receive(&r).expect("receive");
+        assert_eq!(got.len(), 4);
+        c.ack("g", "t", &got[0].handle.to_string()).expect("ack");
+        c.ack("g", "t", &got[2].handle.to_string()).expect("ack");
+        let (extended, _) = c
+            .change_invisible("g", "t", &got[3].handle.to_string(), 60_000, 0)
+            .expect("change");
+        // A new state (a restart, or a slave promoted with this log): m1 and
+        // m3 are still in flight under their handles, m0 and m2 stay acked.
+        let c = Consumption::new(s.clone());
+        c.load();
+        assert_eq!(c.in_flight("g", "t", 0), 2);
+        assert!(
+            c.receive(&ReceiveRequest {
+                now_ms: 500,
+                ..r.clone()
+            })
+            .expect("receive")
+            .is_empty(),
+            "still invisible"
+        );
+        assert!(matches!(
+            c.ack("g", "t", &got[3].handle.to_string()),
+            Err(HandleError::Stale)
+        ));
+        let mut foreign = got[1].handle.clone();
+        foreign.store_id = "other".into();
+        assert!(matches!(
+            c.ack("g", "t", &foreign.to_string()),
+            Err(HandleError::Foreign)
+        ));
+        // m1's invisible time runs out: it comes back as attempt 2; m3 was
+        // extended and keeps its new handle.
+        let again = c
+            .receive(&ReceiveRequest {
+                now_ms: 2000,
+                ..r.clone()
+            })
+            .expect("receive");
+        assert_eq!(again.len(), 1);
+        assert_eq!(&again[0].record.body[..], b"m1");
+        assert_eq!(again[0].attempt, 2);
+        assert!(again[0].handle.delivery > got[3].handle.delivery);
+        c.ack("g", "t", &extended.to_string())
+            .expect("extended handle");
+        c.ack("g", "t", &again[0].handle.to_string()).expect("ack");
+        assert_eq!(s.metadata().get_offset("g", "t", 0), Some(4));
+        // Nothing in flight: a replay would start at the end of the log.
+        let log_end = s.queue_max_offset(DELIVERY_TOPIC, 0);
+        assert_eq!(
+            s.metadata().get_offset(DELIVERY_GROUP, DELIVERY_TOPIC, 0),
+            Some(log_end)
+        );
+        let c = Consumption::new(s.clone());
+        c.load();
+        assert_eq!(c.in_flight("g", "t", 0), 0);
+        assert!(
+            c.receive(&ReceiveRequest {
+                now_ms: 100_000,
+                ..r
+            })
+            .expect("receive")
+            .is_empty()
+        );
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn old_in_flight_entries_are_logged_again_so_the_replay_stays_short() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        for i in 0..40 {
+            put(&s, 0, "a", &format!("m{i}"));
+        }
+        let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
+        r.max_messages = 1;
+        r.invisible_ms = 3_600_000;
+        let mut c = Consumption::new(s.clone());
+        c.relog_records = 8;
+        // m0 is never acked; 39 more are received and acked one by one.
+        let pinned = c.receive(&r).expect("receive").remove(0);
+        for _ in 0..39 {
+            let d = c.receive(&r).expect("receive").remove(0);
+            c.ack("g", "t", &d.handle.to_string()).expect("ack");
+        }
+        let log_end = s.queue_max_offset(DELIVERY_TOPIC, 0);
+        let progress = s
+            .metadata()
+            .get_offset(DELIVERY_GROUP, DELIVERY_TOPIC, 0)
+            .expect("progress");
+        assert!(
+            progress > 0 && log_end - progress <= 2 * 8,
+            "the replay starts near the head ({progress} of {log_end})"
+        );
+        // The replay finds m0 in flight under its original handle.
+        let c = Consumption::new(s.clone());
+        c.load();
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        c.ack("g", "t", &pinned.handle.to_string())
+            .expect("the original handle still acks");
+        assert_eq!(s.metadata().get_offset("g", "t", 0), Some(40));
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn a_lost_delivery_log_falls_back_to_the_committed_offset() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path());
         for i in 0..3 {
             put(&s, 0, "a", &format!("m{i}"));
         }
         let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
         let c = Consumption::new(s.clone());
-        let got = c.receive(&req(&all, 0, false)).expect("receive");
+        let got = c.receive(&r).expect("receive");
         c.ack("g", "t", &got[0].handle.to_string()).expect("ack");
-        c.ack("g", "t", &got[2].handle.to_string()).expect("ack");
-        // A restart forgets in-flight state: the unacked m1 comes back, m0 does not.
+        // A replay that starts past every delivery record (as when retention
+        // removed them) knows nothing in flight: the group resumes from its
+        // committed offset, so m1 and m2 come back and nothing is skipped.
+        let end = s.queue_max_offset(DELIVERY_TOPIC, 0);
+        s.metadata()
+            .commit_offset(DELIVERY_GROUP, DELIVERY_TOPIC, 0, end);
         let c = Consumption::new(s.clone());
-        let again = c.receive(&req(&all, 0, false)).expect("receive");
+        let again = c.receive(&r).expect("receive");
         let bodies: Vec<_> = again.iter().map(|d| d.record.body.clone()).collect();
         assert_eq!(
             bodies,

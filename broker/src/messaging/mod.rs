@@ -3,6 +3,7 @@
 //! messages and transactional (half) messages.
 
 pub mod consumer;
+pub mod delivery_log;
 pub mod receipt;
 pub mod slave_reads;
 pub mod timer;

@@ -223,6 +223,15 @@ impl SlaveTable {
             .map(|s| s.replication_address.clone())
     }
 
+    /// Slaves connected and within the in-sync lag of `master_end`.
+    pub(super) fn in_sync_count(&self, master_end: u64) -> u32 {
+        self.slaves
+            .lock()
+            .values()
+            .filter(|s| s.connected && master_end.saturating_sub(s.acked) <= self.in_sync_max_lag)
+            .count() as u32
+    }
+
     pub(super) fn snapshot(&self, master_end: u64) -> Vec<SlaveSnapshot> {
         let now = Instant::now();
         let mut out: Vec<SlaveSnapshot> = self

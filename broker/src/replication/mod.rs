@@ -330,6 +330,14 @@ impl ReplicationManager {
             .await
     }
 
+    /// Whether enough slaves are connected and in sync for a SYNC write to
+    /// be confirmed now (always under ASYNC replication).
+    pub fn can_confirm(&self) -> bool {
+        self.cfg.mode == ReplicationMode::Async
+            || self.cfg.min_in_sync_replicas == 0
+            || self.slaves.in_sync_count(self.store.max_offset()) >= self.cfg.min_in_sync_replicas
+    }
+
     /// Offset acknowledged under the replication mode in force.
     pub fn confirmed_offset(&self) -> u64 {
         match self.cfg.mode {

@@ -406,6 +406,12 @@ impl MessageStore {
         self.inner.clog.max_offset()
     }
 
+    /// Everything below this offset is in the consume queues too (the
+    /// commit log's end is published first, then the queue entries).
+    pub fn indexed_offset(&self) -> u64 {
+        self.inner.dispatched.load(Ordering::Acquire)
+    }
+
     /// Everything below this offset is durable.
     pub fn flushed_offset(&self) -> u64 {
         self.inner.flushed.load(Ordering::Acquire)
