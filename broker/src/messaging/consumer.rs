@@ -361,8 +361,10 @@ impl Consumption {
                     ops.nexts.push((q, qs.next.unwrap_or(0)));
                 }
             }
-            self.log(st, &ops)?
+            self.log(st, &ops)
         };
+        // Messages that used up their attempts left the in-flight state
+        // above: they go to the dead-letter topic even if the record failed.
         for (q, off, attempts) in dead {
             if let Some(record) = self.store.get(req.topic, q, off)? {
                 self.to_dead_letter(req.group, record, attempts)?;
@@ -370,7 +372,7 @@ impl Consumption {
         }
         Ok(Claim {
             items: out,
-            durable_at,
+            durable_at: durable_at?,
         })
     }
 
@@ -409,7 +411,9 @@ impl Consumption {
             // offered again and filtered out again.
             let mut st = self.lock();
             let (_, logged) = self.settle(&mut st, req.group, req.topic, &settled);
-            logged?;
+            if let Err(e) = logged {
+                tracing::warn!(error = %e, "recording messages settled without delivery failed; they may be offered again");
+            }
         }
         Ok(out)
     }
@@ -1007,6 +1011,16 @@ mod tests {
         }
     }
 
+    /// A store with `n` messages `m0`, `m1`, ... tagged `a` on queue 0 of `t`.
+    fn filled(n: usize) -> (tempfile::TempDir, MessageStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        for i in 0..n {
+            put(&s, 0, "a", &format!("m{i}"));
+        }
+        (dir, s)
+    }
+
     fn put(s: &MessageStore, q: u32, tag: &str, body: &str) {
         s.append(NewRecord::new("t", q, body.as_bytes().to_vec()).with_property(keys::TAG, tag))
             .expect("append");
@@ -1100,11 +1114,7 @@ mod tests {
 
     #[test]
     fn records_read_elsewhere_complete_a_claim() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..3 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (_dir, s) = filled(3);
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
         let mut r = req(&all, 0, false);
@@ -1152,11 +1162,7 @@ mod tests {
 
     #[test]
     fn fifo_holds_a_queue_until_its_batch_is_acked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..3 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (_dir, s) = filled(3);
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
         let mut r = req(&all, 0, true);
@@ -1181,11 +1187,7 @@ mod tests {
 
     #[test]
     fn in_flight_state_survives_a_restart_under_the_same_handles() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..4 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (_dir, s) = filled(4);
         let all = TagFilter::All;
         let mut r = req(&all, 0, false);
         r.queue_count = 1;
@@ -1259,11 +1261,7 @@ mod tests {
 
     #[test]
     fn old_in_flight_entries_are_logged_again_so_the_replay_stays_short() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..40 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (_dir, s) = filled(40);
         let all = TagFilter::All;
         let mut r = req(&all, 0, false);
         r.queue_count = 1;
@@ -1298,11 +1296,7 @@ mod tests {
 
     #[test]
     fn a_lost_delivery_log_falls_back_to_the_committed_offset() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..3 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (_dir, s) = filled(3);
         let all = TagFilter::All;
         let mut r = req(&all, 0, false);
         r.queue_count = 1;
