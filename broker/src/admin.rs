@@ -397,8 +397,12 @@ impl BrokerAdmin for AdminService {
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let mut groups: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
             Default::default();
+        // The broker's own progress records (transactions, timers, the
+        // delivery log) are kept as offsets of `%SYS_` groups: not consumers.
         for o in self.store.metadata().list_offsets() {
-            groups.entry(o.group).or_default().insert(o.topic);
+            if !o.group.starts_with("%SYS_") {
+                groups.entry(o.group).or_default().insert(o.topic);
+            }
         }
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups

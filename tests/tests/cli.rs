@@ -70,6 +70,10 @@ fn topics_status_health_and_clean_restart() {
         "200",
     ]);
     assert!(consumed.contains("200 messages"), "{consumed}");
+    // Consumer groups are listed; the broker's own progress records are not.
+    let groups = b.cli_ok(&["group", "list"]);
+    assert!(groups.contains("bench-consumer"), "{groups}");
+    assert!(!groups.contains("%SYS_"), "{groups}");
 
     let status = b.cli_ok(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
