@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 /// Path of a binary built from this workspace (`keelmq-broker`, `keelmq`),
 /// in the same target profile directory as the running test. The test
-/// command builds all binaries before running tests (`cargo build
-/// --workspace --bins`), so no test ever builds anything.
+/// command's one build (`cargo test --workspace --all-targets --no-run`)
+/// makes them before any test runs, so no test ever builds anything.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
@@ -24,7 +24,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
-        "{} not built; run `cargo build --workspace --bins` first",
+        "{} not built; run `cargo test --workspace --no-run` (or `cargo build --workspace --bins`) first",
         path.display()
     );
     path
