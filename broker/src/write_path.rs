@@ -60,19 +60,13 @@ impl WritePath {
         let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
             return Ok(appended);
         };
-        self.wait_durable(end).await?;
-        Ok(appended)
-    }
-
-    /// Waits until everything before commit-log offset `end` is as durable
-    /// as the flush and replication modes promise for a send.
-    pub async fn wait_durable(&self, end: u64) -> Result<(), WriteError> {
         self.replication.notify_appended();
         self.wait_flushed(end).await?;
         self.replication
             .wait_replicated(end)
             .await
-            .map_err(WriteError::ReplicationTimeout)
+            .map_err(WriteError::ReplicationTimeout)?;
+        Ok(appended)
     }
 
     /// Waits for a consumer's delivery record (ending at `end`): always for

@@ -11,7 +11,7 @@ mod txn;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -76,7 +76,7 @@ pub struct ClientApi {
     /// Where received records are read from (a slave, or this broker).
     slave_reads: Option<Arc<SlaveReads>>,
     /// When consumers were last warned about unconfirmed delivery records.
-    unconfirmed_warned_ms: Arc<std::sync::atomic::AtomicI64>,
+    unconfirmed_warned_ms: Arc<AtomicI64>,
 }
 
 impl ClientApi {

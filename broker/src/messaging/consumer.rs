@@ -237,8 +237,8 @@ pub type Logged = Result<Option<u64>, StoreError>;
 pub struct Claim {
     pub items: Vec<Claimed>,
     /// Commit-log offset the delivery record ends at: hand the messages out
-    /// only once the store holds it as durably as a send (see
-    /// [`crate::write_path::WritePath::wait_durable`]).
+    /// only once it is durable (see
+    /// [`crate::write_path::WritePath::wait_delivery_record`]).
     pub durable_at: Option<u64>,
 }
 
@@ -299,7 +299,8 @@ impl Consumption {
 
     /// Hands out up to `max_messages` messages of `topic` to `group`, read
     /// from this broker's own store, without waiting for the delivery
-    /// record to be durable.
+    /// record to be durable (the client API claims, waits, reads, completes).
+    #[cfg(test)]
     pub fn receive(&self, req: &ReceiveRequest<'_>) -> Result<Vec<Delivered>, StoreError> {
         let claim = self.claim(req)?;
         let records = self.read_local(req.topic, &claim.items);
@@ -568,8 +569,9 @@ impl Consumption {
     ) -> (Vec<bool>, Logged) {
         let mut ops = DeliveryOps::new(group, topic, self.store.store_id());
         let mut found = Vec::with_capacity(items.len());
+        let mut key = (group.to_owned(), topic.to_owned(), 0);
         for r in items {
-            let key = (group.to_owned(), topic.to_owned(), r.queue_id);
+            key.2 = r.queue_id;
             let Some(qs) = st.queues.get_mut(&key) else {
                 found.push(false);
                 continue;

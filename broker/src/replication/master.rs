@@ -223,12 +223,17 @@ impl SlaveTable {
             .map(|s| s.replication_address.clone())
     }
 
+    /// Whether a slave is connected and within the in-sync lag of `master_end`.
+    fn in_sync(&self, s: &SlaveEntry, master_end: u64) -> bool {
+        s.connected && master_end.saturating_sub(s.acked) <= self.in_sync_max_lag
+    }
+
     /// Slaves connected and within the in-sync lag of `master_end`.
     pub(super) fn in_sync_count(&self, master_end: u64) -> u32 {
-        self.slaves
-            .lock()
+        let slaves = self.slaves.lock();
+        slaves
             .values()
-            .filter(|s| s.connected && master_end.saturating_sub(s.acked) <= self.in_sync_max_lag)
+            .filter(|s| self.in_sync(s, master_end))
             .count() as u32
     }
 
@@ -247,7 +252,7 @@ impl SlaveTable {
                     acked_offset: s.acked,
                     lag_bytes: lag,
                     connected: s.connected,
-                    in_sync: s.connected && lag <= self.in_sync_max_lag,
+                    in_sync: self.in_sync(s, master_end),
                     millis_since_last_ack: now.duration_since(s.last_ack).as_millis() as u64,
                 }
             })
