@@ -110,13 +110,15 @@ pub enum FrameError {
 }
 
 impl Frame {
-    fn encode(&self) -> Result<Vec<u8>, FrameError> {
+    /// The frame's body as a head and a payload written after it: `Data`
+    /// frames keep their bytes where they are (no copy into the head).
+    fn encode(&self) -> Result<(Vec<u8>, &[u8]), FrameError> {
         let json = |kind: u8, v: &dyn erased::Json| -> Result<Vec<u8>, FrameError> {
             let mut out = vec![kind];
             out.extend(v.to_json()?);
             Ok(out)
         };
-        Ok(match self {
+        let head = match self {
             Frame::Hello(h) => json(KIND_HELLO, h)?,
             Frame::Welcome(w) => json(KIND_WELCOME, w)?,
             Frame::Reject { reason } => json(KIND_REJECT, reason)?,
@@ -128,12 +130,9 @@ impl Frame {
                 epoch,
                 offset,
                 bytes,
-            } => {
-                let mut out = u64s(KIND_DATA, &[*epoch, *offset]);
-                out.extend_from_slice(bytes);
-                out
-            }
-        })
+            } => return Ok((u64s(KIND_DATA, &[*epoch, *offset]), &bytes[..])),
+        };
+        Ok((head, &[]))
     }
 
     fn decode(body: Bytes) -> Result<Frame, FrameError> {
@@ -217,15 +216,30 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &Frame,
 ) -> Result<(), FrameError> {
-    let body = frame.encode()?;
-    if body.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(body.len()));
+    let (head, payload) = frame.encode()?;
+    let size = head.len() + payload.len();
+    if size > MAX_FRAME {
+        return Err(FrameError::TooLarge(size));
     }
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge(body.len()))?;
+    let len = u32::try_from(size).map_err(|_| FrameError::TooLarge(size))?;
     w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(&body).await?;
+    w.write_all(&head).await?;
+    w.write_all(payload).await?;
     w.flush().await?;
     Ok(())
+}
+
+/// Whether `buffered` (bytes already read from the stream) holds at least
+/// one whole frame, so reading it will not wait on the network. A reader
+/// uses this to answer a run of frames once instead of once per frame.
+pub fn holds_whole_frame(buffered: &[u8]) -> bool {
+    match buffered.get(..4) {
+        Some(len) => {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            buffered.len() - 4 >= len
+        }
+        None => false,
+    }
 }
 
 /// Reads one frame; [`FrameError::Closed`] on a clean end of stream.
@@ -310,6 +324,42 @@ mod tests {
         for f in frames {
             assert_eq!(round_trip(f.clone()).await, f);
         }
+    }
+
+    #[tokio::test]
+    async fn a_whole_frame_is_told_from_a_part_of_one() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &Frame::Ack { offset: 9 })
+            .await
+            .expect("write");
+        write_frame(
+            &mut wire,
+            &Frame::Data {
+                epoch: 1,
+                offset: 9,
+                bytes: Bytes::from_static(b"abc"),
+            },
+        )
+        .await
+        .expect("write");
+        let ack_len = 4 + 1 + 8;
+        assert!(!holds_whole_frame(&[]));
+        assert!(!holds_whole_frame(&wire[..3]));
+        for cut in 4..ack_len {
+            assert!(!holds_whole_frame(&wire[..cut]), "{cut}");
+        }
+        assert!(holds_whole_frame(&wire[..ack_len]));
+        assert!(!holds_whole_frame(&wire[ack_len..wire.len() - 1]));
+        assert!(holds_whole_frame(&wire[ack_len..]));
+        let mut slice = &wire[ack_len..];
+        assert_eq!(
+            read_frame(&mut slice).await.expect("read"),
+            Frame::Data {
+                epoch: 1,
+                offset: 9,
+                bytes: Bytes::from_static(b"abc"),
+            }
+        );
     }
 
     #[tokio::test]

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::io::BufWriter;
+use tokio::io::{BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::frame::{Frame, FrameError, Welcome, read_frame, write_frame};
+use super::frame::{Frame, FrameError, Welcome, holds_whole_frame, read_frame, write_frame};
 use super::{ReplicationError, ReplicationManager, ReplicationMode, Role};
 
 /// Largest `Data` frame the master sends.
@@ -312,7 +312,8 @@ async fn serve_slave(
     conn: TcpStream,
 ) -> Result<(), ReplicationError> {
     let _ = conn.set_nodelay(true);
-    let (mut rd, wr) = conn.into_split();
+    let (rd, wr) = conn.into_split();
+    let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
     let hello = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd)).await {
         Ok(Ok(Frame::Hello(h))) => h,
@@ -404,6 +405,8 @@ async fn serve_slave(
     let mut acks = tokio::spawn(async move {
         loop {
             match tokio::time::timeout(SLAVE_SILENCE, read_frame(&mut rd)).await {
+                // Acks only grow: of a run already read, the last one counts.
+                Ok(Ok(Frame::Ack { .. })) if holds_whole_frame(rd.buffer()) => {}
                 Ok(Ok(Frame::Ack { offset })) => ack_table.ack(&slave_id, session, offset),
                 Ok(Ok(other)) => return format!("unexpected frame {other:?}"),
                 Ok(Err(e)) => return e.to_string(),
@@ -460,7 +463,11 @@ async fn serve_slave(
             let heartbeat_due = last_sent + HEARTBEAT_EVERY;
             let wake = heartbeat_due.min(last_metadata + METADATA_EVERY);
             tokio::select! {
-                _ = &mut notified => {}
+                _ = &mut notified => {
+                    // Let the other appends that are ready run first, so one
+                    // frame (one write, one ack) carries them all.
+                    tokio::task::yield_now().await;
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     if tokio::time::Instant::now() >= heartbeat_due {
                         write_frame(&mut wr, &Frame::Heartbeat { epoch, max_offset: end }).await.map_err(io)?;
