@@ -114,6 +114,13 @@ impl MappedFile {
         unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(pos as usize), len) }
     }
 
+    /// Writes `bytes` at `pos` through the file (a positional write; the
+    /// mapping sees them, as it shares the page cache).
+    pub fn write_at(&self, pos: u64, bytes: &[u8]) -> io::Result<()> {
+        debug_assert!(pos + bytes.len() as u64 <= self.len);
+        self.file.write_all_at(bytes, pos)
+    }
+
     /// Makes `[from, to)` durable (msync, which on Linux is an fdatasync of
     /// the range).
     pub fn flush_range(&self, from: u64, to: u64) -> io::Result<()> {

@@ -37,7 +37,7 @@ pub use metadata::{
 };
 pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
 
-use commit_log::{CommitLog, GrowthLimits, Preparation, Tail};
+use commit_log::{CommitLog, GrowthLimits, Tail, Writes};
 use consume_queue::ConsumeQueue;
 use record::{RECORD_MAGIC, encode_into, tag_hash};
 
@@ -274,6 +274,8 @@ struct Inner {
 }
 
 const CHECKPOINT: &str = "checkpoint.json";
+/// A larger encoding buffer (left by a big batch) is not kept for the next append.
+const MAX_KEPT_SCRATCH: usize = 1 << 20;
 
 /// Decodes (CRC-checked) the record stored at commit-log `offset` and
 /// checks it is message `queue_offset` of `topic`/`queue_id`, as the consume
@@ -316,9 +318,9 @@ impl MessageStore {
             GrowthLimits {
                 max_bytes: config.max_store_bytes,
                 full_ratio,
-                preparation: match config.flush_mode {
-                    FlushMode::SyncFlush => Preparation::Reserve,
-                    FlushMode::AsyncFlush => Preparation::Populate,
+                writes: match config.flush_mode {
+                    FlushMode::SyncFlush => Writes::ThroughFile,
+                    FlushMode::AsyncFlush => Writes::ThroughMapping,
                 },
             },
         )?;
@@ -490,12 +492,26 @@ impl MessageStore {
             slots.push((cq, qo));
         }
         let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
+        // Records written through the file are encoded into the tail's
+        // scratch buffer and written with one call after the loop.
+        let through_file = inner.clog.writes() == Writes::ThroughFile;
+        let start = tail.pos;
+        let mut scratch = std::mem::take(&mut tail.scratch);
+        if through_file {
+            scratch.clear();
+            scratch.resize(total as usize, 0);
+        }
         for (r, (_, qo)) in records.iter().zip(&slots) {
             let len = r.encoded_len();
             let offset = tail.pos;
-            // SAFETY: the append lock is held and room was made; the bytes
-            // are published only below, after they are written.
-            let dst = unsafe { inner.clog.reserve(&tail, len) };
+            let dst = if through_file {
+                let at = (offset - start) as usize;
+                &mut scratch[at..at + len]
+            } else {
+                // SAFETY: the append lock is held and room was made; the
+                // bytes are published only below, after they are written.
+                unsafe { inner.clog.reserve(&tail, len) }
+            };
             encode_into(dst, r, offset, *qo, store_ms);
             tail.pos += len as u64;
             entries.push(CqEntry {
@@ -509,6 +525,21 @@ impl MessageStore {
                 queue_offset: *qo,
                 store_ms,
             });
+        }
+        if through_file {
+            // SAFETY: append lock held, room made, published only below.
+            let written = unsafe { inner.clog.write(&tail.segment, start, &scratch) };
+            if scratch.capacity() <= MAX_KEPT_SCRATCH {
+                tail.scratch = scratch;
+            }
+            if let Err(e) = written {
+                tail.pos = start;
+                unreserve(&slots);
+                return Err(StoreError::Io {
+                    context: format!("writing to commit log segment at {start}"),
+                    source: e,
+                });
+            }
         }
         inner.clog.publish(&tail);
         for ((cq, qo), e) in slots.iter().zip(entries) {
@@ -849,10 +880,11 @@ impl MessageStore {
             cq.ensure(qo)
                 .map_err(StoreError::io("creating a consume queue file"))?;
             inner.clog.make_room(tail, probe_len as u64)?;
-            // SAFETY: append lock held, room made, published after writing.
-            let dst = unsafe { inner.clog.reserve(tail, probe_len) };
-            dst.copy_from_slice(rec);
             let offset = tail.pos;
+            // SAFETY: append lock held, room made, published after writing.
+            unsafe { inner.clog.write(&tail.segment, offset, rec) }.map_err(StoreError::io(
+                format!("writing to commit log segment at {offset}"),
+            ))?;
             tail.pos += probe_len as u64;
             inner.clog.publish(tail);
             if let Err(e) = cq.put(

@@ -74,7 +74,18 @@ fn check_all(store: &MessageStore, upto: u64) {
 
 #[test]
 fn round_trip_across_segment_boundaries() {
+    // SYNC_FLUSH writes records through the file, ASYNC_FLUSH into the mapping.
+    for mode in [FlushMode::SyncFlush, FlushMode::AsyncFlush] {
+        round_trip(mode);
+    }
+}
+
+fn round_trip(mode: FlushMode) {
     let dir = tempfile::tempdir().expect("tempdir");
+    let config = |dir: &Path| StoreConfig {
+        flush_mode: mode,
+        ..config(dir)
+    };
     let store = MessageStore::open(config(dir.path())).expect("open");
     let appended = fill(&store, 0, 300);
     assert!(
@@ -410,7 +421,13 @@ fn replication_bytes_reproduce_the_log_exactly() {
     let a_dir = tempfile::tempdir().expect("tempdir");
     let b_dir = tempfile::tempdir().expect("tempdir");
     let master = MessageStore::open(config(a_dir.path())).expect("open");
-    let slave = MessageStore::open(config(b_dir.path())).expect("open");
+    // The slave writes into its mapping (ASYNC_FLUSH), the master through
+    // the file (SYNC_FLUSH): both ways give the same bytes.
+    let async_config = |dir: &Path| StoreConfig {
+        flush_mode: FlushMode::AsyncFlush,
+        ..config(dir)
+    };
+    let slave = MessageStore::open(async_config(b_dir.path())).expect("open");
     fill(&master, 0, 250);
     let mut pos = slave.max_offset();
     while pos < master.max_offset() {
@@ -424,6 +441,17 @@ fn replication_bytes_reproduce_the_log_exactly() {
         Err(StoreError::OffsetMismatch { .. })
     ));
     check_all(&slave, 250);
+    let mut at = 0;
+    while at < master.max_offset() {
+        let m = master.read_raw(at, 16 * 1024).expect("master bytes");
+        assert!(!m.is_empty());
+        assert_eq!(
+            m,
+            slave.read_raw(at, m.len()).expect("slave bytes"),
+            "at {at}"
+        );
+        at += m.len() as u64;
+    }
     for (t, q) in master.queues() {
         assert_eq!(
             master.consume_queue_snapshot(&t, q),
@@ -446,7 +474,7 @@ fn replication_bytes_reproduce_the_log_exactly() {
     assert!(slave.get("orders", 0, 19).expect("read").is_some());
     master.shutdown().expect("shutdown");
     slave.shutdown().expect("shutdown");
-    let slave = MessageStore::open(config(b_dir.path())).expect("reopen");
+    let slave = MessageStore::open(async_config(b_dir.path())).expect("reopen");
     assert_eq!(slave.max_offset(), cut);
     slave.shutdown().expect("shutdown");
 }
