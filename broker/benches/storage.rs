@@ -255,15 +255,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
     println!(
-        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>9}",
-        "configuration", "records/s", "MB/s", "x raw", "p50", "p99", "p999", "p99/raw"
+        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "configuration", "records/s", "MB/s", "x raw", "p50", "p99", "p999", "max", "p99/raw"
     );
     for mut r in runs {
         let rate = r.records as f64 / r.elapsed.as_secs_f64();
         let mb = rate * RECORD_BODY as f64 / 1e6;
         let (p50, p99, p999) = (r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999));
+        let max = r.lat.pct(1.0);
         println!(
-            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2}",
+            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2}",
             r.name,
             rate,
             mb,
@@ -271,6 +272,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             p50,
             p99,
             p999,
+            max,
             p99.as_secs_f64() / raw.sync_p99.as_secs_f64()
         );
     }

@@ -7,6 +7,7 @@
 //! next segment is created and mapped by a background thread before it is
 //! needed, so an append does not wait on file creation.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,7 +161,7 @@ impl CommitLog {
             segments.push(Arc::new(Segment::new(base, file)));
         }
         if segments.is_empty() {
-            let file = create_segment(dir, 0, segment_size, false)?;
+            let file = create_segment(dir, 0, segment_size)?;
             segments.push(Arc::new(Segment::new(0, file)));
         }
         let end = segments.last().map_or(0, |s| s.end());
@@ -185,18 +186,21 @@ impl CommitLog {
         let size = self.segment_size;
         let populate = self.limits.writes == Writes::ThroughMapping;
         // The segment being written at start was only reserved (so the
-        // broker could listen at once); populate it here, in the background.
-        // Populating only faults pages in: it never changes their contents,
-        // so it is safe while appends go on.
-        let tail = self.segments.read().last().cloned();
+        // broker could listen at once); it is populated in the background
+        // first. Populating only faults pages in: it never changes their
+        // contents, so it is safe while appends go on.
+        let end = self.max_offset();
+        let start: VecDeque<_> = match self.segments.read().last() {
+            Some(seg) if populate => {
+                // From the step holding the end: what lies before is written.
+                let from = end.saturating_sub(seg.base) / POPULATE_STEP * POPULATE_STEP;
+                [(seg.clone(), from)].into()
+            }
+            _ => VecDeque::new(),
+        };
         let handle = std::thread::Builder::new()
             .name("keelmq-segment-prep".into())
-            .spawn(move || {
-                if populate && let Some(seg) = tail {
-                    seg.file.populate_write();
-                }
-                prepare_loop(&prep, &dir, size, populate)
-            })
+            .spawn(move || prepare_loop(&prep, &dir, size, populate, start))
             .ok();
         *self.preparer_thread.lock() = handle;
         self.request_next();
@@ -523,7 +527,7 @@ impl CommitLog {
             Some(s) => s,
             None => {
                 tracing::debug!(base, "creating a commit log segment on the write path");
-                let file = create_segment(&self.dir, base, self.segment_size, false)?;
+                let file = create_segment(&self.dir, base, self.segment_size)?;
                 Arc::new(Segment::new(base, file))
             }
         };
@@ -534,14 +538,8 @@ impl CommitLog {
 }
 
 /// Creates, reserves and maps a segment file, and makes its name durable.
-/// Only the preparer thread populates (that takes a while for a large
-/// segment); a segment made on the write path or at start is just reserved.
-fn create_segment(
-    dir: &Path,
-    base: u64,
-    size: u64,
-    populate: bool,
-) -> Result<MappedFile, StoreError> {
+/// Populating its pages is left to the preparer thread.
+fn create_segment(dir: &Path, base: u64, size: u64) -> Result<MappedFile, StoreError> {
     let path = dir.join(base_name(base));
     let file = MappedFile::create(&path, size).map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
@@ -556,14 +554,17 @@ fn create_segment(
             }
         }
     })?;
-    if populate {
-        file.populate_write();
-    }
     sync_dir(dir).map_err(StoreError::io("syncing the commit log directory"))?;
     Ok(file)
 }
 
-fn prepare_loop(prep: &Preparer, dir: &Path, size: u64, populate: bool) {
+fn prepare_loop(
+    prep: &Preparer,
+    dir: &Path,
+    size: u64,
+    populate: bool,
+    mut populating: VecDeque<(Arc<Segment>, u64)>,
+) {
     loop {
         let base = {
             let mut st = prep.state.lock();
@@ -576,17 +577,39 @@ fn prepare_loop(prep: &Preparer, dir: &Path, size: u64, populate: bool) {
                     && !dir.join(base_name(b)).exists()
                 {
                     st.in_progress = Some(b);
-                    break b;
+                    break Some(b);
+                }
+                if !populating.is_empty() {
+                    break None;
                 }
                 prep.wake.wait(&mut st);
             }
         };
-        let created = create_segment(dir, base, size, populate);
+        let Some(base) = base else {
+            // One step of populating the oldest segment not fully populated
+            // (the one the writer reaches first), then look for requests
+            // again: creating a wanted segment never waits behind populating
+            // a whole one. A segment is offered as soon as it exists, and a
+            // writer that reaches pages not populated yet faults them in
+            // itself; populating never changes the contents.
+            if let Some((seg, from)) = populating.pop_front() {
+                seg.file.populate_write_range(from, POPULATE_STEP);
+                let next = from + POPULATE_STEP;
+                if next < seg.file.len() {
+                    populating.push_front((seg, next));
+                }
+            }
+            continue;
+        };
+        let created = create_segment(dir, base, size);
         let mut st = prep.state.lock();
         st.in_progress = None;
         match created {
             Ok(file) => {
                 let seg = Arc::new(Segment::new(base, file));
+                if populate {
+                    populating.push_back((seg.clone(), 0));
+                }
                 if let Some(old) = st.ready.replace(seg) {
                     let _ = std::fs::remove_file(old.file.path());
                 }
@@ -598,6 +621,10 @@ fn prepare_loop(prep: &Preparer, dir: &Path, size: u64, populate: bool) {
         prep.wake.notify_all();
     }
 }
+
+/// How much of a segment the preparer populates before it looks for a
+/// request to create the next one.
+const POPULATE_STEP: u64 = 64 << 20;
 
 /// Fraction of the filesystem holding `dir` that is in use, if known.
 pub fn fs_used_ratio(dir: &Path) -> Option<f64> {

@@ -160,15 +160,22 @@ impl MappedFile {
         Ok(())
     }
 
-    /// Maps every page writable now, ahead of the writes, so that appends
-    /// do not take page faults (best effort: ignored where unsupported).
-    pub fn populate_write(&self) {
+    /// Maps the pages of `[from, from + len)` (clamped to the file) writable
+    /// now, ahead of the writes, so that appends do not take page faults
+    /// (best effort: ignored where unsupported). `from` must be a multiple of
+    /// the page size.
+    pub fn populate_write_range(&self, from: u64, len: u64) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
-        // SAFETY: advice on our own mapping; failure is harmless.
+        let len = len.min(self.len.saturating_sub(from));
+        if len == 0 {
+            return;
+        }
+        // SAFETY: advice on a range inside our own mapping (clamped above);
+        // failure is harmless.
         unsafe {
             libc::madvise(
-                self.map.as_mut_ptr().cast(),
-                self.len as usize,
+                self.map.as_mut_ptr().add(from as usize).cast(),
+                len as usize,
                 MADV_POPULATE_WRITE,
             );
         }
