@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::messaging::slave_reads::{SlaveReadMode, SlaveReadStats, serve_read};
 use crate::replication::{ReplicationError, ReplicationManager, Role};
+use crate::store::group_config::{GroupConfig, RetryBackoff};
 use crate::store::{MessageStore, MessageType, StoreError, TopicConfig};
 
 /// Facts about this broker that status reports and that do not change
@@ -110,6 +111,53 @@ fn from_pb_type(t: i32) -> Result<MessageType, Status> {
             "unknown message type {t}"
         ))),
     }
+}
+
+pub(crate) fn group_to_pb(g: &GroupConfig) -> pb::GroupSettings {
+    use pb::group_settings::RetryBackoff as B;
+    pb::GroupSettings {
+        name: g.name.clone(),
+        max_delivery_attempts: g.max_delivery_attempts,
+        retry_backoff: Some(match &g.retry_backoff {
+            RetryBackoff::Customized { steps_ms } => B::Customized(pb::CustomizedBackoff {
+                steps_ms: steps_ms.clone(),
+            }),
+            RetryBackoff::Exponential {
+                initial_ms,
+                max_ms,
+                multiplier,
+            } => B::Exponential(pb::ExponentialBackoff {
+                initial_ms: *initial_ms,
+                max_ms: *max_ms,
+                multiplier: *multiplier,
+            }),
+        }),
+    }
+}
+
+/// Settings as asked for; omitted fields take the defaults. Validation is
+/// the store's.
+fn group_from_pb(g: pb::GroupSettings) -> Result<GroupConfig, Status> {
+    use pb::group_settings::RetryBackoff as B;
+    let defaults = GroupConfig::defaults(&g.name);
+    Ok(GroupConfig {
+        max_delivery_attempts: match g.max_delivery_attempts {
+            0 => defaults.max_delivery_attempts,
+            n => n,
+        },
+        retry_backoff: match g.retry_backoff {
+            None => defaults.retry_backoff,
+            Some(B::Customized(c)) => RetryBackoff::Customized {
+                steps_ms: c.steps_ms,
+            },
+            Some(B::Exponential(e)) => RetryBackoff::Exponential {
+                initial_ms: e.initial_ms,
+                max_ms: e.max_ms,
+                multiplier: e.multiplier,
+            },
+        },
+        name: g.name,
+    })
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -441,11 +489,49 @@ impl BrokerAdmin for AdminService {
                 }
             })
             .collect();
-        if queues.is_empty() {
+        let configured = self.store.metadata().get_group(&name);
+        if queues.is_empty() && configured.is_none() {
             return Err(Status::not_found(format!(
-                "consumer group {name} has no committed offsets"
+                "consumer group {name} has no committed offsets and no settings"
             )));
         }
-        Ok(Response::new(pb::DescribeGroupResponse { name, queues }))
+        let settings = configured
+            .clone()
+            .unwrap_or_else(|| GroupConfig::defaults(&name));
+        Ok(Response::new(pb::DescribeGroupResponse {
+            name,
+            queues,
+            settings: Some(group_to_pb(&settings)),
+            configured: configured.is_some(),
+        }))
+    }
+
+    async fn set_group(
+        &self,
+        req: Request<pb::SetGroupRequest>,
+    ) -> Result<Response<pb::GroupSettings>, Status> {
+        require_master(&self.replication)?;
+        let settings = req
+            .into_inner()
+            .settings
+            .ok_or_else(|| Status::invalid_argument("settings are required"))?;
+        let group = group_from_pb(settings)?;
+        self.store
+            .metadata()
+            .set_group(group.clone())
+            .map_err(store_status)?;
+        Ok(Response::new(group_to_pb(&group)))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        require_master(&self.replication)?;
+        self.store
+            .metadata()
+            .delete_group(&req.into_inner().name)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 }

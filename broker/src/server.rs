@@ -137,7 +137,6 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
                 max_body_size: 4 << 20,
                 auto_create_topics: config.auto_create_topics,
                 default_queue_count: config.default_queue_count,
-                max_delivery_attempts: 17,
                 transactions: config.transaction_config(),
             },
             WritePath::new(store.clone(), repl.clone()),

@@ -247,6 +247,88 @@ impl RawClient {
     }
 }
 
+impl RawClient {
+    /// Makes a received message visible again after `after` (a consumer's
+    /// "retry later"); the new receipt handle.
+    pub async fn nack(
+        &mut self,
+        group: &str,
+        topic: &str,
+        msg: &Received,
+        after: Duration,
+    ) -> Result<String, Failure> {
+        let resp = self
+            .inner
+            .change_invisible_duration(with_id(pb::ChangeInvisibleDurationRequest {
+                group: resource(group),
+                topic: resource(topic),
+                receipt_handle: msg.handle.clone(),
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: after.as_secs() as i64,
+                    nanos: after.subsec_nanos() as i32,
+                }),
+                message_id: msg.message_id.clone(),
+                lite_topic: None,
+                suspend: None,
+            }))
+            .await
+            .map_err(transport)?
+            .into_inner();
+        match resp.status.unwrap_or_default() {
+            s if s.code == pb::Code::Ok as i32 => Ok(resp.receipt_handle),
+            s => Err(Failure {
+                code: s.code,
+                message: s.message,
+            }),
+        }
+    }
+
+    /// Opens a Telemetry stream as a simple consumer of `group` and returns
+    /// the retry policy of the Settings the broker answers with.
+    pub async fn consumer_retry_policy(
+        &mut self,
+        group: &str,
+        topic: &str,
+    ) -> Result<pb::RetryPolicy, Failure> {
+        let settings = pb::Settings {
+            client_type: Some(pb::ClientType::SimpleConsumer as i32),
+            pub_sub: Some(pb::settings::PubSub::Subscription(pb::Subscription {
+                group: resource(group),
+                subscriptions: vec![pb::SubscriptionEntry {
+                    topic: resource(topic),
+                    expression: None,
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let command = pb::TelemetryCommand {
+            status: None,
+            command: Some(pb::telemetry_command::Command::Settings(settings)),
+        };
+        let mut req = with_id(tokio_stream::iter(vec![command]));
+        req.set_timeout(Duration::from_secs(10));
+        let mut replies = self
+            .inner
+            .telemetry(req)
+            .await
+            .map_err(transport)?
+            .into_inner();
+        while let Some(reply) = replies.message().await.map_err(transport)? {
+            if let Some(pb::telemetry_command::Command::Settings(s)) = reply.command {
+                return s.backoff_policy.ok_or_else(|| Failure {
+                    code: -1,
+                    message: "Settings without a retry policy".into(),
+                });
+            }
+        }
+        Err(Failure {
+            code: -1,
+            message: "the Telemetry stream ended without Settings".into(),
+        })
+    }
+}
+
 fn rand_id() -> u128 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(1);

@@ -98,8 +98,105 @@ pub enum TopicCommand {
 pub enum GroupCommand {
     /// List consumer groups with committed offsets.
     List,
-    /// Show a group's offsets, lag and in-flight messages per queue.
+    /// Show a group's retry settings and its offsets, lag and in-flight
+    /// messages per queue.
     Describe { name: String },
+    /// Set a group's retry settings (what is not given takes the default).
+    Set {
+        name: String,
+        /// Deliveries of a message, the first included, before it moves to
+        /// %DLQ%<group> (1 to 1000; default 17).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_delivery_attempts: Option<u32>,
+        /// Wait before each retry: a list of steps, the last repeating
+        /// (`1s,5s,30s,2m`), or `exponential:INITIAL,MAX,MULTIPLIER`
+        /// (`exponential:100ms,1m,2`). Units: ms, s, m, h. Default:
+        /// 1s,5s,10s,30s,1m,2m,...,30m,1h,2h.
+        #[arg(long, value_parser = parse_backoff)]
+        backoff: Option<Backoff>,
+    },
+    /// Remove a group's settings: it goes back to the defaults (its offsets stay).
+    Reset { name: String },
+}
+
+/// A retry back-off given on the command line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backoff(pb::group_settings::RetryBackoff);
+
+/// `250ms`, `5s`, `2m`, `1h`, or a number of milliseconds.
+fn parse_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (like 250ms, 5s, 2m, 1h)"))?;
+    let factor = match unit {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+fn parse_backoff(s: &str) -> Result<Backoff, String> {
+    use pb::group_settings::RetryBackoff as B;
+    if let Some(rest) = s.strip_prefix("exponential:") {
+        let parts: Vec<&str> = rest.split(',').collect();
+        let [initial, max, multiplier] = parts[..] else {
+            return Err(format!(
+                "{s:?}: expected exponential:INITIAL,MAX,MULTIPLIER (like exponential:100ms,1m,2)"
+            ));
+        };
+        let multiplier: f64 = multiplier
+            .trim()
+            .parse()
+            .map_err(|_| format!("{multiplier:?} is not a number"))?;
+        return Ok(Backoff(B::Exponential(pb::ExponentialBackoff {
+            initial_ms: parse_ms(initial)?,
+            max_ms: parse_ms(max)?,
+            multiplier,
+        })));
+    }
+    let steps_ms = s.split(',').map(parse_ms).collect::<Result<Vec<_>, _>>()?;
+    Ok(Backoff(B::Customized(pb::CustomizedBackoff { steps_ms })))
+}
+
+/// How a back-off reads on the command line.
+fn backoff_text(b: Option<&pb::group_settings::RetryBackoff>) -> String {
+    use pb::group_settings::RetryBackoff as B;
+    let d = |ms: u64| match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    };
+    match b {
+        Some(B::Customized(c)) => c
+            .steps_ms
+            .iter()
+            .map(|&s| d(s))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(B::Exponential(e)) => format!(
+            "exponential:{},{},{}",
+            d(e.initial_ms),
+            d(e.max_ms),
+            e.multiplier
+        ),
+        None => "-".into(),
+    }
+}
+
+fn print_group_settings(s: &pb::GroupSettings, configured: bool) {
+    println!(
+        "max delivery attempts {}{}",
+        s.max_delivery_attempts,
+        if configured { "" } else { " (defaults)" }
+    );
+    println!("retry back-off {}", backoff_text(s.retry_backoff.as_ref()));
 }
 
 fn type_name(t: i32) -> &'static str {
@@ -218,6 +315,9 @@ pub async fn group(target: &AdminTarget, cmd: GroupCommand) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             println!("group {}", g.name);
+            if let Some(s) = &g.settings {
+                print_group_settings(s, g.configured);
+            }
             println!(
                 "{:<32} {:>5} {:>12} {:>12} {:>10} {:>9}",
                 "TOPIC", "QUEUE", "COMMITTED", "MAX", "LAG", "IN-FLIGHT"
@@ -228,6 +328,31 @@ pub async fn group(target: &AdminTarget, cmd: GroupCommand) -> Result<()> {
                     q.topic, q.queue_id, q.committed_offset, q.max_offset, q.lag, q.in_flight
                 );
             }
+        }
+        GroupCommand::Set {
+            name,
+            max_delivery_attempts,
+            backoff,
+        } => {
+            let s = c
+                .set_group(pb::SetGroupRequest {
+                    settings: Some(pb::GroupSettings {
+                        name: name.clone(),
+                        max_delivery_attempts: max_delivery_attempts.unwrap_or(0),
+                        retry_backoff: backoff.map(|b| b.0),
+                    }),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("group {name} set");
+            print_group_settings(&s, true);
+        }
+        GroupCommand::Reset { name } => {
+            c.delete_group(pb::DeleteGroupRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?;
+            println!("group {name} back to the default settings");
         }
     }
     Ok(())

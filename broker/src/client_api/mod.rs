@@ -44,8 +44,6 @@ pub struct ClientApiConfig {
     /// Create unknown topics on first use.
     pub auto_create_topics: bool,
     pub default_queue_count: u32,
-    /// Deliveries before a message goes to the dead-letter topic.
-    pub max_delivery_attempts: u32,
     /// Transaction check-back timing.
     pub transactions: TransactionConfig,
 }
@@ -546,7 +544,7 @@ impl MessagingService for ClientApi {
                 invisible_ms: invisible.as_millis() as i64,
                 filter: &filter,
                 fifo,
-                max_attempts: self.cfg.max_delivery_attempts,
+                max_attempts: self.store.metadata().max_delivery_attempts(&group),
                 now_ms: now_ms(),
             };
             let got = match self.consumption.claim(&request) {
@@ -753,6 +751,7 @@ impl MessagingService for ClientApi {
         // a restart) besides the settings replies.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(1024);
         let producers = self.producers.clone();
+        let store = self.store.clone();
         let stream = producers.new_stream_id();
         tokio::spawn(async move {
             let Some(id) = id else {
@@ -777,7 +776,7 @@ impl MessagingService for ClientApi {
                                 p.topics.iter().map(|t| t.name.clone()).collect();
                             producers.register(stream, &id, &topics, &tx);
                         }
-                        settings::reply(s)
+                        settings::reply(s, |g| store.metadata().group_or_default(g))
                     }
                     // Thread stack traces and verification results need no answer.
                     _ => continue,

@@ -8,6 +8,11 @@ use keelmq_proto::rocketmq::v2 as pb;
 use pb::Code;
 
 use super::status;
+use crate::store::group_config::{GroupConfig, RetryBackoff};
+
+fn ms(millis: u64) -> prost_types::Duration {
+    d(0, millis)
+}
 
 fn d(secs: u64, millis: u64) -> prost_types::Duration {
     let dur = Duration::from_secs(secs) + Duration::from_millis(millis);
@@ -17,8 +22,35 @@ fn d(secs: u64, millis: u64) -> prost_types::Duration {
     }
 }
 
-/// The client's settings with the server-owned fields filled in.
-pub fn reply(mut s: pb::Settings) -> pb::TelemetryCommand {
+/// A consumer group's retry policy as consumers receive it.
+pub fn retry_policy(group: &GroupConfig) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts: group.max_delivery_attempts as i32,
+        strategy: Some(match &group.retry_backoff {
+            RetryBackoff::Customized { steps_ms } => {
+                pb::retry_policy::Strategy::CustomizedBackoff(pb::CustomizedBackoff {
+                    next: steps_ms.iter().map(|&s| ms(s)).collect(),
+                })
+            }
+            RetryBackoff::Exponential {
+                initial_ms,
+                max_ms,
+                multiplier,
+            } => pb::retry_policy::Strategy::ExponentialBackoff(pb::ExponentialBackoff {
+                initial: Some(ms(*initial_ms)),
+                max: Some(ms(*max_ms)),
+                multiplier: *multiplier as f32,
+            }),
+        }),
+    }
+}
+
+/// The client's settings with the server-owned fields filled in; a
+/// consumer gets its group's retry policy from `group_settings`.
+pub fn reply(
+    mut s: pb::Settings,
+    group_settings: impl Fn(&str) -> GroupConfig,
+) -> pb::TelemetryCommand {
     match s.pub_sub.as_mut() {
         Some(pb::settings::PubSub::Publishing(p)) => {
             p.max_body_size = 4 << 20;
@@ -38,20 +70,8 @@ pub fn reply(mut s: pb::Settings) -> pb::TelemetryCommand {
             sub.receive_batch_size = Some(32);
             sub.long_polling_timeout = Some(d(20, 0));
             sub.fifo = Some(sub.fifo.unwrap_or(false));
-            // 16 retries after the first delivery, with RocketMQ's default
-            // back-off steps.
-            let steps = [
-                1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600,
-                7200,
-            ];
-            s.backoff_policy = Some(pb::RetryPolicy {
-                max_attempts: 17,
-                strategy: Some(pb::retry_policy::Strategy::CustomizedBackoff(
-                    pb::CustomizedBackoff {
-                        next: steps.iter().map(|&x| d(x, 0)).collect(),
-                    },
-                )),
-            });
+            let group = sub.group.as_ref().map_or("", |g| g.name.as_str());
+            s.backoff_policy = Some(retry_policy(&group_settings(group)));
         }
         None => {
             return pb::TelemetryCommand {

@@ -27,7 +27,8 @@ use parking_lot::{Mutex, MutexGuard};
 use super::delivery_log::{DELIVERY_TOPIC, DeliveryOps, RemoveEntry, SetEntry};
 use super::receipt::ReceiptHandle;
 use crate::store::{
-    CqEntry, MessageStore, NewRecord, StoreError, StoredRecord, keys, record::tag_hash,
+    CqEntry, MessageStore, MessageType, NewRecord, StoreError, StoredRecord, TopicConfig, keys,
+    record::tag_hash,
 };
 
 /// Prefix of dead-letter topics.
@@ -920,6 +921,12 @@ impl Consumption {
         attempts: u32,
     ) -> Result<u64, StoreError> {
         let dlq = format!("{DLQ_PREFIX}{group}");
+        // A topic of one queue, so consumers can read (and re-drive) it.
+        self.store.metadata().ensure_topic(TopicConfig {
+            name: dlq.clone(),
+            queue_count: 1,
+            message_type: MessageType::Normal,
+        })?;
         let mut properties = record.properties.clone();
         properties.insert(keys::ORIGIN_TOPIC.into(), record.topic.clone());
         properties.insert(keys::DELIVERY_ATTEMPTS.into(), attempts.to_string());
@@ -1106,6 +1113,14 @@ mod tests {
         );
         assert!(c.receive(&req(&only_b, 6000, false)).expect("r").is_empty());
         let dlq = s.get("%DLQ%g", 0, 0).expect("read").expect("in the DLQ");
+        let topic = s
+            .metadata()
+            .get_topic("%DLQ%g")
+            .expect("the DLQ is a topic");
+        assert_eq!(
+            (topic.queue_count, topic.message_type),
+            (1, MessageType::Normal)
+        );
         assert_eq!(&dlq.body[..], b"y");
         assert_eq!(
             dlq.properties.get(keys::ORIGIN_TOPIC).map(String::as_str),

@@ -66,7 +66,7 @@ pub struct Welcome {
 }
 
 /// One message of the replication protocol.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
     Hello(Hello),
     Welcome(Welcome),
@@ -311,6 +311,15 @@ mod tests {
                     name: "orders".into(),
                     queue_count: 4,
                     message_type: crate::store::MessageType::Fifo,
+                }],
+                groups: vec![crate::store::group_config::GroupConfig {
+                    name: "g".into(),
+                    max_delivery_attempts: 4,
+                    retry_backoff: crate::store::group_config::RetryBackoff::Exponential {
+                        initial_ms: 100,
+                        max_ms: 5000,
+                        multiplier: 1.5,
+                    },
                 }],
                 offsets: vec![crate::store::GroupOffset {
                     group: "g".into(),

@@ -1,5 +1,5 @@
-//! Small, rarely written state kept beside the commit log: topics and
-//! consumer group offsets. Each kind is one JSON file replaced atomically
+//! Small, rarely written state kept beside the commit log: topics, consumer
+//! group settings and consumer group offsets. Each kind is one JSON file replaced atomically
 //! (temp file, fsync, rename, fsync of the directory), so a crash leaves
 //! either the old or the new version, never a mix.
 
@@ -11,6 +11,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
+use super::group_config::{DEFAULT_MAX_DELIVERY_ATTEMPTS, GroupConfig};
 use super::mapped::persist_atomically;
 use super::record::validate_topic;
 
@@ -77,6 +78,11 @@ struct TopicsFile {
 }
 
 #[derive(Default, Serialize, Deserialize)]
+struct GroupsFile {
+    groups: Vec<GroupConfig>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
 struct OffsetsFile {
     offsets: Vec<GroupOffset>,
 }
@@ -84,12 +90,16 @@ struct OffsetsFile {
 type OffsetKey = (String, String, u32);
 
 /// Everything a slave copies from its master besides the commit log: the
-/// topics, every group's committed offsets, and how far each group's
-/// deliveries had gone (so a promoted slave can count the redeliveries a
-/// failover causes). Sent on the replication stream whenever it changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// topics, the consumer groups' settings, every group's committed offsets,
+/// and how far each group's deliveries had gone (so a promoted slave can
+/// count the redeliveries a failover causes). Sent on the replication stream
+/// whenever it changes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetadataSnapshot {
     pub topics: Vec<TopicConfig>,
+    /// Absent in snapshots from brokers that predate group settings.
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
     pub offsets: Vec<GroupOffset>,
     /// Per group and queue: the first offset never handed out.
     pub dispatched: Vec<GroupOffset>,
@@ -99,6 +109,7 @@ pub struct MetadataSnapshot {
 pub struct Metadata {
     dir: PathBuf,
     topics: RwLock<BTreeMap<String, TopicConfig>>,
+    groups: RwLock<BTreeMap<String, GroupConfig>>,
     offsets: RwLock<BTreeMap<OffsetKey, u64>>,
     offsets_dirty: AtomicBool,
     /// Per group and queue, the first offset never handed out (in memory:
@@ -117,7 +128,15 @@ impl Metadata {
             .map_err(StoreError::io(format!("creating {}", dir.display())))?;
         let topics: TopicsFile = load_json(&dir.join("topics.json"))?;
         let offsets: OffsetsFile = load_json(&dir.join("offsets.json"))?;
+        let groups: GroupsFile = load_json(&dir.join("groups.json"))?;
         Ok(Self {
+            groups: RwLock::new(
+                groups
+                    .groups
+                    .into_iter()
+                    .map(|g| (g.name.clone(), g))
+                    .collect(),
+            ),
             dir: dir.to_owned(),
             topics: RwLock::new(
                 topics
@@ -218,6 +237,49 @@ impl Metadata {
         self.topics.read().values().cloned().collect()
     }
 
+    /// Creates or replaces a consumer group's settings.
+    pub fn set_group(&self, group: GroupConfig) -> Result<(), StoreError> {
+        group.validate()?;
+        let _w = self.write.lock();
+        self.groups.write().insert(group.name.clone(), group);
+        self.persist_groups()
+    }
+
+    /// Removes a consumer group's settings (it goes back to the defaults);
+    /// its offsets stay.
+    pub fn delete_group(&self, name: &str) -> Result<(), StoreError> {
+        let _w = self.write.lock();
+        if self.groups.write().remove(name).is_none() {
+            return Err(StoreError::NotFound(format!(
+                "consumer group {name} has no settings"
+            )));
+        }
+        self.persist_groups()
+    }
+
+    /// A group's settings, if any were set.
+    pub fn get_group(&self, name: &str) -> Option<GroupConfig> {
+        self.groups.read().get(name).cloned()
+    }
+
+    /// A group's settings, or the defaults when none were set.
+    pub fn group_or_default(&self, name: &str) -> GroupConfig {
+        self.get_group(name)
+            .unwrap_or_else(|| GroupConfig::defaults(name))
+    }
+
+    /// Deliveries of a message to `group` before it is dead-lettered.
+    pub fn max_delivery_attempts(&self, group: &str) -> u32 {
+        self.groups
+            .read()
+            .get(group)
+            .map_or(DEFAULT_MAX_DELIVERY_ATTEMPTS, |g| g.max_delivery_attempts)
+    }
+
+    pub fn list_groups(&self) -> Vec<GroupConfig> {
+        self.groups.read().values().cloned().collect()
+    }
+
     /// Records a consumer group's progress; written to disk by [`Metadata::flush_offsets`].
     pub fn commit_offset(&self, group: &str, topic: &str, queue_id: u32, offset: u64) {
         if set_offset(&mut self.offsets.write(), group, topic, queue_id, offset) {
@@ -251,6 +313,7 @@ impl Metadata {
     pub fn snapshot(&self) -> MetadataSnapshot {
         MetadataSnapshot {
             topics: self.list_topics(),
+            groups: self.list_groups(),
             offsets: self.list_offsets(),
             dispatched: group_offsets(&self.dispatched.read()),
         }
@@ -266,7 +329,16 @@ impl Metadata {
             .map(|t| (t.name.clone(), t))
             .collect();
         let offsets: BTreeMap<OffsetKey, u64> = snap.offsets.into_iter().map(key).collect();
+        let groups: BTreeMap<String, GroupConfig> = snap
+            .groups
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
         let _w = self.write.lock();
+        if *self.groups.read() != groups {
+            *self.groups.write() = groups;
+            self.persist_groups()?;
+        }
         let topics_changed = *self.topics.read() != topics;
         let offsets_changed = *self.offsets.read() != offsets;
         *self.dispatched.write() = snap.dispatched.into_iter().map(key).collect();
@@ -308,6 +380,14 @@ impl Metadata {
             self.offsets_dirty.store(true, Ordering::Release);
         }
         res
+    }
+
+    fn persist_groups(&self) -> Result<(), StoreError> {
+        self.version.fetch_add(1, Ordering::Release);
+        let file = GroupsFile {
+            groups: self.list_groups(),
+        };
+        save_json(&self.dir.join("groups.json"), &file)
     }
 
     fn persist_topics(&self) -> Result<(), StoreError> {
@@ -445,5 +525,55 @@ mod tests {
     fn message_type_parses() {
         assert_eq!("fifo".parse::<MessageType>(), Ok(MessageType::Fifo));
         assert!("lifo".parse::<MessageType>().is_err());
+    }
+
+    #[test]
+    fn group_settings_persist_and_reach_a_slave() {
+        use crate::store::group_config::{GroupConfig, RetryBackoff};
+        let (m_dir, s_dir) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let master = Metadata::open(m_dir.path()).expect("open");
+        let slave = Metadata::open(s_dir.path()).expect("open");
+        let g = GroupConfig {
+            name: "billing".into(),
+            max_delivery_attempts: 3,
+            retry_backoff: RetryBackoff::Customized {
+                steps_ms: vec![500, 2000],
+            },
+        };
+        let before = master.version();
+        master.set_group(g.clone()).expect("set");
+        assert!(master.version() > before, "slaves must be sent the change");
+        assert!(
+            master
+                .set_group(GroupConfig {
+                    max_delivery_attempts: 0,
+                    ..g.clone()
+                })
+                .is_err()
+        );
+        assert_eq!(master.max_delivery_attempts("billing"), 3);
+        assert_eq!(master.max_delivery_attempts("other"), 17);
+        slave.apply_snapshot(master.snapshot()).expect("apply");
+        assert_eq!(slave.get_group("billing"), Some(g.clone()));
+        // Both keep it across a restart.
+        drop((master, slave));
+        for dir in [&m_dir, &s_dir] {
+            let reopened = Metadata::open(dir.path()).expect("reopen");
+            assert_eq!(reopened.get_group("billing"), Some(g.clone()));
+        }
+        // Removing it reaches the slave too.
+        let master = Metadata::open(m_dir.path()).expect("reopen");
+        master.delete_group("billing").expect("delete");
+        assert!(master.delete_group("billing").is_err());
+        let slave = Metadata::open(s_dir.path()).expect("reopen");
+        slave.apply_snapshot(master.snapshot()).expect("apply");
+        assert_eq!(slave.get_group("billing"), None);
+        assert_eq!(
+            slave.group_or_default("billing"),
+            GroupConfig::defaults("billing")
+        );
     }
 }

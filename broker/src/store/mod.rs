@@ -10,6 +10,7 @@
 
 mod commit_log;
 mod consume_queue;
+pub mod group_config;
 mod mapped;
 mod metadata;
 pub mod record;
