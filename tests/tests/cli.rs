@@ -59,6 +59,30 @@ fn topics_status_health_and_clean_restart() {
     ]);
     assert!(sent.contains("200 messages"), "{sent}");
     assert!(sent.contains("p99"), "{sent}");
+    // Paced: never more than the rate allows (plus each sender's first).
+    b.cli_ok(&["topic", "create", "paced", "--queues", "1"]);
+    let paced = b.cli_ok(&[
+        "bench",
+        "send",
+        "--topic",
+        "paced",
+        "--endpoint",
+        &client,
+        "--concurrency",
+        "2",
+        "--duration-secs",
+        "1",
+        "--rate",
+        "50",
+    ]);
+    assert!(paced.contains("rate 50 msg/s"), "{paced}");
+    assert!(paced.contains("fell behind their schedule"), "{paced}");
+    let paced_count: u64 = paced
+        .split_once(" messages in")
+        .and_then(|(head, _)| head.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .expect("message count");
+    assert!(paced_count <= 52, "{paced}");
     let consumed = b.cli_ok(&[
         "bench",
         "consume",

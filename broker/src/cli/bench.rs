@@ -60,6 +60,11 @@ pub struct SendArgs {
     /// Messages per SendMessage request.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Target rate in messages per second over all senders (default: as
+    /// fast as they go). Each sender issues its requests at fixed intervals;
+    /// the report says how far behind that schedule senders fell.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -135,14 +140,32 @@ async fn send(a: SendArgs) -> Result<()> {
     let issued = Arc::new(AtomicU64::new(0));
     let body = vec![b'k'; a.size];
     let mut tasks = Vec::new();
-    for w in 0..c.concurrency.max(1) {
+    let senders = c.concurrency.max(1);
+    let batch = a.batch.max(1) as u64;
+    // Each sender's interval between requests at the target rate.
+    let interval = a
+        .rate
+        .map(|r| Duration::from_secs_f64((senders as u64 * batch) as f64 / r as f64));
+    for w in 0..senders {
         let mut client = clients[w % clients.len()].clone();
         let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
-        let batch = a.batch.max(1) as u64;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut behind = Duration::ZERO;
             let id = format!("bench@{}#{w}", std::process::id());
+            // Senders start spread over one interval.
+            let mut next =
+                started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / senders as f64));
             while Instant::now() < deadline {
+                if let Some(i) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    behind = behind.max(now - next);
+                    next += i;
+                }
                 let first = issued.fetch_add(batch, Ordering::Relaxed);
                 if first >= limit {
                     break;
@@ -177,13 +200,16 @@ async fn send(a: SendArgs) -> Result<()> {
                 }
                 lat.push((t.elapsed().as_micros() as u64, n));
             }
-            Ok::<_, anyhow::Error>(lat)
+            Ok::<_, anyhow::Error>((lat, behind))
         }));
     }
     let mut lat = Vec::new();
     let mut sent = 0u64;
+    let mut behind = Duration::ZERO;
     for t in tasks {
-        for (us, n) in t.await.context("sender task")?? {
+        let (sender_lat, sender_behind) = t.await.context("sender task")??;
+        behind = behind.max(sender_behind);
+        for (us, n) in sender_lat {
             lat.push(us);
             sent += n;
         }
@@ -191,8 +217,14 @@ async fn send(a: SendArgs) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
     println!(
-        "send: endpoint {} topic {} concurrency {} connections {} size {} B batch {}",
-        c.endpoint, c.topic, c.concurrency, c.connections, a.size, a.batch
+        "send: endpoint {} topic {} concurrency {} connections {} size {} B batch {} rate {}",
+        c.endpoint,
+        c.topic,
+        c.concurrency,
+        c.connections,
+        a.size,
+        a.batch,
+        a.rate.map_or("unlimited".into(), |r| format!("{r} msg/s"))
     );
     println!(
         "  {sent} messages in {secs:.2} s: {:.0} msg/s, {:.1} MB/s",
@@ -206,6 +238,10 @@ async fn send(a: SendArgs) -> Result<()> {
         pct(&lat, 0.999),
         pct(&lat, 1.0)
     );
+    if a.rate.is_some() {
+        // Timer wake-ups alone are late by up to a millisecond or two.
+        println!("  senders fell behind their schedule by at most {behind:?}");
+    }
     Ok(())
 }
 
