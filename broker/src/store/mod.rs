@@ -497,8 +497,9 @@ impl MessageStore {
         // scratch buffer and written with one call after the loop.
         let through_file = inner.clog.writes() == Writes::ThroughFile;
         let start = tail.pos;
-        let mut scratch = std::mem::take(&mut tail.scratch);
+        let mut scratch = Vec::new();
         if through_file {
+            scratch = std::mem::take(&mut tail.scratch);
             scratch.clear();
             scratch.resize(total as usize, 0);
         }
