@@ -452,6 +452,10 @@ impl BrokerAdmin for AdminService {
                 groups.entry(o.group).or_default().insert(o.topic);
             }
         }
+        // Groups with settings are listed before they consume anything.
+        for g in self.store.metadata().list_groups() {
+            groups.entry(g.name).or_default();
+        }
         Ok(Response::new(pb::ListGroupsResponse {
             groups: groups
                 .into_iter()

@@ -131,6 +131,13 @@ async fn a_groups_settings_reach_its_consumers_and_decide_its_dead_letters() {
     }
     let err = b.cli_fails(&["group", "set", "%SYS_DELIVERY%"]);
     assert!(err.contains("broker's own"), "{err}");
+    // A group with settings is listed before it consumes anything.
+    b.cli_ok(&["group", "set", "idle", "--backoff", "1s"]);
+    let listed = b.cli_ok(&["group", "list"]);
+    assert!(
+        listed.contains("idle") && listed.contains("strict"),
+        "{listed}"
+    );
 
     // Settings survive a restart; a reset goes back to the defaults.
     b.stop();

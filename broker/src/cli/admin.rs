@@ -96,7 +96,7 @@ pub enum TopicCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
-    /// List consumer groups with committed offsets.
+    /// List consumer groups (with committed offsets or settings).
     List,
     /// Show a group's retry settings and its offsets, lag and in-flight
     /// messages per queue.
