@@ -113,7 +113,7 @@ fn from_pb_type(t: i32) -> Result<MessageType, Status> {
     }
 }
 
-pub(crate) fn group_to_pb(g: &GroupConfig) -> pb::GroupSettings {
+fn group_to_pb(g: &GroupConfig) -> pb::GroupSettings {
     use pb::group_settings::RetryBackoff as B;
     pb::GroupSettings {
         name: g.name.clone(),

@@ -154,20 +154,22 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         let timer = crate::messaging::timer::Timer::new(store.clone());
         {
             // A role change means the delivery state in memory belongs to a
-            // previous master's history: reload it from the (replicated) metadata.
+            // previous master's history: rebuild it from the (replicated)
+            // metadata and delivery log. A master does so at once (at start
+            // and when promoted), so its status shows the state.
             let (mut changes, timer, consumption, repl) = (
                 repl.subscribe_role_changes(),
                 timer.clone(),
                 consumption.clone(),
                 repl.clone(),
             );
-            if repl.role() == crate::replication::Role::Master {
-                consumption.load();
-            }
             let stop = stopped(stop_rx.clone());
             tasks.spawn(async move {
                 tokio::pin!(stop);
                 loop {
+                    if repl.role() == crate::replication::Role::Master {
+                        consumption.load();
+                    }
                     tokio::select! {
                         _ = &mut stop => return Ok::<(), String>(()),
                         changed = changes.changed() => {
@@ -176,9 +178,6 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
                             }
                             consumption.reset();
                             timer.reset();
-                            if repl.role() == crate::replication::Role::Master {
-                                consumption.load();
-                            }
                         }
                     }
                 }

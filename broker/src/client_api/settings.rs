@@ -23,7 +23,7 @@ fn d(secs: u64, millis: u64) -> prost_types::Duration {
 }
 
 /// A consumer group's retry policy as consumers receive it.
-pub fn retry_policy(group: &GroupConfig) -> pb::RetryPolicy {
+fn retry_policy(group: &GroupConfig) -> pb::RetryPolicy {
     pb::RetryPolicy {
         max_attempts: group.max_delivery_attempts as i32,
         strategy: Some(match &group.retry_backoff {

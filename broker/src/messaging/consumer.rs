@@ -27,8 +27,8 @@ use parking_lot::{Mutex, MutexGuard};
 use super::delivery_log::{DELIVERY_TOPIC, DeliveryOps, RemoveEntry, SetEntry};
 use super::receipt::ReceiptHandle;
 use crate::store::{
-    CqEntry, MessageStore, MessageType, NewRecord, StoreError, StoredRecord, TopicConfig, keys,
-    record::tag_hash,
+    Appended, CqEntry, MessageStore, MessageType, NewRecord, StoreError, StoredRecord, TopicConfig,
+    keys, record::tag_hash,
 };
 
 /// Prefix of dead-letter topics.
@@ -598,14 +598,20 @@ impl Consumption {
         if ops.is_empty() {
             return Ok(None);
         }
+        let a = self.append_ops(st, ops)?;
+        self.relog_old(st, a.store_ms);
+        self.store_progress(st);
+        Ok(Some(a.end_offset))
+    }
+
+    /// Appends one delivery record and ties the entries it set to it.
+    fn append_ops(&self, st: &mut State, ops: &DeliveryOps) -> Result<Appended, StoreError> {
         let a = self
             .store
             .append(NewRecord::new(DELIVERY_TOPIC, 0, ops.encode()))?;
         st.log_end = st.log_end.max(a.queue_offset + 1);
         tie(st, ops, a.queue_offset, a.store_ms);
-        self.relog_old(st, a.store_ms);
-        self.store_progress(st);
-        Ok(Some(a.end_offset))
+        Ok(a)
     }
 
     /// Logs again the entries whose record is far behind the head of the
@@ -641,18 +647,9 @@ impl Consumption {
             }
         }
         for ops in by_topic.values() {
-            match self
-                .store
-                .append(NewRecord::new(DELIVERY_TOPIC, 0, ops.encode()))
-            {
-                Ok(a) => {
-                    st.log_end = st.log_end.max(a.queue_offset + 1);
-                    tie(st, ops, a.queue_offset, a.store_ms);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "logging old in-flight entries again failed; will retry");
-                    return;
-                }
+            if let Err(e) = self.append_ops(st, ops) {
+                tracing::warn!(error = %e, "logging old in-flight entries again failed; will retry");
+                return;
             }
         }
     }
