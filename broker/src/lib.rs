@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cli;
 pub mod client_api;
+pub mod coalesce;
 pub mod config;
 pub mod http;
 pub mod messaging;

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::coalesce::Coalescing;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -144,6 +145,24 @@ impl AsyncWrite for ClientIo {
             ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        // HTTP/2 sends a large DATA payload as its own buffer after the frame
+        // head: vectored, both go out in one system call.
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -158,14 +177,22 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+impl<S: Connected> Connected for Coalescing<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> S::ConnectInfo {
+        self.get_ref().connect_info()
+    }
+}
+
 /// Accepts connections and yields each once its kind is known and (for
 /// TLS) its handshake is done. A slow or broken handshake delays nobody
-/// else; it is dropped after 10 s.
+/// else; it is dropped after 10 s. Writes to each connection are coalesced
+/// (see [`Coalescing`]).
 pub fn incoming(
     listener: TcpListener,
     tls: TlsAcceptor,
-) -> impl Stream<Item = std::io::Result<ClientIo>> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<ClientIo>>(64);
+) -> impl Stream<Item = std::io::Result<Coalescing<ClientIo>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Coalescing<ClientIo>>>(64);
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -194,7 +221,7 @@ pub fn incoming(
                 };
                 match tokio::time::timeout(std::time::Duration::from_secs(10), classify).await {
                     Ok(Ok(io)) => {
-                        let _ = tx.send(Ok(io)).await;
+                        let _ = tx.send(Ok(Coalescing::new(io))).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection dropped before HTTP/2")

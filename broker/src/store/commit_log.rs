@@ -59,9 +59,9 @@ pub enum Writes {
     /// acknowledgement's path. Segments are only reserved: zeroing ahead
     /// competed with the flushes and made them slower still.
     ThroughFile,
-    /// Stores into the mapping, every page of which is made writable up front
-    /// so appends never fault (used under ASYNC_FLUSH, where the append
-    /// itself is what a send waits for).
+    /// Stores into the mapping, whose pages a background thread makes
+    /// writable a little ahead of the writer so appends rarely fault (used
+    /// under ASYNC_FLUSH, where the append itself is what a send waits for).
     ThroughMapping,
 }
 
@@ -81,8 +81,9 @@ pub struct CommitLog {
     dir: PathBuf,
     segment_size: u64,
     segments: RwLock<Vec<Arc<Segment>>>,
-    /// Everything below this offset is written and may be read.
-    max_offset: AtomicU64,
+    /// Everything below this offset is written and may be read (shared with
+    /// the preparer, which populates pages only a little ahead of it).
+    max_offset: Arc<AtomicU64>,
     limits: GrowthLimits,
     preparer: Arc<Preparer>,
     preparer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -169,7 +170,7 @@ impl CommitLog {
             dir: dir.to_owned(),
             segment_size,
             segments: RwLock::new(segments),
-            max_offset: AtomicU64::new(end),
+            max_offset: Arc::new(AtomicU64::new(end)),
             limits,
             preparer: Arc::new(Preparer {
                 state: Mutex::new(PrepState::default()),
@@ -184,11 +185,13 @@ impl CommitLog {
         let prep = self.preparer.clone();
         let dir = self.dir.clone();
         let size = self.segment_size;
-        let populate = self.limits.writes == Writes::ThroughMapping;
+        let populate = self.populates();
+        let published = self.max_offset.clone();
         // The segment being written at start was only reserved (so the
-        // broker could listen at once); it is populated in the background
-        // first. Populating only faults pages in: it never changes their
-        // contents, so it is safe while appends go on.
+        // broker could listen at once); its pages ahead of the end are
+        // populated in the background like any other's. Populating only
+        // faults pages in: it never changes their contents, so it is safe
+        // while appends go on.
         let end = self.max_offset();
         let start: VecDeque<_> = match self.segments.read().last() {
             Some(seg) if populate => {
@@ -200,7 +203,7 @@ impl CommitLog {
         };
         let handle = std::thread::Builder::new()
             .name("keelmq-segment-prep".into())
-            .spawn(move || prepare_loop(&prep, &dir, size, populate, start))
+            .spawn(move || prepare_loop(&prep, &dir, size, populate, &published, start))
             .ok();
         *self.preparer_thread.lock() = handle;
         self.request_next();
@@ -386,7 +389,18 @@ impl CommitLog {
 
     /// Publishes everything written up to the tail.
     pub fn publish(&self, tail: &Tail) {
-        self.max_offset.store(tail.pos, Ordering::Release);
+        let before = self.max_offset.swap(tail.pos, Ordering::Release);
+        // The preparer populates pages a bounded distance ahead of the end;
+        // tell it each time the end moves on by a granule.
+        if self.populates() && before / POPULATE_GRANULE != tail.pos / POPULATE_GRANULE {
+            let _st = self.preparer.state.lock();
+            self.preparer.wake.notify_all();
+        }
+    }
+
+    /// Whether the preparer makes pages writable ahead of the writer.
+    fn populates(&self) -> bool {
+        self.limits.writes == Writes::ThroughMapping
     }
 
     /// Makes `[from, to)` durable.
@@ -563,6 +577,7 @@ fn prepare_loop(
     dir: &Path,
     size: u64,
     populate: bool,
+    published: &AtomicU64,
     mut populating: VecDeque<(Arc<Segment>, u64)>,
 ) {
     loop {
@@ -579,19 +594,25 @@ fn prepare_loop(
                     st.in_progress = Some(b);
                     break Some(b);
                 }
-                if !populating.is_empty() {
+                let end = published.load(Ordering::Acquire);
+                skip_written(&mut populating, end);
+                if populating
+                    .front()
+                    .is_some_and(|(seg, from)| seg.base + from < end + POPULATE_AHEAD)
+                {
                     break None;
                 }
                 prep.wake.wait(&mut st);
             }
         };
         let Some(base) = base else {
-            // One step of populating the oldest segment not fully populated
-            // (the one the writer reaches first), then look for requests
-            // again: creating a wanted segment never waits behind populating
-            // a whole one. A segment is offered as soon as it exists, and a
-            // writer that reaches pages not populated yet faults them in
-            // itself; populating never changes the contents.
+            // One step of the oldest segment not fully populated (the one
+            // the writer reaches first), then look for requests again:
+            // creating a wanted segment never waits behind populating. Pages
+            // are populated only up to a bounded distance ahead of the end,
+            // so the work (zeroing fresh page cache) follows the write rate
+            // instead of taking whole segments of memory and CPU at once; a
+            // writer that outruns the preparer faults its pages in itself.
             if let Some((seg, from)) = populating.pop_front() {
                 seg.file.populate_write_range(from, POPULATE_STEP);
                 let next = from + POPULATE_STEP;
@@ -622,9 +643,32 @@ fn prepare_loop(
     }
 }
 
+/// Drops from the queue of steps to populate what the writer has already
+/// passed (its pages are faulted in).
+fn skip_written(populating: &mut VecDeque<(Arc<Segment>, u64)>, end: u64) {
+    while let Some((seg, from)) = populating.front_mut() {
+        if seg.end() <= end {
+            populating.pop_front();
+        } else {
+            if seg.base + *from + POPULATE_STEP <= end {
+                *from = (end - seg.base) / POPULATE_STEP * POPULATE_STEP;
+            }
+            return;
+        }
+    }
+}
+
 /// How much of a segment the preparer populates before it looks for a
 /// request to create the next one.
 const POPULATE_STEP: u64 = 64 << 20;
+
+/// How far past the end of the log a step may start to be populated: pages
+/// are made writable at most this much (plus a step) ahead of the writer.
+const POPULATE_AHEAD: u64 = 2 * POPULATE_STEP;
+
+/// The writer wakes the preparer each time the end of the log passes a
+/// multiple of this.
+const POPULATE_GRANULE: u64 = 8 << 20;
 
 /// Fraction of the filesystem holding `dir` that is in use, if known.
 pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
