@@ -37,6 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Record bytes a slave serves to its master: shared, not copied.
         .bytes(".keelmq.admin.v1.ReadRecordsResponse.records")
+        // Message bodies: decoded as a slice of the request buffer and
+        // handed to the store (and cloned by senders) without copying.
+        .bytes(".apache.rocketmq.v2.Message.body")
         .compile_fds(fds)?;
     Ok(())
 }

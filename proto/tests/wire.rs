@@ -286,7 +286,7 @@ fn decodes_send_message_request() {
             ("size".to_owned(), "L".to_owned()),
         ])
     );
-    assert_eq!(m.body, b"hello keelmq");
+    assert_eq!(&m.body[..], b"hello keelmq");
 
     let sp = m.system_properties.as_ref().expect("system_properties");
     assert_eq!(sp.tag.as_deref(), Some("TagA"));
@@ -556,7 +556,7 @@ fn encodes_receive_message_stream_frames() {
                     lite_topic: Some("lite-1".to_owned()),
                     priority: Some(0),
                 }),
-                body: b"compressed?".to_vec(),
+                body: prost::bytes::Bytes::from_static(b"compressed?"),
             },
         )),
     };
@@ -625,7 +625,7 @@ fn encodes_recover_orphaned_transaction_command() {
                             message_type: MessageType::Transaction as i32,
                             ..Default::default()
                         }),
-                        body: b"tx".to_vec(),
+                        body: prost::bytes::Bytes::from_static(b"tx"),
                     }),
                     transaction_id: "tx-9".to_owned(),
                 },

@@ -118,7 +118,7 @@ impl RawClient {
                 queue_id: queue_id as i32,
                 ..Default::default()
             }),
-            body,
+            body: body.into(),
         };
         let resp = self
             .inner
@@ -185,7 +185,7 @@ impl RawClient {
                     out.push(Received {
                         queue_id: sp.queue_id as u32,
                         queue_offset: sp.queue_offset.unwrap_or(-1) as u64,
-                        body: m.body,
+                        body: m.body.to_vec(),
                         properties: m.user_properties,
                         handle: sp.receipt_handle.unwrap_or_default(),
                         message_id: sp.message_id,

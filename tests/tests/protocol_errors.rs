@@ -50,7 +50,7 @@ fn message(topic: &str, body: Vec<u8>, group: Option<&str>) -> pb::Message {
             } as i32,
             ..Default::default()
         }),
-        body,
+        body: body.into(),
     }
 }
 
@@ -676,7 +676,7 @@ async fn check_back_over_a_raw_telemetry_stream() {
     assert_eq!(cmd.transaction_id, tx_id);
     let msg = cmd.message.expect("message");
     assert_eq!(msg.topic.expect("topic").name, "tx");
-    assert_eq!(msg.body, b"orphan");
+    assert_eq!(&msg.body[..], b"orphan");
     let sp = msg.system_properties.expect("system properties");
     assert_eq!(sp.message_id, "01ORPHAN");
     assert_eq!(sp.message_type, pb::MessageType::Transaction as i32);

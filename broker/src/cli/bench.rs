@@ -151,7 +151,7 @@ async fn send(a: SendArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_secs);
     let issued = Arc::new(AtomicU64::new(0));
-    let body = vec![b'k'; a.size];
+    let body = bytes::Bytes::from(vec![b'k'; a.size]);
     let mut tasks = Vec::new();
     let senders = c.concurrency.max(1);
     let batch = a.batch.max(1) as u64;

@@ -212,7 +212,7 @@ pub fn record(
         born_ms: sp.born_timestamp.as_ref().map_or_else(now_ms, ms),
         flags: 0,
         properties,
-        body: m.body.clone().into(),
+        body: m.body.clone(),
     })
 }
 
@@ -279,6 +279,6 @@ pub fn message(
             lite_topic: None,
             priority: None,
         }),
-        body: r.body.to_vec(),
+        body: r.body.clone(),
     }
 }

@@ -690,3 +690,45 @@ pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
     }
     Some(used / (used + avail))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(dir: &Path, base: u64, size: u64) -> Arc<Segment> {
+        let file = MappedFile::create(&dir.join(base_name(base)), size).expect("create segment");
+        Arc::new(Segment::new(base, file))
+    }
+
+    #[test]
+    fn populating_skips_what_the_writer_has_passed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = 4 * POPULATE_STEP;
+        let (a, b) = (
+            segment(dir.path(), 0, size),
+            segment(dir.path(), size, size),
+        );
+        let mut q: VecDeque<_> = [(a.clone(), 0), (b.clone(), 0)].into();
+
+        // The writer is inside the first step: nothing to skip.
+        skip_written(&mut q, POPULATE_STEP / 2);
+        assert_eq!(q.front().map(|(s, f)| (s.base, *f)), Some((0, 0)));
+
+        // Two and a half steps in: populating resumes at the step holding
+        // the end, not at the steps already written.
+        skip_written(&mut q, 2 * POPULATE_STEP + POPULATE_STEP / 2);
+        assert_eq!(
+            q.front().map(|(s, f)| (s.base, *f)),
+            Some((0, 2 * POPULATE_STEP))
+        );
+
+        // Past the first segment: it leaves the queue, the next is untouched.
+        skip_written(&mut q, size + 1);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.front().map(|(s, f)| (s.base, *f)), Some((size, 0)));
+
+        // Past both: nothing is left to populate.
+        skip_written(&mut q, 2 * size);
+        assert!(q.is_empty());
+    }
+}

@@ -110,7 +110,7 @@ async fn send(endpoint: &str, n: usize, tag: &str) -> usize {
                     message_type: mq::MessageType::Normal as i32,
                     ..Default::default()
                 }),
-                body: format!("{tag} {i}").into_bytes(),
+                body: format!("{tag} {i}").into_bytes().into(),
             }],
         });
         req.metadata_mut().insert(
