@@ -118,7 +118,11 @@ async fn throughput(seconds: u64) {
     println!("== send throughput: 1 KiB messages, 64 senders, {seconds} s per run, ASYNC_FLUSH");
     {
         let dir = tempfile::tempdir().expect("tempdir");
-        let b = BrokerProcess::start(dir.path(), &["--auto-create-topics", "true"]);
+        // The same segment size as the local group's brokers (`keelmq dev`).
+        let b = BrokerProcess::start(
+            dir.path(),
+            &["--auto-create-topics", "true", "--segment-size", "64MiB"],
+        );
         println!("-- no slaves (one master)");
         print!("{}", bench_send(&b.endpoint(), seconds));
         b.stop();

@@ -528,6 +528,11 @@ impl CommitLog {
             while st.in_progress == Some(base) {
                 self.preparer.wake.wait(&mut st);
             }
+            // If the thread has not started on this segment yet, it must
+            // not: two creators of one file would collide on its temp name.
+            if st.want == Some(base) {
+                st.want = None;
+            }
             match st.ready.take() {
                 Some(s) if s.base == base => Some(s),
                 Some(other) => {
