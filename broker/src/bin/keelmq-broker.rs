@@ -5,12 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use keelmq_broker::config::BrokerArgs;
 
-// Allocation is a measurable share of each request's CPU (HTTP/2 frames,
-// protobuf messages, headers); mimalloc's per-thread pages make it cheaper
-// than the system allocator.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = BrokerArgs::parse();

@@ -61,12 +61,6 @@ enum Command {
     },
 }
 
-// Allocation is a measurable share of each request's CPU (HTTP/2 frames,
-// protobuf messages, headers); mimalloc's per-thread pages make it cheaper
-// than the system allocator.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
