@@ -96,9 +96,7 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
         // its responses, so the load tool spends less of the machine's CPU
         // on system calls than a client writing each request alone.
         let connector = tower::service_fn(|uri: tonic::transport::Uri| async move {
-            let host = uri.host().unwrap_or("127.0.0.1");
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(80);
+            let (host, port) = host_port(&uri);
             let stream = tokio::net::TcpStream::connect((host, port)).await?;
             stream.set_nodelay(true)?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Coalescing::new(stream)))
@@ -115,6 +113,13 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
         );
     }
     Ok(out)
+}
+
+/// Where to connect for `uri` (an IPv6 host loses its brackets).
+fn host_port(uri: &tonic::transport::Uri) -> (&str, u16) {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, uri.port_u16().unwrap_or(80))
 }
 
 fn pct(sorted: &[u64], p: f64) -> Duration {
@@ -383,4 +388,21 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
         pct(&e2e, 0.999)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connects_to_the_endpoint_host_and_port() {
+        let at = |s: &str| {
+            let uri: tonic::transport::Uri = s.parse().expect("uri");
+            let (h, p) = host_port(&uri);
+            (h.to_owned(), p)
+        };
+        assert_eq!(at("http://127.0.0.1:8081"), ("127.0.0.1".into(), 8081));
+        assert_eq!(at("http://[::1]:9876"), ("::1".into(), 9876));
+        assert_eq!(at("http://broker.local"), ("broker.local".into(), 80));
+    }
 }
