@@ -137,10 +137,10 @@ fn group_to_pb(g: &GroupConfig) -> pb::GroupSettings {
 
 /// Settings as asked for; omitted fields take the defaults. Validation is
 /// the store's.
-fn group_from_pb(g: pb::GroupSettings) -> Result<GroupConfig, Status> {
+fn group_from_pb(g: pb::GroupSettings) -> GroupConfig {
     use pb::group_settings::RetryBackoff as B;
     let defaults = GroupConfig::defaults(&g.name);
-    Ok(GroupConfig {
+    GroupConfig {
         max_delivery_attempts: match g.max_delivery_attempts {
             0 => defaults.max_delivery_attempts,
             n => n,
@@ -157,7 +157,7 @@ fn group_from_pb(g: pb::GroupSettings) -> Result<GroupConfig, Status> {
             },
         },
         name: g.name,
-    })
+    }
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -519,7 +519,7 @@ impl BrokerAdmin for AdminService {
             .into_inner()
             .settings
             .ok_or_else(|| Status::invalid_argument("settings are required"))?;
-        let group = group_from_pb(settings)?;
+        let group = group_from_pb(settings);
         self.store
             .metadata()
             .set_group(group.clone())

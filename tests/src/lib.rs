@@ -110,16 +110,11 @@ impl BrokerProcess {
     /// Starts a broker on given (client, admin, http, replication) ports.
     pub fn start_on(data_dir: &Path, ports: (u16, u16, u16, u16), extra: &[&str]) -> BrokerProcess {
         let (client_port, admin_port, http_port, replication_port) = ports;
-        // Small segments unless the caller picks a size: tests cross segment
-        // boundaries with little data.
-        let segment = if extra.contains(&"--segment-size") {
-            &[][..]
-        } else {
-            &["--segment-size", "4MiB"][..]
-        };
         let child = Command::new(workspace_bin("keelmq-broker"))
             .args(["--listen-address", "127.0.0.1"])
-            .args(segment)
+            // Small segments, so tests cross segment boundaries with little
+            // data; an explicit `--segment-size` in `extra` overrides it.
+            .env("KEELMQ_SEGMENT_SIZE", "4MiB")
             // How full the machine's disk is must not delete or refuse data
             // in tests that are about something else.
             .args(["--disk-high-watermark", "1.0", "--disk-full-ratio", "1.0"])

@@ -54,6 +54,17 @@ fn resource(name: &str) -> Option<pb::Resource> {
     })
 }
 
+/// A response's status as a result: OK, or the broker's code and message.
+fn ok(status: Option<pb::Status>) -> Result<(), Failure> {
+    match status.unwrap_or_default() {
+        s if s.code == pb::Code::Ok as i32 => Ok(()),
+        s => Err(Failure {
+            code: s.code,
+            message: s.message,
+        }),
+    }
+}
+
 fn transport(e: tonic::Status) -> Failure {
     Failure {
         code: -1,
@@ -86,13 +97,7 @@ impl RawClient {
             .await
             .map_err(transport)?
             .into_inner();
-        let status = resp.status.unwrap_or_default();
-        if status.code != pb::Code::Ok as i32 {
-            return Err(Failure {
-                code: status.code,
-                message: status.message,
-            });
-        }
+        ok(resp.status)?;
         Ok(resp
             .message_queues
             .iter()
@@ -126,13 +131,7 @@ impl RawClient {
             .await
             .map_err(transport)?
             .into_inner();
-        let status = resp.status.unwrap_or_default();
-        if status.code != pb::Code::Ok as i32 {
-            return Err(Failure {
-                code: status.code,
-                message: status.message,
-            });
-        }
+        ok(resp.status)?;
         let entry = resp.entries.first().ok_or_else(|| Failure {
             code: -1,
             message: "no entry in an OK send response".into(),
@@ -245,9 +244,7 @@ impl RawClient {
             .map(|s| s.code)
             .collect())
     }
-}
 
-impl RawClient {
     /// Makes a received message visible again after `after` (a consumer's
     /// "retry later"); the new receipt handle.
     pub async fn nack(
@@ -274,13 +271,8 @@ impl RawClient {
             .await
             .map_err(transport)?
             .into_inner();
-        match resp.status.unwrap_or_default() {
-            s if s.code == pb::Code::Ok as i32 => Ok(resp.receipt_handle),
-            s => Err(Failure {
-                code: s.code,
-                message: s.message,
-            }),
-        }
+        ok(resp.status)?;
+        Ok(resp.receipt_handle)
     }
 
     /// Opens a Telemetry stream as a simple consumer of `group` and returns

@@ -59,7 +59,8 @@ fn topics_status_health_and_clean_restart() {
     ]);
     assert!(sent.contains("200 messages"), "{sent}");
     assert!(sent.contains("p99"), "{sent}");
-    // Paced: never more than the rate allows (plus each sender's first).
+    // Paced: never more than the rate allows (plus each sender's first), and
+    // it does send.
     b.cli_ok(&["topic", "create", "paced", "--queues", "1"]);
     let paced = b.cli_ok(&[
         "bench",
@@ -82,7 +83,7 @@ fn topics_status_health_and_clean_restart() {
         .and_then(|(head, _)| head.split_whitespace().last())
         .and_then(|n| n.parse().ok())
         .expect("message count");
-    assert!(paced_count <= 52, "{paced}");
+    assert!((10..=52).contains(&paced_count), "{paced}");
     let consumed = b.cli_ok(&[
         "bench",
         "consume",
