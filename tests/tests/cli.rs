@@ -59,6 +59,12 @@ fn topics_status_health_and_clean_restart() {
     ]);
     assert!(sent.contains("200 messages"), "{sent}");
     assert!(sent.contains("p99"), "{sent}");
+    // A refused send and an endpoint nobody listens on end the run clearly.
+    let err = b.cli_fails(&["bench", "send", "--endpoint", &client, "--topic", "nope"]);
+    assert!(err.contains("send refused: TOPIC_NOT_FOUND"), "{err}");
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let err = b.cli_fails(&["bench", "send", "--endpoint", &nobody, "--count", "1"]);
+    assert!(err.contains(&format!("connecting to {nobody}")), "{err}");
     // Paced: never more than the rate allows (plus each sender's first), and
     // it does send.
     b.cli_ok(&["topic", "create", "paced", "--queues", "1"]);

@@ -18,7 +18,10 @@ use keelmq_proto::rocketmq::v2 as pb;
 use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
 use tonic::transport::Channel;
 
+use super::unary::UnaryConn;
 use crate::coalesce::Coalescing;
+
+const SEND_MESSAGE: &str = "/apache.rocketmq.v2.MessagingService/SendMessage";
 
 /// What to run.
 #[derive(Subcommand, Debug)]
@@ -116,7 +119,7 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
 }
 
 /// Where to connect for `uri` (an IPv6 host loses its brackets).
-fn host_port(uri: &tonic::transport::Uri) -> (&str, u16) {
+pub(super) fn host_port(uri: &http::Uri) -> (&str, u16) {
     let host = uri.host().unwrap_or("127.0.0.1");
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (host, uri.port_u16().unwrap_or(80))
@@ -151,7 +154,11 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
 
 async fn send(a: SendArgs) -> Result<()> {
     let c = a.common.clone();
-    let clients = channels(&c).await?;
+    let mut conns = Vec::new();
+    for _ in 0..c.connections.max(1) {
+        let id = format!("bench@{}", std::process::id());
+        conns.push(UnaryConn::connect(&c.endpoint, &id).await?);
+    }
     let limit = c.count.unwrap_or(u64::MAX);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_secs);
@@ -165,12 +172,11 @@ async fn send(a: SendArgs) -> Result<()> {
         .rate
         .map(|r| Duration::from_secs_f64((senders as u64 * batch) as f64 / r as f64));
     for w in 0..senders {
-        let mut client = clients[w % clients.len()].clone();
+        let conn = conns[w % conns.len()].clone();
         let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut behind = Duration::ZERO;
-            let id = format!("bench@{}#{w}", std::process::id());
             // Senders start spread over one interval.
             let mut next =
                 started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / senders as f64));
@@ -207,14 +213,15 @@ async fn send(a: SendArgs) -> Result<()> {
                     })
                     .collect();
                 let t = Instant::now();
-                let resp = client
-                    .send_message(with_id(pb::SendMessageRequest { messages }, &id))
+                let resp: pb::SendMessageResponse = conn
+                    .call(SEND_MESSAGE, &pb::SendMessageRequest { messages })
                     .await
-                    .map_err(|s| anyhow::anyhow!("send failed: {s}"))?
-                    .into_inner();
-                let code = resp.status.as_ref().map_or(0, |s| s.code);
-                if code != pb::Code::Ok as i32 {
-                    bail!("send refused: {:?}", resp.status);
+                    .context("send failed")?;
+                let status = resp.status.unwrap_or_default();
+                if status.code != pb::Code::Ok as i32 {
+                    let name =
+                        pb::Code::try_from(status.code).map_or("unknown", |c| c.as_str_name());
+                    bail!("send refused: {name} ({}): {}", status.code, status.message);
                 }
                 lat.push((t.elapsed().as_micros() as u64, n));
             }

@@ -3,3 +3,4 @@
 pub mod admin;
 pub mod bench;
 pub mod dev;
+mod unary;
