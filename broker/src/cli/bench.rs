@@ -118,6 +118,19 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
     Ok(out)
 }
 
+/// Writes a message id unique to the run: the sequence number and the
+/// sender, in upper-case hex (24 digits), reusing `out`'s allocation.
+fn message_id(out: &mut String, seq: u64, sender: u32) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.clear();
+    for shift in (0..16).rev() {
+        out.push(char::from(HEX[(seq >> (shift * 4)) as usize & 0xf]));
+    }
+    for shift in (0..8).rev() {
+        out.push(char::from(HEX[(sender >> (shift * 4)) as usize & 0xf]));
+    }
+}
+
 /// Where to connect for `uri` (an IPv6 host loses its brackets).
 pub(super) fn host_port(uri: &http::Uri) -> (&str, u16) {
     let host = uri.host().unwrap_or("127.0.0.1");
@@ -177,6 +190,21 @@ async fn send(a: SendArgs) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut behind = Duration::ZERO;
+            let template = pb::Message {
+                topic: Some(pb::Resource {
+                    resource_namespace: String::new(),
+                    name: topic,
+                }),
+                user_properties: Default::default(),
+                system_properties: Some(pb::SystemProperties {
+                    message_type: pb::MessageType::Normal as i32,
+                    ..Default::default()
+                }),
+                body,
+            };
+            let mut req = pb::SendMessageRequest {
+                messages: vec![template; batch as usize],
+            };
             // Senders start spread over one interval.
             let mut next =
                 started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / senders as f64));
@@ -195,28 +223,19 @@ async fn send(a: SendArgs) -> Result<()> {
                     break;
                 }
                 let n = batch.min(limit - first);
-                let born = now_ms();
-                let messages = (0..n)
-                    .map(|i| pb::Message {
-                        topic: Some(pb::Resource {
-                            resource_namespace: String::new(),
-                            name: topic.clone(),
-                        }),
-                        user_properties: Default::default(),
-                        system_properties: Some(pb::SystemProperties {
-                            message_id: format!("{:016X}{:08X}", first + i, w),
-                            message_type: pb::MessageType::Normal as i32,
-                            born_timestamp: Some(ts(born)),
-                            ..Default::default()
-                        }),
-                        body: body.clone(),
-                    })
-                    .collect();
+                // The request's messages are kept between requests; only
+                // their ids and born timestamps change.
+                req.messages.truncate(n as usize);
+                let born = Some(ts(now_ms()));
+                for (i, m) in req.messages.iter_mut().enumerate() {
+                    if let Some(sp) = m.system_properties.as_mut() {
+                        message_id(&mut sp.message_id, first + i as u64, w as u32);
+                        sp.born_timestamp = born;
+                    }
+                }
                 let t = Instant::now();
-                let resp: pb::SendMessageResponse = conn
-                    .call(SEND_MESSAGE, &pb::SendMessageRequest { messages })
-                    .await
-                    .context("send failed")?;
+                let resp: pb::SendMessageResponse =
+                    conn.call(SEND_MESSAGE, &req).await.context("send failed")?;
                 let status = resp.status.unwrap_or_default();
                 if status.code != pb::Code::Ok as i32 {
                     let name =
@@ -400,6 +419,15 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_ids_are_fixed_width_hex() {
+        let mut id = String::from("leftover");
+        message_id(&mut id, 0x1f, 3);
+        assert_eq!(id, format!("{:016X}{:08X}", 0x1f, 3));
+        message_id(&mut id, u64::MAX, u32::MAX);
+        assert_eq!(id, "F".repeat(24));
+    }
 
     #[test]
     fn connects_to_the_endpoint_host_and_port() {

@@ -107,8 +107,15 @@ pub fn record(
             ),
         ));
     }
-    let sp = m.system_properties.clone().unwrap_or_default();
-    let group = sp.message_group.clone().filter(|g| !g.is_empty());
+    let no_properties;
+    let sp = match &m.system_properties {
+        Some(sp) => sp,
+        None => {
+            no_properties = pb::SystemProperties::default();
+            &no_properties
+        }
+    };
+    let group = sp.message_group.as_ref().filter(|g| !g.is_empty());
     let delayed = sp.delivery_timestamp.is_some();
     let declared =
         pb::MessageType::try_from(sp.message_type).unwrap_or(pb::MessageType::Unspecified);
@@ -201,7 +208,7 @@ pub fn record(
             .unwrap_or((round_robin % u64::from(topic.queue_count)) as u32),
     };
     if let Some(g) = group {
-        properties.insert(keys::MESSAGE_GROUP.into(), g);
+        properties.insert(keys::MESSAGE_GROUP.into(), g.clone());
     }
     if let Some(t) = sp.delivery_timestamp.as_ref() {
         properties.insert(keys::DELIVERY_TIME.into(), ms(t).to_string());

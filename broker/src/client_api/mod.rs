@@ -341,13 +341,19 @@ impl MessagingService for ClientApi {
         let mut records = Vec::with_capacity(messages.len());
         let mut ids = Vec::with_capacity(messages.len());
         let mut half = Vec::with_capacity(messages.len());
+        let mut topic: Option<TopicConfig> = None;
         for m in &messages {
-            let topic = match self.topic(resource_name(&m.topic)) {
-                Ok(t) => t,
-                Err(s) => return Ok(Response::new(send_failure(s, &messages))),
+            // A batch is usually for one topic: look it up once.
+            let name = resource_name(&m.topic);
+            let topic = match topic.take() {
+                Some(t) if t.name == name => topic.insert(t),
+                _ => match self.topic(name) {
+                    Ok(t) => topic.insert(t),
+                    Err(s) => return Ok(Response::new(send_failure(s, &messages))),
+                },
             };
             let queue = self.round_robin.fetch_add(1, Ordering::Relaxed);
-            match convert::record(&self.cfg, &topic, m, queue, &born_host) {
+            match convert::record(&self.cfg, topic, m, queue, &born_host) {
                 Ok(r) => {
                     let due = r
                         .properties
