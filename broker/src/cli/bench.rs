@@ -66,8 +66,9 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Target rate in messages per second over all senders (default: as
-    /// fast as they go). Each sender issues its requests at fixed intervals;
-    /// the report says how far behind that schedule senders fell.
+    /// fast as they go). Requests are released at even intervals on one
+    /// schedule, each to a free sender; the report says how far behind
+    /// that schedule the senders fell.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: Option<u64>,
 }
@@ -116,6 +117,91 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
         );
     }
     Ok(out)
+}
+
+/// Releases requests at even intervals on one schedule, from a thread that
+/// sleeps with the system's fine-grained timer. (With tokio's timer, whose
+/// granularity is a millisecond, every sender whose turn fell within the
+/// same millisecond was released at once: the load came in bursts.)
+struct Pacer {
+    shared: Arc<PacerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct PacerShared {
+    permits: tokio::sync::Semaphore,
+    started: Instant,
+    /// Time between two requests' turns.
+    period: Duration,
+    /// Turns taken so far (the next turn's number).
+    taken: AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// The shortest the pacer sleeps: turns due sooner are released together.
+const PACER_TICK: Duration = Duration::from_micros(100);
+
+impl Pacer {
+    fn start(started: Instant, deadline: Instant, batch: u64, rate: u64) -> Pacer {
+        let shared = Arc::new(PacerShared {
+            permits: tokio::sync::Semaphore::new(0),
+            started,
+            period: Duration::from_secs_f64(batch as f64 / rate as f64),
+            taken: AtomicU64::new(0),
+            stop: Default::default(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                let mut released = 0u64;
+                while !s.stop.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    let due = (now - s.started).as_secs_f64() / s.period.as_secs_f64();
+                    let due = due as u64 + 1;
+                    if due > released {
+                        s.permits.add_permits((due - released) as usize);
+                        released = due;
+                    }
+                    let next = s.started + s.period.mul_f64(released as f64);
+                    std::thread::sleep(next.saturating_duration_since(now).max(PACER_TICK));
+                }
+                s.permits.close();
+            })
+            .ok();
+        if thread.is_none() {
+            // Without the thread nobody would release a turn: end at once.
+            shared.permits.close();
+        }
+        Pacer { shared, thread }
+    }
+
+    fn handle(&self) -> Arc<PacerShared> {
+        self.shared.clone()
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PacerShared {
+    /// Waits for the next turn; how late it was taken, or `None` once the
+    /// run is over.
+    async fn turn(&self) -> Option<Duration> {
+        self.permits.acquire().await.ok()?.forget();
+        let n = self.taken.fetch_add(1, Ordering::Relaxed);
+        let due = self.started + self.period.mul_f64(n as f64);
+        Some(Instant::now().saturating_duration_since(due))
+    }
 }
 
 /// Writes a message id unique to the run: the sequence number and the
@@ -180,13 +266,11 @@ async fn send(a: SendArgs) -> Result<()> {
     let mut tasks = Vec::new();
     let senders = c.concurrency.max(1);
     let batch = a.batch.max(1) as u64;
-    // Each sender's interval between requests at the target rate.
-    let interval = a
-        .rate
-        .map(|r| Duration::from_secs_f64((senders as u64 * batch) as f64 / r as f64));
+    let pacer = a.rate.map(|r| Pacer::start(started, deadline, batch, r));
     for w in 0..senders {
         let conn = conns[w % conns.len()].clone();
         let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
+        let pacer = pacer.as_ref().map(Pacer::handle);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut behind = Duration::ZERO;
@@ -205,21 +289,19 @@ async fn send(a: SendArgs) -> Result<()> {
             let mut req = pb::SendMessageRequest {
                 messages: vec![template; batch as usize],
             };
-            // Senders start spread over one interval.
-            let mut next =
-                started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / senders as f64));
             while Instant::now() < deadline {
-                if let Some(i) = interval {
-                    tokio::time::sleep_until(next.into()).await;
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break;
+                if let Some(p) = &pacer {
+                    match p.turn().await {
+                        Some(late) => behind = behind.max(late),
+                        None => break,
                     }
-                    behind = behind.max(now - next);
-                    next += i;
                 }
                 let first = issued.fetch_add(batch, Ordering::Relaxed);
                 if first >= limit {
+                    // The count is reached: no sender needs another turn.
+                    if let Some(p) = &pacer {
+                        p.permits.close();
+                    }
                     break;
                 }
                 let n = batch.min(limit - first);
@@ -258,6 +340,7 @@ async fn send(a: SendArgs) -> Result<()> {
             sent += n;
         }
     }
+    drop(pacer);
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
     println!(
@@ -283,7 +366,6 @@ async fn send(a: SendArgs) -> Result<()> {
         pct(&lat, 1.0)
     );
     if a.rate.is_some() {
-        // Timer wake-ups alone are late by up to a millisecond or two.
         println!("  senders fell behind their schedule by at most {behind:?}");
     }
     Ok(())
@@ -419,6 +501,22 @@ async fn consume(a: ConsumeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_pacer_never_exceeds_its_rate_and_ends_at_the_deadline() {
+        let started = Instant::now();
+        // 10 ms between turns for 300 ms.
+        let pacer = Pacer::start(started, started + Duration::from_millis(300), 2, 200);
+        let turns = pacer.handle();
+        let mut n = 0;
+        while turns.turn().await.is_some() {
+            n += 1;
+        }
+        assert!(Instant::now() >= started + Duration::from_millis(300));
+        // The first turn at once, then one per period up to the deadline.
+        assert!((1..=31).contains(&n), "{n} turns");
+        drop(pacer);
+    }
 
     #[test]
     fn message_ids_are_fixed_width_hex() {
