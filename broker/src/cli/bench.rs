@@ -156,15 +156,19 @@ impl Pacer {
             .spawn(move || {
                 let mut released = 0u64;
                 while !s.stop.load(Ordering::Acquire) {
+                    // Turn k is due at `started + k * period`; release every
+                    // turn due by now (never past the deadline).
                     let now = Instant::now();
-                    if now >= deadline {
-                        break;
-                    }
-                    let due = (now - s.started).as_secs_f64() / s.period.as_secs_f64();
+                    let until = now.min(deadline);
+                    let due = until.saturating_duration_since(s.started).as_secs_f64()
+                        / s.period.as_secs_f64();
                     let due = due as u64 + 1;
                     if due > released {
                         s.permits.add_permits((due - released) as usize);
                         released = due;
+                    }
+                    if now >= deadline {
+                        break;
                     }
                     let next = s.started + s.period.mul_f64(released as f64);
                     std::thread::sleep(next.saturating_duration_since(now).max(PACER_TICK));
@@ -254,8 +258,8 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
 async fn send(a: SendArgs) -> Result<()> {
     let c = a.common.clone();
     let mut conns = Vec::new();
-    for _ in 0..c.connections.max(1) {
-        let id = format!("bench@{}", std::process::id());
+    for i in 0..c.connections.max(1) {
+        let id = format!("bench@{}#{i}", std::process::id());
         conns.push(UnaryConn::connect(&c.endpoint, &id).await?);
     }
     let limit = c.count.unwrap_or(u64::MAX);
@@ -292,6 +296,7 @@ async fn send(a: SendArgs) -> Result<()> {
             while Instant::now() < deadline {
                 if let Some(p) = &pacer {
                     match p.turn().await {
+                        Some(_) if Instant::now() >= deadline => break,
                         Some(late) => behind = behind.max(late),
                         None => break,
                     }
