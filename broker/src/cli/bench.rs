@@ -18,7 +18,7 @@ use keelmq_proto::rocketmq::v2 as pb;
 use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
 use tonic::transport::Channel;
 
-use super::unary::UnaryConn;
+use super::unary::{UnaryConn, host_port};
 use crate::coalesce::Coalescing;
 
 const SEND_MESSAGE: &str = "/apache.rocketmq.v2.MessagingService/SendMessage";
@@ -221,13 +221,6 @@ fn message_id(out: &mut String, seq: u64, sender: u32) {
     }
 }
 
-/// Where to connect for `uri` (an IPv6 host loses its brackets).
-pub(super) fn host_port(uri: &http::Uri) -> (&str, u16) {
-    let host = uri.host().unwrap_or("127.0.0.1");
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, uri.port_u16().unwrap_or(80))
-}
-
 fn pct(sorted: &[u64], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -275,6 +268,7 @@ async fn send(a: SendArgs) -> Result<()> {
         let conn = conns[w % conns.len()].clone();
         let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
         let pacer = pacer.as_ref().map(Pacer::handle);
+        let rpc = conn.rpc(SEND_MESSAGE)?;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut behind = Duration::ZERO;
@@ -322,7 +316,7 @@ async fn send(a: SendArgs) -> Result<()> {
                 }
                 let t = Instant::now();
                 let resp: pb::SendMessageResponse =
-                    conn.call(SEND_MESSAGE, &req).await.context("send failed")?;
+                    conn.call(&rpc, &req).await.context("send failed")?;
                 let status = resp.status.unwrap_or_default();
                 if status.code != pb::Code::Ok as i32 {
                     let name =
@@ -530,17 +524,5 @@ mod tests {
         assert_eq!(id, format!("{:016X}{:08X}", 0x1f, 3));
         message_id(&mut id, u64::MAX, u32::MAX);
         assert_eq!(id, "F".repeat(24));
-    }
-
-    #[test]
-    fn connects_to_the_endpoint_host_and_port() {
-        let at = |s: &str| {
-            let uri: tonic::transport::Uri = s.parse().expect("uri");
-            let (h, p) = host_port(&uri);
-            (h.to_owned(), p)
-        };
-        assert_eq!(at("http://127.0.0.1:8081"), ("127.0.0.1".into(), 8081));
-        assert_eq!(at("http://[::1]:9876"), ("::1".into(), 9876));
-        assert_eq!(at("http://broker.local"), ("broker.local".into(), 80));
     }
 }

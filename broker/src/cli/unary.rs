@@ -38,7 +38,7 @@ impl UnaryConn {
             .authority()
             .cloned()
             .ok_or_else(|| anyhow!("endpoint {endpoint:?} has no host"))?;
-        let (host, port) = super::bench::host_port(&uri);
+        let (host, port) = host_port(&uri);
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await
             .with_context(|| format!("connecting to {endpoint}"))?;
@@ -71,12 +71,23 @@ impl UnaryConn {
         })
     }
 
-    /// Calls `path` (`/package.Service/Method`) with `req` and decodes the
-    /// reply. A gRPC status other than OK is an error carrying its code and
-    /// message.
+    /// The request URI of the method at `path` (`/package.Service/Method`)
+    /// on this connection, built once for all calls to it.
+    pub fn rpc(&self, path: &str) -> Result<Uri> {
+        Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .with_context(|| format!("request uri for {path}"))
+    }
+
+    /// Calls the method at `rpc` (from [`UnaryConn::rpc`]) with `req` and
+    /// decodes the reply. A gRPC status other than OK is an error carrying
+    /// its code and message.
     pub async fn call<Q: prost::Message, R: prost::Message + Default>(
         &self,
-        path: &'static str,
+        rpc: &Uri,
         req: &Q,
     ) -> Result<R> {
         let len = req.encoded_len();
@@ -85,17 +96,9 @@ impl UnaryConn {
         buf.put_u32(u32::try_from(len).context("request too large")?);
         req.encode(&mut buf).context("encoding the request")?;
 
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()
-            .context("request uri")?;
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .body(())
-            .context("request")?;
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = rpc.clone();
         *request.headers_mut() = self.headers.clone();
 
         let mut send = self.send.clone().ready().await.context("connection")?;
@@ -123,6 +126,13 @@ impl UnaryConn {
         }
         decode_frame(data.freeze())
     }
+}
+
+/// Where to connect for `uri` (an IPv6 host loses its brackets).
+pub fn host_port(uri: &Uri) -> (&str, u16) {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, uri.port_u16().unwrap_or(80))
 }
 
 /// Fails on a `grpc-status` other than 0 (absent is fine: it comes in the
@@ -196,5 +206,17 @@ mod tests {
         h.insert("grpc-message", HeaderValue::from_static("unimplemented"));
         let e = check_grpc_status(&h).expect_err("non-zero status");
         assert!(e.to_string().contains("12") && e.to_string().contains("unimplemented"));
+    }
+
+    #[test]
+    fn connects_to_the_endpoint_host_and_port() {
+        let at = |s: &str| {
+            let uri: Uri = s.parse().expect("uri");
+            let (h, p) = host_port(&uri);
+            (h.to_owned(), p)
+        };
+        assert_eq!(at("http://127.0.0.1:8081"), ("127.0.0.1".into(), 8081));
+        assert_eq!(at("http://[::1]:9876"), ("::1".into(), 9876));
+        assert_eq!(at("http://broker.local"), ("broker.local".into(), 80));
     }
 }
