@@ -177,7 +177,8 @@ pub struct ReplicationManager {
     store: MessageStore,
     state: Mutex<RoleState>,
     slaves: Arc<master::SlaveTable>,
-    /// Pinged after every local append so master streams wake at once.
+    /// Pinged after every local append, and by the store when it publishes
+    /// staged records, so master streams wake at once.
     appended: Arc<Notify>,
     /// Slave side: whether the stream to the master is up.
     follower_connected: watch::Sender<bool>,
@@ -229,7 +230,9 @@ impl ReplicationManager {
                 master_client: None,
                 follower: None,
             }),
-            appended: Arc::new(Notify::new()),
+            // Under SYNC_FLUSH records become readable (and can be shipped)
+            // when the store's flusher publishes them, after the append.
+            appended: store.published_notify(),
             follower_connected: watch::channel(false).0,
             role_changed: watch::channel(0).0,
             cfg,

@@ -3,10 +3,14 @@
 //! small metadata files.
 //!
 //! [`MessageStore`] is the one handle the rest of the broker uses. Appends
-//! are serialised by one lock and written straight into the mapped tail
-//! segment; readers never take that lock. Durability is reported through
-//! [`MessageStore::wait_flushed`], which a SYNC_FLUSH broker awaits before
-//! acknowledging and an ASYNC_FLUSH broker does not.
+//! are serialised by one lock; readers never take it. Under ASYNC_FLUSH an
+//! append writes straight into the mapped tail segment and is readable when
+//! it returns. Under SYNC_FLUSH it is encoded into a staging buffer, and the
+//! flusher thread writes each group of staged records, publishes them and
+//! flushes them: they are readable once written, before the flush.
+//! Durability is reported through [`MessageStore::wait_flushed`], which a
+//! SYNC_FLUSH broker awaits before acknowledging and an ASYNC_FLUSH broker
+//! does not.
 
 mod commit_log;
 mod consume_queue;
@@ -15,6 +19,7 @@ mod mapped;
 mod metadata;
 pub mod record;
 mod recovery;
+mod staging;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,6 +46,7 @@ pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
 use commit_log::{CommitLog, GrowthLimits, Tail, Writes};
 use consume_queue::ConsumeQueue;
 use record::{RECORD_MAGIC, encode_into, tag_hash};
+use staging::Staged;
 
 /// When an append counts as durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
@@ -197,7 +203,9 @@ pub enum StoreError {
     OffsetMismatch { expected: u64, got: u64 },
     #[error("offset {offset} was not flushed within {waited:?}")]
     FlushTimeout { offset: u64, waited: Duration },
-    #[error("flushing the commit log failed ({0}); the broker refuses writes until restarted")]
+    #[error(
+        "the commit log could not be written or flushed ({0}); the broker refuses writes until restarted"
+    )]
     FlushFailed(String),
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -253,6 +261,11 @@ struct Inner {
     cqs: RwLock<HashMap<String, Vec<Option<Arc<ConsumeQueue>>>>>,
     /// The write position; holding it is holding the append lock.
     tail: Mutex<Tail>,
+    /// Held while staged records are written and published (SYNC_FLUSH),
+    /// so that they reach the log in order; taken before `tail`.
+    commit_lock: Mutex<()>,
+    /// Notified when the flusher publishes staged records.
+    published: Arc<tokio::sync::Notify>,
     /// Consume-queue entries of every record below this offset are written.
     dispatched: AtomicU64,
     flushed: AtomicU64,
@@ -275,8 +288,6 @@ struct Inner {
 }
 
 const CHECKPOINT: &str = "checkpoint.json";
-/// A larger encoding buffer (left by a big batch) is not kept for the next append.
-const MAX_KEPT_SCRATCH: usize = 1 << 20;
 
 /// Decodes (CRC-checked) the record stored at commit-log `offset` and
 /// checks it is message `queue_offset` of `topic`/`queue_id`, as the consume
@@ -340,6 +351,8 @@ impl MessageStore {
             cq_dir,
             cqs: RwLock::new(recovered.queues),
             tail: Mutex::new(tail),
+            commit_lock: Mutex::new(()),
+            published: Arc::new(tokio::sync::Notify::new()),
             dispatched: AtomicU64::new(end),
             flushed: AtomicU64::new(end),
             flush_lock: Mutex::new(()),
@@ -433,8 +446,9 @@ impl MessageStore {
     }
 
     /// Appends records contiguously (all in one segment) and returns where
-    /// they went. They are readable at once; whether they are durable is
-    /// what [`MessageStore::wait_flushed`] tells.
+    /// they went. Under ASYNC_FLUSH they are readable at once; under
+    /// SYNC_FLUSH once the flusher has written them, at the latest when
+    /// [`MessageStore::wait_flushed`] returns, which tells they are durable.
     pub fn append_batch(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, StoreError> {
         self.append_batch_at(records, now_ms())
     }
@@ -492,34 +506,64 @@ impl MessageStore {
             }
             slots.push((cq, qo));
         }
-        let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
-        // Records written through the file are encoded into the tail's
-        // scratch buffer and written with one call after the loop.
-        let through_file = inner.clog.writes() == Writes::ThroughFile;
-        let start = tail.pos;
-        let mut scratch = Vec::new();
-        if through_file {
-            scratch = std::mem::take(&mut tail.scratch);
-            scratch.clear();
-            scratch.resize(total as usize, 0);
+        let tag = |r: &NewRecord| tag_hash(r.properties.get(keys::TAG).map(String::as_str));
+        if inner.clog.writes() == Writes::ThroughFile {
+            // SYNC_FLUSH: encode into the staging buffer; the flusher writes,
+            // publishes and flushes (see the `staging` module).
+            let Tail {
+                segment,
+                pos,
+                staged,
+            } = &mut *tail;
+            let start = *pos;
+            let buf = staged.reserve(segment, start, total as usize);
+            for (r, (_, qo)) in records.iter().zip(&slots) {
+                let len = r.encoded_len();
+                let offset = *pos;
+                let at = (offset - start) as usize;
+                encode_into(&mut buf[at..at + len], r, offset, *qo, store_ms);
+                *pos += len as u64;
+                done(Appended {
+                    offset,
+                    end_offset: *pos,
+                    queue_offset: *qo,
+                    store_ms,
+                });
+            }
+            let mut offset = start;
+            for (r, (cq, qo)) in records.iter().zip(slots) {
+                let size = r.encoded_len() as u32;
+                let tag_hash = tag(r);
+                staged.push_entry(
+                    cq,
+                    qo,
+                    CqEntry {
+                        offset,
+                        size,
+                        tag_hash,
+                    },
+                );
+                offset += u64::from(size);
+            }
+            drop(tail);
+            if let Some(t) = inner.flusher.get() {
+                t.unpark();
+            }
+            return Ok(());
         }
+        let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
         for (r, (_, qo)) in records.iter().zip(&slots) {
             let len = r.encoded_len();
             let offset = tail.pos;
-            let dst = if through_file {
-                let at = (offset - start) as usize;
-                &mut scratch[at..at + len]
-            } else {
-                // SAFETY: the append lock is held and room was made; the
-                // bytes are published only below, after they are written.
-                unsafe { inner.clog.reserve(&tail, len) }
-            };
+            // SAFETY: the append lock is held and room was made; the bytes
+            // are published only below, after they are written.
+            let dst = unsafe { inner.clog.reserve(&tail, len) };
             encode_into(dst, r, offset, *qo, store_ms);
             tail.pos += len as u64;
             entries.push(CqEntry {
                 offset,
                 size: len as u32,
-                tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
+                tag_hash: tag(r),
             });
             done(Appended {
                 offset,
@@ -527,21 +571,6 @@ impl MessageStore {
                 queue_offset: *qo,
                 store_ms,
             });
-        }
-        if through_file {
-            // SAFETY: append lock held, room made, published only below.
-            let written = unsafe { inner.clog.write(&tail.segment, start, &scratch) };
-            if scratch.capacity() <= MAX_KEPT_SCRATCH {
-                tail.scratch = scratch;
-            }
-            if let Err(e) = written {
-                tail.pos = start;
-                unreserve(&slots);
-                return Err(StoreError::Io {
-                    context: format!("writing to commit log segment at {start}"),
-                    source: e,
-                });
-            }
         }
         inner.clog.publish(&tail);
         for ((cq, qo), e) in slots.iter().zip(entries) {
@@ -551,13 +580,70 @@ impl MessageStore {
             cq.publish(qo + 1);
         }
         inner.dispatched.store(tail.pos, Ordering::Release);
-        drop(tail);
-        if inner.config.flush_mode == FlushMode::SyncFlush
-            && let Some(t) = inner.flusher.get()
-        {
-            t.unpark();
-        }
         Ok(())
+    }
+
+    /// Writes staged records to the log and publishes them (the caller
+    /// holds the commit lock). A failed write latches the store failed, as
+    /// a failed flush does: the records' appenders were not acknowledged.
+    fn write_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        for (segment, at, bytes) in staged.pieces() {
+            // SAFETY: the commit lock is held; the range is past the
+            // published end and no appender writes there (they stage).
+            if let Err(e) = unsafe { inner.clog.write(segment, at, bytes) } {
+                let err = StoreError::Io {
+                    context: format!("writing to commit log segment at {at}"),
+                    source: e,
+                };
+                self.latch_failure(err.to_string());
+                return Err(err);
+            }
+        }
+        inner.clog.publish_to(staged.end());
+        for (cq, qo, e) in staged.entries() {
+            if let Err(err) = cq.put(*qo, *e) {
+                tracing::error!(error = %err, "writing a consume queue entry failed; recovery will rebuild it");
+            }
+            cq.publish(qo + 1);
+        }
+        inner.dispatched.store(staged.end(), Ordering::Release);
+        inner.published.notify_waiters();
+        Ok(())
+    }
+
+    /// Writes and publishes what is staged now, swapping buffers with
+    /// `spare` so appenders go on while the bytes are written.
+    fn commit_staged(&self, spare: &mut Staged) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let _c = inner.commit_lock.lock();
+        {
+            let mut tail = inner.tail.lock();
+            if tail.staged.is_empty() {
+                return Ok(());
+            }
+            std::mem::swap(&mut tail.staged, spare);
+        }
+        let written = self.write_staged(spare);
+        spare.clear();
+        written
+    }
+
+    /// Writes and publishes what is staged, with the append lock held (and
+    /// the commit lock, taken before it).
+    fn drain_staged_locked(&self, tail: &mut Tail) -> Result<(), StoreError> {
+        let written = self.write_staged(&tail.staged);
+        tail.staged.clear();
+        written
+    }
+
+    /// Notified each time records appended under SYNC_FLUSH become readable
+    /// (under ASYNC_FLUSH they are readable when the append returns).
+    pub fn published_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.published.clone()
     }
 
     /// Waits until everything below `offset` is durable when the store runs
@@ -626,6 +712,11 @@ impl MessageStore {
     /// Flushes everything written so far, now (used by a slave before it
     /// reports an offset as held).
     pub fn flush(&self) -> Result<u64, StoreError> {
+        {
+            let _c = self.inner.commit_lock.lock();
+            let mut tail = self.inner.tail.lock();
+            self.drain_staged_locked(&mut tail)?;
+        }
         self.flush_to(self.max_offset())
     }
 
@@ -797,8 +888,12 @@ impl MessageStore {
     /// offset and indexed. Returns the new end.
     pub fn append_raw(&self, offset: u64, bytes: &[u8]) -> Result<u64, StoreError> {
         let inner = &self.inner;
+        let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
         self.check_flush_ok()?;
+        // Nothing is staged on a slave; a master that became one may have
+        // records staged still, which go first.
+        self.drain_staged_locked(&mut tail)?;
         if tail.pos != offset {
             return Err(StoreError::OffsetMismatch {
                 expected: tail.pos,
@@ -909,7 +1004,9 @@ impl MessageStore {
     /// master to drop what it wrote after the fork point.
     pub fn truncate_to(&self, offset: u64) -> Result<(), StoreError> {
         let inner = &self.inner;
+        let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
+        self.drain_staged_locked(&mut tail)?;
         if offset < self.min_offset() || offset > tail.pos {
             return Err(StoreError::OutOfRange {
                 offset,
@@ -1010,7 +1107,9 @@ impl MessageStore {
             let _ = h.join();
         }
         inner.clog.stop_preparer();
-        let _tail = inner.tail.lock();
+        let _c = inner.commit_lock.lock();
+        let mut tail = inner.tail.lock();
+        self.drain_staged_locked(&mut tail)?;
         self.flush_to(self.max_offset())?;
         self.flush_queues()?;
         inner.metadata.flush_offsets()?;
@@ -1079,12 +1178,8 @@ impl MessageStore {
         let from = self.flushed_offset();
         if target > from {
             if let Err(e) = inner.clog.flush(from, target) {
-                let msg = e.to_string();
-                tracing::error!(error = %msg, "fdatasync of the commit log failed; refusing further writes");
-                *inner.flush_failed.lock() = Some(msg.clone());
-                inner.failed.store(true, Ordering::Release);
-                inner.flush_watch.send_modify(|_| {});
-                inner.flush_cv.notify_all();
+                let msg = format!("fdatasync: {e}");
+                self.latch_failure(msg.clone());
                 return Err(StoreError::FlushFailed(msg));
             }
             inner.flushed.store(target, Ordering::Release);
@@ -1093,6 +1188,18 @@ impl MessageStore {
             inner.flush_cv.notify_all();
         }
         Ok(self.flushed_offset())
+    }
+
+    /// Records that writing or flushing the log failed: the store refuses
+    /// writes from now on, and every waiter for durability is told.
+    fn latch_failure(&self, msg: String) {
+        let inner = &self.inner;
+        tracing::error!(error = %msg, "the commit log could not be written or flushed; refusing further writes");
+        *inner.flush_failed.lock() = Some(msg);
+        inner.failed.store(true, Ordering::Release);
+        inner.flush_watch.send_modify(|_| {});
+        let _l = inner.flush_cv_lock.lock();
+        inner.flush_cv.notify_all();
     }
 
     fn flush_queues(&self) -> Result<(), StoreError> {
@@ -1169,14 +1276,20 @@ fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
     cq_dir.join(topic).join(queue_id.to_string())
 }
 
-/// The SYNC_FLUSH flusher wakes on every append and flushes everything
-/// written so far: appends that arrive during an fdatasync share the next
-/// one (group commit). Under ASYNC_FLUSH it flushes on the interval.
+/// The SYNC_FLUSH flusher wakes on every append, writes what is staged
+/// and flushes everything written so far: appends that arrive during an
+/// fdatasync share the next one (group commit). Under ASYNC_FLUSH it
+/// flushes on the interval.
 fn flush_loop(weak: &std::sync::Weak<Inner>) {
+    let mut spare = Staged::default();
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let store = MessageStore { inner };
         let stopping = store.inner.stopping.load(Ordering::Acquire);
+        if store.commit_staged(&mut spare).is_err() {
+            // Already reported and latched.
+            return;
+        }
         let target = store.max_offset();
         let pending = target > store.flushed_offset();
         if pending && store.flush_to(target).is_err() {

@@ -111,6 +111,11 @@ fn round_trip(mode: FlushMode) {
         assert_eq!(w[0].end_offset, w[1].offset);
         assert_eq!(w[0].queue_offset + 1, w[1].queue_offset);
     }
+    if let Some(last) = got.last() {
+        store
+            .wait_flushed_blocking(last.end_offset)
+            .expect("flushed");
+    }
     let range = store
         .get_range("batch", 0, 0, 100, usize::MAX)
         .expect("range");
@@ -331,6 +336,9 @@ fn retention_removes_only_whole_expired_segments() {
                 .expect("old")[0],
         );
     }
+    // Under SYNC_FLUSH records are readable once the flusher wrote them.
+    let flushed = |a: &Appended| store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    appended.iter().for_each(flushed);
     let old_end = store.max_offset();
     for s in 120..200u64 {
         appended.push(
@@ -339,6 +347,7 @@ fn retention_removes_only_whole_expired_segments() {
                 .expect("new")[0],
         );
     }
+    appended.iter().for_each(flushed);
     let boundary_seg = old_end / SEG;
     let removed = store.enforce_retention(now_ms()).expect("retention");
     assert_eq!(
@@ -501,5 +510,130 @@ async fn group_commit_acknowledges_concurrent_writers() {
     }
     let total: u64 = (0..4).map(|q| store.queue_max_offset("g", q)).sum();
     assert_eq!(total, 800);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn sync_flush_writes_staged_groups_across_segment_rolls() {
+    // Eight writers append concurrently under SYNC_FLUSH, so groups of
+    // staged records are written together and often span a segment roll,
+    // while a reader checks that everything published decodes (bytes are
+    // published only after they are written).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let done = AtomicBool::new(false);
+    let appended: Vec<Vec<(u64, Appended)>> = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut pos = store.min_offset();
+            let mut records = 0u64;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                if pos >= store.max_offset() {
+                    if finished {
+                        return records;
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
+                let bytes = store.read_raw(pos, 64 * 1024).expect("published bytes");
+                let mut n = 0;
+                while n < bytes.len() {
+                    let len = record::le_u32(&bytes, n) as usize;
+                    if record::le_u32(&bytes, n + 4) == RECORD_MAGIC {
+                        record::decode(&bytes[n..n + len], pos + n as u64)
+                            .expect("a published record decodes");
+                        records += 1;
+                    }
+                    n += len;
+                }
+                pos += bytes.len() as u64;
+            }
+        });
+        let writers: Vec<_> = (0..8u64)
+            .map(|w| {
+                let store = &store;
+                s.spawn(move || {
+                    let got: Vec<_> = (0..100u64)
+                        .map(|i| {
+                            let seq = w * 1000 + i;
+                            (seq, store.append(record(seq)).expect("append"))
+                        })
+                        .collect();
+                    if let Some((_, last)) = got.last() {
+                        store
+                            .wait_flushed_blocking(last.end_offset)
+                            .expect("flushed");
+                    }
+                    got
+                })
+            })
+            .collect();
+        let appended = writers
+            .into_iter()
+            .map(|h| h.join().expect("writer"))
+            .collect();
+        done.store(true, Ordering::Release);
+        let seen = reader.join().expect("reader");
+        assert_eq!(seen, 800, "the reader saw every record once");
+        appended
+    });
+    let all: Vec<_> = appended.into_iter().flatten().collect();
+    let segments: std::collections::BTreeSet<u64> =
+        all.iter().map(|(_, a)| a.offset / SEG).collect();
+    assert!(segments.len() >= 8, "the test must roll segments often");
+    let verify = |store: &MessageStore| {
+        for (seq, a) in &all {
+            let r = store.read_at(a.offset).expect("read");
+            assert_eq!(&r.body[..], &body(*seq)[..], "body of record {seq}");
+            let q = (seq % 3) as u32;
+            let e = store
+                .get("orders", q, a.queue_offset)
+                .expect("read")
+                .expect("indexed");
+            assert_eq!(e.offset, a.offset, "queue entry of record {seq}");
+        }
+        for q in 0..3u32 {
+            let n = all
+                .iter()
+                .filter(|(seq, _)| seq % 3 == u64::from(q))
+                .count();
+            assert_eq!(store.queue_max_offset("orders", q), n as u64);
+        }
+    };
+    verify(&store);
+    assert_eq!(store.flushed_offset(), store.max_offset());
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(config(dir.path())).expect("reopen");
+    verify(&store);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn staged_records_go_first_when_the_log_is_flushed_or_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    fill(&store, 0, 3);
+    // Appended without waiting: possibly still staged.
+    let pending: Vec<_> = (3..8)
+        .map(|s| store.append(record(s)).expect("append"))
+        .collect();
+    let last = pending.last().expect("records").end_offset;
+    assert_eq!(store.flush().expect("flush"), last);
+    assert_eq!(store.flushed_offset(), last);
+    check_all(&store, 8);
+    // Cutting the log writes what is staged before it cuts.
+    let more: Vec<_> = (8..12)
+        .map(|s| store.append(record(s)).expect("append"))
+        .collect();
+    store.truncate_to(more[2].offset).expect("truncate");
+    assert_eq!(store.max_offset(), more[2].offset);
+    check_all(&store, 10);
+    // Appends continue at the cut.
+    let next = fill(&store, 10, 2);
+    assert_eq!(next[0].offset, more[2].offset);
+    check_all(&store, 12);
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(config(dir.path())).expect("reopen");
+    check_all(&store, 12);
     store.shutdown().expect("shutdown");
 }
