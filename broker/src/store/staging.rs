@@ -8,6 +8,9 @@
 //! the append lock, held every other appender for ~5 µs. Staging takes the
 //! system calls off the append path: appenders only copy bytes, and the
 //! writes and the flush of a group happen together on the flusher thread.
+//! The flush cycle itself stays bound by the disk (the storage benchmark did
+//! not move); what it gained was the broker's CPU per SYNC_FLUSH send (15 %
+//! less, and about 10 % more sends per second, measured back to back).
 
 use std::sync::Arc;
 
