@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use keelmq_broker::config::BrokerArgs;
 
+// mimalloc rather than the system allocator: glibc's malloc and free were
+// about 11 % of the broker's CPU per message (`perf`, unbatched sends), and
+// mimalloc cut the broker's CPU per message by 12-25 % in back-to-back runs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = BrokerArgs::parse();

@@ -6,6 +6,11 @@ use clap::{Parser, Subcommand};
 use keelmq_broker::cli::admin::{self, AdminTarget, GroupCommand, TopicCommand};
 use keelmq_broker::cli::bench;
 
+// The load tool shares its machine with the broker it measures: the less CPU
+// its allocations take, the less it takes from the broker.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "keelmq", version, about = "KeelMQ command-line tool")]
 struct Cli {
