@@ -7,7 +7,7 @@ use keelmq_broker::config::BrokerArgs;
 
 // mimalloc rather than the system allocator: glibc's malloc and free were
 // about 11 % of the broker's CPU per message (`perf`, unbatched sends), and
-// mimalloc cut the broker's CPU per message by 12-25 % in back-to-back runs.
+// mimalloc cut the broker's CPU per message by 6-24 % in alternating runs.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
