@@ -637,3 +637,36 @@ fn staged_records_go_first_when_the_log_is_flushed_or_cut() {
     check_all(&store, 12);
     store.shutdown().expect("shutdown");
 }
+
+#[test]
+fn publishing_staged_records_notifies_the_replication_streams() {
+    // Under SYNC_FLUSH records become readable only when the flusher writes
+    // them, after the append returned: whoever ships them (the streams to
+    // the slaves) must be woken then, not only at the append.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let published = store.published_notify();
+    for seq in 0..20 {
+        let notified = published.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let a = store.append(record(seq)).expect("append");
+        rt.block_on(async {
+            // The bound only turns a missing notification into a failure.
+            tokio::time::timeout(Duration::from_secs(10), notified)
+                .await
+                .expect("notified when the record was published");
+        });
+        assert!(
+            store.max_offset() >= a.end_offset,
+            "the record is readable once the streams are woken"
+        );
+        store.read_at(a.offset).expect("readable");
+    }
+    check_all(&store, 20);
+    store.shutdown().expect("shutdown");
+}
