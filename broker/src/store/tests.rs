@@ -72,6 +72,13 @@ fn check_all(store: &MessageStore, upto: u64) {
     }
 }
 
+/// Opens the store in `dir`, checks its first `upto` records and shuts it down.
+fn reopen_and_check(dir: &Path, upto: u64) {
+    let store = MessageStore::open(config(dir)).expect("reopen");
+    check_all(&store, upto);
+    store.shutdown().expect("shutdown");
+}
+
 #[test]
 fn round_trip_across_segment_boundaries() {
     // SYNC_FLUSH writes records through the file, ASYNC_FLUSH into the mapping.
@@ -314,9 +321,7 @@ fn rebuilt_consume_queues_equal_the_originals() {
         &Checkpoint { clean: false, ..cp },
     )
     .expect("mark crash");
-    let store = MessageStore::open(config(dir.path())).expect("reopen");
-    check_all(&store, 400);
-    store.shutdown().expect("shutdown");
+    reopen_and_check(dir.path(), 400);
 }
 
 #[test]
@@ -633,9 +638,7 @@ fn staged_records_go_first_when_the_log_is_flushed_or_cut() {
     assert_eq!(next[0].offset, more[2].offset);
     check_all(&store, 12);
     store.shutdown().expect("shutdown");
-    let store = MessageStore::open(config(dir.path())).expect("reopen");
-    check_all(&store, 12);
-    store.shutdown().expect("shutdown");
+    reopen_and_check(dir.path(), 12);
 }
 
 #[test]
