@@ -36,6 +36,16 @@ impl Latencies {
     }
 }
 
+/// An empty file at `path` (replacing one left by an earlier run).
+fn new_file(path: &Path) -> std::io::Result<std::fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+}
+
 struct Raw {
     mb_s: f64,
     /// 64 KiB writes + fdatasync into reserved blocks: what 64 writers of
@@ -49,12 +59,7 @@ struct Raw {
 fn raw_ceiling(dir: &Path, seconds: f64) -> std::io::Result<Raw> {
     // Plain sequential appends to a new file, as `dd oflag=dsync` does.
     let path = dir.join("raw-sequential");
-    let f = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)?;
+    let f = new_file(&path)?;
     let len: u64 = 1 << 30;
     let buf = vec![0x5au8; 1 << 20];
     let start = Instant::now();
@@ -70,12 +75,7 @@ fn raw_ceiling(dir: &Path, seconds: f64) -> std::io::Result<Raw> {
     let mut lat = Latencies(Vec::new());
     let start = Instant::now();
     let mut pos = 0u64;
-    let f2 = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .write(true)
-        .truncate(true)
-        .open(dir.join("raw-sync"))?;
+    let f2 = new_file(&dir.join("raw-sync"))?;
     while start.elapsed().as_secs_f64() < seconds.min(5.0) && lat.0.len() < 20_000 {
         f2.write_all_at(&small, pos)?;
         let t = Instant::now();
@@ -103,12 +103,7 @@ fn raw_ceiling(dir: &Path, seconds: f64) -> std::io::Result<Raw> {
 /// such a group can do on the disk, however the log batches.
 fn group_ceiling(path: &Path, seconds: f64) -> std::io::Result<f64> {
     use std::os::unix::io::AsRawFd;
-    let f = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .write(true)
-        .truncate(true)
-        .open(path)?;
+    let f = new_file(path)?;
     let len: u64 = 256 << 20;
     // SAFETY: plain syscall on a descriptor we own.
     let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };

@@ -1,7 +1,8 @@
 //! The one way records enter a broker's commit log on behalf of a client
-//! (sends, commits, re-deliveries, state records): role check, append,
-//! wake the replication streams, then wait for what the flush mode and the
-//! replication mode promise before the caller acknowledges anything.
+//! (sends, commits, re-deliveries, state records): role check, append
+//! (the store wakes the replication streams when the records become
+//! readable), then wait for what the flush mode and the replication mode
+//! promise before the caller acknowledges anything.
 
 use std::sync::Arc;
 
@@ -60,7 +61,6 @@ impl WritePath {
         let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
             return Ok(appended);
         };
-        self.replication.notify_appended();
         self.wait_flushed(end).await?;
         self.replication
             .wait_replicated(end)
@@ -76,7 +76,6 @@ impl WritePath {
     /// (as RocketMQ's POP does with its checkpoints); `Ok(false)` says so:
     /// a failover may then make such a delivery again.
     pub async fn wait_delivery_record(&self, end: u64) -> Result<bool, WriteError> {
-        self.replication.notify_appended();
         self.wait_flushed(end).await?;
         if !self.replication.can_confirm() {
             return Ok(false);

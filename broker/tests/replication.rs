@@ -52,14 +52,14 @@ fn body(seq: u64) -> Vec<u8> {
     (0..(100 + seq % 700)).map(|i| (seq + i) as u8).collect()
 }
 
-/// What a send does on the master: append, wake the streams, wait for
-/// the flush and for the slaves as the mode requires.
+/// What a send does on the master: append (the store wakes the streams
+/// when the record is readable), wait for the flush and for the slaves as
+/// the mode requires.
 async fn send(b: &Broker, seq: u64) -> Result<u64, ReplicationError> {
     b.repl.check_writable()?;
     let a = b.store.append(
         NewRecord::new("orders", (seq % 4) as u32, body(seq)).with_property("seq", seq.to_string()),
     )?;
-    b.repl.notify_appended();
     b.store.wait_flushed(a.end_offset).await?;
     b.repl.wait_replicated(a.end_offset).await?;
     Ok(a.end_offset)

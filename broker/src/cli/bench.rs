@@ -120,7 +120,7 @@ async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
 }
 
 /// Releases requests at even intervals on one schedule, from a thread that
-/// sleeps with the system's fine-grained timer. (With tokio's timer, whose
+/// waits with the system's fine-grained timer. (With tokio's timer, whose
 /// granularity is a millisecond, every sender whose turn fell within the
 /// same millisecond was released at once: the load came in bursts.)
 struct Pacer {
@@ -155,7 +155,9 @@ impl Pacer {
             .name("bench-pacer".into())
             .spawn(move || {
                 let mut released = 0u64;
-                while !s.stop.load(Ordering::Acquire) {
+                // Ends at the deadline, when dropped, or when the senders
+                // need no more turns (they close the permits).
+                while !s.stop.load(Ordering::Acquire) && !s.permits.is_closed() {
                     // Turn k is due at `started + k * period`; release every
                     // turn due by now (never past the deadline).
                     let now = Instant::now();
@@ -170,8 +172,8 @@ impl Pacer {
                     if now >= deadline {
                         break;
                     }
-                    let next = s.started + s.period.mul_f64(released as f64);
-                    std::thread::sleep(next.saturating_duration_since(now).max(PACER_TICK));
+                    let next = (s.started + s.period.mul_f64(released as f64)).min(deadline);
+                    std::thread::park_timeout(next.saturating_duration_since(now).max(PACER_TICK));
                 }
                 s.permits.close();
             })
@@ -192,6 +194,7 @@ impl Drop for Pacer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -514,6 +517,28 @@ mod tests {
         assert!(Instant::now() >= started + Duration::from_millis(300));
         // The first turn at once, then one per period up to the deadline.
         assert!((1..=31).contains(&n), "{n} turns");
+        drop(pacer);
+    }
+
+    #[tokio::test]
+    async fn a_period_longer_than_the_run_still_ends_at_the_deadline() {
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(200);
+        // One turn per 30 s (batches of 30 at 1 msg/s), a 200 ms run.
+        let pacer = Pacer::start(started, deadline, 30, 1);
+        let turns = pacer.handle();
+        let mut n = 0;
+        while turns.turn().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1, "only the first turn falls inside the run");
+        // Generous bound: the run ends at its deadline, not at the next
+        // turn 30 s later.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "ended after {:?}",
+            started.elapsed()
+        );
         drop(pacer);
     }
 

@@ -177,8 +177,8 @@ pub struct ReplicationManager {
     store: MessageStore,
     state: Mutex<RoleState>,
     slaves: Arc<master::SlaveTable>,
-    /// Pinged after every local append, and by the store when it publishes
-    /// staged records, so master streams wake at once.
+    /// The store's: notified whenever records become readable, so master
+    /// streams wake at once.
     appended: Arc<Notify>,
     /// Slave side: whether the stream to the master is up.
     follower_connected: watch::Sender<bool>,
@@ -230,8 +230,6 @@ impl ReplicationManager {
                 master_client: None,
                 follower: None,
             }),
-            // Under SYNC_FLUSH records become readable (and can be shipped)
-            // when the store's flusher publishes them, after the append.
             appended: store.published_notify(),
             follower_connected: watch::channel(false).0,
             role_changed: watch::channel(0).0,
@@ -315,11 +313,6 @@ impl ReplicationManager {
             (Role::Master, false) => Err(ReplicationError::WritesPaused),
             (role, _) => Err(ReplicationError::NotMaster { role }),
         }
-    }
-
-    /// Call after every local append: wakes the streams to the slaves.
-    pub fn notify_appended(&self) {
-        self.appended.notify_waiters();
     }
 
     /// Waits until the write ending at `end_offset` is acknowledged under

@@ -152,7 +152,6 @@ async fn follow_once(
                     manager.record_epoch(epoch, offset)?;
                 }
                 pos = store.append_raw(offset, &bytes)?;
-                manager.notify_appended();
                 unacked = true;
             }
             Frame::Heartbeat { epoch, .. } => {

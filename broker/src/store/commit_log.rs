@@ -351,19 +351,21 @@ impl CommitLog {
         Ok(())
     }
 
-    /// The writable bytes `[tail.pos, tail.pos + len)`; room must have been made.
+    /// The writable bytes `[offset, offset + len)` of `segment` (the tail's
+    /// segment and position); room must have been made.
     ///
     /// # Safety
     /// The caller holds the append lock and publishes the bytes only after
     /// writing them.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn reserve<'a>(&self, tail: &'a Tail, len: usize) -> &'a mut [u8] {
+    pub unsafe fn reserve<'a>(
+        &self,
+        segment: &'a Segment,
+        offset: u64,
+        len: usize,
+    ) -> &'a mut [u8] {
         // SAFETY: past the published end, single writer (caller's contract).
-        unsafe {
-            tail.segment
-                .file
-                .slice_mut(tail.pos - tail.segment.base, len)
-        }
+        unsafe { segment.file.slice_mut(offset - segment.base, len) }
     }
 
     /// Writes `bytes` at `offset` of `segment`, as [`Writes`] says, below the

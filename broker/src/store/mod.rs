@@ -264,7 +264,7 @@ struct Inner {
     /// Held while staged records are written and published (SYNC_FLUSH),
     /// so that they reach the log in order; taken before `tail`.
     commit_lock: Mutex<()>,
-    /// Notified when the flusher publishes staged records.
+    /// Notified whenever records become readable.
     published: Arc<tokio::sync::Notify>,
     /// Consume-queue entries of every record below this offset are written.
     dispatched: AtomicU64,
@@ -475,15 +475,16 @@ impl MessageStore {
         if records.is_empty() {
             return Err(StoreError::InvalidArgument("empty append".into()));
         }
-        let mut total = 0u64;
+        let mut lens: SmallVec<[usize; 1]> = SmallVec::with_capacity(records.len());
         for r in records {
             r.validate()?;
-            total += r.encoded_len() as u64;
+            lens.push(r.encoded_len());
         }
+        let total: usize = lens.iter().sum();
         let inner = &self.inner;
         let mut tail = inner.tail.lock();
         self.check_writable()?;
-        inner.clog.make_room(&mut tail, total)?;
+        inner.clog.make_room(&mut tail, total as u64)?;
         // Everything that can fail happens before the first byte is written.
         let mut slots: SmallVec<[(Arc<ConsumeQueue>, u64); 1]> =
             SmallVec::with_capacity(records.len());
@@ -506,71 +507,50 @@ impl MessageStore {
             }
             slots.push((cq, qo));
         }
-        let tag = |r: &NewRecord| tag_hash(r.properties.get(keys::TAG).map(String::as_str));
-        if inner.clog.writes() == Writes::ThroughFile {
-            // SYNC_FLUSH: encode into the staging buffer; the flusher writes,
-            // publishes and flushes (see the `staging` module).
-            let Tail {
-                segment,
-                pos,
-                staged,
-            } = &mut *tail;
-            let start = *pos;
-            let buf = staged.reserve(segment, start, total as usize);
-            for (r, (_, qo)) in records.iter().zip(&slots) {
-                let len = r.encoded_len();
-                let offset = *pos;
-                let at = (offset - start) as usize;
-                encode_into(&mut buf[at..at + len], r, offset, *qo, store_ms);
-                *pos += len as u64;
-                done(Appended {
-                    offset,
-                    end_offset: *pos,
-                    queue_offset: *qo,
-                    store_ms,
-                });
-            }
-            let mut offset = start;
-            for (r, (cq, qo)) in records.iter().zip(slots) {
-                let size = r.encoded_len() as u32;
-                let tag_hash = tag(r);
-                staged.push_entry(
-                    cq,
-                    qo,
-                    CqEntry {
-                        offset,
-                        size,
-                        tag_hash,
-                    },
-                );
-                offset += u64::from(size);
+        // SYNC_FLUSH encodes into the staging buffer (the flusher writes,
+        // publishes and flushes: see the `staging` module); ASYNC_FLUSH
+        // straight into the mapped segment, published below.
+        let staging = inner.clog.writes() == Writes::ThroughFile;
+        let Tail {
+            segment,
+            pos,
+            staged,
+        } = &mut *tail;
+        let start = *pos;
+        let buf = if staging {
+            staged.reserve(segment, start, total)
+        } else {
+            // SAFETY: the append lock is held and room was made; the bytes
+            // are published only below, after they are written.
+            unsafe { inner.clog.reserve(segment, start, total) }
+        };
+        let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
+        for ((r, &len), (_, qo)) in records.iter().zip(&lens).zip(&slots) {
+            let offset = *pos;
+            let at = (offset - start) as usize;
+            encode_into(&mut buf[at..at + len], r, offset, *qo, store_ms);
+            *pos += len as u64;
+            entries.push(CqEntry {
+                offset,
+                size: len as u32,
+                tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
+            });
+            done(Appended {
+                offset,
+                end_offset: *pos,
+                queue_offset: *qo,
+                store_ms,
+            });
+        }
+        if staging {
+            for ((cq, qo), e) in slots.into_iter().zip(entries) {
+                staged.push_entry(cq, qo, e);
             }
             drop(tail);
             if let Some(t) = inner.flusher.get() {
                 t.unpark();
             }
             return Ok(());
-        }
-        let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
-        for (r, (_, qo)) in records.iter().zip(&slots) {
-            let len = r.encoded_len();
-            let offset = tail.pos;
-            // SAFETY: the append lock is held and room was made; the bytes
-            // are published only below, after they are written.
-            let dst = unsafe { inner.clog.reserve(&tail, len) };
-            encode_into(dst, r, offset, *qo, store_ms);
-            tail.pos += len as u64;
-            entries.push(CqEntry {
-                offset,
-                size: len as u32,
-                tag_hash: tag(r),
-            });
-            done(Appended {
-                offset,
-                end_offset: tail.pos,
-                queue_offset: *qo,
-                store_ms,
-            });
         }
         inner.clog.publish(&tail);
         for ((cq, qo), e) in slots.iter().zip(entries) {
@@ -580,6 +560,8 @@ impl MessageStore {
             cq.publish(qo + 1);
         }
         inner.dispatched.store(tail.pos, Ordering::Release);
+        drop(tail);
+        inner.published.notify_waiters();
         Ok(())
     }
 
@@ -640,8 +622,10 @@ impl MessageStore {
         written
     }
 
-    /// Notified each time records appended under SYNC_FLUSH become readable
-    /// (under ASYNC_FLUSH they are readable when the append returns).
+    /// Notified each time appended records become readable: after each
+    /// append under ASYNC_FLUSH, after each group the flusher writes under
+    /// SYNC_FLUSH, after each replicated chunk. The streams to the slaves
+    /// wait on it.
     pub fn published_notify(&self) -> Arc<tokio::sync::Notify> {
         self.inner.published.clone()
     }
@@ -903,7 +887,10 @@ impl MessageStore {
         let result = self.append_raw_locked(&mut tail, bytes);
         inner.clog.publish(&tail);
         inner.dispatched.store(tail.pos, Ordering::Release);
-        result.map(|()| tail.pos)
+        let end = tail.pos;
+        drop(tail);
+        inner.published.notify_waiters();
+        result.map(|()| end)
     }
 
     fn append_raw_locked(&self, tail: &mut Tail, bytes: &[u8]) -> Result<(), StoreError> {
@@ -1286,7 +1273,8 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         let store = MessageStore { inner };
         let stopping = store.inner.stopping.load(Ordering::Acquire);
-        if store.commit_staged(&mut spare).is_err() {
+        let sync = store.inner.config.flush_mode == FlushMode::SyncFlush;
+        if sync && store.commit_staged(&mut spare).is_err() {
             // Already reported and latched.
             return;
         }
@@ -1299,7 +1287,6 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
         if stopping {
             return;
         }
-        let sync = store.inner.config.flush_mode == FlushMode::SyncFlush;
         let interval = store.inner.config.flush_interval;
         drop(store);
         if sync && pending {

@@ -79,12 +79,17 @@ fn reopen_and_check(dir: &Path, upto: u64) {
     store.shutdown().expect("shutdown");
 }
 
+/// Runs `test` under each flush mode: SYNC_FLUSH stages records and the
+/// flusher writes them through the file; ASYNC_FLUSH writes into the mapping.
+fn in_both_modes(test: fn(FlushMode)) {
+    for mode in [FlushMode::SyncFlush, FlushMode::AsyncFlush] {
+        test(mode);
+    }
+}
+
 #[test]
 fn round_trip_across_segment_boundaries() {
-    // SYNC_FLUSH writes records through the file, ASYNC_FLUSH into the mapping.
-    for mode in [FlushMode::SyncFlush, FlushMode::AsyncFlush] {
-        round_trip(mode);
-    }
+    in_both_modes(round_trip);
 }
 
 fn round_trip(mode: FlushMode) {
@@ -541,6 +546,7 @@ fn sync_flush_writes_staged_groups_across_segment_rolls() {
                     continue;
                 }
                 let bytes = store.read_raw(pos, 64 * 1024).expect("published bytes");
+                assert!(!bytes.is_empty(), "no record readable at {pos}");
                 let mut n = 0;
                 while n < bytes.len() {
                     let len = record::le_u32(&bytes, n) as usize;
@@ -642,12 +648,21 @@ fn staged_records_go_first_when_the_log_is_flushed_or_cut() {
 }
 
 #[test]
-fn publishing_staged_records_notifies_the_replication_streams() {
+fn publishing_records_notifies_the_replication_streams() {
     // Under SYNC_FLUSH records become readable only when the flusher writes
-    // them, after the append returned: whoever ships them (the streams to
-    // the slaves) must be woken then, not only at the append.
+    // them, after the append returned; under ASYNC_FLUSH when the append
+    // returns. Whoever ships them (the streams to the slaves) must be woken
+    // then, in both modes.
+    in_both_modes(publishing_notifies);
+}
+
+fn publishing_notifies(mode: FlushMode) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(config(dir.path())).expect("open");
+    let store = MessageStore::open(StoreConfig {
+        flush_mode: mode,
+        ..config(dir.path())
+    })
+    .expect("open");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
