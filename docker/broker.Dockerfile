@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The KeelMQ broker image: keelmq-broker (entrypoint) and the keelmq CLI.
 #
 #   docker build -f docker/broker.Dockerfile -t keelmq/broker:0.1.0 .
@@ -24,9 +23,9 @@ WORKDIR /src
 # The whole workspace: Cargo needs every member's manifest to resolve the
 # lock file. .dockerignore keeps target/, .git/ and the like out.
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p keelmq-broker --bin keelmq-broker --bin keelmq \
+# One plain RUN, no cache mounts: the file builds with the classic builder,
+# BuildKit, Podman/Buildah and Kaniko alike.
+RUN cargo build --release --locked -p keelmq-broker --bin keelmq-broker --bin keelmq \
  && mkdir -p /out/bin /out/data \
  && cp target/release/keelmq-broker target/release/keelmq /out/bin/
 

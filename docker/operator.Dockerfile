@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The KeelMQ operator image: keelmq-operator.
 #
 #   docker build -f docker/operator.Dockerfile -t keelmq/operator:0.1.0 .
@@ -15,9 +14,9 @@ ARG DEBIAN_RELEASE=bookworm
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p keelmq-operator --bin keelmq-operator \
+# One plain RUN, no cache mounts: the file builds with the classic builder,
+# BuildKit, Podman/Buildah and Kaniko alike.
+RUN cargo build --release --locked -p keelmq-operator --bin keelmq-operator \
  && mkdir -p /out/bin \
  && cp target/release/keelmq-operator /out/bin/
 

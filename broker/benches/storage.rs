@@ -12,7 +12,8 @@
 //! of 1 KiB records can reach, as no flush can carry more). Commit log: 1 KiB
 //! records; ASYNC_FLUSH with one writer; SYNC_FLUSH with 1, 16 and 64
 //! concurrent writers (each waits for its record to be durable before the
-//! next). Every figure is also given as a ratio to the raw ceiling.
+//! next), with how many appends shared each fdatasync. Every figure is also
+//! given as a ratio to the raw ceiling.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -129,6 +130,8 @@ struct Run {
     records: u64,
     elapsed: Duration,
     lat: Latencies,
+    /// SYNC_FLUSH: appends that shared each fdatasync, on average.
+    per_flush: Option<f64>,
 }
 
 fn store_config(dir: &Path, mode: FlushMode) -> StoreConfig {
@@ -171,6 +174,7 @@ fn async_one_writer(
         records: i,
         elapsed,
         lat,
+        per_flush: None,
     })
 }
 
@@ -214,12 +218,14 @@ fn sync_writers(
         Ok::<_, String>(all)
     })?;
     let elapsed = start.elapsed();
+    let flushed = store.flush_counts();
     store.shutdown()?;
     Ok(Run {
         name: format!("SYNC_FLUSH, {writers} writers"),
         records: lats.len() as u64,
         elapsed,
         lat: Latencies(lats),
+        per_flush: Some(flushed.group_appends as f64 / flushed.flushes.max(1) as f64),
     })
 }
 
@@ -295,8 +301,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
     println!(
-        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "configuration", "records/s", "MB/s", "x raw", "p50", "p99", "p999", "max", "p99/raw"
+        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "configuration",
+        "records/s",
+        "MB/s",
+        "x raw",
+        "p50",
+        "p99",
+        "p999",
+        "max",
+        "p99/raw",
+        "per flush"
     );
     for mut r in runs {
         let rate = r.records as f64 / r.elapsed.as_secs_f64();
@@ -304,7 +319,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (p50, p99, p999) = (r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999));
         let max = r.lat.pct(1.0);
         println!(
-            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2}",
+            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2} {:>9}",
             r.name,
             rate,
             mb,
@@ -313,7 +328,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             p99,
             p999,
             max,
-            p99.as_secs_f64() / raw.sync_p99.as_secs_f64()
+            p99.as_secs_f64() / raw.sync_p99.as_secs_f64(),
+            r.per_flush
+                .map_or_else(|| "-".to_owned(), |g| format!("{g:.1}"))
         );
     }
     Ok(())

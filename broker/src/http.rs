@@ -94,6 +94,19 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         "Durable end of the commit log",
         s.store.flushed_offset() as i64,
     );
+    let flush = s.store.flush_counts();
+    counter(
+        &mut r,
+        "commitlog_flushes",
+        "fdatasync calls on the commit log",
+        flush.flushes,
+    );
+    counter(
+        &mut r,
+        "commitlog_group_commit_appends",
+        "SYNC_FLUSH appends (a record or a batch each) written by group commits; per flush: divide by commitlog_flushes_total",
+        flush.group_appends,
+    );
     gauge(
         &mut r,
         "replication_confirmed_offset",

@@ -16,7 +16,13 @@ fn topics_status_health_and_clean_restart() {
             .starts_with("HTTP/1.1 200")
     );
     let metrics = http_get(b.http_port, "/metrics").expect("metrics");
-    assert!(metrics.contains("keelmq_commitlog_max_offset"), "{metrics}");
+    for name in [
+        "keelmq_commitlog_max_offset",
+        "keelmq_commitlog_flushes_total",
+        "keelmq_commitlog_group_commit_appends_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
 
     b.cli_ok(&[
         "topic", "create", "orders", "--queues", "4", "--type", "fifo",

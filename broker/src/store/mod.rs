@@ -275,6 +275,17 @@ struct Inner {
     flush_cv_lock: Mutex<()>,
     flush_failed: Mutex<Option<String>>,
     flusher: std::sync::OnceLock<Thread>,
+    /// Appends ever staged (SYNC_FLUSH); counted under the append lock.
+    staged_appends: AtomicU64,
+    /// `staged_appends` when the last flush released its waiters.
+    staged_at_release: AtomicU64,
+    /// fdatasync calls on the commit log.
+    flushes: AtomicU64,
+    /// Staged (SYNC_FLUSH) appends written to the log.
+    group_appends: AtomicU64,
+    /// While the flusher gathers a group it is woken only when
+    /// `staged_appends` reaches this; 0 otherwise (every append wakes it).
+    gather_until: AtomicU64,
     /// Set once a flush failed: cheap to check on every append.
     failed: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -287,7 +298,21 @@ struct Inner {
     lock: Mutex<Option<File>>,
 }
 
+/// See [`MessageStore::flush_counts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushCounts {
+    /// fdatasync calls on the commit log since the store opened.
+    pub flushes: u64,
+    /// Appends (one record or one batch each) written to the log by
+    /// SYNC_FLUSH group commits since the store opened.
+    pub group_appends: u64,
+}
+
 const CHECKPOINT: &str = "checkpoint.json";
+
+/// The longest the SYNC_FLUSH flusher waits for the callers its last flush
+/// released to append again (see `flush_loop`).
+const MAX_GATHER: Duration = Duration::from_millis(1);
 
 /// Decodes (CRC-checked) the record stored at commit-log `offset` and
 /// checks it is message `queue_offset` of `topic`/`queue_id`, as the consume
@@ -361,6 +386,11 @@ impl MessageStore {
             flush_cv_lock: Mutex::new(()),
             flush_failed: Mutex::new(None),
             flusher: std::sync::OnceLock::new(),
+            staged_appends: AtomicU64::new(0),
+            staged_at_release: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            group_appends: AtomicU64::new(0),
+            gather_until: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
@@ -546,8 +576,11 @@ impl MessageStore {
             for ((cq, qo), e) in slots.into_iter().zip(entries) {
                 staged.push_entry(cq, qo, e);
             }
+            let staged_appends = inner.staged_appends.fetch_add(1, Ordering::SeqCst) + 1;
             drop(tail);
-            if let Some(t) = inner.flusher.get() {
+            if staged_appends >= inner.gather_until.load(Ordering::SeqCst)
+                && let Some(t) = inner.flusher.get()
+            {
                 t.unpark();
             }
             return Ok(());
@@ -593,25 +626,49 @@ impl MessageStore {
             cq.publish(qo + 1);
         }
         inner.dispatched.store(staged.end(), Ordering::Release);
+        inner
+            .group_appends
+            .fetch_add(staged.appends() as u64, Ordering::Relaxed);
         inner.published.notify_waiters();
         Ok(())
     }
 
     /// Writes and publishes what is staged now, swapping buffers with
-    /// `spare` so appenders go on while the bytes are written.
-    fn commit_staged(&self, spare: &mut Staged) -> Result<(), StoreError> {
+    /// `spare` so appenders go on while the bytes are written; returns how
+    /// many appends that was.
+    fn commit_staged(&self, spare: &mut Staged) -> Result<usize, StoreError> {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         {
             let mut tail = inner.tail.lock();
             if tail.staged.is_empty() {
-                return Ok(());
+                return Ok(0);
             }
             std::mem::swap(&mut tail.staged, spare);
         }
+        let appends = spare.appends();
         let written = self.write_staged(spare);
         spare.clear();
-        written
+        written.map(|()| appends)
+    }
+
+    /// Waits, at most `max`, until `staged_appends` reaches `want`: lets the
+    /// callers a flush just released append again before the next flush
+    /// starts (see `flush_loop`).
+    fn gather(&self, want: u64, max: Duration) {
+        let inner = &self.inner;
+        inner.gather_until.store(want, Ordering::SeqCst);
+        let deadline = Instant::now() + max;
+        while inner.staged_appends.load(Ordering::SeqCst) < want
+            && !inner.stopping.load(Ordering::Acquire)
+        {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+        inner.gather_until.store(0, Ordering::SeqCst);
     }
 
     /// Writes and publishes what is staged, with the append lock held (and
@@ -620,6 +677,15 @@ impl MessageStore {
         let written = self.write_staged(&tail.staged);
         tail.staged.clear();
         written
+    }
+
+    /// Flush counters: under SYNC_FLUSH, `group_appends / flushes` is how
+    /// many appends shared each fdatasync (group commit).
+    pub fn flush_counts(&self) -> FlushCounts {
+        FlushCounts {
+            flushes: self.inner.flushes.load(Ordering::Relaxed),
+            group_appends: self.inner.group_appends.load(Ordering::Relaxed),
+        }
     }
 
     /// Notified each time appended records become readable: after each
@@ -1170,6 +1236,12 @@ impl MessageStore {
                 return Err(StoreError::FlushFailed(msg));
             }
             inner.flushed.store(target, Ordering::Release);
+            inner.flushes.fetch_add(1, Ordering::Relaxed);
+            // Appends staged by now are not the ones this flush releases.
+            inner.staged_at_release.store(
+                inner.staged_appends.load(Ordering::SeqCst),
+                Ordering::SeqCst,
+            );
             inner.flush_watch.send_replace(target);
             let _l = inner.flush_cv_lock.lock();
             inner.flush_cv.notify_all();
@@ -1263,27 +1335,49 @@ fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
     cq_dir.join(topic).join(queue_id.to_string())
 }
 
-/// The SYNC_FLUSH flusher wakes on every append, writes what is staged
-/// and flushes everything written so far: appends that arrive during an
-/// fdatasync share the next one (group commit). Under ASYNC_FLUSH it
-/// flushes on the interval.
+/// The SYNC_FLUSH flusher writes what is staged and flushes everything
+/// written so far: appends that arrive during an fdatasync share the next
+/// one (group commit). After a flush that released several callers it
+/// waits, for at most as long as that flush took, until as many appends
+/// are back; otherwise every append wakes it. Under ASYNC_FLUSH it flushes
+/// on the interval.
 fn flush_loop(weak: &std::sync::Weak<Inner>) {
     let mut spare = Staged::default();
+    // Under SYNC_FLUSH: appends the last flush released and how long it took.
+    let (mut released, mut took) = (0usize, Duration::ZERO);
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let store = MessageStore { inner };
         let stopping = store.inner.stopping.load(Ordering::Acquire);
         let sync = store.inner.config.flush_mode == FlushMode::SyncFlush;
-        if sync && store.commit_staged(&mut spare).is_err() {
-            // Already reported and latched.
-            return;
+        if sync && released > 1 && !stopping {
+            // Group commit: the callers the last flush released usually
+            // append again at once (a client's next send). Flushing as soon
+            // as the first of them is back splits them over two flushes,
+            // each paying the disk's whole flush time, and the split
+            // repeats, so groups stay at half the callers. Wait for them,
+            // at most as long as a flush takes: a record that arrives just
+            // after a flush starts waits that long anyway.
+            let staged = store.inner.staged_at_release.load(Ordering::SeqCst);
+            store.gather(staged + released as u64, took.min(MAX_GATHER));
         }
+        let committed = if sync {
+            match store.commit_staged(&mut spare) {
+                Ok(n) => n,
+                // Already reported and latched.
+                Err(_) => return,
+            }
+        } else {
+            0
+        };
         let target = store.max_offset();
         let pending = target > store.flushed_offset();
+        let started = Instant::now();
         if pending && store.flush_to(target).is_err() {
             // Already reported and latched; nothing more this thread can do.
             return;
         }
+        (released, took) = (committed, started.elapsed());
         if stopping {
             return;
         }

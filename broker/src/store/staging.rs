@@ -33,6 +33,8 @@ pub struct Staged {
     /// Commit-log offset the staged records end at (past a segment filler
     /// when a roll happened since the last write).
     end: u64,
+    /// Appends (callers waiting for this group) staged.
+    appends: usize,
 }
 
 impl Staged {
@@ -45,10 +47,16 @@ impl Staged {
         self.end
     }
 
-    /// Room for `len` bytes going to `segment` at commit-log offset `at`
-    /// (contiguous with what is staged for that segment, or the start of a
-    /// new piece after a roll).
+    /// Appends staged: each is one caller (one record or one batch).
+    pub fn appends(&self) -> usize {
+        self.appends
+    }
+
+    /// Room for one append's `len` bytes going to `segment` at commit-log
+    /// offset `at` (contiguous with what is staged for that segment, or the
+    /// start of a new piece after a roll).
     pub fn reserve(&mut self, segment: &Arc<Segment>, at: u64, len: usize) -> &mut [u8] {
+        self.appends += 1;
         match self.pieces.last_mut() {
             Some((seg, start, n)) if Arc::ptr_eq(seg, segment) && *start + *n as u64 == at => {
                 *n += len;
@@ -83,6 +91,7 @@ impl Staged {
 
     /// Empties the buffer, keeping its allocations unless a burst made them large.
     pub fn clear(&mut self) {
+        self.appends = 0;
         self.pieces.clear();
         self.entries.clear();
         if self.bytes.capacity() > MAX_KEPT_BYTES {

@@ -502,6 +502,21 @@ fn replication_bytes_reproduce_the_log_exactly() {
 async fn group_commit_acknowledges_concurrent_writers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = MessageStore::open(config(dir.path())).expect("open");
+    // A lone writer: each append has a flush of its own; a batch is one
+    // append.
+    let before = store.flush_counts();
+    for i in 0..10u64 {
+        let a = store
+            .append(NewRecord::new("g", 0, body(i)))
+            .expect("append");
+        store.wait_flushed(a.end_offset).await.expect("flushed");
+    }
+    let batch = (0..5).map(|i| NewRecord::new("g", 1, body(i))).collect();
+    let end = store.append_batch(batch).expect("batch")[4].end_offset;
+    store.wait_flushed(end).await.expect("flushed");
+    let alone = store.flush_counts();
+    assert_eq!(alone.group_appends - before.group_appends, 11);
+    assert!(alone.flushes - before.flushes >= 11, "{before:?} {alone:?}");
     let mut tasks = Vec::new();
     for w in 0..16u64 {
         let store = store.clone();
@@ -519,7 +534,11 @@ async fn group_commit_acknowledges_concurrent_writers() {
         t.await.expect("task");
     }
     let total: u64 = (0..4).map(|q| store.queue_max_offset("g", q)).sum();
-    assert_eq!(total, 800);
+    assert_eq!(total, 815);
+    // The 800 concurrent appends shared flushes.
+    let after = store.flush_counts();
+    assert_eq!(after.group_appends - alone.group_appends, 800);
+    assert!(after.flushes - alone.flushes < 800, "{alone:?} {after:?}");
     store.shutdown().expect("shutdown");
 }
 
