@@ -6,12 +6,18 @@
 //! space left at the end of a segment is closed by a blank filler. The
 //! next segment is created and mapped by a background thread before it is
 //! needed, so an append does not wait on file creation.
+//!
+//! The same thread keeps the process's share of the mapped log small: it
+//! makes pages writable only a little ahead of the writer, and unmaps pages
+//! well behind the end (they stay in the page cache, where the kernel ages
+//! and reclaims them like any file's). The broker's resident size is its
+//! own memory plus tens of MiB of log, not the gigabytes it wrote.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -27,11 +33,17 @@ pub struct Segment {
     /// Commit-log offset of the segment's first byte.
     pub base: u64,
     pub file: MappedFile,
+    /// Read through the mapping since its old pages were last released.
+    read: AtomicBool,
 }
 
 impl Segment {
     fn new(base: u64, file: MappedFile) -> Self {
-        Self { base, file }
+        Self {
+            base,
+            file,
+            read: AtomicBool::new(false),
+        }
     }
 
     pub fn end(&self) -> u64 {
@@ -82,10 +94,11 @@ pub struct GrowthLimits {
 pub struct CommitLog {
     dir: PathBuf,
     segment_size: u64,
-    segments: RwLock<Vec<Arc<Segment>>>,
+    segments: Arc<RwLock<Vec<Arc<Segment>>>>,
     /// Everything below this offset is written and may be read (shared with
     /// the preparer, which populates pages only a little ahead of it).
     max_offset: Arc<AtomicU64>,
+    releaser: Arc<Releaser>,
     limits: GrowthLimits,
     preparer: Arc<Preparer>,
     preparer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -168,11 +181,18 @@ impl CommitLog {
             segments.push(Arc::new(Segment::new(0, file)));
         }
         let end = segments.last().map_or(0, |s| s.end());
+        let segments = Arc::new(RwLock::new(segments));
+        let max_offset = Arc::new(AtomicU64::new(end));
         Ok(Self {
             dir: dir.to_owned(),
             segment_size,
-            segments: RwLock::new(segments),
-            max_offset: Arc::new(AtomicU64::new(end)),
+            segments: segments.clone(),
+            max_offset: max_offset.clone(),
+            releaser: Arc::new(Releaser {
+                segments,
+                end: max_offset,
+                released: AtomicU64::new(0),
+            }),
             limits,
             preparer: Arc::new(Preparer {
                 state: Mutex::new(PrepState::default()),
@@ -189,6 +209,7 @@ impl CommitLog {
         let size = self.segment_size;
         let populate = self.populates();
         let published = self.max_offset.clone();
+        let releaser = self.releaser.clone();
         // The segment being written at start was only reserved (so the
         // broker could listen at once); its pages ahead of the end are
         // populated in the background like any other's. Populating only
@@ -205,7 +226,9 @@ impl CommitLog {
         };
         let handle = std::thread::Builder::new()
             .name("keelmq-segment-prep".into())
-            .spawn(move || prepare_loop(&prep, &dir, size, populate, &published, start))
+            .spawn(move || {
+                prepare_loop(&prep, &dir, size, populate, &published, &releaser, start);
+            })
             .ok();
         *self.preparer_thread.lock() = handle;
         self.request_next();
@@ -313,6 +336,9 @@ impl CommitLog {
                 max: end,
             })?;
         let limit = end.min(seg.end());
+        if !seg.read.load(Ordering::Relaxed) {
+            seg.read.store(true, Ordering::Relaxed);
+        }
         // SAFETY: bytes below the published end are never written again
         // (truncation happens only under the append lock with no readers of
         // the cut range), and the segment stays mapped while `seg` lives.
@@ -401,12 +427,20 @@ impl CommitLog {
     /// Publishes everything written below `end`.
     pub fn publish_to(&self, end: u64) {
         let before = self.max_offset.swap(end, Ordering::Release);
-        // The preparer populates pages a bounded distance ahead of the end;
-        // tell it each time the end moves on by a granule.
-        if self.populates() && before / POPULATE_GRANULE != end / POPULATE_GRANULE {
+        // The preparer populates pages a bounded distance ahead of the end
+        // and releases them a bounded distance behind it; tell it each time
+        // the end moves on by a granule.
+        if before / POPULATE_GRANULE != end / POPULATE_GRANULE {
             let _st = self.preparer.state.lock();
             self.preparer.wake.notify_all();
         }
+    }
+
+    /// Unmaps pages well behind the end of the log from this process (see
+    /// [`Releaser`]); the preparer does it as the end moves, this is for
+    /// pages readers mapped while the log stood still.
+    pub fn release_behind(&self) {
+        self.releaser.run();
     }
 
     /// Whether the preparer makes pages writable ahead of the writer.
@@ -594,9 +628,13 @@ fn prepare_loop(
     size: u64,
     populate: bool,
     published: &AtomicU64,
+    releaser: &Releaser,
     mut populating: VecDeque<(Arc<Segment>, u64)>,
 ) {
     loop {
+        if releaser.due() {
+            releaser.run();
+        }
         let base = {
             let mut st = prep.state.lock();
             loop {
@@ -618,6 +656,9 @@ fn prepare_loop(
                 {
                     break None;
                 }
+                if releaser.due() {
+                    break None;
+                }
                 prep.wake.wait(&mut st);
             }
         };
@@ -629,11 +670,17 @@ fn prepare_loop(
             // so the work (zeroing fresh page cache) follows the write rate
             // instead of taking whole segments of memory and CPU at once; a
             // writer that outruns the preparer faults its pages in itself.
+            let end = published.load(Ordering::Acquire);
             if let Some((seg, from)) = populating.pop_front() {
-                seg.file.populate_write_range(from, POPULATE_STEP);
-                let next = from + POPULATE_STEP;
-                if next < seg.file.len() {
-                    populating.push_front((seg, next));
+                if seg.base + from < end + POPULATE_AHEAD {
+                    seg.file.populate_write_range(from, POPULATE_STEP);
+                    let next = from + POPULATE_STEP;
+                    if next < seg.file.len() {
+                        populating.push_front((seg, next));
+                    }
+                } else {
+                    // Woken to release pages, not yet to populate.
+                    populating.push_front((seg, from));
                 }
             }
             continue;
@@ -676,15 +723,69 @@ fn skip_written(populating: &mut VecDeque<(Arc<Segment>, u64)>, end: u64) {
 
 /// How much of a segment the preparer populates before it looks for a
 /// request to create the next one.
-const POPULATE_STEP: u64 = 64 << 20;
+const POPULATE_STEP: u64 = 16 << 20;
 
 /// How far past the end of the log a step may start to be populated: pages
 /// are made writable at most this much (plus a step) ahead of the writer.
-const POPULATE_AHEAD: u64 = 2 * POPULATE_STEP;
+const POPULATE_AHEAD: u64 = POPULATE_STEP;
 
 /// The writer wakes the preparer each time the end of the log passes a
 /// multiple of this.
 const POPULATE_GRANULE: u64 = 8 << 20;
+
+/// Pages less than this far behind the end of the log stay mapped (the
+/// newest records are what consumers and the replication stream read).
+const KEEP_MAPPED: u64 = 8 << 20;
+
+/// Unmaps, from the process, mapped pages of the log more than
+/// [`KEEP_MAPPED`] behind its end: the pages the writer wrote through the
+/// mapping (in steps, as the end moves) and those readers mapped (in
+/// segments read since their last release). The data stays in the file and
+/// its page cache; only the process's page-table entries go.
+struct Releaser {
+    segments: Arc<RwLock<Vec<Arc<Segment>>>>,
+    end: Arc<AtomicU64>,
+    /// Everything below this was released as the end passed it.
+    released: AtomicU64,
+}
+
+impl Releaser {
+    /// Where the released range may end now: the end of the log less
+    /// [`KEEP_MAPPED`], in whole granules.
+    fn upto(&self) -> u64 {
+        let end = self.end.load(Ordering::Acquire);
+        end.saturating_sub(KEEP_MAPPED) / POPULATE_GRANULE * POPULATE_GRANULE
+    }
+
+    fn due(&self) -> bool {
+        self.upto() > self.released.load(Ordering::Acquire)
+    }
+
+    fn run(&self) {
+        let upto = self.upto();
+        let from = self.released.fetch_max(upto, Ordering::AcqRel);
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .iter()
+            .filter(|s| s.base < upto)
+            .cloned()
+            .collect();
+        for seg in segments {
+            // Read since the last release: all of it below `upto`; otherwise
+            // only what the end passed since.
+            let start = if seg.read.swap(false, Ordering::Relaxed) {
+                seg.base
+            } else {
+                from.max(seg.base)
+            };
+            let stop = upto.min(seg.end());
+            if start < stop {
+                seg.file.release_range(start - seg.base, stop - start);
+            }
+        }
+    }
+}
 
 /// Fraction of the filesystem holding `dir` that is in use, if known.
 pub fn fs_used_ratio(dir: &Path) -> Option<f64> {

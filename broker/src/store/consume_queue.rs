@@ -10,7 +10,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -32,7 +32,29 @@ struct CqFile {
     /// Index of the first entry in this file.
     base: u64,
     file: MappedFile,
+    /// Read since its old pages were last released.
+    read: AtomicBool,
 }
+
+impl CqFile {
+    fn new(base: u64, file: MappedFile) -> Self {
+        Self {
+            base,
+            file,
+            read: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Entries this close to the end of a queue stay mapped (see
+/// [`ConsumeQueue::release_behind`]): 64 KiB of them.
+const KEEP_MAPPED_ENTRIES: u64 = (64 << 10) / ENTRY_LEN;
+
+/// The writer's pages are released once this many more entries (1 MiB) are
+/// behind the kept ones.
+const RELEASE_STEP_ENTRIES: u64 = (1 << 20) / ENTRY_LEN;
+
+const PAGE: u64 = 4096;
 
 /// The consume queue of one topic-queue.
 pub struct ConsumeQueue {
@@ -45,6 +67,8 @@ pub struct ConsumeQueue {
     reserved: AtomicU64,
     /// Entries below this index are durable.
     flushed: AtomicU64,
+    /// The writer's pages below this entry are released.
+    released: AtomicU64,
 }
 
 impl ConsumeQueue {
@@ -75,7 +99,7 @@ impl ConsumeQueue {
                 ));
             }
             let file = MappedFile::open(&dir.join(base_name(base)), file_len)?;
-            files.push(Arc::new(CqFile { base, file }));
+            files.push(Arc::new(CqFile::new(base, file)));
         }
         let next = match files.last() {
             None => 0,
@@ -88,6 +112,7 @@ impl ConsumeQueue {
             published: AtomicU64::new(next),
             reserved: AtomicU64::new(next),
             flushed: AtomicU64::new(next),
+            released: AtomicU64::new(0),
         })
     }
 
@@ -152,6 +177,9 @@ impl ConsumeQueue {
         if index >= f.base + self.entries_per_file {
             return None;
         }
+        if !f.read.load(Ordering::Relaxed) {
+            f.read.store(true, Ordering::Relaxed);
+        }
         // SAFETY: the entry is below `published`, so it is fully written.
         let b = unsafe {
             f.file
@@ -159,6 +187,39 @@ impl ConsumeQueue {
         };
         let e = decode_entry(b);
         (e.size != 0).then_some(e)
+    }
+
+    /// Unmaps, from the process, pages of this queue's files more than
+    /// [`KEEP_MAPPED_ENTRIES`] behind its end: those the writer filled (once
+    /// a step's worth is behind) and those readers mapped since the last
+    /// call. The entries stay in the files and their page cache (see
+    /// [`MappedFile::release_range`]).
+    pub fn release_behind(&self) {
+        let upto = self.max_index().saturating_sub(KEEP_MAPPED_ENTRIES);
+        let from = self.released.load(Ordering::Acquire);
+        let advance = upto >= from + RELEASE_STEP_ENTRIES;
+        if advance {
+            self.released.store(upto, Ordering::Release);
+        }
+        let files: Vec<Arc<CqFile>> = self.files.read().clone();
+        for f in files {
+            let start = if f.read.swap(false, Ordering::Relaxed) {
+                f.base
+            } else if advance {
+                from.max(f.base)
+            } else {
+                continue;
+            };
+            let stop = upto.min(f.base + self.entries_per_file);
+            if start < stop {
+                // Whole pages only; rounding down keeps a partly kept page.
+                let a = (start - f.base) * ENTRY_LEN / PAGE * PAGE;
+                let b = (stop - f.base) * ENTRY_LEN / PAGE * PAGE;
+                if a < b {
+                    f.file.release_range(a, b - a);
+                }
+            }
+        }
     }
 
     /// Makes every written entry durable.
@@ -306,7 +367,7 @@ impl ConsumeQueue {
             &self.dir.join(base_name(base)),
             self.entries_per_file * ENTRY_LEN,
         )?;
-        let f = Arc::new(CqFile { base, file });
+        let f = Arc::new(CqFile::new(base, file));
         let mut files = self.files.write();
         let at = files.partition_point(|x| x.base < base);
         files.insert(at, f.clone());

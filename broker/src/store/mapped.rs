@@ -197,6 +197,37 @@ impl MappedFile {
         }
     }
 
+    /// Unmaps the pages of `[from, from + len)` (clamped to the file) from
+    /// this process without touching the file's data: `MADV_DONTNEED` on a
+    /// shared file mapping drops only the page-table entries (a dirty page
+    /// stays dirty in the page cache and is written back as usual), and a
+    /// later access maps the same page-cache page again. The pages then no
+    /// longer count in the process's resident size and age in the page
+    /// cache like any file's. Best effort; `from` must be a multiple of the
+    /// page size. Small calls, for the memory-map lock's sake (see
+    /// [`MappedFile::populate_write_range`]).
+    pub fn release_range(&self, from: u64, len: u64) {
+        const CHUNK: u64 = 2 << 20;
+        let end = from.saturating_add(len).min(self.len);
+        let mut pos = from;
+        while pos < end {
+            let n = CHUNK.min(end - pos);
+            // SAFETY: advice on a range inside our own shared file mapping
+            // (clamped above); it changes no byte anyone can read.
+            let rc = unsafe {
+                libc::madvise(
+                    self.map.as_mut_ptr().add(pos as usize).cast(),
+                    n as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return;
+            }
+            pos += n;
+        }
+    }
+
     /// Reads through the file rather than the mapping (so scanning does not
     /// fault pages into the mapping).
     pub fn pread(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {

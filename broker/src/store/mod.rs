@@ -679,6 +679,24 @@ impl MessageStore {
         written
     }
 
+    /// Unmaps from the process the pages of the commit log and consume
+    /// queues that lie well behind their ends (the maintenance thread does
+    /// it every checkpoint interval; the log's writer pages also go as it
+    /// grows). The data stays in the files and their page cache.
+    pub fn release_mapped_behind(&self) {
+        self.inner.clog.release_behind();
+        let queues: Vec<Arc<ConsumeQueue>> = self
+            .inner
+            .cqs
+            .read()
+            .values()
+            .flat_map(|qs| qs.iter().flatten().cloned())
+            .collect();
+        for q in queues {
+            q.release_behind();
+        }
+    }
+
     /// Flush counters: under SYNC_FLUSH, `group_appends / flushes` is how
     /// many appends shared each fdatasync (group commit).
     pub fn flush_counts(&self) -> FlushCounts {
@@ -1405,6 +1423,9 @@ fn maintenance_loop(weak: &std::sync::Weak<Inner>) {
             return;
         }
         let store = MessageStore { inner };
+        // Pages readers mapped in old segments (the writer's are released
+        // as the end moves on), and old pages of the consume queues.
+        store.release_mapped_behind();
         let res = store
             .flush_queues()
             .and_then(|()| store.inner.metadata.flush_offsets())

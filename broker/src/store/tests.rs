@@ -707,3 +707,101 @@ fn publishing_notifies(mode: FlushMode) {
     check_all(&store, 20);
     store.shutdown().expect("shutdown");
 }
+
+/// Resident kB of this process's mappings of `file`, from /proc/self/smaps.
+fn resident_kb(file: &Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let name = file.to_string_lossy();
+    let mut inside = false;
+    let mut kb = 0;
+    for line in smaps.lines() {
+        // A mapping's header: "start-end perms offset dev inode [path]".
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'));
+        if is_header {
+            inside = line.ends_with(&*name);
+        } else if inside && let Some(v) = line.strip_prefix("Rss:") {
+            kb += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .expect("Rss value");
+        }
+    }
+    kb
+}
+
+#[test]
+fn pages_far_behind_the_end_leave_the_process_and_read_back_intact() {
+    // 160 MiB written through the mapping (ASYNC_FLUSH) into 64 MiB
+    // segments: the first segment ends far behind the end of the log.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(mapped_config(dir.path())).expect("open");
+    let body = |i: u64| vec![(i % 251) as u8; 16 << 10];
+    for i in 0..10_240u64 {
+        store
+            .append(NewRecord::new("big", 0, body(i)))
+            .expect("append");
+    }
+    let first = dir
+        .path()
+        .join("commitlog")
+        .join(consume_queue::base_name(0));
+    let second = dir
+        .path()
+        .join("commitlog")
+        .join(consume_queue::base_name(64 << 20));
+    store.inner.clog.release_behind();
+    assert_eq!(resident_kb(&first), 0, "the first segment is still mapped");
+    assert_eq!(
+        resident_kb(&second),
+        0,
+        "the second segment is still mapped"
+    );
+    // Everything reads back, which maps pages of the old segments again ...
+    for i in 0..10_240u64 {
+        let r = store.get("big", 0, i).expect("read").expect("present");
+        assert_eq!(&r.body[..], &body(i)[..], "record {i}");
+    }
+    assert!(
+        resident_kb(&first) > 0,
+        "reading did not map the first segment"
+    );
+    let cq = dir
+        .path()
+        .join("consumequeue/big/0")
+        .join(consume_queue::base_name(0));
+    let read = resident_kb(&cq);
+    assert!(read > 64, "reading mapped only {read} kB of the queue");
+    // ... and the readers' pages are released too: all of the log's old
+    // segments, all but the newest 64 KiB (and a page) of the queue.
+    store.release_mapped_behind();
+    assert_eq!(resident_kb(&first), 0, "read pages stay mapped");
+    let kept = resident_kb(&cq);
+    assert!(kept <= 68, "{kept} kB of the queue stay mapped");
+    store.shutdown().expect("shutdown");
+    reopen_and_check_bodies(dir.path(), &body);
+}
+
+/// ASYNC_FLUSH (records written through the mapping), 64 MiB segments and
+/// the default consume-queue files.
+fn mapped_config(dir: &Path) -> StoreConfig {
+    let mut c = config(dir);
+    c.flush_mode = FlushMode::AsyncFlush;
+    c.segment_size = 64 << 20;
+    c.cq_entries_per_file = StoreConfig::new(dir).cq_entries_per_file;
+    c
+}
+
+fn reopen_and_check_bodies(dir: &Path, body: &dyn Fn(u64) -> Vec<u8>) {
+    let store = MessageStore::open(mapped_config(dir)).expect("reopen");
+    assert_eq!(store.queue_max_offset("big", 0), 10_240);
+    for i in [0u64, 4095, 4096, 10_239] {
+        let r = store.get("big", 0, i).expect("read").expect("present");
+        assert_eq!(&r.body[..], &body(i)[..], "record {i} after reopen");
+    }
+    store.shutdown().expect("shutdown");
+}
