@@ -269,6 +269,11 @@ impl CommitLog {
     /// Sets the published end (recovery and truncation).
     pub fn set_end(&self, end: u64) {
         self.max_offset.store(end, Ordering::Release);
+        // After a cut, what is written again past the new end is released
+        // again as the end passes it.
+        self.releaser
+            .released
+            .fetch_min(end / POPULATE_GRANULE * POPULATE_GRANULE, Ordering::AcqRel);
     }
 
     /// All segments, oldest first.
