@@ -174,27 +174,9 @@ impl MappedFile {
     /// blocked in `mprotect`); small calls keep each hold short.
     pub fn populate_write_range(&self, from: u64, len: u64) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
-        const CHUNK: u64 = 512 << 10;
-        let end = from.saturating_add(len).min(self.len);
-        let mut pos = from;
-        while pos < end {
-            let n = CHUNK.min(end - pos);
-            // SAFETY: advice on a range inside our own mapping (clamped
-            // above); failure is harmless.
-            let rc = unsafe {
-                libc::madvise(
-                    self.map.as_mut_ptr().add(pos as usize).cast(),
-                    n as usize,
-                    MADV_POPULATE_WRITE,
-                )
-            };
-            if rc != 0 {
-                // Unsupported (older kernel) or out of memory: leave the
-                // rest to the writer's own faults.
-                return;
-            }
-            pos += n;
-        }
+        // Unsupported (older kernel) or out of memory: the writer's own
+        // faults do the rest.
+        self.advise(from, len, 512 << 10, MADV_POPULATE_WRITE);
     }
 
     /// Unmaps the pages of `[from, from + len)` (clamped to the file) from
@@ -207,18 +189,24 @@ impl MappedFile {
     /// page size. Small calls, for the memory-map lock's sake (see
     /// [`MappedFile::populate_write_range`]).
     pub fn release_range(&self, from: u64, len: u64) {
-        const CHUNK: u64 = 2 << 20;
+        self.advise(from, len, 2 << 20, libc::MADV_DONTNEED);
+    }
+
+    /// `madvise(advice)` on `[from, from + len)` clamped to the file, in
+    /// calls of at most `chunk` bytes; stops at the first failure.
+    fn advise(&self, from: u64, len: u64, chunk: u64, advice: libc::c_int) {
         let end = from.saturating_add(len).min(self.len);
         let mut pos = from;
         while pos < end {
-            let n = CHUNK.min(end - pos);
+            let n = chunk.min(end - pos);
             // SAFETY: advice on a range inside our own shared file mapping
-            // (clamped above); it changes no byte anyone can read.
+            // (clamped above); neither advice used here changes a byte
+            // anyone can read, and a failure is harmless.
             let rc = unsafe {
                 libc::madvise(
                     self.map.as_mut_ptr().add(pos as usize).cast(),
                     n as usize,
-                    libc::MADV_DONTNEED,
+                    advice,
                 )
             };
             if rc != 0 {

@@ -685,16 +685,18 @@ impl MessageStore {
     /// grows). The data stays in the files and their page cache.
     pub fn release_mapped_behind(&self) {
         self.inner.clog.release_behind();
-        let queues: Vec<Arc<ConsumeQueue>> = self
-            .inner
+        for q in self.all_queues() {
+            q.release_behind();
+        }
+    }
+
+    fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        self.inner
             .cqs
             .read()
             .values()
             .flat_map(|qs| qs.iter().flatten().cloned())
-            .collect();
-        for q in queues {
-            q.release_behind();
-        }
+            .collect()
     }
 
     /// Flush counters: under SYNC_FLUSH, `group_appends / flushes` is how
@@ -1280,14 +1282,7 @@ impl MessageStore {
     }
 
     fn flush_queues(&self) -> Result<(), StoreError> {
-        let queues: Vec<Arc<ConsumeQueue>> = self
-            .inner
-            .cqs
-            .read()
-            .values()
-            .flat_map(|qs| qs.iter().flatten().cloned())
-            .collect();
-        for q in queues {
+        for q in self.all_queues() {
             q.flush()
                 .map_err(StoreError::io("flushing a consume queue"))?;
         }
