@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -33,17 +33,11 @@ pub struct Segment {
     /// Commit-log offset of the segment's first byte.
     pub base: u64,
     pub file: MappedFile,
-    /// Read through the mapping since its old pages were last released.
-    read: AtomicBool,
 }
 
 impl Segment {
     fn new(base: u64, file: MappedFile) -> Self {
-        Self {
-            base,
-            file,
-            read: AtomicBool::new(false),
-        }
+        Self { base, file }
     }
 
     pub fn end(&self) -> u64 {
@@ -341,9 +335,6 @@ impl CommitLog {
                 max: end,
             })?;
         let limit = end.min(seg.end());
-        if !seg.read.load(Ordering::Relaxed) {
-            seg.read.store(true, Ordering::Relaxed);
-        }
         // SAFETY: bytes below the published end are never written again
         // (truncation happens only under the append lock with no readers of
         // the cut range), and the segment stays mapped while `seg` lives.
@@ -777,17 +768,8 @@ impl Releaser {
             .cloned()
             .collect();
         for seg in segments {
-            // Read since the last release: all of it below `upto`; otherwise
-            // only what the end passed since.
-            let start = if seg.read.swap(false, Ordering::Relaxed) {
-                seg.base
-            } else {
-                from.max(seg.base)
-            };
-            let stop = upto.min(seg.end());
-            if start < stop {
-                seg.file.release_range(start - seg.base, stop - start);
-            }
+            let rel = |offset: u64| offset.clamp(seg.base, seg.end()) - seg.base;
+            seg.file.release_behind(rel(from), rel(upto));
         }
     }
 }

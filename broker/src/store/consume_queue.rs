@@ -10,7 +10,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -32,18 +32,6 @@ struct CqFile {
     /// Index of the first entry in this file.
     base: u64,
     file: MappedFile,
-    /// Read since its old pages were last released.
-    read: AtomicBool,
-}
-
-impl CqFile {
-    fn new(base: u64, file: MappedFile) -> Self {
-        Self {
-            base,
-            file,
-            read: AtomicBool::new(false),
-        }
-    }
 }
 
 /// Entries this close to the end of a queue stay mapped (see
@@ -99,7 +87,7 @@ impl ConsumeQueue {
                 ));
             }
             let file = MappedFile::open(&dir.join(base_name(base)), file_len)?;
-            files.push(Arc::new(CqFile::new(base, file)));
+            files.push(Arc::new(CqFile { base, file }));
         }
         let next = match files.last() {
             None => 0,
@@ -177,9 +165,6 @@ impl ConsumeQueue {
         if index >= f.base + self.entries_per_file {
             return None;
         }
-        if !f.read.load(Ordering::Relaxed) {
-            f.read.store(true, Ordering::Relaxed);
-        }
         // SAFETY: the entry is below `published`, so it is fully written.
         let b = unsafe {
             f.file
@@ -201,24 +186,17 @@ impl ConsumeQueue {
         if advance {
             self.released.store(upto, Ordering::Release);
         }
+        // Without a step's worth, only pages readers mapped go.
+        let from = if advance { from } else { upto };
         let files: Vec<Arc<CqFile>> = self.files.read().clone();
         for f in files {
-            let start = if f.read.swap(false, Ordering::Relaxed) {
-                f.base
-            } else if advance {
-                from.max(f.base)
-            } else {
-                continue;
+            // Byte offsets in the file, in whole pages (rounding down keeps
+            // a partly kept page).
+            let byte = |index: u64| {
+                (index.clamp(f.base, f.base + self.entries_per_file) - f.base) * ENTRY_LEN / PAGE
+                    * PAGE
             };
-            let stop = upto.min(f.base + self.entries_per_file);
-            if start < stop {
-                // Whole pages only; rounding down keeps a partly kept page.
-                let a = (start - f.base) * ENTRY_LEN / PAGE * PAGE;
-                let b = (stop - f.base) * ENTRY_LEN / PAGE * PAGE;
-                if a < b {
-                    f.file.release_range(a, b - a);
-                }
-            }
+            f.file.release_behind(byte(from), byte(upto));
         }
     }
 
@@ -367,7 +345,7 @@ impl ConsumeQueue {
             &self.dir.join(base_name(base)),
             self.entries_per_file * ENTRY_LEN,
         )?;
-        let f = Arc::new(CqFile::new(base, file));
+        let f = Arc::new(CqFile { base, file });
         let mut files = self.files.write();
         let at = files.partition_point(|x| x.base < base);
         files.insert(at, f.clone());

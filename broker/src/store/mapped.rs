@@ -10,6 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -19,6 +20,9 @@ pub struct MappedFile {
     file: File,
     map: MmapRaw,
     len: u64,
+    /// Read through [`MappedFile::slice`] since the last
+    /// [`MappedFile::release_behind`].
+    read: AtomicBool,
 }
 
 impl std::fmt::Debug for MappedFile {
@@ -79,6 +83,7 @@ impl MappedFile {
             file,
             map,
             len,
+            read: AtomicBool::new(false),
         })
     }
 
@@ -97,6 +102,9 @@ impl MappedFile {
     /// returned slice lives (callers only read what has been published).
     pub unsafe fn slice(&self, pos: u64, len: usize) -> &[u8] {
         debug_assert!(pos + len as u64 <= self.len);
+        if !self.read.load(Ordering::Relaxed) {
+            self.read.store(true, Ordering::Relaxed);
+        }
         // SAFETY: in bounds (checked by the caller), and the caller
         // guarantees that no writer touches the range meanwhile.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(pos as usize), len) }
@@ -179,6 +187,22 @@ impl MappedFile {
         self.advise(from, len, 512 << 10, MADV_POPULATE_WRITE);
     }
 
+    /// Unmaps from this process the pages of `[from, to)`, or of `[0, to)`
+    /// when the file was read through [`MappedFile::slice`] since the last
+    /// call (readers may have mapped pages anywhere below). Owners call it
+    /// with `from` where their last call stopped, so pages written through
+    /// the mapping go as the end moves on. See [`MappedFile::release_range`].
+    pub fn release_behind(&self, from: u64, to: u64) {
+        let from = if self.read.swap(false, Ordering::Relaxed) {
+            0
+        } else {
+            from
+        };
+        if from < to {
+            self.release_range(from, to - from);
+        }
+    }
+
     /// Unmaps the pages of `[from, from + len)` (clamped to the file) from
     /// this process without touching the file's data: `MADV_DONTNEED` on a
     /// shared file mapping drops only the page-table entries (a dirty page
@@ -188,7 +212,7 @@ impl MappedFile {
     /// cache like any file's. Best effort; `from` must be a multiple of the
     /// page size. Small calls, for the memory-map lock's sake (see
     /// [`MappedFile::populate_write_range`]).
-    pub fn release_range(&self, from: u64, len: u64) {
+    fn release_range(&self, from: u64, len: u64) {
         self.advise(from, len, 2 << 20, libc::MADV_DONTNEED);
     }
 

@@ -746,14 +746,12 @@ fn pages_far_behind_the_end_leave_the_process_and_read_back_intact() {
             .append(NewRecord::new("big", 0, body(i)))
             .expect("append");
     }
-    let first = dir
-        .path()
-        .join("commitlog")
-        .join(consume_queue::base_name(0));
-    let second = dir
-        .path()
-        .join("commitlog")
-        .join(consume_queue::base_name(64 << 20));
+    let segment = |base: u64| {
+        dir.path()
+            .join("commitlog")
+            .join(consume_queue::base_name(base))
+    };
+    let (first, second) = (segment(0), segment(64 << 20));
     store.inner.clog.release_behind();
     assert_eq!(resident_kb(&first), 0, "the first segment is still mapped");
     assert_eq!(
