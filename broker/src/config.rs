@@ -613,6 +613,13 @@ mod tests {
         assert!(err.to_string().contains("flush_mod"), "{err}");
         let args = BrokerArgs::parse_from(["keelmq-broker", "--segment-size", "1000"]);
         assert!(args.resolve().is_err(), "tiny segments are refused");
+        let args = BrokerArgs::parse_from(["keelmq-broker", "--flush-timeout-ms", "0"]);
+        assert!(
+            args.resolve()
+                .expect_err("no time to flush")
+                .to_string()
+                .contains("flush timeout")
+        );
         let args = BrokerArgs::parse_from(["keelmq-broker", "--admin-port", "8081"]);
         assert!(
             args.resolve()

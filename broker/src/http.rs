@@ -107,6 +107,12 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         "SYNC_FLUSH appends (a record or a batch each) written by group commits; per flush: divide by commitlog_flushes_total",
         flush.group_appends,
     );
+    counter(
+        &mut r,
+        "commitlog_zeroed_ahead_bytes",
+        "Bytes of zeros written just ahead of the SYNC_FLUSH writer, so that its flushes overwrite written blocks",
+        flush.zeroed_ahead_bytes,
+    );
     gauge(
         &mut r,
         "replication_confirmed_offset",

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -33,11 +33,19 @@ pub struct Segment {
     /// Commit-log offset of the segment's first byte.
     pub base: u64,
     pub file: MappedFile,
+    /// Set (under the log's seal lock) when the log rolled to the next
+    /// segment and wrote this one's closing filler: nothing may write zeros
+    /// here any more (see [`CommitLog::zero_ahead`]).
+    sealed: AtomicBool,
 }
 
 impl Segment {
     fn new(base: u64, file: MappedFile) -> Self {
-        Self { base, file }
+        Self {
+            base,
+            file,
+            sealed: AtomicBool::new(false),
+        }
     }
 
     pub fn end(&self) -> u64 {
@@ -64,8 +72,9 @@ pub enum Writes {
     /// ext4 here: the fdatasync that follows takes a fifth of the time it
     /// takes after the same bytes were written through the mapping (about
     /// 0.2 ms against 1-1.7 ms for 32 KiB), and that flush is on every
-    /// acknowledgement's path. Segments are only reserved: zeroing ahead
-    /// competed with the flushes and made them slower still.
+    /// acknowledgement's path. Segments are reserved when created and, while
+    /// flushes are small, the flusher writes zeros a little ahead of the
+    /// end (see [`CommitLog::zero_ahead`]).
     ThroughFile,
     /// Stores into the mapping, whose pages a background thread makes
     /// writable a little ahead of the writer so appends rarely fault (used
@@ -96,6 +105,13 @@ pub struct CommitLog {
     limits: GrowthLimits,
     preparer: Arc<Preparer>,
     preparer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Under [`Writes::ThroughFile`]: blocks past the end of the log below
+    /// this offset hold written zeros (see [`CommitLog::zero_ahead`]).
+    zeroed: AtomicU64,
+    /// Orders writing zeros ahead against a roll's closing filler.
+    seal: Mutex<()>,
+    /// Bytes of zeros written ahead since the log opened.
+    zeroed_bytes: AtomicU64,
 }
 
 /// State shared with the thread that creates segments ahead of need.
@@ -193,6 +209,9 @@ impl CommitLog {
                 wake: Condvar::new(),
             }),
             preparer_thread: Mutex::new(None),
+            zeroed: AtomicU64::new(0),
+            seal: Mutex::new(()),
+            zeroed_bytes: AtomicU64::new(0),
         })
     }
 
@@ -268,6 +287,8 @@ impl CommitLog {
         self.releaser
             .released
             .fetch_min(end / POPULATE_GRANULE * POPULATE_GRANULE, Ordering::AcqRel);
+        // A cut leaves only reserved blocks past the new end.
+        self.zeroed.fetch_min(end, Ordering::AcqRel);
     }
 
     /// All segments, oldest first.
@@ -364,6 +385,10 @@ impl CommitLog {
         let seg = &tail.segment;
         let rel = tail.pos - seg.base;
         let blank = seg.file.len() - rel;
+        // Under SYNC_FLUSH the flusher may be writing zeros ahead in this
+        // segment; once sealed it leaves the segment (and this filler) alone.
+        let _seal = self.seal.lock();
+        seg.sealed.store(true, Ordering::Release);
         // SAFETY: the append lock is held; the range is past the published end.
         let dst = unsafe { seg.file.slice_mut(rel, BLANK_LEN) };
         dst[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
@@ -442,6 +467,76 @@ impl CommitLog {
     /// Whether the preparer makes pages writable ahead of the writer.
     fn populates(&self) -> bool {
         self.limits.writes == Writes::ThroughMapping
+    }
+
+    /// Writes zeros into the reserved blocks just past `pos`, the log's
+    /// write position (staged records included), so that the records
+    /// written there next overwrite written blocks. Called by the SYNC_FLUSH
+    /// flusher after each flush, with `flushed` the bytes that flush
+    /// covered; does nothing under [`Writes::ThroughMapping`] or when
+    /// flushes are very small or large.
+    ///
+    /// Why: on ext4 an fdatasync after writing into reserved (unwritten)
+    /// blocks must also record that they now hold data, a second
+    /// synchronous write; after overwriting written blocks it writes only
+    /// the data. Measured on this project's disk with 72 KiB writes each
+    /// followed by an fdatasync and 100 µs of other work: fdatasync p50 about
+    /// 180 µs into reserved blocks, 80-100 µs into zeroed ones, 218-229
+    /// against 273-297 MB/s, with 128-256 KiB of zeros written per step just
+    /// after a flush, while the disk is otherwise idle (the group's callers
+    /// are appending again). Zeroing far ahead, in large steps or from
+    /// another thread at arbitrary times made flushes wait behind the zeros
+    /// instead. Every zeroed byte is written twice, so under large flushes
+    /// (over [`ZERO_MAX_FLUSH`]), where the saving is small against the
+    /// flush itself, nothing is zeroed. Nor under flushes of less than two
+    /// blocks ([`ZERO_MIN_FLUSH`], a lone writer's): most of them land in a
+    /// block an earlier flush already wrote, so there is little to save,
+    /// and a step of zeros in flight delays the flush after it (the lone
+    /// writer's p99 rose by half when it zeroed).
+    ///
+    /// # Safety
+    /// The caller holds the commit lock (no other thread writes the log's
+    /// file past `pos`; appenders only stage) and `pos` is the write
+    /// position read after taking it.
+    pub unsafe fn zero_ahead(&self, pos: u64, flushed: u64) -> io::Result<()> {
+        if self.limits.writes != Writes::ThroughFile
+            || !(ZERO_MIN_FLUSH..=ZERO_MAX_FLUSH).contains(&flushed)
+        {
+            return Ok(());
+        }
+        let mut at = self
+            .zeroed
+            .load(Ordering::Acquire)
+            .max(pos.next_multiple_of(ZERO_STEP));
+        let mut steps = 0;
+        while at < pos + ZERO_AHEAD && steps < ZERO_STEPS_PER_FLUSH {
+            // Only the segments the log has: the next one is prepared (and
+            // reserved) by the preparer, and zeroed from its start once
+            // the log moved into it.
+            let Some(seg) = self.segment_for(at) else {
+                break;
+            };
+            let len = ZERO_STEP.min(seg.end() - at);
+            {
+                let _seal = self.seal.lock();
+                if seg.sealed.load(Ordering::Acquire) {
+                    // Rolled past: the filler ends this segment's records.
+                    at = seg.end();
+                    continue;
+                }
+                seg.file.write_zeros(at - seg.base, len)?;
+            }
+            self.zeroed_bytes.fetch_add(len, Ordering::Relaxed);
+            at += len;
+            steps += 1;
+        }
+        self.zeroed.store(at, Ordering::Release);
+        Ok(())
+    }
+
+    /// Bytes of zeros [`CommitLog::zero_ahead`] wrote since the log opened.
+    pub fn zeroed_ahead_bytes(&self) -> u64 {
+        self.zeroed_bytes.load(Ordering::Relaxed)
     }
 
     /// Makes `[from, to)` durable.
@@ -716,6 +811,16 @@ fn skip_written(populating: &mut VecDeque<(Arc<Segment>, u64)>, end: u64) {
         }
     }
 }
+
+/// Zeros are written ahead of the SYNC_FLUSH writer in steps of this size,
+/// at most [`ZERO_STEPS_PER_FLUSH`] after each flush, until they reach
+/// [`ZERO_AHEAD`] past its position (see [`CommitLog::zero_ahead`]).
+const ZERO_STEP: u64 = 128 << 10;
+const ZERO_STEPS_PER_FLUSH: u32 = 2;
+const ZERO_AHEAD: u64 = 1 << 20;
+/// Only flushes covering between these many bytes zero ahead.
+const ZERO_MIN_FLUSH: u64 = 8 << 10;
+const ZERO_MAX_FLUSH: u64 = 2 * ZERO_STEP;
 
 /// How much of a segment the preparer populates before it looks for a
 /// request to create the next one.

@@ -82,8 +82,9 @@ pub struct StoreConfig {
     pub flush_mode: FlushMode,
     /// ASYNC_FLUSH flush interval. Default 500 ms.
     pub flush_interval: Duration,
-    /// How long a SYNC_FLUSH append waits for its fdatasync before failing.
-    /// Default 5 s.
+    /// How long a SYNC_FLUSH append waits for its fdatasync before failing
+    /// (noticed up to a tenth of it, at most 100 ms, later). Default 5 s;
+    /// at least 1 ms.
     pub flush_timeout: Duration,
     /// Entries per consume-queue file. Default 300,000 (6,000,000 bytes).
     pub cq_entries_per_file: u64,
@@ -157,6 +158,9 @@ impl StoreConfig {
             || self.retention_interval.is_zero()
         {
             return bad("flush, checkpoint and retention intervals must be positive".into());
+        }
+        if self.flush_timeout < Duration::from_millis(1) {
+            return bad("the flush timeout must be at least 1 ms".into());
         }
         Ok(())
     }
@@ -306,6 +310,9 @@ pub struct FlushCounts {
     /// Appends (one record or one batch each) written to the log by
     /// SYNC_FLUSH group commits since the store opened.
     pub group_appends: u64,
+    /// Bytes of zeros written ahead of the SYNC_FLUSH writer (extra disk
+    /// writes that make its flushes cheaper; see `CommitLog::zero_ahead`).
+    pub zeroed_ahead_bytes: u64,
 }
 
 const CHECKPOINT: &str = "checkpoint.json";
@@ -671,6 +678,20 @@ impl MessageStore {
         inner.gather_until.store(0, Ordering::SeqCst);
     }
 
+    /// Writes zeros a little ahead of the log's write position after a
+    /// SYNC_FLUSH flush of `flushed` bytes (see `CommitLog::zero_ahead`).
+    /// Only a speed-up: if it fails, the blocks stay reserved, and a disk
+    /// that fails writes fails the next flush too, which is reported.
+    fn zero_ahead(&self, flushed: u64) {
+        let inner = &self.inner;
+        let _c = inner.commit_lock.lock();
+        let pos = inner.tail.lock().pos;
+        // SAFETY: the commit lock is held and `pos` was read under it.
+        if let Err(e) = unsafe { inner.clog.zero_ahead(pos, flushed) } {
+            tracing::debug!(error = %e, "writing zeros ahead of the commit log failed");
+        }
+    }
+
     /// Writes and publishes what is staged, with the append lock held (and
     /// the commit lock, taken before it).
     fn drain_staged_locked(&self, tail: &mut Tail) -> Result<(), StoreError> {
@@ -705,6 +726,7 @@ impl MessageStore {
         FlushCounts {
             flushes: self.inner.flushes.load(Ordering::Relaxed),
             group_appends: self.inner.group_appends.load(Ordering::Relaxed),
+            zeroed_ahead_bytes: self.inner.clog.zeroed_ahead_bytes(),
         }
     }
 
@@ -726,32 +748,37 @@ impl MessageStore {
     }
 
     /// Waits until everything below `offset` is durable, whatever the mode.
+    /// Fails with [`StoreError::FlushTimeout`] once `flush_timeout` has
+    /// passed (noticed within a tenth of it, at most 100 ms late: no timer
+    /// is registered per wait; the flush watchdog wakes the waiters while
+    /// the flushed offset stands still, see `flush_watchdog`).
     pub async fn wait_durable(&self, offset: u64) -> Result<(), StoreError> {
-        let timeout = self.inner.config.flush_timeout;
-        let mut rx = self.inner.flush_watch.subscribe();
-        if self.inner.config.flush_mode == FlushMode::AsyncFlush
-            && let Some(t) = self.inner.flusher.get()
+        let inner = &self.inner;
+        if self.flushed_offset() >= offset {
+            return Ok(());
+        }
+        let mut rx = inner.flush_watch.subscribe();
+        if inner.config.flush_mode == FlushMode::AsyncFlush
+            && let Some(t) = inner.flusher.get()
         {
             t.unpark();
         }
-        let waited = tokio::time::timeout(timeout, async {
-            loop {
-                if *rx.borrow_and_update() >= offset {
-                    return Ok(());
-                }
-                self.check_flush_ok()?;
-                if rx.changed().await.is_err() {
-                    return Err(StoreError::Closed);
-                }
+        let started = Instant::now();
+        let timeout = inner.config.flush_timeout;
+        loop {
+            if *rx.borrow_and_update() >= offset {
+                return Ok(());
             }
-        })
-        .await;
-        match waited {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::FlushTimeout {
-                offset,
-                waited: timeout,
-            }),
+            self.check_flush_ok()?;
+            if started.elapsed() >= timeout {
+                return Err(StoreError::FlushTimeout {
+                    offset,
+                    waited: timeout,
+                });
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Closed);
+            }
         }
     }
 
@@ -1324,9 +1351,15 @@ impl MessageStore {
             .name("keelmq-store-maint".into())
             .spawn(move || maintenance_loop(&weak))
             .map_err(StoreError::io("starting the store maintenance thread"))?;
+        let weak = Arc::downgrade(&self.inner);
+        let watchdog = std::thread::Builder::new()
+            .name("keelmq-flush-watch".into())
+            .spawn(move || flush_watchdog(&weak))
+            .map_err(StoreError::io("starting the flush watchdog thread"))?;
         let mut threads = self.inner.threads.lock();
         threads.push(flusher);
         threads.push(maint);
+        threads.push(watchdog);
         Ok(())
     }
 }
@@ -1384,7 +1417,8 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
             0
         };
         let target = store.max_offset();
-        let pending = target > store.flushed_offset();
+        let from = store.flushed_offset();
+        let pending = target > from;
         let started = Instant::now();
         if pending && store.flush_to(target).is_err() {
             // Already reported and latched; nothing more this thread can do.
@@ -1394,12 +1428,50 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
         if stopping {
             return;
         }
+        if sync && pending {
+            // The disk is idle while the callers just released append again.
+            store.zero_ahead(target - from);
+        }
         let interval = store.inner.config.flush_interval;
         drop(store);
         if sync && pending {
             continue;
         }
         std::thread::park_timeout(interval);
+    }
+}
+
+/// How often the flush watchdog looks: a tenth of the flush timeout,
+/// between 1 ms and 100 ms.
+fn watchdog_period(flush_timeout: Duration) -> Duration {
+    (flush_timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
+/// Wakes everyone waiting for durability whenever the flushed offset has
+/// not moved for a whole period, so each can tell whether its flush
+/// timeout has passed. Waiters register no timer of their own: at tens of
+/// thousands of SYNC_FLUSH appends a second, registering and cancelling one
+/// per wait cost about a tenth of the CPU of the storage benchmark at 64
+/// writers, and it lay on the path between a flush and the next. While
+/// flushes complete this thread only reads an atomic; it touches no disk,
+/// so a stuck fdatasync (the case the timeout is for) does not stop it.
+fn flush_watchdog(weak: &std::sync::Weak<Inner>) {
+    let mut last = None;
+    loop {
+        let period = match weak.upgrade() {
+            Some(inner) => watchdog_period(inner.config.flush_timeout),
+            None => return,
+        };
+        std::thread::park_timeout(period);
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let flushed = inner.flushed.load(Ordering::Acquire);
+        if last == Some(flushed) {
+            inner.flush_watch.send_modify(|_| {});
+        }
+        last = Some(flushed);
     }
 }
 

@@ -542,6 +542,55 @@ async fn group_commit_acknowledges_concurrent_writers() {
     store.shutdown().expect("shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_flush_times_out_its_waiters_and_they_recover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.flush_timeout = Duration::from_millis(200);
+    let store = MessageStore::open(c).expect("open");
+    let a = store.append(record(0)).expect("append");
+    store.wait_flushed(a.end_offset).await.expect("flushed");
+    // Another thread holds the flush lock, so the flusher stops in front
+    // of its next fdatasync as if the disk did not answer.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _stuck = store.inner.flush_lock.lock();
+            held_tx.send(()).expect("send");
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        })
+    };
+    held_rx.recv().expect("lock held");
+    let b = store.append(record(1)).expect("append");
+    // Bounded so that a missing timeout fails the test instead of hanging it.
+    let waited = tokio::time::timeout(Duration::from_secs(30), store.wait_flushed(b.end_offset))
+        .await
+        .expect("the wait ends while the flush is stuck");
+    assert!(
+        matches!(waited, Err(StoreError::FlushTimeout { offset, .. }) if offset == b.end_offset),
+        "{waited:?}"
+    );
+    let blocking = store.wait_flushed_blocking(b.end_offset);
+    assert!(
+        matches!(blocking, Err(StoreError::FlushTimeout { .. })),
+        "{blocking:?}"
+    );
+    assert!(store.flushed_offset() < b.end_offset);
+    release_tx.send(()).expect("release");
+    holder.join().expect("holder");
+    // Once the disk answers again, the same record becomes durable and new
+    // appends are acknowledged.
+    store.wait_flushed(b.end_offset).await.expect("flushed");
+    let c = store.append(record(2)).expect("append");
+    store.wait_flushed(c.end_offset).await.expect("flushed");
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(config(dir.path())).expect("reopen");
+    check_all(&store, 3);
+    store.shutdown().expect("shutdown");
+}
+
 #[test]
 fn sync_flush_writes_staged_groups_across_segment_rolls() {
     // Eight writers append concurrently under SYNC_FLUSH, so groups of
@@ -636,6 +685,156 @@ fn sync_flush_writes_staged_groups_across_segment_rolls() {
     let store = MessageStore::open(config(dir.path())).expect("reopen");
     verify(&store);
     store.shutdown().expect("shutdown");
+}
+
+/// Checks every `(seq, appended)` record by its offset and queue entry.
+fn verify_appended(store: &MessageStore, all: &[(u64, Appended)]) {
+    for (seq, a) in all {
+        let r = store.read_at(a.offset).expect("read");
+        assert_eq!(&r.body[..], &body(*seq)[..], "body of record {seq}");
+        let e = store
+            .get("orders", (seq % 3) as u32, a.queue_offset)
+            .expect("read")
+            .expect("indexed");
+        assert_eq!(e.offset, a.offset, "queue entry of record {seq}");
+    }
+}
+
+#[test]
+fn zeros_written_ahead_never_cover_a_segment_filler() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.segment_size = 1 << 20;
+    let store = MessageStore::open(c.clone()).expect("open");
+    // Lone appends, each waiting for its flush (too small to zero ahead),
+    // ending exactly at 256 KiB, where a step of zeros may start.
+    let stop = 256u64 << 10;
+    let mut all = Vec::new();
+    let mut seq = 0u64;
+    loop {
+        let left = stop - store.max_offset();
+        let mut r = record(seq);
+        if left < 2 * r.encoded_len() as u64 + 2048 {
+            let bare = r.encoded_len() - r.body.len();
+            r.body = (0..left as usize - bare)
+                .map(|i| (seq as usize + i * 7) as u8)
+                .collect::<Vec<u8>>()
+                .into();
+        }
+        let expected = r.body.clone();
+        let a = store.append(r).expect("append");
+        store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        if a.end_offset == stop {
+            let got = store.read_at(a.offset).expect("read");
+            assert_eq!(got.body, expected);
+            break;
+        }
+        all.push((seq, a));
+        seq += 1;
+    }
+    assert_eq!(store.flush_counts().zeroed_ahead_bytes, 0);
+    let inner = &store.inner;
+    {
+        // The flusher has read the write position (256 KiB); before it
+        // writes its zeros, an appender rolls to the next segment and
+        // closes this one with a filler right there.
+        let _c = inner.commit_lock.lock();
+        let mut tail = inner.tail.lock();
+        let pos = tail.pos;
+        assert_eq!(pos, stop);
+        inner.clog.roll(&mut tail).expect("roll");
+        drop(tail);
+        // SAFETY: the commit lock is held; `pos` is what the flusher read.
+        unsafe { inner.clog.zero_ahead(pos, 16 << 10) }.expect("zeros");
+    }
+    // It zeroed only where nothing was written: the new segment's start.
+    assert!(store.flush_counts().zeroed_ahead_bytes > 0);
+    for _ in 0..20 {
+        let a = store.append(record(seq)).expect("append");
+        store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        assert!(a.offset >= 1 << 20, "past the filler, in the next segment");
+        all.push((seq, a));
+        seq += 1;
+    }
+    verify_appended(&store, &all);
+    // The filler is intact, and a recovery that scans the whole log (as
+    // after a crash with an old checkpoint) crosses it into the next segment.
+    let mut filler = [0u8; 8];
+    std::fs::File::open(dir.path().join("commitlog").join(format!("{:020}", 0)))
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut filler, stop)
+        })
+        .expect("segment");
+    assert_eq!(record::le_u32(&filler, 4), record::BLANK_MAGIC);
+    crash(store);
+    let cp = Checkpoint {
+        flushed_offset: 0,
+        cq_offset: 0,
+        clean: false,
+        written_ms: 1,
+    };
+    save_json(&dir.path().join(CHECKPOINT), &cp).expect("checkpoint");
+    let store = MessageStore::open(c).expect("recovers across the filler");
+    assert_eq!(store.recovery_report().truncated_bytes_at, None);
+    verify_appended(&store, &all);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn group_flushes_write_zeros_ahead_and_lone_flushes_do_not() {
+    let run = |flush_mode: FlushMode| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = config(dir.path());
+        c.segment_size = 4 << 20;
+        c.flush_mode = flush_mode;
+        let store = MessageStore::open(c.clone()).expect("open");
+        let mut all = Vec::new();
+        for seq in 0..20u64 {
+            let a = store.append(record(seq)).expect("append");
+            store.wait_flushed_blocking(a.end_offset).expect("flushed");
+            all.push((seq, a));
+        }
+        let lone = store.flush_counts().zeroed_ahead_bytes;
+        // Sixteen writers, each waiting for its record: groups of several
+        // KiB per flush.
+        let store_ref = &store;
+        let grouped: Vec<(u64, Appended)> = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..16u64)
+                .map(|w| {
+                    s.spawn(move || {
+                        (0..40u64)
+                            .map(|i| {
+                                let seq = 1000 + w * 100 + i;
+                                let a = store_ref.append(record(seq)).expect("append");
+                                store_ref
+                                    .wait_flushed_blocking(a.end_offset)
+                                    .expect("flushed");
+                                (seq, a)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .flat_map(|h| h.join().expect("writer"))
+                .collect()
+        });
+        all.extend(grouped);
+        let zeroed = store.flush_counts().zeroed_ahead_bytes;
+        verify_appended(&store, &all);
+        store.shutdown().expect("shutdown");
+        let store = MessageStore::open(c).expect("reopen");
+        assert_eq!(store.recovery_report().truncated_bytes_at, None);
+        verify_appended(&store, &all);
+        store.shutdown().expect("shutdown");
+        (lone, zeroed)
+    };
+    let (lone, grouped) = run(FlushMode::SyncFlush);
+    assert_eq!(lone, 0, "a lone writer's flushes do not zero ahead");
+    assert!(grouped > 0, "group flushes zero ahead");
+    assert_eq!(run(FlushMode::AsyncFlush), (0, 0), "nor does ASYNC_FLUSH");
 }
 
 #[test]
