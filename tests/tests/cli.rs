@@ -66,6 +66,17 @@ fn topics_status_health_and_clean_restart() {
     ]);
     assert!(sent.contains("200 messages"), "{sent}");
     assert!(sent.contains("p99"), "{sent}");
+    // The senders spread over the topic's queues, as clients do.
+    assert!(sent.contains("(4 queues)"), "{sent}");
+    let described = b.cli_ok(&["topic", "describe", "bench"]);
+    let per_queue: Vec<u64> = described
+        .lines()
+        .filter(|l| l.trim_start().starts_with("queue"))
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert_eq!(per_queue.len(), 4, "{described}");
+    assert_eq!(per_queue.iter().sum::<u64>(), 200, "{described}");
+    assert!(per_queue.iter().all(|&n| n > 0), "{described}");
     // A refused send and an endpoint nobody listens on end the run clearly.
     let err = b.cli_fails(&["bench", "send", "--endpoint", &client, "--topic", "nope"]);
     assert!(err.contains("send refused: TOPIC_NOT_FOUND"), "{err}");

@@ -93,9 +93,9 @@ fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
     r
 }
 
-async fn channels(c: &Common) -> Result<Vec<MessagingServiceClient<Channel>>> {
+async fn channels(c: &Common, n: usize) -> Result<Vec<MessagingServiceClient<Channel>>> {
     let mut out = Vec::new();
-    for _ in 0..c.connections.max(1) {
+    for _ in 0..n.max(1) {
         // Requests are coalesced into fewer writes as the broker does with
         // its responses, so the load tool spends less of the machine's CPU
         // on system calls than a client writing each request alone.
@@ -251,8 +251,42 @@ pub async fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// The ids of the topic's writable queues, from the broker's route. Senders
+/// spread over them as clients do (sender `w` writes to the `w`-th, round
+/// robin). Empty when the broker gives no route (an unknown topic): the
+/// sends then report why.
+async fn write_queues(c: &Common) -> Result<Vec<i32>> {
+    let mut client = channels(c, 1).await?.remove(0);
+    let req = pb::QueryRouteRequest {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: c.topic.clone(),
+        }),
+        endpoints: None,
+    };
+    let route = client
+        .query_route(with_id(req, &format!("bench@{}", std::process::id())))
+        .await
+        .map_err(|s| anyhow::anyhow!("query route: {s}"))?
+        .into_inner();
+    if route.status.as_ref().map(|s| s.code) != Some(pb::Code::Ok as i32) {
+        return Ok(Vec::new());
+    }
+    let writable = [
+        pb::Permission::Write as i32,
+        pb::Permission::ReadWrite as i32,
+    ];
+    Ok(route
+        .message_queues
+        .iter()
+        .filter(|q| writable.contains(&q.permission))
+        .map(|q| q.id)
+        .collect())
+}
+
 async fn send(a: SendArgs) -> Result<()> {
     let c = a.common.clone();
+    let queues = write_queues(&c).await?;
     let mut conns = Vec::new();
     for i in 0..c.connections.max(1) {
         let id = format!("bench@{}#{i}", std::process::id());
@@ -272,6 +306,11 @@ async fn send(a: SendArgs) -> Result<()> {
         let (topic, body, issued) = (c.topic.clone(), body.clone(), issued.clone());
         let pacer = pacer.as_ref().map(Pacer::handle);
         let rpc = conn.rpc(SEND_MESSAGE)?;
+        let queue_id = if queues.is_empty() {
+            0
+        } else {
+            queues[w % queues.len()]
+        };
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut behind = Duration::ZERO;
@@ -283,6 +322,7 @@ async fn send(a: SendArgs) -> Result<()> {
                 user_properties: Default::default(),
                 system_properties: Some(pb::SystemProperties {
                     message_type: pb::MessageType::Normal as i32,
+                    queue_id,
                     ..Default::default()
                 }),
                 body,
@@ -346,9 +386,10 @@ async fn send(a: SendArgs) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     lat.sort_unstable();
     println!(
-        "send: endpoint {} topic {} concurrency {} connections {} size {} B batch {} rate {}",
+        "send: endpoint {} topic {} ({} queues) concurrency {} connections {} size {} B batch {} rate {}",
         c.endpoint,
         c.topic,
+        queues.len(),
         c.concurrency,
         c.connections,
         a.size,
@@ -375,7 +416,7 @@ async fn send(a: SendArgs) -> Result<()> {
 
 async fn consume(a: ConsumeArgs) -> Result<()> {
     let c = a.common.clone();
-    let clients = channels(&c).await?;
+    let clients = channels(&c, c.connections).await?;
     let limit = c.count.unwrap_or(u64::MAX);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(c.duration_secs);
