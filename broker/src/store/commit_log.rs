@@ -499,9 +499,7 @@ impl CommitLog {
     /// file past `pos`; appenders only stage) and `pos` is the write
     /// position read after taking it.
     pub unsafe fn zero_ahead(&self, pos: u64, flushed: u64) -> io::Result<()> {
-        if self.limits.writes != Writes::ThroughFile
-            || !(ZERO_MIN_FLUSH..=ZERO_MAX_FLUSH).contains(&flushed)
-        {
+        if !self.zeroes_ahead_after(flushed) {
             return Ok(());
         }
         let mut at = self
@@ -532,6 +530,13 @@ impl CommitLog {
         }
         self.zeroed.store(at, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether a flush of `flushed` bytes is followed by zeros ahead (see
+    /// [`CommitLog::zero_ahead`]).
+    pub fn zeroes_ahead_after(&self, flushed: u64) -> bool {
+        self.limits.writes == Writes::ThroughFile
+            && (ZERO_MIN_FLUSH..=ZERO_MAX_FLUSH).contains(&flushed)
     }
 
     /// Bytes of zeros [`CommitLog::zero_ahead`] wrote since the log opened.

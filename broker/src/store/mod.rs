@@ -684,6 +684,9 @@ impl MessageStore {
     /// that fails writes fails the next flush too, which is reported.
     fn zero_ahead(&self, flushed: u64) {
         let inner = &self.inner;
+        if !inner.clog.zeroes_ahead_after(flushed) {
+            return;
+        }
         let _c = inner.commit_lock.lock();
         let pos = inner.tail.lock().pos;
         // SAFETY: the commit lock is held and `pos` was read under it.
