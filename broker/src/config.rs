@@ -42,6 +42,9 @@ pub struct BrokerConfig {
     pub flush_interval_ms: u64,
     /// How long a SYNC_FLUSH send waits for its flush, in milliseconds.
     pub flush_timeout_ms: u64,
+    /// SYNC_FLUSH: write zeros just ahead of the log's end while flushes
+    /// are small, so records overwrite written blocks.
+    pub zero_ahead: bool,
     /// Commit-log segment size ("1GiB", "64MiB", or bytes).
     pub segment_size: ByteSize,
     /// Entries per consume-queue file.
@@ -114,6 +117,7 @@ impl Default for BrokerConfig {
             flush_mode: FlushMode::AsyncFlush,
             flush_interval_ms: 500,
             flush_timeout_ms: 5000,
+            zero_ahead: true,
             segment_size: ByteSize(1 << 30),
             consume_queue_entries_per_file: 300_000,
             retention_hours: 72,
@@ -267,6 +271,9 @@ pub struct BrokerArgs {
     /// SYNC_FLUSH wait limit in ms [default: 5000]
     #[arg(long, env = "KEELMQ_FLUSH_TIMEOUT_MS")]
     pub flush_timeout_ms: Option<u64>,
+    /// SYNC_FLUSH: write zeros just ahead of small flushes [default: true]
+    #[arg(long, env = "KEELMQ_ZERO_AHEAD")]
+    pub zero_ahead: Option<bool>,
     /// Commit-log segment size [default: 1GiB]
     #[arg(long, env = "KEELMQ_SEGMENT_SIZE")]
     pub segment_size: Option<ByteSize>,
@@ -367,6 +374,7 @@ impl BrokerArgs {
             flush_mode,
             flush_interval_ms,
             flush_timeout_ms,
+            zero_ahead,
             segment_size,
             consume_queue_entries_per_file,
             retention_hours,
@@ -479,6 +487,7 @@ impl BrokerConfig {
         s.flush_mode = self.flush_mode;
         s.flush_interval = Duration::from_millis(self.flush_interval_ms);
         s.flush_timeout = Duration::from_millis(self.flush_timeout_ms);
+        s.zero_ahead = self.zero_ahead;
         s.cq_entries_per_file = self.consume_queue_entries_per_file;
         s.retention = Duration::from_secs(self.retention_hours * 3600);
         s.disk_high_watermark = self.disk_high_watermark;
@@ -613,6 +622,10 @@ mod tests {
         assert!(err.to_string().contains("flush_mod"), "{err}");
         let args = BrokerArgs::parse_from(["keelmq-broker", "--segment-size", "1000"]);
         assert!(args.resolve().is_err(), "tiny segments are refused");
+        let args = BrokerArgs::parse_from(["keelmq-broker", "--zero-ahead", "false"]);
+        let c = args.resolve().expect("valid");
+        assert!(!c.zero_ahead && !c.store_config().zero_ahead);
+        assert!(BrokerConfig::default().store_config().zero_ahead);
         let args = BrokerArgs::parse_from(["keelmq-broker", "--flush-timeout-ms", "0"]);
         assert!(
             args.resolve()

@@ -91,6 +91,9 @@ pub struct GrowthLimits {
     pub full_ratio: f64,
     /// How records are written, and so how new segments are prepared.
     pub writes: Writes,
+    /// Under [`Writes::ThroughFile`], write zeros ahead of small flushes
+    /// (see [`CommitLog::zero_ahead`]).
+    pub zero_ahead: bool,
 }
 
 /// The segment files and the published end of the log.
@@ -536,6 +539,7 @@ impl CommitLog {
     /// [`CommitLog::zero_ahead`]).
     pub fn zeroes_ahead_after(&self, flushed: u64) -> bool {
         self.limits.writes == Writes::ThroughFile
+            && self.limits.zero_ahead
             && (ZERO_MIN_FLUSH..=ZERO_MAX_FLUSH).contains(&flushed)
     }
 
@@ -903,6 +907,26 @@ pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
         return None;
     }
     Some(used / (used + avail))
+}
+
+/// The name of the filesystem holding `dir` if it writes every overwrite to
+/// new blocks (copy-on-write: btrfs, ZFS, bcachefs), where writing zeros
+/// ahead of the log only doubles its writes.
+pub fn copy_on_write_fs(dir: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    // The filesystems' magic numbers (linux/magic.h; ZFS's own).
+    match st.f_type as u64 {
+        0x9123_683e => Some("btrfs"),
+        0x2fc1_2fc1 => Some("zfs"),
+        0xca45_1a4e => Some("bcachefs"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,11 @@ pub struct StoreConfig {
     /// (noticed up to a tenth of it, at most 100 ms, later). Default 5 s;
     /// at least 1 ms.
     pub flush_timeout: Duration,
+    /// SYNC_FLUSH: while flushes are small (8-256 KiB), write zeros about
+    /// 1 MiB ahead of the log's end, so records overwrite written blocks
+    /// and each fdatasync is cheaper (see `CommitLog::zero_ahead`). Default
+    /// on; always off on copy-on-write filesystems (btrfs, ZFS, bcachefs).
+    pub zero_ahead: bool,
     /// Entries per consume-queue file. Default 300,000 (6,000,000 bytes).
     pub cq_entries_per_file: u64,
     /// Segments whose newest record is older than this are deleted.
@@ -119,6 +124,7 @@ impl StoreConfig {
             flush_mode: FlushMode::AsyncFlush,
             flush_interval: Duration::from_millis(500),
             flush_timeout: Duration::from_secs(5),
+            zero_ahead: true,
             cq_entries_per_file: 300_000,
             retention: Duration::from_secs(72 * 3600),
             disk_high_watermark: 0.85,
@@ -366,6 +372,19 @@ impl MessageStore {
                     FlushMode::SyncFlush => Writes::ThroughFile,
                     FlushMode::AsyncFlush => Writes::ThroughMapping,
                 },
+                zero_ahead: config.zero_ahead
+                    && {
+                        let cow = commit_log::copy_on_write_fs(&dir);
+                        if let Some(fs) = cow
+                            && config.flush_mode == FlushMode::SyncFlush
+                        {
+                            tracing::info!(
+                                filesystem = fs,
+                                "not writing zeros ahead of the commit log on a copy-on-write filesystem"
+                            );
+                        }
+                        cow.is_none()
+                    },
             },
         )?;
         let checkpoint: Option<Checkpoint> = match std::fs::read(dir.join(CHECKPOINT)) {
