@@ -620,25 +620,22 @@ mod tests {
             BrokerArgs::parse_from(["keelmq-broker", "--config", path.to_str().expect("utf8")]);
         let err = args.resolve().expect_err("typo is refused");
         assert!(err.to_string().contains("flush_mod"), "{err}");
-        let args = BrokerArgs::parse_from(["keelmq-broker", "--segment-size", "1000"]);
-        assert!(args.resolve().is_err(), "tiny segments are refused");
+        let refused = |flags: &[&str]| {
+            let args = BrokerArgs::parse_from(
+                std::iter::once("keelmq-broker").chain(flags.iter().copied()),
+            );
+            args.resolve().expect_err("refused").to_string()
+        };
+        refused(&["--segment-size", "1000"]);
+        assert!(refused(&["--flush-timeout-ms", "0"]).contains("flush timeout"));
+        assert!(refused(&["--admin-port", "8081"]).contains("twice"));
+    }
+
+    #[test]
+    fn zeros_ahead_can_be_turned_off() {
+        assert!(BrokerConfig::default().store_config().zero_ahead);
         let args = BrokerArgs::parse_from(["keelmq-broker", "--zero-ahead", "false"]);
         let c = args.resolve().expect("valid");
         assert!(!c.zero_ahead && !c.store_config().zero_ahead);
-        assert!(BrokerConfig::default().store_config().zero_ahead);
-        let args = BrokerArgs::parse_from(["keelmq-broker", "--flush-timeout-ms", "0"]);
-        assert!(
-            args.resolve()
-                .expect_err("no time to flush")
-                .to_string()
-                .contains("flush timeout")
-        );
-        let args = BrokerArgs::parse_from(["keelmq-broker", "--admin-port", "8081"]);
-        assert!(
-            args.resolve()
-                .expect_err("clash")
-                .to_string()
-                .contains("twice")
-        );
     }
 }
