@@ -153,7 +153,14 @@ struct Run {
 fn store_config(dir: &Path, mode: FlushMode) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
     c.flush_mode = mode;
+    c.zero_ahead = zero_ahead();
     c
+}
+
+/// `KEELMQ_BENCH_ZERO_AHEAD=false` runs SYNC_FLUSH without zeros ahead
+/// (default: on, as the broker's default).
+fn zero_ahead() -> bool {
+    std::env::var("KEELMQ_BENCH_ZERO_AHEAD").map_or(true, |v| v != "false" && v != "0")
 }
 
 fn record(i: u64, body: &bytes::Bytes) -> NewRecord {
@@ -257,9 +264,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tmp.path();
     println!("storage benchmark");
     println!(
-        "  directory {} (filesystem {:.0} % used), {seconds} s per run, 1 KiB record bodies, 1 GiB segments",
+        "  directory {} (filesystem {:.0} % used), {seconds} s per run, 1 KiB record bodies, 1 GiB segments, SYNC_FLUSH zeros ahead {}",
         dir.display(),
-        keelmq_broker::store::fs_used_ratio(dir).unwrap_or(0.0) * 100.0
+        keelmq_broker::store::fs_used_ratio(dir).unwrap_or(0.0) * 100.0,
+        if zero_ahead() { "on" } else { "off" }
     );
     println!(
         "  machine: {} cores",

@@ -372,19 +372,7 @@ impl MessageStore {
                     FlushMode::SyncFlush => Writes::ThroughFile,
                     FlushMode::AsyncFlush => Writes::ThroughMapping,
                 },
-                zero_ahead: config.zero_ahead
-                    && {
-                        let cow = commit_log::copy_on_write_fs(&dir);
-                        if let Some(fs) = cow
-                            && config.flush_mode == FlushMode::SyncFlush
-                        {
-                            tracing::info!(
-                                filesystem = fs,
-                                "not writing zeros ahead of the commit log on a copy-on-write filesystem"
-                            );
-                        }
-                        cow.is_none()
-                    },
+                zero_ahead: zero_ahead_enabled(&config),
             },
         )?;
         let checkpoint: Option<Checkpoint> = match std::fs::read(dir.join(CHECKPOINT)) {
@@ -1399,6 +1387,25 @@ fn first_store_ms(seg: &commit_log::Segment) -> Option<i64> {
     (record::le_u32(&head, 4) == RECORD_MAGIC).then(|| record::le_u64(&head, 44) as i64)
 }
 
+/// Whether the SYNC_FLUSH flusher writes zeros ahead (see
+/// `CommitLog::zero_ahead`): as configured, except on a copy-on-write
+/// filesystem, where it is always off.
+fn zero_ahead_enabled(config: &StoreConfig) -> bool {
+    if !config.zero_ahead || config.flush_mode != FlushMode::SyncFlush {
+        return false;
+    }
+    match commit_log::copy_on_write_fs(&config.data_dir) {
+        Some(fs) => {
+            tracing::info!(
+                filesystem = fs,
+                "not writing zeros ahead of the commit log on a copy-on-write filesystem"
+            );
+            false
+        }
+        None => true,
+    }
+}
+
 fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
     cq_dir.join(topic).join(queue_id.to_string())
 }
@@ -1478,12 +1485,14 @@ fn watchdog_period(flush_timeout: Duration) -> Duration {
 /// flushes complete this thread only reads an atomic; it touches no disk,
 /// so a stuck fdatasync (the case the timeout is for) does not stop it.
 fn flush_watchdog(weak: &std::sync::Weak<Inner>) {
+    let Some(period) = weak
+        .upgrade()
+        .map(|inner| watchdog_period(inner.config.flush_timeout))
+    else {
+        return;
+    };
     let mut last = None;
     loop {
-        let period = match weak.upgrade() {
-            Some(inner) => watchdog_period(inner.config.flush_timeout),
-            None => return,
-        };
         std::thread::park_timeout(period);
         let Some(inner) = weak.upgrade() else { return };
         if inner.stopping.load(Ordering::Acquire) {
