@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::store::{MessageStore, StoreError};
+use crate::store::{MessageStore, PublishSignal, StoreError};
 use epoch::{EpochEntry, EpochError, EpochHistory};
 pub use master::SlaveSnapshot;
 
@@ -179,7 +179,7 @@ pub struct ReplicationManager {
     slaves: Arc<master::SlaveTable>,
     /// The store's: notified whenever records become readable, so master
     /// streams wake at once.
-    appended: Arc<Notify>,
+    appended: Arc<PublishSignal>,
     /// Slave side: whether the stream to the master is up.
     follower_connected: watch::Sender<bool>,
     role_changed: watch::Sender<u64>,

@@ -28,6 +28,20 @@ pub struct CqEntry {
     pub tag_hash: u64,
 }
 
+/// Where one entry of a consume queue is written: its index and the file
+/// holding it (from [`ConsumeQueue::ensure`]).
+pub struct CqSlot {
+    file: Arc<CqFile>,
+    index: u64,
+}
+
+impl CqSlot {
+    /// The entry's index in its queue.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+}
+
 struct CqFile {
     /// Index of the first entry in this file.
     base: u64,
@@ -127,25 +141,28 @@ impl ConsumeQueue {
         self.reserved.store(next, Ordering::Relaxed);
     }
 
-    /// Makes sure the file for entry `index` exists, so that a later
-    /// [`ConsumeQueue::put`] cannot fail for lack of it.
-    pub fn ensure(&self, index: u64) -> io::Result<()> {
-        self.file_for_write(index).map(|_| ())
+    /// Makes sure the file for entry `index` exists and returns where the
+    /// entry goes, so that writing it later ([`ConsumeQueue::put_at`])
+    /// cannot fail and needs no second look-up.
+    pub fn ensure(&self, index: u64) -> io::Result<CqSlot> {
+        Ok(CqSlot {
+            file: self.file_for_write(index)?,
+            index,
+        })
     }
 
-    /// Writes entry `index` (store append lock held). Writing the same entry
-    /// twice with the same contents is harmless, which recovery relies on.
-    pub fn put(&self, index: u64, e: CqEntry) -> io::Result<()> {
-        let file = self.file_for_write(index)?;
-        let pos = (index - file.base) * ENTRY_LEN;
+    /// Writes the entry of `slot` (a slot of this queue; store append or
+    /// commit lock held). Writing the same entry twice with the same
+    /// contents is harmless, which recovery relies on.
+    pub fn put_at(&self, slot: &CqSlot, e: CqEntry) {
+        let pos = (slot.index - slot.file.base) * ENTRY_LEN;
         // SAFETY: the append lock makes us the only writer; readers only read
         // entries below `published`, which this entry is not (or, during
-        // recovery, nobody reads).
-        let dst = unsafe { file.file.slice_mut(pos, ENTRY_LEN as usize) };
+        // recovery, nobody reads). `ensure` checked the index is in the file.
+        let dst = unsafe { slot.file.file.slice_mut(pos, ENTRY_LEN as usize) };
         dst[0..8].copy_from_slice(&e.offset.to_le_bytes());
         dst[8..12].copy_from_slice(&e.size.to_le_bytes());
         dst[12..20].copy_from_slice(&e.tag_hash.to_le_bytes());
-        Ok(())
     }
 
     /// Makes entries below `next` visible (store append lock held).
@@ -409,7 +426,7 @@ mod tests {
         for i in 0..10 {
             let idx = q.reserve();
             assert_eq!(idx, i);
-            q.put(idx, entry(i)).expect("put");
+            q.put_at(&q.ensure(idx).expect("ensure"), entry(i));
             q.publish(idx + 1);
         }
         assert_eq!(q.get(9), Some(entry(9)));

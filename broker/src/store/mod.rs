@@ -19,6 +19,7 @@ mod mapped;
 mod metadata;
 pub mod record;
 mod recovery;
+mod signal;
 mod staging;
 
 use std::collections::HashMap;
@@ -42,9 +43,10 @@ pub use metadata::{
     save_json,
 };
 pub use record::{Appended, NewRecord, Properties, StoredRecord, keys, now_ms};
+pub use signal::PublishSignal;
 
 use commit_log::{CommitLog, GrowthLimits, Tail, Writes};
-use consume_queue::ConsumeQueue;
+use consume_queue::{ConsumeQueue, CqSlot};
 use record::{RECORD_MAGIC, encode_into, tag_hash};
 use staging::Staged;
 
@@ -83,7 +85,7 @@ pub struct StoreConfig {
     /// ASYNC_FLUSH flush interval. Default 500 ms.
     pub flush_interval: Duration,
     /// How long a SYNC_FLUSH append waits for its fdatasync before failing
-    /// (noticed up to a tenth of it, at most 100 ms, later). Default 5 s;
+    /// (noticed up to two tenths of it, at most 200 ms, later). Default 5 s;
     /// at least 1 ms.
     pub flush_timeout: Duration,
     /// SYNC_FLUSH: while flushes are small (8-256 KiB), write zeros about
@@ -275,12 +277,20 @@ struct Inner {
     /// so that they reach the log in order; taken before `tail`.
     commit_lock: Mutex<()>,
     /// Notified whenever records become readable.
-    published: Arc<tokio::sync::Notify>,
+    published: Arc<PublishSignal>,
     /// Consume-queue entries of every record below this offset are written.
     dispatched: AtomicU64,
     flushed: AtomicU64,
     flush_lock: Mutex<()>,
     flush_watch: tokio::sync::watch::Sender<u64>,
+    /// How often the flush watchdog looks (see `flush_watchdog`).
+    watch_period: Duration,
+    /// Periods the flush watchdog has looked since the store opened: the
+    /// clock of durability waits, which read it instead of the time.
+    watch_ticks: AtomicU64,
+    /// Ticks after which a durability wait has certainly waited the flush
+    /// timeout (see `MessageStore::wait_durable`).
+    timeout_ticks: u64,
     flush_cv: Condvar,
     flush_cv_lock: Mutex<()>,
     flush_failed: Mutex<Option<String>>,
@@ -384,6 +394,14 @@ impl MessageStore {
         let end = recovered.report.end;
         let tail = clog.tail_at(end)?;
         let (flush_watch, _) = tokio::sync::watch::channel(end);
+        let watch_period = watchdog_period(config.flush_timeout);
+        // A wait starts at most one tick after the count it read, and ticks
+        // are at least a period apart.
+        let timeout_ticks = config
+            .flush_timeout
+            .as_nanos()
+            .div_ceil(watch_period.as_nanos()) as u64
+            + 1;
         let inner = Arc::new(Inner {
             store_id,
             clog,
@@ -391,11 +409,14 @@ impl MessageStore {
             cqs: RwLock::new(recovered.queues),
             tail: Mutex::new(tail),
             commit_lock: Mutex::new(()),
-            published: Arc::new(tokio::sync::Notify::new()),
+            published: Arc::new(PublishSignal::default()),
             dispatched: AtomicU64::new(end),
             flushed: AtomicU64::new(end),
             flush_lock: Mutex::new(()),
             flush_watch,
+            watch_period,
+            watch_ticks: AtomicU64::new(0),
+            timeout_ticks,
             flush_cv: Condvar::new(),
             flush_cv_lock: Mutex::new(()),
             flush_failed: Mutex::new(None),
@@ -530,7 +551,7 @@ impl MessageStore {
         self.check_writable()?;
         inner.clog.make_room(&mut tail, total as u64)?;
         // Everything that can fail happens before the first byte is written.
-        let mut slots: SmallVec<[(Arc<ConsumeQueue>, u64); 1]> =
+        let mut slots: SmallVec<[(Arc<ConsumeQueue>, CqSlot); 1]> =
             SmallVec::with_capacity(records.len());
         for r in records {
             let cq = match self.queue_for_write(&r.topic, r.queue_id) {
@@ -541,15 +562,20 @@ impl MessageStore {
                 }
             };
             let qo = cq.reserve();
-            if let Err(e) = cq.ensure(qo) {
-                cq.unreserve_to(qo);
-                unreserve(&slots);
-                return Err(StoreError::Io {
-                    context: format!("creating consume queue file for {}/{}", r.topic, r.queue_id),
-                    source: e,
-                });
+            match cq.ensure(qo) {
+                Ok(slot) => slots.push((cq, slot)),
+                Err(e) => {
+                    cq.unreserve_to(qo);
+                    unreserve(&slots);
+                    return Err(StoreError::Io {
+                        context: format!(
+                            "creating consume queue file for {}/{}",
+                            r.topic, r.queue_id
+                        ),
+                        source: e,
+                    });
+                }
             }
-            slots.push((cq, qo));
         }
         // SYNC_FLUSH encodes into the staging buffer (the flusher writes,
         // publishes and flushes: see the `staging` module); ASYNC_FLUSH
@@ -569,10 +595,11 @@ impl MessageStore {
             unsafe { inner.clog.reserve(segment, start, total) }
         };
         let mut entries: SmallVec<[CqEntry; 1]> = SmallVec::with_capacity(records.len());
-        for ((r, &len), (_, qo)) in records.iter().zip(&lens).zip(&slots) {
+        for ((r, &len), (_, slot)) in records.iter().zip(&lens).zip(&slots) {
+            let qo = slot.index();
             let offset = *pos;
             let at = (offset - start) as usize;
-            encode_into(&mut buf[at..at + len], r, offset, *qo, store_ms);
+            encode_into(&mut buf[at..at + len], r, offset, qo, store_ms);
             *pos += len as u64;
             entries.push(CqEntry {
                 offset,
@@ -582,13 +609,13 @@ impl MessageStore {
             done(Appended {
                 offset,
                 end_offset: *pos,
-                queue_offset: *qo,
+                queue_offset: qo,
                 store_ms,
             });
         }
         if staging {
-            for ((cq, qo), e) in slots.into_iter().zip(entries) {
-                staged.push_entry(cq, qo, e);
+            for ((cq, slot), e) in slots.into_iter().zip(entries) {
+                staged.push_entry(cq, slot, e);
             }
             let staged_appends = inner.staged_appends.fetch_add(1, Ordering::SeqCst) + 1;
             drop(tail);
@@ -600,15 +627,13 @@ impl MessageStore {
             return Ok(());
         }
         inner.clog.publish(&tail);
-        for ((cq, qo), e) in slots.iter().zip(entries) {
-            if let Err(err) = cq.put(*qo, e) {
-                tracing::error!(error = %err, "writing a consume queue entry failed; recovery will rebuild it");
-            }
-            cq.publish(qo + 1);
+        for ((cq, slot), e) in slots.iter().zip(entries) {
+            cq.put_at(slot, e);
+            cq.publish(slot.index() + 1);
         }
         inner.dispatched.store(tail.pos, Ordering::Release);
         drop(tail);
-        inner.published.notify_waiters();
+        inner.published.notify();
         Ok(())
     }
 
@@ -633,17 +658,15 @@ impl MessageStore {
             }
         }
         inner.clog.publish_to(staged.end());
-        for (cq, qo, e) in staged.entries() {
-            if let Err(err) = cq.put(*qo, *e) {
-                tracing::error!(error = %err, "writing a consume queue entry failed; recovery will rebuild it");
-            }
-            cq.publish(qo + 1);
+        for (cq, slot, e) in staged.entries() {
+            cq.put_at(slot, *e);
+            cq.publish(slot.index() + 1);
         }
         inner.dispatched.store(staged.end(), Ordering::Release);
         inner
             .group_appends
             .fetch_add(staged.appends() as u64, Ordering::Relaxed);
-        inner.published.notify_waiters();
+        inner.published.notify();
         Ok(())
     }
 
@@ -744,7 +767,7 @@ impl MessageStore {
     /// append under ASYNC_FLUSH, after each group the flusher writes under
     /// SYNC_FLUSH, after each replicated chunk. The streams to the slaves
     /// wait on it.
-    pub fn published_notify(&self) -> Arc<tokio::sync::Notify> {
+    pub fn published_notify(&self) -> Arc<PublishSignal> {
         self.inner.published.clone()
     }
 
@@ -759,9 +782,10 @@ impl MessageStore {
 
     /// Waits until everything below `offset` is durable, whatever the mode.
     /// Fails with [`StoreError::FlushTimeout`] once `flush_timeout` has
-    /// passed (noticed within a tenth of it, at most 100 ms late: no timer
-    /// is registered per wait; the flush watchdog wakes the waiters while
-    /// the flushed offset stands still, see `flush_watchdog`).
+    /// passed (noticed within two tenths of it, at most 200 ms late: no
+    /// timer is registered and the clock is not read per wait; the flush
+    /// watchdog ticks and wakes the waiters while the flushed offset stands
+    /// still, see `flush_watchdog`).
     pub async fn wait_durable(&self, offset: u64) -> Result<(), StoreError> {
         let inner = &self.inner;
         if self.flushed_offset() >= offset {
@@ -773,17 +797,17 @@ impl MessageStore {
         {
             t.unpark();
         }
-        let started = Instant::now();
-        let timeout = inner.config.flush_timeout;
+        let started = inner.watch_ticks.load(Ordering::Acquire);
         loop {
             if *rx.borrow_and_update() >= offset {
                 return Ok(());
             }
             self.check_flush_ok()?;
-            if started.elapsed() >= timeout {
+            let waited = inner.watch_ticks.load(Ordering::Acquire) - started;
+            if waited >= inner.timeout_ticks {
                 return Err(StoreError::FlushTimeout {
                     offset,
-                    waited: timeout,
+                    waited: inner.config.flush_timeout,
                 });
             }
             if rx.changed().await.is_err() {
@@ -1012,7 +1036,7 @@ impl MessageStore {
         inner.dispatched.store(tail.pos, Ordering::Release);
         let end = tail.pos;
         drop(tail);
-        inner.published.notify_waiters();
+        inner.published.notify();
         result.map(|()| end)
     }
 
@@ -1084,7 +1108,8 @@ impl MessageStore {
                     ),
                 });
             }
-            cq.ensure(qo)
+            let slot = cq
+                .ensure(qo)
                 .map_err(StoreError::io("creating a consume queue file"))?;
             inner.clog.make_room(tail, probe_len as u64)?;
             let offset = tail.pos;
@@ -1094,16 +1119,14 @@ impl MessageStore {
             ))?;
             tail.pos += probe_len as u64;
             inner.clog.publish(tail);
-            if let Err(e) = cq.put(
-                qo,
+            cq.put_at(
+                &slot,
                 CqEntry {
                     offset,
                     size: probe_len as u32,
                     tag_hash: hash,
                 },
-            ) {
-                tracing::error!(error = %e, "writing a consume queue entry failed; recovery will rebuild it");
-            }
+            );
             cq.publish(qo + 1);
             n += probe_len;
         }
@@ -1374,9 +1397,9 @@ impl MessageStore {
     }
 }
 
-fn unreserve(slots: &[(Arc<ConsumeQueue>, u64)]) {
-    for (q, qo) in slots.iter().rev() {
-        q.unreserve_to(*qo);
+fn unreserve(slots: &[(Arc<ConsumeQueue>, CqSlot)]) {
+    for (q, slot) in slots.iter().rev() {
+        q.unreserve_to(slot.index());
     }
 }
 
@@ -1484,20 +1507,26 @@ fn watchdog_period(flush_timeout: Duration) -> Duration {
 /// writers, and it lay on the path between a flush and the next. While
 /// flushes complete this thread only reads an atomic; it touches no disk,
 /// so a stuck fdatasync (the case the timeout is for) does not stop it.
+/// Its tick count is the waits' clock: they compare counts instead of
+/// reading the time (one clock read less per SYNC_FLUSH send).
 fn flush_watchdog(weak: &std::sync::Weak<Inner>) {
-    let Some(period) = weak
-        .upgrade()
-        .map(|inner| watchdog_period(inner.config.flush_timeout))
-    else {
+    let Some(period) = weak.upgrade().map(|inner| inner.watch_period) else {
         return;
     };
     let mut last = None;
+    let mut tick = Instant::now();
     loop {
         std::thread::park_timeout(period);
         let Some(inner) = weak.upgrade() else { return };
         if inner.stopping.load(Ordering::Acquire) {
             return;
         }
+        // Ticks stay at least a period apart (a park may end early).
+        if tick.elapsed() < period {
+            continue;
+        }
+        tick = Instant::now();
+        inner.watch_ticks.fetch_add(1, Ordering::AcqRel);
         let flushed = inner.flushed.load(Ordering::Acquire);
         if last == Some(flushed) {
             inner.flush_watch.send_modify(|_| {});

@@ -216,17 +216,17 @@ fn scan(
                 if queue_offset > q.max_index() {
                     return Ok(Stop::Gap);
                 }
-                q.ensure(queue_offset)
+                let slot = q
+                    .ensure(queue_offset)
                     .map_err(StoreError::io("creating a consume queue file"))?;
-                q.put(
-                    queue_offset,
+                q.put_at(
+                    &slot,
                     CqEntry {
                         offset: pos,
                         size: len as u32,
                         tag_hash,
                     },
-                )
-                .map_err(StoreError::io("writing a consume queue entry"))?;
+                );
                 q.publish(queue_offset + 1);
                 *scanned += 1;
                 pos += len as u64;

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use super::commit_log::Segment;
-use super::consume_queue::{ConsumeQueue, CqEntry};
+use super::consume_queue::{ConsumeQueue, CqEntry, CqSlot};
 
 /// A staging buffer larger than this (left by a burst) is not kept.
 const MAX_KEPT_BYTES: usize = 4 << 20;
@@ -29,7 +29,7 @@ pub struct Staged {
     /// per segment touched (a roll starts a new piece).
     pieces: Vec<(Arc<Segment>, u64, usize)>,
     /// Consume-queue entries to write once the bytes are in the log.
-    entries: Vec<(Arc<ConsumeQueue>, u64, CqEntry)>,
+    entries: Vec<(Arc<ConsumeQueue>, CqSlot, CqEntry)>,
     /// Commit-log offset the staged records end at (past a segment filler
     /// when a roll happened since the last write).
     end: u64,
@@ -70,8 +70,8 @@ impl Staged {
     }
 
     /// Queues a consume-queue entry for the record just staged.
-    pub fn push_entry(&mut self, queue: Arc<ConsumeQueue>, index: u64, entry: CqEntry) {
-        self.entries.push((queue, index, entry));
+    pub fn push_entry(&mut self, queue: Arc<ConsumeQueue>, slot: CqSlot, entry: CqEntry) {
+        self.entries.push((queue, slot, entry));
     }
 
     /// The pieces with their bytes, in log order.
@@ -85,7 +85,7 @@ impl Staged {
     }
 
     /// The consume-queue entries, in log order.
-    pub fn entries(&self) -> &[(Arc<ConsumeQueue>, u64, CqEntry)] {
+    pub fn entries(&self) -> &[(Arc<ConsumeQueue>, CqSlot, CqEntry)] {
         &self.entries
     }
 

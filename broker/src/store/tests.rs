@@ -565,12 +565,20 @@ async fn a_stuck_flush_times_out_its_waiters_and_they_recover() {
     held_rx.recv().expect("lock held");
     let b = store.append(record(1)).expect("append");
     // Bounded so that a missing timeout fails the test instead of hanging it.
+    let started = std::time::Instant::now();
     let waited = tokio::time::timeout(Duration::from_secs(30), store.wait_flushed(b.end_offset))
         .await
         .expect("the wait ends while the flush is stuck");
     assert!(
         matches!(waited, Err(StoreError::FlushTimeout { offset, .. }) if offset == b.end_offset),
         "{waited:?}"
+    );
+    // Waits count the watchdog's ticks instead of reading the clock; they
+    // must never give up before the timeout.
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "timed out after {:?}",
+        started.elapsed()
     );
     let blocking = store.wait_flushed_blocking(b.end_offset);
     assert!(
