@@ -274,13 +274,15 @@ impl ConsumeQueue {
     }
 
     /// Deletes whole files whose entries all point below `clog_min`.
-    /// The file holding the newest entry is kept.
+    /// The file holding the newest entry is kept, and so is any file with
+    /// an entry not yet published: a [`CqSlot`] handed out for it (a record
+    /// staged for the next group commit) writes there later.
     pub fn delete_before(&self, clog_min: u64) -> io::Result<usize> {
         let mut doomed = Vec::new();
         {
             let files = self.files.read();
             for (i, f) in files.iter().enumerate() {
-                if i + 1 == files.len() {
+                if i + 1 == files.len() || f.base + self.entries_per_file > self.max_index() {
                     break;
                 }
                 let last =
@@ -450,5 +452,45 @@ mod tests {
         assert_eq!(q.max_index(), 6);
         assert_eq!(q.get(3), None);
         assert_eq!(q.get(4), Some(entry(4)));
+    }
+
+    /// Entries reserved for records staged for the next group commit are
+    /// written through the slots `ensure` returned; retention running in
+    /// between must not delete the file those slots point into, even when
+    /// every published entry of it is old and a newer file exists.
+    #[test]
+    fn retention_keeps_files_with_entries_still_to_be_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = ConsumeQueue::open(dir.path(), 4).expect("open");
+        for i in 0..2 {
+            let idx = q.reserve();
+            q.put_at(&q.ensure(idx).expect("ensure"), entry(i));
+            q.publish(idx + 1);
+        }
+        // Entries 2-5 are reserved (2 and 3 in file 0, 4 and 5 in file 4)
+        // but not yet written.
+        let slots: Vec<_> = (2..6)
+            .map(|_| q.ensure(q.reserve()).expect("ensure"))
+            .collect();
+        assert_eq!(
+            q.delete_before(u64::MAX).expect("delete"),
+            0,
+            "file 0 still has entries to write"
+        );
+        for (slot, i) in slots.iter().zip(2..) {
+            q.put_at(slot, entry(i));
+        }
+        q.publish(6);
+        q.flush().expect("flush");
+        drop(slots);
+        drop(q);
+        let q = ConsumeQueue::open(dir.path(), 4).expect("reopen");
+        assert_eq!(q.max_index(), 6);
+        for i in 0..6 {
+            assert_eq!(q.get(i), Some(entry(i)), "entry {i}");
+        }
+        // Once everything in it is published, file 0 may go.
+        assert_eq!(q.delete_before(u64::MAX).expect("delete"), 1);
+        assert_eq!(q.first_file_index(), 4);
     }
 }
