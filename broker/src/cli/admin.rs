@@ -105,7 +105,7 @@ pub enum GroupCommand {
     Set {
         name: String,
         /// Deliveries of a message, the first included, before it moves to
-        /// %DLQ%<group> (1 to 1000; default 17).
+        /// `%DLQ%<group>` (1 to 1000; default 17).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         max_delivery_attempts: Option<u32>,
         /// Wait before each retry: a list of steps, the last repeating

@@ -26,7 +26,7 @@
 //! The lowest unresolved half offset is kept like a consumer group's offset
 //! so a restart does not reload half messages resolved long ago, and so is
 //! the lowest op record about a half message at or above it; a restart
-//! re-reads the ops from there, plus the [`RECENT_CAP`] before it so recent
+//! re-reads the ops from there, plus the `RECENT_CAP` before it so recent
 //! decisions are still answered idempotently.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
