@@ -475,9 +475,9 @@ impl CommitLog {
     /// Writes zeros into the reserved blocks just past `pos`, the log's
     /// write position (staged records included), so that the records
     /// written there next overwrite written blocks. Called by the SYNC_FLUSH
-    /// flusher after each flush, with `flushed` the bytes that flush
-    /// covered; does nothing under [`Writes::ThroughMapping`] or when
-    /// flushes are very small or large.
+    /// flusher after a flush for which [`CommitLog::zeroes_ahead_after`]
+    /// holds (not under [`Writes::ThroughMapping`], nor after very small or
+    /// large flushes).
     ///
     /// Why: on ext4 an fdatasync after writing into reserved (unwritten)
     /// blocks must also record that they now hold data, a second
@@ -501,10 +501,7 @@ impl CommitLog {
     /// The caller holds the commit lock (no other thread writes the log's
     /// file past `pos`; appenders only stage) and `pos` is the write
     /// position read after taking it.
-    pub unsafe fn zero_ahead(&self, pos: u64, flushed: u64) -> io::Result<()> {
-        if !self.zeroes_ahead_after(flushed) {
-            return Ok(());
-        }
+    pub unsafe fn zero_ahead(&self, pos: u64) -> io::Result<()> {
         let mut at = self
             .zeroed
             .load(Ordering::Acquire)
@@ -890,8 +887,7 @@ impl Releaser {
 
 /// Fraction of the filesystem holding `dir` that is in use, if known.
 pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let c = c_path(dir)?;
     // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
@@ -909,12 +905,17 @@ pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
     Some(used / (used + avail))
 }
 
+/// `path` as a C string for the `stat*fs` calls (`None` if it holds a NUL).
+fn c_path(path: &Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).ok()
+}
+
 /// The name of the filesystem holding `dir` if it writes every overwrite to
 /// new blocks (copy-on-write: btrfs, ZFS, bcachefs), where writing zeros
 /// ahead of the log only doubles its writes.
 pub fn copy_on_write_fs(dir: &Path) -> Option<&'static str> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let c = c_path(dir)?;
     // SAFETY: statfs fills the struct we pass; the path is NUL-terminated.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {

@@ -40,6 +40,20 @@ impl CqSlot {
     pub fn index(&self) -> u64 {
         self.index
     }
+
+    /// Writes the entry (store append or commit lock held). Writing the
+    /// same entry twice with the same contents is harmless, which recovery
+    /// relies on.
+    pub fn put(&self, e: CqEntry) {
+        let pos = (self.index - self.file.base) * ENTRY_LEN;
+        // SAFETY: the append lock makes us the only writer; readers only read
+        // entries below `published`, which this entry is not (or, during
+        // recovery, nobody reads). `ensure` checked the index is in the file.
+        let dst = unsafe { self.file.file.slice_mut(pos, ENTRY_LEN as usize) };
+        dst[0..8].copy_from_slice(&e.offset.to_le_bytes());
+        dst[8..12].copy_from_slice(&e.size.to_le_bytes());
+        dst[12..20].copy_from_slice(&e.tag_hash.to_le_bytes());
+    }
 }
 
 struct CqFile {
@@ -142,27 +156,13 @@ impl ConsumeQueue {
     }
 
     /// Makes sure the file for entry `index` exists and returns where the
-    /// entry goes, so that writing it later ([`ConsumeQueue::put_at`])
+    /// entry goes, so that writing it later ([`CqSlot::put`])
     /// cannot fail and needs no second look-up.
     pub fn ensure(&self, index: u64) -> io::Result<CqSlot> {
         Ok(CqSlot {
             file: self.file_for_write(index)?,
             index,
         })
-    }
-
-    /// Writes the entry of `slot` (a slot of this queue; store append or
-    /// commit lock held). Writing the same entry twice with the same
-    /// contents is harmless, which recovery relies on.
-    pub fn put_at(&self, slot: &CqSlot, e: CqEntry) {
-        let pos = (slot.index - slot.file.base) * ENTRY_LEN;
-        // SAFETY: the append lock makes us the only writer; readers only read
-        // entries below `published`, which this entry is not (or, during
-        // recovery, nobody reads). `ensure` checked the index is in the file.
-        let dst = unsafe { slot.file.file.slice_mut(pos, ENTRY_LEN as usize) };
-        dst[0..8].copy_from_slice(&e.offset.to_le_bytes());
-        dst[8..12].copy_from_slice(&e.size.to_le_bytes());
-        dst[12..20].copy_from_slice(&e.tag_hash.to_le_bytes());
     }
 
     /// Makes entries below `next` visible (store append lock held).
@@ -421,15 +421,21 @@ mod tests {
         }
     }
 
+    /// Reserves, writes and publishes the next entry (`entry(i)`); returns
+    /// its index.
+    fn append(q: &ConsumeQueue, i: u64) -> u64 {
+        let idx = q.reserve();
+        q.ensure(idx).expect("ensure").put(entry(i));
+        q.publish(idx + 1);
+        idx
+    }
+
     #[test]
     fn entries_span_files_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = ConsumeQueue::open(dir.path(), 4).expect("open");
         for i in 0..10 {
-            let idx = q.reserve();
-            assert_eq!(idx, i);
-            q.put_at(&q.ensure(idx).expect("ensure"), entry(i));
-            q.publish(idx + 1);
+            assert_eq!(append(&q, i), i);
         }
         assert_eq!(q.get(9), Some(entry(9)));
         assert_eq!(q.get(10), None);
@@ -463,9 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let q = ConsumeQueue::open(dir.path(), 4).expect("open");
         for i in 0..2 {
-            let idx = q.reserve();
-            q.put_at(&q.ensure(idx).expect("ensure"), entry(i));
-            q.publish(idx + 1);
+            append(&q, i);
         }
         // Entries 2-5 are reserved (2 and 3 in file 0, 4 and 5 in file 4)
         // but not yet written.
@@ -478,7 +482,7 @@ mod tests {
             "file 0 still has entries to write"
         );
         for (slot, i) in slots.iter().zip(2..) {
-            q.put_at(slot, entry(i));
+            slot.put(entry(i));
         }
         q.publish(6);
         q.flush().expect("flush");

@@ -136,14 +136,8 @@ impl MappedFile {
     /// written blocks, so later writes there are overwrites that an
     /// fdatasync does not have to record in the file's metadata.
     pub fn write_zeros(&self, from: u64, len: u64) -> io::Result<()> {
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let end = (from + len).min(self.len);
-        let mut pos = from;
-        while pos < end {
-            let n = ((end - pos) as usize).min(ZEROS.len());
-            self.file.write_all_at(&ZEROS[..n], pos)?;
-            pos += n as u64;
-        }
+        self.write_zeros_to(from, end)?;
         if end > from {
             // SAFETY: plain syscall on a descriptor we own.
             unsafe {
@@ -185,15 +179,21 @@ impl MappedFile {
             )
         };
         if rc != 0 {
-            let zeros = vec![0u8; 1 << 20];
-            let mut pos = from;
-            while pos < self.len {
-                let n = ((self.len - pos) as usize).min(zeros.len());
-                self.file.write_all_at(&zeros[..n], pos)?;
-                pos += n as u64;
-            }
+            self.write_zeros_to(from, self.len)?;
         }
         self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Writes zeros over `[from, end)` through the file.
+    fn write_zeros_to(&self, from: u64, end: u64) -> io::Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut pos = from;
+        while pos < end {
+            let n = ((end - pos) as usize).min(ZEROS.len());
+            self.file.write_all_at(&ZEROS[..n], pos)?;
+            pos += n as u64;
+        }
         Ok(())
     }
 

@@ -283,8 +283,6 @@ struct Inner {
     flushed: AtomicU64,
     flush_lock: Mutex<()>,
     flush_watch: tokio::sync::watch::Sender<u64>,
-    /// How often the flush watchdog looks (see `flush_watchdog`).
-    watch_period: Duration,
     /// Periods the flush watchdog has looked since the store opened: the
     /// clock of durability waits, which read it instead of the time.
     watch_ticks: AtomicU64,
@@ -394,13 +392,13 @@ impl MessageStore {
         let end = recovered.report.end;
         let tail = clog.tail_at(end)?;
         let (flush_watch, _) = tokio::sync::watch::channel(end);
-        let watch_period = watchdog_period(config.flush_timeout);
         // A wait starts at most one tick after the count it read, and ticks
         // are at least a period apart.
         let timeout_ticks = config
             .flush_timeout
             .as_nanos()
-            .div_ceil(watch_period.as_nanos()) as u64
+            .div_ceil(watchdog_period(config.flush_timeout).as_nanos())
+            as u64
             + 1;
         let inner = Arc::new(Inner {
             store_id,
@@ -414,7 +412,6 @@ impl MessageStore {
             flushed: AtomicU64::new(end),
             flush_lock: Mutex::new(()),
             flush_watch,
-            watch_period,
             watch_ticks: AtomicU64::new(0),
             timeout_ticks,
             flush_cv: Condvar::new(),
@@ -628,7 +625,7 @@ impl MessageStore {
         }
         inner.clog.publish(&tail);
         for ((cq, slot), e) in slots.iter().zip(entries) {
-            cq.put_at(slot, e);
+            slot.put(e);
             cq.publish(slot.index() + 1);
         }
         inner.dispatched.store(tail.pos, Ordering::Release);
@@ -659,7 +656,7 @@ impl MessageStore {
         }
         inner.clog.publish_to(staged.end());
         for (cq, slot, e) in staged.entries() {
-            cq.put_at(slot, *e);
+            slot.put(*e);
             cq.publish(slot.index() + 1);
         }
         inner.dispatched.store(staged.end(), Ordering::Release);
@@ -720,7 +717,7 @@ impl MessageStore {
         let _c = inner.commit_lock.lock();
         let pos = inner.tail.lock().pos;
         // SAFETY: the commit lock is held and `pos` was read under it.
-        if let Err(e) = unsafe { inner.clog.zero_ahead(pos, flushed) } {
+        if let Err(e) = unsafe { inner.clog.zero_ahead(pos) } {
             tracing::debug!(error = %e, "writing zeros ahead of the commit log failed");
         }
     }
@@ -1119,14 +1116,11 @@ impl MessageStore {
             ))?;
             tail.pos += probe_len as u64;
             inner.clog.publish(tail);
-            cq.put_at(
-                &slot,
-                CqEntry {
-                    offset,
-                    size: probe_len as u32,
-                    tag_hash: hash,
-                },
-            );
+            slot.put(CqEntry {
+                offset,
+                size: probe_len as u32,
+                tag_hash: hash,
+            });
             cq.publish(qo + 1);
             n += probe_len;
         }
@@ -1510,7 +1504,10 @@ fn watchdog_period(flush_timeout: Duration) -> Duration {
 /// Its tick count is the waits' clock: they compare counts instead of
 /// reading the time (one clock read less per SYNC_FLUSH send).
 fn flush_watchdog(weak: &std::sync::Weak<Inner>) {
-    let Some(period) = weak.upgrade().map(|inner| inner.watch_period) else {
+    let Some(period) = weak
+        .upgrade()
+        .map(|inner| watchdog_period(inner.config.flush_timeout))
+    else {
         return;
     };
     let mut last = None;

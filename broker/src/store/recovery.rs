@@ -219,14 +219,11 @@ fn scan(
                 let slot = q
                     .ensure(queue_offset)
                     .map_err(StoreError::io("creating a consume queue file"))?;
-                q.put_at(
-                    &slot,
-                    CqEntry {
-                        offset: pos,
-                        size: len as u32,
-                        tag_hash,
-                    },
-                );
+                slot.put(CqEntry {
+                    offset: pos,
+                    size: len as u32,
+                    tag_hash,
+                });
                 q.publish(queue_offset + 1);
                 *scanned += 1;
                 pos += len as u64;

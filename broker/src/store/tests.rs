@@ -753,7 +753,7 @@ fn zeros_written_ahead_never_cover_a_segment_filler() {
         inner.clog.roll(&mut tail).expect("roll");
         drop(tail);
         // SAFETY: the commit lock is held; `pos` is what the flusher read.
-        unsafe { inner.clog.zero_ahead(pos, 16 << 10) }.expect("zeros");
+        unsafe { inner.clog.zero_ahead(pos) }.expect("zeros");
     }
     // It zeroed only where nothing was written: the new segment's start.
     assert!(store.flush_counts().zeroed_ahead_bytes > 0);
