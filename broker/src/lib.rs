@@ -15,4 +15,6 @@ pub mod server;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testing;
 pub mod write_path;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig, StoreError};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const DIR_ENV: &str = "KEELMQ_CRASH_DIR";
 const START_ENV: &str = "KEELMQ_CRASH_START";
@@ -99,12 +99,7 @@ fn read_all(store: &MessageStore) -> BTreeMap<u64, Vec<u8>> {
 
 #[test]
 fn sigkill_during_sync_appends_loses_nothing_acknowledged() {
-    let seed: u64 = std::env::var("KEELMQ_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (set KEELMQ_TEST_SEED to repeat)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = keelmq_broker::testing::seeded_rng();
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("test binary");
     let mut acked_total = BTreeSet::new();
@@ -163,7 +158,7 @@ fn sigkill_during_sync_appends_loses_nothing_acknowledged() {
         ));
         for seq in acked.iter().chain(acked_total.iter()) {
             let got = seen.get(seq).unwrap_or_else(|| {
-                panic!("round {round}: acknowledged record {seq} lost (seed {seed})")
+                panic!("round {round}: acknowledged record {seq} lost (the seed is printed above)")
             });
             assert_eq!(got, &body(*seq), "round {round}: record {seq} differs");
         }

@@ -274,6 +274,44 @@ impl MappedFile {
     pub fn pread(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         self.file.read_at(buf, pos)
     }
+
+    /// The ranges at or after `from` that may hold data, skipping what the
+    /// filesystem knows holds none (holes, and on most filesystems blocks
+    /// only reserved and never written): `lseek` with `SEEK_DATA` and
+    /// `SEEK_HOLE`. Where the filesystem cannot tell, all of `[from, len)`.
+    /// Pages in the page cache count as data, so a caller asks before it
+    /// reads (its reads bring in pages ahead of them).
+    pub fn data_ranges(&self, from: u64) -> Vec<(u64, u64)> {
+        let fd = self.file.as_raw_fd();
+        let seek = |pos: u64, whence| {
+            // SAFETY: plain syscall on a descriptor we own.
+            let rc = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+            if rc >= 0 {
+                Ok((rc as u64).min(self.len))
+            } else {
+                Err(io::Error::last_os_error().raw_os_error())
+            }
+        };
+        let mut ranges = Vec::new();
+        let mut pos = from;
+        while pos < self.len {
+            let start = match seek(pos, libc::SEEK_DATA) {
+                Ok(at) => at,
+                Err(Some(libc::ENXIO)) => break,
+                Err(_) => return vec![(from, self.len)],
+            };
+            let end = match seek(start, libc::SEEK_HOLE) {
+                Ok(at) => at,
+                Err(_) => self.len,
+            };
+            if end <= start {
+                break;
+            }
+            ranges.push((start, end));
+            pos = end;
+        }
+        ranges
+    }
 }
 
 /// Suffix of files being created.
@@ -330,6 +368,35 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_cover_every_written_byte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 8 << 20;
+        let m = MappedFile::create(&dir.path().join("f"), len).expect("create");
+        let written = [
+            (5 << 20, 3),
+            (5 << 20, 1),
+            ((1 << 20) + 17, 100),
+            (len - 4, 4),
+        ];
+        for (at, n) in written {
+            m.write_at(at, &vec![0xab; n]).expect("write");
+        }
+        m.flush_range(0, len).expect("flush");
+        for from in [0, 1 << 20, (1 << 20) + 50, 6 << 20] {
+            let ranges = m.data_ranges(from);
+            for &(at, n) in &written {
+                for b in at..at + n as u64 {
+                    assert!(
+                        b < from || ranges.iter().any(|&(s, e)| s <= b && b < e),
+                        "byte {b} written but not in {ranges:?} (from {from})"
+                    );
+                }
+            }
+            assert!(ranges.iter().all(|&(s, e)| from <= s && s < e && e <= len));
+        }
+    }
 
     #[test]
     fn create_write_flush_reopen() {

@@ -1164,6 +1164,11 @@ impl MessageStore {
             }
         }
         let _f = inner.flush_lock.lock();
+        // The checkpoint goes down first: after a crash during the cut, one
+        // still claiming the cut bytes flushed would make recovery take the
+        // zeros the cut leaves for a lost write and refuse to start.
+        inner.flushed.fetch_min(offset, Ordering::AcqRel);
+        self.write_checkpoint(false)?;
         *tail = inner.clog.truncate(offset)?;
         for qs in inner.cqs.read().values() {
             for q in qs.iter().flatten() {
@@ -1172,7 +1177,6 @@ impl MessageStore {
             }
         }
         inner.dispatched.store(offset, Ordering::Release);
-        inner.flushed.fetch_min(offset, Ordering::AcqRel);
         inner.flush_watch.send_replace(self.flushed_offset());
         drop(_f);
         drop(tail);

@@ -8,12 +8,15 @@
 //! positions, so writing one again is harmless). What the scan stops on
 //! decides what happens next:
 //!
-//! - zeros, with no valid record anywhere after: the end of the log;
+//! - zeros at or past the last checkpointed flush, with no valid record
+//!   anywhere after: the end of the log;
 //! - a bad record past the last checkpointed flush with nothing valid
 //!   after it: a torn tail, cut off with a warning;
-//! - a bad record before the checkpointed flush, or with valid records
-//!   after it: corruption. The broker refuses to start and names the
-//!   offset; the operator may allow truncation at exactly that offset.
+//! - zeros or a bad record before the checkpointed flush, or with a valid
+//!   record after them (a write lost in the middle of the log, such as a
+//!   disk returning zeros for a block): corruption. The broker refuses to
+//!   start and names the offset; the operator may allow truncation at
+//!   exactly that offset.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -87,16 +90,21 @@ pub(super) fn recover(
                 continue;
             }
             Stop::End(end) => {
-                if let Some(later) = valid_record_in_later_segments(clog, end) {
-                    refuse_or_cut(
-                        config,
-                        end,
-                        "zeros where a record was expected",
-                        format!("a valid record follows at offset {later}"),
-                    )?;
-                    (end, Some(end))
+                let why = if let Some(later) = valid_record_after(clog, end) {
+                    Some(format!("a valid record follows at offset {later}"))
+                } else if end < flushed_mark {
+                    Some(format!(
+                        "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
+                    ))
                 } else {
-                    (end, None)
+                    None
+                };
+                match why {
+                    Some(why) => {
+                        refuse_or_cut(config, end, "zeros where a record was expected", why)?;
+                        (end, Some(end))
+                    }
+                    None => (end, None),
                 }
             }
             Stop::Bad(at, reason) => {
@@ -281,62 +289,52 @@ fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Queues, StoreError> {
 }
 
 /// The first offset after `at` where a complete, valid record starts, read
-/// through the files (not the mappings).
+/// through the files (not the mappings), in this segment and every later
+/// one. Runs at every start, so it skips what the filesystem knows holds
+/// no data (the reserved, never written rest of a segment) and all-zero
+/// chunks without looking closer.
 fn valid_record_after(clog: &CommitLog, at: u64) -> Option<u64> {
     const CHUNK: usize = 1 << 20;
     let max_rec = clog.segment_size() as usize;
+    let mut buf = vec![0u8; CHUNK + 8];
     for seg in clog.segments() {
         if seg.end() <= at {
             continue;
         }
-        let mut pos = if seg.base > at { 0 } else { at - seg.base + 1 };
+        let from = if seg.base > at { 0 } else { at - seg.base + 1 };
         let len = seg.file.len();
-        let mut buf = vec![0u8; CHUNK + 8];
-        while pos + 8 <= len {
-            let n = ((len - pos) as usize).min(CHUNK + 8);
-            if seg.file.pread(&mut buf[..n], pos).is_err() {
-                break;
-            }
-            let chunk = &buf[..n];
-            if chunk.iter().all(|&b| b == 0) {
+        for (start, end) in seg.file.data_ranges(from) {
+            let mut pos = start;
+            while pos < end && pos + 8 <= len {
+                let n = ((len - pos) as usize).min(CHUNK + 8);
+                if seg.file.pread(&mut buf[..n], pos).is_err() {
+                    break;
+                }
+                let chunk = &buf[..n];
+                if chunk.iter().all(|&b| b == 0) {
+                    pos += CHUNK as u64;
+                    continue;
+                }
+                for i in 0..n.saturating_sub(8) {
+                    if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
+                        continue;
+                    }
+                    let cand = pos + i as u64;
+                    let rlen = record::le_u32(chunk, i) as usize;
+                    if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len
+                    {
+                        continue;
+                    }
+                    let mut rec = vec![0u8; rlen];
+                    if seg.file.pread(&mut rec, cand).is_ok()
+                        && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
+                    {
+                        return Some(seg.base + cand);
+                    }
+                }
                 pos += CHUNK as u64;
-                continue;
             }
-            for i in 0..n.saturating_sub(8) {
-                if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
-                    continue;
-                }
-                let cand = pos + i as u64;
-                let rlen = record::le_u32(chunk, i) as usize;
-                if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len {
-                    continue;
-                }
-                let mut rec = vec![0u8; rlen];
-                if seg.file.pread(&mut rec, cand).is_ok()
-                    && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
-                {
-                    return Some(seg.base + cand);
-                }
-            }
-            pos += CHUNK as u64;
         }
     }
     None
-}
-
-/// A valid record at the start of any segment after the one holding `end`.
-fn valid_record_in_later_segments(clog: &CommitLog, end: u64) -> Option<u64> {
-    clog.segments()
-        .into_iter()
-        .filter(|s| s.base > end)
-        .find(|s| {
-            let mut head = [0u8; 8];
-            s.file.pread(&mut head, 0).is_ok() && record::le_u32(&head, 4) == RECORD_MAGIC && {
-                let len = record::le_u32(&head, 0) as usize;
-                let mut rec = vec![0u8; len.min(s.file.len() as usize)];
-                s.file.pread(&mut rec, 0).is_ok()
-                    && matches!(record::probe(&rec, s.base), Probe::Record { .. })
-            }
-        })
-        .map(|s| s.base)
 }

@@ -1,6 +1,7 @@
 //! Store behaviour: round trips, recovery, corruption, retention, limits.
 
 use super::*;
+use rand::Rng;
 
 const SEG: u64 = 64 * 1024;
 
@@ -1025,4 +1026,209 @@ fn reopen_and_check_bodies(dir: &Path, body: &dyn Fn(u64) -> Vec<u8>) {
         assert_eq!(&r.body[..], &body(i)[..], "record {i} after reopen");
     }
     store.shutdown().expect("shutdown");
+}
+
+/// Zeros the first bytes of the record at `offset` in the data directory.
+fn zero_record_start(dir: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let path = dir
+        .join("commitlog")
+        .join(format!("{:020}", offset / SEG * SEG));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("segment");
+    f.write_all_at(&[0u8; 16], offset % SEG).expect("zero");
+}
+
+#[test]
+fn zeros_over_a_record_start_refuse_start_when_records_follow_or_were_flushed() {
+    let refused_at = |dir: &Path| match MessageStore::open(config(dir)) {
+        Err(StoreError::RefuseToStart { offset, why, .. }) => (offset, why),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a log with a lost write in the middle"),
+    };
+    // After a crash, with valid records after the zeros (a lost write in
+    // the middle of the segment being written).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let a = fill(&store, 0, 30);
+    crash(store);
+    assert_eq!(a[29].end_offset / SEG, 0, "all in the first segment");
+    zero_record_start(dir.path(), a[20].offset);
+    let (offset, why) = refused_at(dir.path());
+    assert_eq!(offset, a[20].offset);
+    assert!(why.contains("valid record follows"), "{why}");
+    let mut allowed = config(dir.path());
+    allowed.allow_truncate_at = Some(a[20].offset);
+    let store = MessageStore::open(allowed).expect("opens with permission");
+    assert_eq!(store.max_offset(), a[20].offset);
+    check_all(&store, 20);
+    store.shutdown().expect("shutdown");
+    // After a clean shutdown, zeros over the last record: the checkpoint
+    // says it was flushed, so it was lost, not never written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let a = fill(&store, 0, 30);
+    store.shutdown().expect("shutdown");
+    zero_record_start(dir.path(), a[29].offset);
+    let (offset, why) = refused_at(dir.path());
+    assert_eq!(offset, a[29].offset);
+    assert!(why.contains("checkpoint"), "{why}");
+    // After a crash past the last checkpoint, the same zeros are a write
+    // that never reached the disk: the log ends there.
+    save_json(
+        &dir.path().join(CHECKPOINT),
+        &Checkpoint {
+            flushed_offset: a[29].offset,
+            cq_offset: a[29].offset,
+            clean: false,
+            written_ms: 1,
+        },
+    )
+    .expect("checkpoint");
+    let store = MessageStore::open(config(dir.path())).expect("recovers");
+    assert_eq!(store.max_offset(), a[29].offset);
+    check_all(&store, 29);
+    store.shutdown().expect("shutdown");
+}
+
+/// Copies a data directory (files and subdirectories) for a fresh attempt.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        let dest = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).expect("copy");
+        }
+    }
+}
+
+/// What a store opened over a log damaged in `damaged` may serve: every
+/// record it returns is the one written there, byte for byte, and every
+/// record outside the damage is still served, unless it lies past the end
+/// an operator allowed the log to be cut at.
+fn check_never_garbage(
+    store: &MessageStore,
+    layout: &[Appended],
+    damaged: std::ops::Range<u64>,
+    allowed_cut: Option<u64>,
+    what: &str,
+) {
+    let mut next = [0u64; 3];
+    for (seq, a) in layout.iter().enumerate() {
+        let seq = seq as u64;
+        let q = (seq % 3) as u32;
+        let got = store.get("orders", q, next[q as usize]);
+        next[q as usize] += 1;
+        let intact = (a.end_offset <= damaged.start || a.offset >= damaged.end)
+            && allowed_cut.is_none_or(|cut| a.end_offset <= cut);
+        match got {
+            Ok(Some(r)) => {
+                assert_eq!(
+                    r.properties.get("seq").map(String::as_str),
+                    Some(seq.to_string().as_str()),
+                    "{what}: record {seq} is another record"
+                );
+                assert_eq!(&r.body[..], &body(seq)[..], "{what}: body of record {seq}");
+            }
+            Ok(None) => assert!(
+                !intact && a.offset >= store.max_offset(),
+                "{what}: record {seq} at {} is missing (log end {})",
+                a.offset,
+                store.max_offset()
+            ),
+            Err(e) => assert!(!intact, "{what}: intact record {seq} unreadable: {e}"),
+        }
+    }
+}
+
+#[test]
+fn random_damage_is_refused_or_cut_and_never_served() {
+    let mut rng = crate::testing::seeded_rng();
+    // A log of a little over three segments, left by a crash (no clean
+    // checkpoint) and, separately, by a clean shutdown.
+    let pristine = tempfile::tempdir().expect("tempdir");
+    let crashed = pristine.path().join("crashed");
+    let clean = pristine.path().join("clean");
+    let store = MessageStore::open(config(&crashed)).expect("open");
+    let layout = fill(&store, 0, 200);
+    let end = layout.last().expect("records").end_offset;
+    crash(store);
+    copy_tree(&crashed, &clean);
+    let store = MessageStore::open(config(&clean)).expect("open clean copy");
+    store.shutdown().expect("shutdown");
+    let starts: Vec<u64> = layout.iter().map(|a| a.offset).collect();
+    for round in 0..120 {
+        let base = if round % 2 == 0 { &crashed } else { &clean };
+        let dir = pristine.path().join(format!("round{round}"));
+        copy_tree(base, &dir);
+        // The damage: where, how long, and what.
+        let kind = rng.random_range(0..5);
+        // A lost write starts where a group of records started.
+        let at = if kind == 4 {
+            starts[rng.random_range(0..starts.len())]
+        } else {
+            rng.random_range(0..end)
+        };
+        let len = match kind {
+            0 => 1,
+            1 => rng.random_range(1..64),
+            2 => 4096 - at % 4096,
+            3 => end - at,
+            _ => rng.random_range(8..8192),
+        };
+        let seg_base = at / SEG * SEG;
+        let len = len.min(seg_base + SEG - at);
+        let path = dir.join("commitlog").join(format!("{seg_base:020}"));
+        let mut bytes = std::fs::read(&path).expect("segment");
+        let range = (at - seg_base) as usize..(at - seg_base + len) as usize;
+        match kind {
+            0 => bytes[range.start] ^= 1 << rng.random_range(0..8),
+            1 | 3 => rng.fill(&mut bytes[range]),
+            _ => bytes[range].fill(0),
+        }
+        std::fs::write(&path, &bytes).expect("damage");
+        let what = format!(
+            "round {round} ({}), damage kind {kind} at {at}+{len}",
+            if round % 2 == 0 { "crash" } else { "clean" }
+        );
+        let mut allowed_cut = None;
+        let store = match MessageStore::open(config(&dir)) {
+            Ok(s) => s,
+            Err(StoreError::RefuseToStart { offset, .. }) => {
+                // The start of the damaged record, or of the filler that
+                // closes a segment (where the record before it ends).
+                assert!(
+                    offset <= at
+                        && layout
+                            .iter()
+                            .any(|a| a.offset == offset || a.end_offset == offset),
+                    "{what}: refused at {offset}, not where the damaged record or filler starts"
+                );
+                let mut allowed = config(&dir);
+                allowed.allow_truncate_at = Some(offset);
+                let s = MessageStore::open(allowed).expect("opens once truncation is allowed");
+                assert_eq!(s.max_offset(), offset, "{what}");
+                allowed_cut = Some(offset);
+                s
+            }
+            Err(e) => panic!("{what}: {e}"),
+        };
+        assert!(store.max_offset() <= end, "{what}");
+        check_never_garbage(&store, &layout, at..at + len, allowed_cut, &what);
+        // The store goes on: a new record lands at the end and reads back.
+        let a = store.append(record(1_000)).expect("append after recovery");
+        store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        assert_eq!(
+            a.offset,
+            store.max_offset() - (a.end_offset - a.offset),
+            "{what}"
+        );
+        store.shutdown().expect("shutdown");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
