@@ -12,11 +12,15 @@
 //!   anywhere after: the end of the log;
 //! - a bad record past the last checkpointed flush with nothing valid
 //!   after it: a torn tail, cut off with a warning;
-//! - zeros or a bad record before the checkpointed flush, or with a valid
-//!   record after them (a write lost in the middle of the log, such as a
-//!   disk returning zeros for a block): corruption. The broker refuses to
-//!   start and names the offset; the operator may allow truncation at
-//!   exactly that offset.
+//! - zeros or a bad record before the checkpointed flush, or under
+//!   SYNC_FLUSH with a valid record after them (a write lost in the middle
+//!   of the log, such as a disk returning zeros for a block): corruption.
+//!   The broker refuses to start and names the offset; the operator may
+//!   allow truncation at exactly that offset;
+//! - under ASYNC_FLUSH, zeros or a bad record past the checkpointed flush
+//!   with valid records after them: what a power loss leaves of writes not
+//!   yet flushed (the disk may keep any part of them). Cut off there with a
+//!   warning, as the flush mode allows.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,7 +30,7 @@ use std::time::Instant;
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, CqEntry};
 use super::record::{self, Probe, RECORD_MAGIC};
-use super::{Checkpoint, RecoveryReport, StoreConfig, StoreError, queue_dir};
+use super::{Checkpoint, FlushMode, RecoveryReport, StoreConfig, StoreError, queue_dir};
 
 pub(super) type Queues = HashMap<String, Vec<Option<Arc<ConsumeQueue>>>>;
 
@@ -90,44 +94,18 @@ pub(super) fn recover(
                 continue;
             }
             Stop::End(end) => {
-                let why = if let Some(later) = valid_record_after(clog, end) {
-                    Some(format!("a valid record follows at offset {later}"))
-                } else if end < flushed_mark {
-                    Some(format!(
-                        "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
-                    ))
-                } else {
-                    None
-                };
-                match why {
-                    Some(why) => {
-                        refuse_or_cut(config, end, "zeros where a record was expected", why)?;
-                        (end, Some(end))
-                    }
-                    None => (end, None),
-                }
+                let cut = settle(
+                    config,
+                    clog,
+                    end,
+                    "zeros where a record was expected",
+                    true,
+                    flushed_mark,
+                )?;
+                (end, cut.then_some(end))
             }
             Stop::Bad(at, reason) => {
-                let later = valid_record_after(clog, at);
-                if let Some(later) = later {
-                    refuse_or_cut(
-                        config,
-                        at,
-                        &reason,
-                        format!("a valid record follows at offset {later}"),
-                    )?;
-                } else if at < flushed_mark {
-                    refuse_or_cut(
-                        config,
-                        at,
-                        &reason,
-                        format!(
-                            "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
-                        ),
-                    )?;
-                } else {
-                    tracing::warn!(offset = at, reason = %reason, "cutting a torn tail off the commit log (a write that never completed)");
-                }
+                settle(config, clog, at, &reason, false, flushed_mark)?;
                 (at, Some(at))
             }
         };
@@ -163,6 +141,51 @@ pub(super) fn recover(
             },
         });
     }
+}
+
+/// Decides what damage at `at` (zeros where a record should start, or a
+/// bad record) means: corruption, on which the broker refuses to start
+/// unless the operator allowed a cut there, or the end of what reached the
+/// disk. Returns whether bytes at and after `at` are to be cut.
+fn settle(
+    config: &StoreConfig,
+    clog: &CommitLog,
+    at: u64,
+    reason: &str,
+    zeros: bool,
+    flushed_mark: u64,
+) -> Result<bool, StoreError> {
+    let later = valid_record_after(clog, at);
+    // Under SYNC_FLUSH a valid record after the damage may have been
+    // acknowledged, and the flush that made it durable covered the damaged
+    // bytes too; under ASYNC_FLUSH nothing past the last flush was promised,
+    // and after a power loss the disk may hold any part of it.
+    let sync = config.flush_mode == FlushMode::SyncFlush;
+    if at < flushed_mark || (sync && later.is_some()) {
+        let why = match later {
+            Some(later) => format!("a valid record follows at offset {later}"),
+            None => format!(
+                "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
+            ),
+        };
+        refuse_or_cut(config, at, reason, why)?;
+        return Ok(true);
+    }
+    match later {
+        Some(later) => tracing::warn!(
+            offset = at,
+            reason,
+            next_valid_record = later,
+            "ASYNC_FLUSH: cutting the commit log where a write never reached the disk; what follows was not flushed either"
+        ),
+        None if zeros => return Ok(false),
+        None => tracing::warn!(
+            offset = at,
+            reason,
+            "cutting a torn tail off the commit log (a write that never completed)"
+        ),
+    }
+    Ok(true)
 }
 
 fn refuse_or_cut(

@@ -1093,6 +1093,51 @@ fn zeros_over_a_record_start_refuse_start_when_records_follow_or_were_flushed() 
     store.shutdown().expect("shutdown");
 }
 
+#[test]
+fn async_flush_cuts_an_unflushed_gap_after_a_power_loss() {
+    // ASYNC_FLUSH promised nothing past the last flush: after a power loss
+    // the disk may hold later pages and not earlier ones. A gap past the
+    // checkpointed flush is cut; one below it is corruption.
+    for (checkpointed, refused) in [(10, false), (25, true)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(dir.path());
+        cfg.flush_mode = FlushMode::AsyncFlush;
+        let store = MessageStore::open(cfg.clone()).expect("open");
+        let a: Vec<Appended> = (0..30)
+            .map(|s| store.append(record(s)).expect("append"))
+            .collect();
+        store.flush().expect("flush");
+        crash(store);
+        save_json(
+            &dir.path().join(CHECKPOINT),
+            &Checkpoint {
+                flushed_offset: a[checkpointed].offset,
+                cq_offset: a[checkpointed].offset,
+                clean: false,
+                written_ms: 1,
+            },
+        )
+        .expect("checkpoint");
+        zero_record_start(dir.path(), a[20].offset);
+        match MessageStore::open(cfg) {
+            Err(StoreError::RefuseToStart { offset, .. }) if refused => {
+                assert_eq!(offset, a[20].offset);
+            }
+            Ok(store) if !refused => {
+                assert_eq!(
+                    store.recovery_report().truncated_bytes_at,
+                    Some(a[20].offset)
+                );
+                assert_eq!(store.max_offset(), a[20].offset);
+                check_all(&store, 20);
+                store.shutdown().expect("shutdown");
+            }
+            Err(e) => panic!("checkpoint at record {checkpointed}: {e}"),
+            Ok(_) => panic!("checkpoint at record {checkpointed}: opened a corrupt log"),
+        }
+    }
+}
+
 /// Copies a data directory (files and subdirectories) for a fresh attempt.
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
