@@ -1306,6 +1306,11 @@ impl MessageStore {
         let inner = &self.inner;
         let _g = inner.flush_lock.lock();
         self.check_flush_ok()?;
+        // The target may have been read before a cut (`truncate_to`, which
+        // takes this lock) lowered the end: never mark bytes past the end
+        // flushed, or records appended there later would count as durable
+        // before any flush covered them.
+        let target = target.min(self.max_offset());
         let from = self.flushed_offset();
         if target > from {
             if let Err(e) = inner.clog.flush(from, target) {

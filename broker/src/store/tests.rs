@@ -1277,3 +1277,190 @@ fn random_damage_is_refused_or_cut_and_never_served() {
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
+
+#[test]
+fn a_flush_aimed_before_a_cut_never_marks_bytes_past_the_end_flushed() {
+    in_both_modes(|mode| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(dir.path());
+        cfg.flush_mode = mode;
+        let store = MessageStore::open(cfg).expect("open");
+        let a: Vec<Appended> = (0..10)
+            .map(|s| store.append(record(s)).expect("append"))
+            .collect();
+        store.flush().expect("flush");
+        let old_end = store.max_offset();
+        // The flusher read the end, then a cut ran before it flushed.
+        store.truncate_to(a[5].offset).expect("cut");
+        store.flush_to(old_end).expect("flush with a stale target");
+        assert_eq!(store.flushed_offset(), a[5].offset);
+        // A record appended at the cut is not durable until flushed.
+        let b = store.append(record(5)).expect("append");
+        assert_eq!(b.offset, a[5].offset);
+        assert!(store.flushed_offset() < b.end_offset);
+        store.wait_flushed_blocking(b.end_offset).expect("flushed");
+        store.shutdown().expect("shutdown");
+    });
+}
+
+/// One record as the model of the store knows it.
+#[derive(Clone)]
+struct Modelled {
+    seq: u64,
+    topic: &'static str,
+    queue: u32,
+    queue_offset: u64,
+    offset: u64,
+    store_ms: i64,
+}
+
+fn model_body(seq: u64) -> Vec<u8> {
+    // 100 to 3,100 bytes: segments of 64 KiB roll every few dozen records.
+    let len = 100 + (seq.wrapping_mul(2_654_435_761) % 3_000) as usize;
+    (0..len).map(|i| (seq as usize ^ i) as u8).collect()
+}
+
+/// Checks the store against the model: the log's end, every queue's
+/// length, and every record still in the log read back through its queue.
+fn check_model(store: &MessageStore, model: &[Modelled], end: u64, step: usize) {
+    assert_eq!(store.max_offset(), end, "step {step}: end of the log");
+    let min = store.min_offset();
+    for topic in ["a", "b"] {
+        for queue in 0..3 {
+            let len = model
+                .iter()
+                .rfind(|m| m.topic == topic && m.queue == queue)
+                .map_or(0, |m| m.queue_offset + 1);
+            assert_eq!(
+                store.queue_max_offset(topic, queue),
+                len,
+                "step {step}: length of {topic}/{queue}"
+            );
+            assert!(store.get(topic, queue, len).expect("read").is_none());
+        }
+    }
+    for m in model {
+        let got = store.get(m.topic, m.queue, m.queue_offset).expect("read");
+        if m.offset < min {
+            assert!(got.is_none(), "step {step}: record {} was removed", m.seq);
+            continue;
+        }
+        let r = got.unwrap_or_else(|| panic!("step {step}: record {} missing", m.seq));
+        assert_eq!(r.offset, m.offset, "step {step}: record {}", m.seq);
+        assert_eq!(r.store_ms, m.store_ms, "step {step}: record {}", m.seq);
+        assert_eq!(
+            &r.body[..],
+            &model_body(m.seq)[..],
+            "step {step}: record {}",
+            m.seq
+        );
+    }
+}
+
+#[test]
+fn random_operations_keep_the_store_equal_to_a_model() {
+    in_both_modes(operations_against_a_model);
+}
+
+/// Appends, cuts, restarts (clean and after a process crash, which loses
+/// nothing in either flush mode: the page cache survives) and retention in
+/// a random order, checking the store against a model after each step.
+fn operations_against_a_model(mode: FlushMode) {
+    let mut rng = crate::testing::seeded_rng();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.flush_mode = mode;
+    let retention_ms = cfg.retention.as_millis() as i64;
+    let mut store = MessageStore::open(cfg.clone()).expect("open");
+    let mut model: Vec<Modelled> = Vec::new();
+    let (mut seq, mut end, mut clock) = (0u64, 0u64, now_ms());
+    for step in 0..400 {
+        match rng.random_range(0..100) {
+            // Appends, one at a time or in a batch.
+            0..60 => {
+                let n = rng.random_range(1..6);
+                let batch: Vec<(&'static str, u32)> = (0..n)
+                    .map(|_| (["a", "b"][rng.random_range(0..2)], rng.random_range(0..3)))
+                    .collect();
+                let records = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(t, q))| NewRecord::new(t, q, model_body(seq + i as u64)))
+                    .collect();
+                clock += rng.random_range(1..5_000);
+                let done = store.append_batch_at(records, clock).expect("append");
+                for (&(topic, queue), a) in batch.iter().zip(&done) {
+                    model.push(Modelled {
+                        seq,
+                        topic,
+                        queue,
+                        queue_offset: a.queue_offset,
+                        offset: a.offset,
+                        store_ms: a.store_ms,
+                    });
+                    seq += 1;
+                    end = a.end_offset;
+                }
+                if mode == FlushMode::SyncFlush {
+                    store.wait_flushed_blocking(end).expect("flushed");
+                }
+            }
+            // A cut at one of the last records (as a slave cuts a forked tail).
+            60..68 => {
+                let min = store.min_offset();
+                let kept = model.iter().filter(|m| m.offset >= min).count();
+                if kept == 0 {
+                    continue;
+                }
+                let back = rng.random_range(1..=kept.min(6));
+                let cut = model[model.len() - back].offset;
+                store.truncate_to(cut).expect("truncate");
+                model.truncate(model.len() - back);
+                end = cut;
+            }
+            // Restarts, clean and after a crash.
+            68..76 => {
+                store.shutdown().expect("shutdown");
+                store = MessageStore::open(cfg.clone()).expect("reopen");
+            }
+            76..84 => {
+                crash(store);
+                store = MessageStore::open(cfg.clone()).expect("reopen after crash");
+            }
+            // Retention up to a record's time: a segment goes when the next
+            // one starts with an older record, never the one being written.
+            84..90 => {
+                let min = store.min_offset();
+                let kept = model.iter().filter(|m| m.offset >= min).count();
+                if kept == 0 {
+                    continue;
+                }
+                // Up to about three segments' worth of records.
+                let Some(h) = model
+                    .iter()
+                    .filter(|m| m.offset >= min)
+                    .map(|m| m.store_ms)
+                    .nth(rng.random_range(0..kept.min(120)))
+                else {
+                    continue;
+                };
+                let first_in = |base: u64| model.iter().find(|m| m.offset / SEG * SEG == base);
+                let mut expect = min;
+                while first_in(expect + SEG).is_some_and(|m| m.store_ms < h) {
+                    expect += SEG;
+                }
+                store
+                    .enforce_retention(h + retention_ms)
+                    .expect("retention");
+                assert_eq!(
+                    store.min_offset(),
+                    expect,
+                    "step {step}: retention up to {h}"
+                );
+            }
+            _ => {}
+        }
+        check_model(&store, &model, end, step);
+    }
+    store.shutdown().expect("shutdown");
+}
