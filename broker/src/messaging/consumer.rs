@@ -1335,4 +1335,271 @@ mod tests {
         );
         s.shutdown().expect("shutdown");
     }
+
+    /// Where a message stands in the model of one group's consumption.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Seen {
+        New,
+        InFlight {
+            handle: String,
+            visible_at: i64,
+            attempt: u32,
+        },
+        Acked,
+        Dead,
+    }
+
+    /// Whether a refusal of `handle`'s ack is allowed: only a message that
+    /// used up its attempts and whose invisible time ran out may have been
+    /// moved to the dead-letter topic by a receive.
+    fn may_be_dead(seen: &Seen, now: i64, max_attempts: u32) -> bool {
+        matches!(seen, Seen::InFlight { visible_at, attempt, .. } if *visible_at <= now && *attempt >= max_attempts)
+    }
+
+    /// A message of the model in flight, chosen at random: its key, handle
+    /// and attempt.
+    fn pick_in_flight(
+        msgs: &BTreeMap<(u32, u64), (String, Seen)>,
+        rng: &mut impl rand::Rng,
+    ) -> Option<((u32, u64), String, u32)> {
+        let flying: Vec<_> = msgs
+            .iter()
+            .filter_map(|(k, (_, m))| match m {
+                Seen::InFlight {
+                    handle, attempt, ..
+                } => Some((*k, handle.clone(), *attempt)),
+                _ => None,
+            })
+            .collect();
+        if flying.is_empty() {
+            return None;
+        }
+        let i = rng.random_range(0..flying.len());
+        flying.into_iter().nth(i)
+    }
+
+    #[test]
+    fn random_consumption_keeps_its_promises() {
+        for fifo in [false, true] {
+            consumption_against_a_model(fifo);
+        }
+    }
+
+    /// Sends, receives, acks (with current and stale handles), invisible
+    /// time changes, clock steps and restarts in a random order; after
+    /// each, the promises hold: nothing acked or dead-lettered comes back,
+    /// nothing comes back before its invisible time ran out, attempts count
+    /// up by one, only the newest handle of a delivery acks it, a FIFO
+    /// queue hands out in order one batch at a time, and in the end every
+    /// message was acked or is in the dead-letter topic, exactly once.
+    fn consumption_against_a_model(fifo: bool) {
+        use rand::Rng;
+        let mut rng = crate::testing::seeded_rng();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = store(dir.path());
+        let mut c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let max_attempts = 3;
+        let mut msgs: BTreeMap<(u32, u64), (String, Seen)> = BTreeMap::new();
+        let mut stale: Vec<String> = Vec::new();
+        let (mut now, mut sent) = (0i64, 0u64);
+        let receive = |c: &Consumption,
+                       msgs: &mut BTreeMap<(u32, u64), (String, Seen)>,
+                       stale: &mut Vec<String>,
+                       now: i64,
+                       max: usize,
+                       invisible_ms: i64,
+                       step: usize| {
+            let got = c
+                .receive(&ReceiveRequest {
+                    group: "g",
+                    topic: "t",
+                    queue_count: 2,
+                    max_messages: max,
+                    invisible_ms,
+                    filter: &all,
+                    fifo,
+                    max_attempts,
+                    now_ms: now,
+                })
+                .expect("receive");
+            let keys: Vec<(u32, u64)> = got
+                .iter()
+                .map(|d| (d.record.queue_id, d.record.queue_offset))
+                .collect();
+            for d in &got {
+                let key = (d.record.queue_id, d.record.queue_offset);
+                let (body, seen) = msgs.get_mut(&key).expect("a message that was sent");
+                assert_eq!(&d.record.body[..], body.as_bytes(), "step {step}");
+                let attempt = match seen {
+                    Seen::New => 1,
+                    Seen::InFlight {
+                        visible_at,
+                        attempt,
+                        handle,
+                    } => {
+                        assert!(
+                            *visible_at <= now,
+                            "step {step}: {key:?} handed out while invisible"
+                        );
+                        assert!(
+                            *attempt < max_attempts,
+                            "step {step}: {key:?} past its attempts"
+                        );
+                        stale.push(handle.clone());
+                        *attempt + 1
+                    }
+                    other => panic!("step {step}: {key:?} handed out again when {other:?}"),
+                };
+                assert_eq!(d.attempt, attempt, "step {step}: {key:?} attempt");
+                if fifo {
+                    // Everything before it in its queue is settled (or
+                    // was just moved to the dead-letter topic) or in this
+                    // same batch.
+                    for (k, (_, before)) in msgs.range((key.0, 0)..key) {
+                        assert!(
+                            matches!(before, Seen::Acked | Seen::Dead)
+                                || may_be_dead(before, now, max_attempts)
+                                || keys.contains(k),
+                            "step {step}: FIFO {key:?} handed out while {k:?} is {before:?}"
+                        );
+                    }
+                }
+            }
+            for d in got {
+                let key = (d.record.queue_id, d.record.queue_offset);
+                msgs.get_mut(&key).expect("sent").1 = Seen::InFlight {
+                    handle: d.handle.to_string(),
+                    visible_at: d.invisible_until_ms,
+                    attempt: d.attempt,
+                };
+            }
+        };
+        for step in 0..500 {
+            match rng.random_range(0..100) {
+                0..20 => {
+                    for _ in 0..rng.random_range(1..4) {
+                        let q = rng.random_range(0..2);
+                        let body = format!("m{sent}");
+                        sent += 1;
+                        let a = s
+                            .append(NewRecord::new("t", q, body.clone().into_bytes()))
+                            .expect("append");
+                        msgs.insert((q, a.queue_offset), (body, Seen::New));
+                    }
+                }
+                20..45 => {
+                    let max = rng.random_range(1..8);
+                    let invisible_ms = rng.random_range(100..3_000);
+                    receive(&c, &mut msgs, &mut stale, now, max, invisible_ms, step);
+                }
+                45..65 => {
+                    let Some((key, handle, _)) = pick_in_flight(&msgs, &mut rng) else {
+                        continue;
+                    };
+                    let seen = &mut msgs.get_mut(&key).expect("in flight").1;
+                    match c.ack("g", "t", &handle) {
+                        Ok(_) => *seen = Seen::Acked,
+                        Err(HandleError::Stale) if may_be_dead(seen, now, max_attempts) => {
+                            *seen = Seen::Dead
+                        }
+                        Err(e) => panic!("step {step}: ack of {key:?} ({seen:?}): {e}"),
+                    }
+                    stale.push(handle);
+                }
+                65..72 => {
+                    if stale.is_empty() {
+                        continue;
+                    }
+                    let h = &stale[rng.random_range(0..stale.len())];
+                    assert!(
+                        matches!(c.ack("g", "t", h), Err(HandleError::Stale)),
+                        "step {step}: a stale handle acked"
+                    );
+                }
+                72..80 => {
+                    let Some((key, handle, attempt)) = pick_in_flight(&msgs, &mut rng) else {
+                        continue;
+                    };
+                    let seen = &mut msgs.get_mut(&key).expect("in flight").1;
+                    let ms = rng.random_range(100..5_000);
+                    match c.change_invisible("g", "t", &handle, ms, now) {
+                        Ok((h, _)) => {
+                            *seen = Seen::InFlight {
+                                handle: h.to_string(),
+                                visible_at: now + ms,
+                                attempt,
+                            }
+                        }
+                        Err(HandleError::Stale) if may_be_dead(seen, now, max_attempts) => {
+                            *seen = Seen::Dead
+                        }
+                        Err(e) => panic!("step {step}: change of {key:?} ({seen:?}): {e}"),
+                    }
+                    stale.push(handle);
+                }
+                80..92 => now += rng.random_range(0..2_000),
+                92..96 => {
+                    c = Consumption::new(s.clone());
+                    c.load();
+                }
+                _ => {
+                    s.shutdown().expect("shutdown");
+                    s = store(dir.path());
+                    c = Consumption::new(s.clone());
+                    c.load();
+                }
+            }
+        }
+        // Drain: let every invisible time run out, take and ack everything.
+        for round in 0.. {
+            assert!(round < 100, "the queues never drained");
+            now += 10_000;
+            receive(&c, &mut msgs, &mut stale, now, 64, 1_000, 500 + round);
+            let flying: Vec<((u32, u64), String)> = msgs
+                .iter()
+                .filter_map(|(k, (_, m))| match m {
+                    Seen::InFlight { handle, .. } => Some((*k, handle.clone())),
+                    _ => None,
+                })
+                .collect();
+            if flying.is_empty() && msgs.values().all(|(_, m)| *m != Seen::New) {
+                break;
+            }
+            // Ack only those not yet at their last attempt: the others go
+            // to the dead-letter topic when their invisible time runs out.
+            for (key, handle) in flying {
+                let seen = &mut msgs.get_mut(&key).expect("in flight").1;
+                if may_be_dead(seen, now + 10_000, max_attempts) {
+                    continue;
+                }
+                c.ack("g", "t", &handle).expect("ack while draining");
+                *seen = Seen::Acked;
+            }
+            // Messages at their last attempt become dead once a receive
+            // passes them after their invisible time.
+            for (_, m) in msgs.values_mut() {
+                if may_be_dead(m, now, max_attempts) {
+                    *m = Seen::Dead;
+                }
+            }
+        }
+        let dead: Vec<&str> = msgs
+            .values()
+            .filter(|(_, m)| *m == Seen::Dead)
+            .map(|(b, _)| b.as_str())
+            .collect();
+        let mut in_dlq: Vec<String> = (0..s.queue_max_offset("%DLQ%g", 0))
+            .map(|i| {
+                let r = s.get("%DLQ%g", 0, i).expect("read").expect("present");
+                String::from_utf8(r.body.to_vec()).expect("utf-8")
+            })
+            .collect();
+        in_dlq.sort();
+        let mut dead: Vec<String> = dead.into_iter().map(str::to_owned).collect();
+        dead.sort();
+        assert_eq!(in_dlq, dead, "fifo {fifo}: the dead-letter topic");
+        assert_eq!(c.in_flight("g", "t", 0) + c.in_flight("g", "t", 1), 0);
+        s.shutdown().expect("shutdown");
+    }
 }
