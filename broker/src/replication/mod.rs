@@ -19,6 +19,8 @@
 //! old master truncates its log at the fork point before following.
 
 pub mod epoch;
+#[cfg(test)]
+mod fork_model_tests;
 pub mod frame;
 mod master;
 mod slave;

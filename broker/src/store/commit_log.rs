@@ -583,10 +583,18 @@ impl CommitLog {
             sync_dir(&self.dir).map_err(StoreError::io("syncing the commit log directory"))?;
         }
         let tail = self.tail_at(end)?;
-        tail.segment
-            .file
-            .zero_from(end - tail.segment.base)
-            .map_err(StoreError::io("zeroing the cut tail of the commit log"))?;
+        {
+            // A cut before a segment's filler removes the filler: the
+            // segment takes records again.
+            let _seal = self.seal.lock();
+            tail.segment
+                .file
+                .zero_from(end - tail.segment.base)
+                .map_err(StoreError::io("zeroing the cut tail of the commit log"))?;
+            if end < tail.segment.end() {
+                tail.segment.sealed.store(false, Ordering::Release);
+            }
+        }
         // The prepared segment may be for a base we no longer want.
         if let Some(seg) = self.preparer.state.lock().ready.take() {
             let _ = std::fs::remove_file(seg.file.path());

@@ -1145,7 +1145,10 @@ impl MessageStore {
             return Ok(());
         }
         if offset > self.min_offset() {
-            // The cut must be at a record boundary: a record must end exactly there.
+            // The cut must be at a record boundary: a record must end exactly
+            // there, before the next record or the filler closing its segment
+            // (a slave may have the last record of a segment and not yet the
+            // filler its master wrote after it).
             let seg = inner
                 .clog
                 .segment_for(offset)
@@ -1154,7 +1157,8 @@ impl MessageStore {
                 && offset != seg.base
             {
                 let at_record = inner.clog.with_bytes(offset, |b| {
-                    Ok(b.len() >= 8 && record::le_u32(b, 4) == RECORD_MAGIC)
+                    Ok(b.len() >= 8
+                        && matches!(record::le_u32(b, 4), RECORD_MAGIC | record::BLANK_MAGIC))
                 })?;
                 if !at_record {
                     return Err(StoreError::InvalidArgument(format!(

@@ -1303,6 +1303,29 @@ fn a_flush_aimed_before_a_cut_never_marks_bytes_past_the_end_flushed() {
     });
 }
 
+#[test]
+fn a_cut_where_a_segment_filler_starts_is_at_a_record_boundary() {
+    // A slave may hold a segment's last record and not the filler its
+    // master wrote after it; the master, turned slave, cuts there.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let mut appended = fill(&store, 0, 1);
+    while appended.last().expect("records").offset < SEG {
+        appended.extend(fill(&store, appended.len() as u64, 1));
+    }
+    let n = appended.len();
+    let filler_at = appended[n - 2].end_offset;
+    assert!(filler_at < SEG, "the segment ends with a filler");
+    store.truncate_to(filler_at).expect("cut at the filler");
+    assert_eq!(store.max_offset(), filler_at);
+    check_all(&store, n as u64 - 1);
+    // Appends go on: the same record rolls to the next segment again.
+    let again = fill(&store, n as u64 - 1, 1);
+    assert_eq!(again[0].offset, SEG);
+    store.shutdown().expect("shutdown");
+    reopen_and_check(dir.path(), n as u64);
+}
+
 /// One record as the model of the store knows it.
 #[derive(Clone)]
 struct Modelled {
