@@ -1,7 +1,14 @@
 //! Helpers shared by the broker's own randomized tests (unit and
 //! integration); not part of the broker's interface.
 
+use std::path::Path;
+use std::time::Duration;
+
 use rand::SeedableRng;
+
+use crate::replication::{ReplicationConfig, ReplicationManager, ReplicationMode, StartRole};
+use crate::store::{MessageStore, StoreConfig};
+use crate::write_path::WritePath;
 
 /// A random generator seeded from `KEELMQ_TEST_SEED` when set, otherwise
 /// from a fresh random seed; the seed is printed so a failure can be
@@ -13,4 +20,31 @@ pub fn seeded_rng() -> rand::rngs::StdRng {
         .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (set KEELMQ_TEST_SEED to repeat)");
     rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// A store in `dir` (1 MiB segments) and the write path of a lone master
+/// over it, opening no socket.
+pub fn lone_master(dir: &Path) -> (MessageStore, WritePath) {
+    let mut cfg = StoreConfig::new(dir);
+    cfg.segment_size = 1 << 20;
+    let store = MessageStore::open(cfg).expect("store");
+    let repl = ReplicationManager::open(
+        ReplicationConfig {
+            broker_id: "b0".into(),
+            mode: ReplicationMode::Async,
+            min_in_sync_replicas: 1,
+            sync_timeout: Duration::from_secs(1),
+            in_sync_max_lag_bytes: 1 << 20,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            advertised_replication: "127.0.0.1:0".into(),
+            advertised_admin: "127.0.0.1:0".into(),
+            advertised_client: "127.0.0.1:0".into(),
+            data_dir: dir.to_owned(),
+            start_role: StartRole::Master,
+            slave_flush_before_ack: false,
+        },
+        store.clone(),
+    )
+    .expect("replication");
+    (store.clone(), WritePath::new(store, repl))
 }

@@ -111,21 +111,21 @@ impl Timer {
 
     /// Delivers every message due at `now`; returns how many.
     pub async fn deliver_due(&self, write: &WritePath, now: i64) -> Result<usize, String> {
-        let due: Vec<u64> = {
+        let due: Vec<(i64, u64)> = {
             let mut st = self.state.lock();
             self.load(&mut st);
             st.pending
                 .keys()
                 .take_while(|(t, _)| *t <= now)
-                .map(|(_, o)| *o)
+                .copied()
                 .collect()
         };
         let mut delivered = 0;
-        for off in due {
-            let held = match self.store.get(DELAY_TOPIC, 0, off) {
+        for key in due {
+            let held = match self.store.get(DELAY_TOPIC, 0, key.1) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    self.mark_done(off);
+                    self.mark_done(key);
                     continue;
                 }
                 Err(e) => return Err(e.to_string()),
@@ -146,7 +146,7 @@ impl Timer {
             };
             match write.write(vec![rec]).await {
                 Ok(_) => {
-                    self.mark_done(off);
+                    self.mark_done(key);
                     delivered += 1;
                 }
                 Err(e) => return Err(e.to_string()),
@@ -155,20 +155,27 @@ impl Timer {
         Ok(delivered)
     }
 
-    fn mark_done(&self, off: u64) {
+    /// Records that the pending message `key` (due ms, delay-queue offset)
+    /// was delivered.
+    fn mark_done(&self, key: (i64, u64)) {
         let mut st = self.state.lock();
-        st.pending.retain(|(_, o), _| *o != off);
+        st.pending.remove(&key);
+        self.settle(&mut st, key.1);
+    }
+
+    /// Counts delay-queue offset `off` as done and moves the stored
+    /// progress over every done offset at its front.
+    fn settle(&self, st: &mut State, off: u64) {
         st.done.insert(off);
-        loop {
-            let next = st.committed;
-            if !st.done.remove(&next) {
-                break;
-            }
+        let before = st.committed;
+        while st.done.remove(&st.committed) {
             st.committed += 1;
         }
-        self.store
-            .metadata()
-            .commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, st.committed);
+        if st.committed != before {
+            self.store
+                .metadata()
+                .commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, st.committed);
+        }
     }
 
     /// Loads delay-queue entries appended since the last look.
@@ -186,11 +193,157 @@ impl Timer {
                         .unwrap_or(0);
                     st.pending.insert((due, off), ());
                 }
-                Ok(None) => {}
+                // Removed by retention, or unreadable: nothing to deliver,
+                // and the progress must not stop there (it would hold every
+                // later delivered offset in memory and deliver them all
+                // again after a restart).
+                Ok(None) => self.settle(st, off),
                 Err(e) => {
                     tracing::error!(error = %e, offset = off, "unreadable delayed message skipped");
+                    self.settle(st, off);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use rand::Rng;
+
+    use super::*;
+
+    /// Every delivered copy in `topic`: message id to how many copies.
+    fn delivered(store: &MessageStore, topic: &str) -> HashMap<String, u32> {
+        let mut seen = HashMap::new();
+        for q in 0..2 {
+            for i in 0..store.queue_max_offset(topic, q) {
+                let r = store.get(topic, q, i).expect("read").expect("present");
+                let id = r.properties.get(keys::MESSAGE_ID).expect("id").clone();
+                assert!(!r.properties.contains_key(keys::ORIGIN_TOPIC));
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn delayed_messages_come_due_never_early_and_survive_restarts() {
+        let mut rng = crate::testing::seeded_rng();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let base = now_ms();
+        let mut due: HashMap<String, i64> = HashMap::new();
+        for i in 0..80 {
+            let id = format!("m{i}");
+            let at = base + rng.random_range(0..10_000);
+            let rec = NewRecord::new("t", i % 2, vec![i as u8; 10])
+                .with_property(keys::MESSAGE_ID, id.clone());
+            write.write(vec![Timer::hold(rec, at)]).await.expect("hold");
+            due.insert(id, at);
+        }
+        let mut timer = Timer::new(store.clone());
+        let mut now = base - 1_000;
+        // Copies already there at the last restart, which may be repeated.
+        let mut at_restart: HashMap<String, u32> = HashMap::new();
+        while now < base + 12_000 {
+            now += rng.random_range(0..700);
+            if rng.random_range(0..10) == 0 {
+                timer = Timer::new(store.clone());
+                at_restart = delivered(&store, "t");
+            }
+            timer.deliver_due(&write, now).await.expect("deliver");
+            let seen = delivered(&store, "t");
+            for (id, &at) in &due {
+                let copies = seen.get(id).copied().unwrap_or(0);
+                if at <= now {
+                    assert!(copies >= 1, "{id} due at {at} not delivered by {now}");
+                } else {
+                    assert_eq!(copies, 0, "{id} due at {at} delivered by {now}");
+                }
+                // Between restarts each message is delivered once.
+                let before = at_restart.get(id).copied().unwrap_or(0);
+                assert!(
+                    copies <= before + 1,
+                    "{id} delivered twice without a restart"
+                );
+            }
+        }
+        // Everything delivered: the progress covers the delay queue, and a
+        // restart delivers nothing again.
+        assert_eq!(
+            store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
+            Some(80)
+        );
+        let before = delivered(&store, "t");
+        let timer = Timer::new(store.clone());
+        assert_eq!(timer.deliver_due(&write, now).await.expect("deliver"), 0);
+        assert_eq!(delivered(&store, "t"), before);
+        let ids: HashSet<&String> = before.keys().collect();
+        assert_eq!(ids.len(), 80);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_delayed_message_does_not_stop_the_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let past = now_ms() - 1_000;
+        let held = |id: &str| {
+            Timer::hold(
+                NewRecord::new("t", 0, b"body".to_vec()).with_property(keys::MESSAGE_ID, id),
+                past,
+            )
+        };
+        let a = write.write(vec![held("a")]).await.expect("hold")[0];
+        // Move the log's tail to a later segment, so a clean start checks
+        // only that one and the damage below is found when read.
+        let filler = vec![0u8; 100_000];
+        for _ in 0..12 {
+            write
+                .write(vec![NewRecord::new("other", 0, filler.clone())])
+                .await
+                .expect("write");
+        }
+        store.shutdown().expect("shutdown");
+        {
+            use std::os::unix::fs::FileExt;
+            let seg = store.config().segment_size;
+            let path = dir
+                .path()
+                .join("commitlog")
+                .join(format!("{:020}", a.offset / seg * seg));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .expect("segment");
+            let at = a.end_offset - 1 - a.offset / seg * seg;
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).expect("read");
+            f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+        }
+        drop((store, write));
+        let (store, write) = crate::testing::lone_master(dir.path());
+        assert!(store.get(DELAY_TOPIC, 0, 0).is_err(), "the damage is seen");
+        write.write(vec![held("b")]).await.expect("hold");
+        let timer = Timer::new(store.clone());
+        assert_eq!(
+            timer.deliver_due(&write, now_ms()).await.expect("deliver"),
+            1
+        );
+        assert_eq!(
+            store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
+            Some(2),
+            "the progress passes the unreadable message"
+        );
+        // A restart does not deliver b again.
+        let timer = Timer::new(store.clone());
+        assert_eq!(
+            timer.deliver_due(&write, now_ms()).await.expect("deliver"),
+            0
+        );
+        assert_eq!(delivered(&store, "t").get("b"), Some(&1));
     }
 }

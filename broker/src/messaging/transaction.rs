@@ -732,32 +732,10 @@ impl Transactions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::{ReplicationConfig, ReplicationManager, StartRole};
-    use crate::store::{StoreConfig, now_ms};
+    use crate::store::now_ms;
 
     fn open(dir: &std::path::Path) -> (MessageStore, WritePath) {
-        let mut cfg = StoreConfig::new(dir);
-        cfg.segment_size = 1 << 20;
-        let store = MessageStore::open(cfg).expect("store");
-        let repl = ReplicationManager::open(
-            ReplicationConfig {
-                broker_id: "b0".into(),
-                mode: crate::replication::ReplicationMode::Async,
-                min_in_sync_replicas: 1,
-                sync_timeout: Duration::from_secs(1),
-                in_sync_max_lag_bytes: 1 << 20,
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                advertised_replication: "127.0.0.1:0".into(),
-                advertised_admin: "127.0.0.1:0".into(),
-                advertised_client: "127.0.0.1:0".into(),
-                data_dir: dir.to_owned(),
-                start_role: StartRole::Master,
-                slave_flush_before_ack: false,
-            },
-            store.clone(),
-        )
-        .expect("replication");
-        (store.clone(), WritePath::new(store, repl))
+        crate::testing::lone_master(dir)
     }
 
     fn half(id: &str) -> NewRecord {
