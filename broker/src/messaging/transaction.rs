@@ -734,10 +734,6 @@ mod tests {
     use super::*;
     use crate::store::now_ms;
 
-    fn open(dir: &std::path::Path) -> (MessageStore, WritePath) {
-        crate::testing::lone_master(dir)
-    }
-
     fn half(id: &str) -> NewRecord {
         Transactions::hold(
             NewRecord::new("orders", 1, id.as_bytes().to_vec()).with_property(keys::MESSAGE_ID, id),
@@ -756,7 +752,7 @@ mod tests {
     #[tokio::test]
     async fn commit_rollback_idempotence_and_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = open(dir.path());
+        let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         let a = write
             .write(vec![half("A"), half("B"), half("C")])
@@ -825,7 +821,7 @@ mod tests {
     #[tokio::test]
     async fn progress_skips_what_a_restart_need_not_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = open(dir.path());
+        let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         write
             .write(vec![half("A"), half("B"), half("C")])
@@ -866,7 +862,7 @@ mod tests {
     #[tokio::test]
     async fn check_back_counts_survive_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = open(dir.path());
+        let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         write.write(vec![half("A")]).await.expect("write");
         let now = now_ms() + 1000;
@@ -899,7 +895,7 @@ mod tests {
     #[tokio::test]
     async fn unresolved_halves_are_checked_then_discarded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = open(dir.path());
+        let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         write.write(vec![half("A")]).await.expect("write");
         let now = now_ms() + 1000;

@@ -376,7 +376,7 @@ mod tests {
         let m = MappedFile::create(&dir.path().join("f"), len).expect("create");
         let written = [
             (5 << 20, 3),
-            (5 << 20, 1),
+            ((3 << 20) + 4095, 2),
             ((1 << 20) + 17, 100),
             (len - 4, 4),
         ];

@@ -1184,8 +1184,9 @@ impl MessageStore {
         inner.flush_watch.send_replace(self.flushed_offset());
         drop(_f);
         drop(tail);
+        // The checkpoint written before the cut already says so.
         tracing::warn!(offset, "commit log truncated");
-        self.write_checkpoint(false)
+        Ok(())
     }
 
     /// Deletes segments past the retention time or beyond the disk
@@ -1434,6 +1435,15 @@ fn zero_ahead_enabled(config: &StoreConfig) -> bool {
         }
         None => true,
     }
+}
+
+/// The commit-log segment file holding `offset` in `data_dir` (tests damage
+/// segments on disk through it).
+#[cfg(test)]
+pub(crate) fn segment_path(data_dir: &Path, segment_size: u64, offset: u64) -> PathBuf {
+    data_dir.join("commitlog").join(consume_queue::base_name(
+        offset / segment_size * segment_size,
+    ))
 }
 
 fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {

@@ -200,10 +200,7 @@ fn torn_tail_is_cut_and_nothing_past_it_is_served() {
     let last = *appended.last().expect("records");
     crash(store);
     // Tear the last record: keep its first half only.
-    let seg_path = dir
-        .path()
-        .join("commitlog")
-        .join(format!("{:020}", last.offset / SEG * SEG));
+    let seg_path = segment_path(dir.path(), SEG, last.offset);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&seg_path)
@@ -251,10 +248,7 @@ fn flipped_byte_refuses_start_until_truncation_is_allowed() {
     let appended = fill(&store, 0, 60);
     crash(store);
     let victim = appended[40];
-    let seg_path = dir
-        .path()
-        .join("commitlog")
-        .join(format!("{:020}", victim.offset / SEG * SEG));
+    let seg_path = segment_path(dir.path(), SEG, victim.offset);
     let mut bytes = std::fs::read(&seg_path).expect("read");
     let at = (victim.offset % SEG) as usize + 70;
     bytes[at] ^= 0x01;
@@ -1031,9 +1025,7 @@ fn reopen_and_check_bodies(dir: &Path, body: &dyn Fn(u64) -> Vec<u8>) {
 /// Zeros the first bytes of the record at `offset` in the data directory.
 fn zero_record_start(dir: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;
-    let path = dir
-        .join("commitlog")
-        .join(format!("{:020}", offset / SEG * SEG));
+    let path = segment_path(dir, SEG, offset);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -1228,7 +1220,7 @@ fn random_damage_is_refused_or_cut_and_never_served() {
         };
         let seg_base = at / SEG * SEG;
         let len = len.min(seg_base + SEG - at);
-        let path = dir.join("commitlog").join(format!("{seg_base:020}"));
+        let path = segment_path(&dir, SEG, at);
         let mut bytes = std::fs::read(&path).expect("segment");
         let range = (at - seg_base) as usize..(at - seg_base + len) as usize;
         match kind {
