@@ -225,11 +225,28 @@ impl LocalGroup {
         }
     }
 
-    /// Sends a signal (SIGSTOP, SIGCONT) to member `i`.
+    /// Sends a signal (SIGSTOP, SIGCONT) to member `i`. A SIGSTOP returns
+    /// only once every thread of the member has stopped: `kill` returns
+    /// when the signal is queued, and the process's other threads keep
+    /// running until the thread chosen to take it is scheduled, which on a
+    /// loaded machine can be milliseconds later.
     pub fn signal(&self, i: usize, sig: libc::c_int) {
-        if let Some(p) = &self.members[i].process {
-            // SAFETY: signalling a child process this test started.
-            unsafe { libc::kill(p.pid() as libc::pid_t, sig) };
+        let Some(p) = &self.members[i].process else {
+            return;
+        };
+        // SAFETY: signalling a child process this test started.
+        let rc = unsafe { libc::kill(p.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", p.pid());
+        if sig == libc::SIGSTOP {
+            let start = Instant::now();
+            while !all_threads_stopped(p.pid()) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "member {i} (pid {}) did not stop",
+                    p.pid()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 
@@ -306,4 +323,20 @@ pub fn commit_log_bytes(data_dir: &Path, end: u64) -> Vec<u8> {
         out.extend_from_slice(&bytes[..want.min(bytes.len())]);
     }
     out
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/<tid>/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // "tid (comm) S ...": the state follows the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                == Some('T')
+        })
+    })
 }
