@@ -918,4 +918,226 @@ mod tests {
         assert_eq!(again.pending_count(), 0);
         assert_eq!(store.queue_max_offset("orders", 1), 0);
     }
+
+    /// What the model knows of one transaction.
+    struct Modeled {
+        tx_id: String,
+        message_id: String,
+        half_offset: u64,
+        fate: Option<Decision>,
+        checks: u32,
+        /// The broker's next check-back is due within `[due_lo, due_hi]`
+        /// (virtual ms): exact while the broker runs, a range after a
+        /// restart, which takes the time of the last check from its op
+        /// record (written at real time, within the call's bounds).
+        due_lo: i64,
+        due_hi: i64,
+        /// When the half message was stored plus its first-check delay.
+        first_due: i64,
+        /// Real time around the call that made the last check-back.
+        last_check_real: (i64, i64),
+    }
+
+    /// Random sends of transactional messages, decisions (repeated,
+    /// conflicting, for the wrong topic, unknown), check-back rounds at
+    /// random times, and restarts of the transaction state and of the
+    /// store. After every step: EndTransaction answers as the model says,
+    /// check-backs are never early, never late, count up by one and stop at
+    /// the maximum, after which the half message is discarded; the pending
+    /// count is the model's; and the real topic holds each committed
+    /// message exactly once and nothing else.
+    #[tokio::test]
+    async fn random_transactions_keep_their_promises() {
+        use rand::Rng;
+        let mut rng = crate::testing::seeded_rng();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, mut write) = crate::testing::lone_master(dir.path());
+        let cfg = TransactionConfig {
+            first_check: Duration::from_millis(100),
+            check_interval: Duration::from_millis(200),
+            max_checks: 3,
+        };
+        let interval = cfg.check_interval.as_millis() as i64;
+        let mut tx = Transactions::new(store.clone(), cfg.clone());
+        let mut txs: Vec<Modeled> = Vec::new();
+        // Virtual time: ahead of the real clock by a growing skew.
+        let mut skew = 0i64;
+        for step in 0..400 {
+            match rng.random_range(0..100) {
+                0..30 => {
+                    let id = format!("M{step}");
+                    let delay = rng
+                        .random_bool(0.5)
+                        .then(|| Duration::from_millis(rng.random_range(0..500)));
+                    let rec = NewRecord::new("orders", rng.random_range(0..2), id.clone())
+                        .with_property(keys::MESSAGE_ID, id.clone());
+                    let a = write
+                        .write_one(Transactions::hold(rec, delay))
+                        .await
+                        .expect("send half");
+                    let wait = delay.unwrap_or_default().max(cfg.first_check);
+                    let first_due = a.store_ms + wait.as_millis() as i64;
+                    txs.push(Modeled {
+                        tx_id: transaction_id(a.queue_offset, &id),
+                        message_id: id,
+                        half_offset: a.queue_offset,
+                        fate: None,
+                        checks: 0,
+                        due_lo: first_due,
+                        due_hi: first_due,
+                        first_due,
+                        last_check_real: (0, 0),
+                    });
+                }
+                30..55 if !txs.is_empty() => {
+                    // Mostly open transactions, so decisions race check-backs.
+                    let open: Vec<usize> =
+                        (0..txs.len()).filter(|&i| txs[i].fate.is_none()).collect();
+                    let i = if !open.is_empty() && rng.random_bool(0.7) {
+                        open[rng.random_range(0..open.len())]
+                    } else {
+                        rng.random_range(0..txs.len())
+                    };
+                    let decision = if rng.random_bool(0.5) {
+                        Decision::Commit
+                    } else {
+                        Decision::Rollback
+                    };
+                    let t = &mut txs[i];
+                    let (tx_id, topic) = match rng.random_range(0..20) {
+                        0 => (format!("{:X}-nobody", t.half_offset + 10_000), "orders"),
+                        1 => (t.tx_id.clone(), "payments"),
+                        _ => (t.tx_id.clone(), "orders"),
+                    };
+                    let got = tx.end(&write, &tx_id, &t.message_id, topic, decision).await;
+                    match (got, t.fate) {
+                        (Err(EndError::Unknown(_)), _) if tx_id != t.tx_id => {}
+                        (Err(EndError::Mismatch { .. }), _) if topic != "orders" => {}
+                        (Ok(()), None) if tx_id == t.tx_id && topic == "orders" => {
+                            t.fate = Some(decision)
+                        }
+                        (Ok(()), Some(d))
+                            if d == decision && tx_id == t.tx_id && topic == "orders" => {}
+                        (Err(EndError::Conflict { previous, .. }), Some(d))
+                            if previous == d
+                                && d != decision
+                                && tx_id == t.tx_id
+                                && topic == "orders" => {}
+                        (got, fate) => panic!(
+                            "step {step}: end({tx_id}, {topic}, {decision}) on a transaction \
+                             {fate:?} gave {got:?}"
+                        ),
+                    }
+                }
+                55..80 => {
+                    skew += rng.random_range(0..150);
+                    let r0 = now_ms();
+                    let now = r0 + skew;
+                    let due = tx.due_checks(&write, now).await;
+                    let r1 = now_ms();
+                    let mut checked: HashMap<u64, u32> = HashMap::new();
+                    for d in &due {
+                        assert!(
+                            checked.insert(d.half_offset, d.check).is_none(),
+                            "step {step}: two checks of one"
+                        );
+                    }
+                    let pending: BTreeSet<u64> = tx.state.lock().pending.keys().copied().collect();
+                    for t in txs.iter_mut().filter(|t| t.fate.is_none()) {
+                        if let Some(&check) = checked.get(&t.half_offset) {
+                            assert!(
+                                now >= t.due_lo,
+                                "step {step}: {} checked {} ms early",
+                                t.tx_id,
+                                t.due_lo - now
+                            );
+                            assert_eq!(check, t.checks + 1, "step {step}: {} check count", t.tx_id);
+                            assert!(check <= cfg.max_checks, "step {step}: too many checks");
+                            t.checks = check;
+                            (t.due_lo, t.due_hi) = (now + interval, now + interval);
+                            t.last_check_real = (r0, r1);
+                        } else if !pending.contains(&t.half_offset) {
+                            assert!(
+                                t.checks == cfg.max_checks && now >= t.due_lo,
+                                "step {step}: {} discarded after {} checks, {} ms before due",
+                                t.tx_id,
+                                t.checks,
+                                t.due_lo - now
+                            );
+                            t.fate = Some(Decision::Discard);
+                        } else {
+                            assert!(
+                                now < t.due_hi,
+                                "step {step}: {} overdue by {} ms and not checked",
+                                t.tx_id,
+                                now - t.due_hi
+                            );
+                        }
+                    }
+                    for d in &due {
+                        let t = txs.iter().find(|t| t.half_offset == d.half_offset);
+                        let t =
+                            t.unwrap_or_else(|| panic!("step {step}: check of an unknown half"));
+                        assert_eq!(t.tx_id, d.tx_id);
+                        assert_eq!(d.message.topic, "orders");
+                        assert_eq!(
+                            d.message.properties.get(keys::MESSAGE_ID),
+                            Some(&t.message_id)
+                        );
+                    }
+                }
+                80..92 => {
+                    if rng.random_bool(0.5) {
+                        store.shutdown().expect("shutdown");
+                        (store, write) = crate::testing::lone_master(dir.path());
+                    }
+                    tx = Transactions::new(store.clone(), cfg.clone());
+                    tx.load();
+                    // The next check's time now comes from the op record.
+                    for t in txs.iter_mut().filter(|t| t.fate.is_none() && t.checks > 0) {
+                        t.due_lo = t.first_due.max(t.last_check_real.0 + interval);
+                        t.due_hi = t.first_due.max(t.last_check_real.1 + interval);
+                    }
+                }
+                _ => {}
+            }
+            tx.load();
+            let open = txs.iter().filter(|t| t.fate.is_none()).count();
+            assert_eq!(tx.pending_count(), open, "step {step}: pending");
+            let mut committed: Vec<&str> = txs
+                .iter()
+                .filter(|t| t.fate == Some(Decision::Commit))
+                .map(|t| t.message_id.as_str())
+                .collect();
+            committed.sort_unstable();
+            let mut real: Vec<String> = Vec::new();
+            for q in 0..2 {
+                for r in store
+                    .get_range("orders", q, 0, usize::MAX, usize::MAX)
+                    .expect("read")
+                {
+                    assert_eq!(r.flags & flags::TRANSACTION_HALF, 0);
+                    real.push(
+                        r.properties
+                            .get(keys::MESSAGE_ID)
+                            .cloned()
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+            real.sort_unstable();
+            assert_eq!(real, committed, "step {step}: the real topic");
+        }
+        let fates = |d| txs.iter().filter(|t| t.fate == Some(d)).count();
+        eprintln!(
+            "{} transactions: {} committed, {} rolled back, {} discarded, {} open",
+            txs.len(),
+            fates(Decision::Commit),
+            fates(Decision::Rollback),
+            fates(Decision::Discard),
+            txs.iter().filter(|t| t.fate.is_none()).count()
+        );
+        assert!(fates(Decision::Discard) > 0 && fates(Decision::Commit) > 0);
+        store.shutdown().expect("shutdown");
+    }
 }
