@@ -1033,6 +1033,28 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_queue_entry_does_not_hide_its_message() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        for i in 0..4 {
+            put(&s, 0, "a", &format!("m{i}"));
+        }
+        // Entry 1 of queue 0 reads as never written, as a lost write of the
+        // queue file would leave it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("consumequeue/t/0/00000000000000000000"))
+            .and_then(|f| f.write_all_at(&[0u8; 20], 20))
+            .expect("damage the entry");
+        let c = Consumption::new(s.clone());
+        let got = c.receive(&req(&TagFilter::All, 0, false)).expect("receive");
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [&b"m0"[..], b"m1", b"m2", b"m3"]);
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
     fn ack_redelivery_and_stale_handles() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path());

@@ -173,22 +173,35 @@ impl ConsumeQueue {
 
     /// Entry `index`, if it is visible and still on disk.
     pub fn get(&self, index: u64) -> Option<CqEntry> {
+        self.get_stored(index).filter(|e| e.size != 0)
+    }
+
+    /// Entry `index` as stored, zeros included (a visible entry that reads
+    /// as never written is damaged), if it is visible and still on disk.
+    pub fn get_stored(&self, index: u64) -> Option<CqEntry> {
+        let slot = self.slot(index)?;
+        // SAFETY: the entry is below `published`, so it is fully written.
+        let b = unsafe {
+            slot.file
+                .file
+                .slice((index - slot.file.base) * ENTRY_LEN, ENTRY_LEN as usize)
+        };
+        Some(decode_entry(b))
+    }
+
+    /// Where visible entry `index` is stored, if its file is still on disk
+    /// (to rewrite a damaged entry with [`CqSlot::put`]).
+    pub fn slot(&self, index: u64) -> Option<CqSlot> {
         if index >= self.max_index() {
             return None;
         }
         let files = self.files.read();
         let i = files.partition_point(|f| f.base <= index).checked_sub(1)?;
         let f = &files[i];
-        if index >= f.base + self.entries_per_file {
-            return None;
-        }
-        // SAFETY: the entry is below `published`, so it is fully written.
-        let b = unsafe {
-            f.file
-                .slice((index - f.base) * ENTRY_LEN, ENTRY_LEN as usize)
-        };
-        let e = decode_entry(b);
-        (e.size != 0).then_some(e)
+        (index < f.base + self.entries_per_file).then(|| CqSlot {
+            file: f.clone(),
+            index,
+        })
     }
 
     /// Unmaps, from the process, pages of this queue's files more than

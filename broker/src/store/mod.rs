@@ -186,6 +186,14 @@ pub enum StoreError {
     #[error("corrupt data at commit log offset {offset}: {reason}")]
     Corrupt { offset: u64, reason: String },
     #[error(
+        "entry {queue_offset} of the consume queue of {topic}/{queue_id} is damaged and its record was not found in the commit log"
+    )]
+    DamagedIndex {
+        topic: String,
+        queue_id: u32,
+        queue_offset: u64,
+    },
+    #[error(
         "the commit log is corrupt at offset {offset} ({reason}); {why}. The broker will not start: \
          nothing past that offset can be trusted. To discard the log from there on, restart with \
          --allow-truncate-at {offset} (records at and after it are lost)"
@@ -334,6 +342,12 @@ const CHECKPOINT: &str = "checkpoint.json";
 /// The longest the SYNC_FLUSH flusher waits for the callers its last flush
 /// released to append again (see `flush_loop`).
 const MAX_GATHER: Duration = Duration::from_millis(1);
+
+/// A damaged consume-queue entry is searched for between the nearest
+/// sound entries at most this many entries away on either side...
+const REPAIR_NEIGHBOURS: u64 = 16;
+/// ...in at most this much of the commit log.
+const REPAIR_MAX_SCAN: u64 = 256 << 20;
 
 /// Decodes (CRC-checked) the record stored at commit-log `offset` and
 /// checks it is message `queue_offset` of `topic`/`queue_id`, as the consume
@@ -875,7 +889,7 @@ impl MessageStore {
         queue_id: u32,
         queue_offset: u64,
     ) -> Result<Option<StoredRecord>, StoreError> {
-        let Some(e) = self.queue_entry(topic, queue_id, queue_offset) else {
+        let Some(e) = self.entry(topic, queue_id, queue_offset)? else {
             return Ok(None);
         };
         self.get_entry(topic, queue_id, queue_offset, e)
@@ -893,8 +907,138 @@ impl MessageStore {
         if e.offset < self.min_offset() {
             return Ok(None);
         }
+        let err = match self.read_entry(topic, queue_id, queue_offset, e) {
+            Ok(r) => return Ok(Some(r)),
+            Err(err) => err,
+        };
+        // The entry may be what is damaged rather than the log.
+        match self
+            .queue(topic, queue_id)
+            .and_then(|q| self.repair_entry(&q, topic, queue_id, queue_offset, &err.to_string()))
+        {
+            Some(fixed) if fixed != e => self
+                .read_entry(topic, queue_id, queue_offset, fixed)
+                .map(Some),
+            _ => Err(err),
+        }
+    }
+
+    fn read_entry(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+        e: CqEntry,
+    ) -> Result<StoredRecord, StoreError> {
         let bytes = self.inner.clog.read(e.offset, e.size as usize)?;
-        decode_entry(&bytes, topic, queue_id, queue_offset, e.offset).map(Some)
+        decode_entry(&bytes, topic, queue_id, queue_offset, e.offset)
+    }
+
+    /// Rewrites entry `queue_offset` of a consume queue from the commit log
+    /// after it was found damaged (`why`): the record is searched between
+    /// the nearest earlier and later entries that check out. Consume
+    /// queues are derived data; a damaged entry must neither hide its
+    /// message (a consumer would skip it) nor fail every read of it. Returns
+    /// the entry written, or `None` (logged) when the record is not found.
+    fn repair_entry(
+        &self,
+        q: &ConsumeQueue,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+        why: &str,
+    ) -> Option<CqEntry> {
+        let sound = |i: u64| {
+            q.get_stored(i).filter(|e| {
+                e.size != 0
+                    && e.offset >= self.min_offset()
+                    && self.read_entry(topic, queue_id, i, *e).is_ok()
+            })
+        };
+        let from = (1..=REPAIR_NEIGHBOURS)
+            .filter_map(|k| queue_offset.checked_sub(k))
+            .find_map(sound)
+            .map_or(self.min_offset(), |e| e.offset + u64::from(e.size))
+            .max(self.min_offset());
+        let to = (1..=REPAIR_NEIGHBOURS)
+            .map(|k| queue_offset + k)
+            .find_map(sound)
+            .map_or(self.max_offset(), |e| e.offset);
+        let found = if to.saturating_sub(from) > REPAIR_MAX_SCAN {
+            None
+        } else {
+            self.find_record(topic, queue_id, queue_offset, from, to)
+        };
+        let Some(e) = found else {
+            tracing::error!(
+                topic,
+                queue_id,
+                queue_offset,
+                reason = why,
+                searched_from = from,
+                searched_to = to,
+                "a consume-queue entry is damaged and its record was not found in the commit log"
+            );
+            return None;
+        };
+        if let Some(slot) = q.slot(queue_offset) {
+            // Appenders write entries under the append lock; so does this.
+            let _tail = self.inner.tail.lock();
+            slot.put(e);
+        }
+        tracing::warn!(
+            topic,
+            queue_id,
+            queue_offset,
+            offset = e.offset,
+            reason = why,
+            "a consume-queue entry was damaged; rewrote it from the commit log"
+        );
+        Some(e)
+    }
+
+    /// The consume-queue entry of message `queue_offset` of a topic-queue,
+    /// found by walking the commit log's records in `[from, to)`.
+    fn find_record(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+        from: u64,
+        to: u64,
+    ) -> Option<CqEntry> {
+        let mut pos = from;
+        while pos < to {
+            let (step, hit) = self
+                .inner
+                .clog
+                .with_bytes(pos, |b| {
+                    Ok(match record::probe(b, pos) {
+                        record::Probe::Record {
+                            len,
+                            queue_offset: qo,
+                            queue_id: qid,
+                        } => (len, qid == queue_id && qo == queue_offset),
+                        // The rest of the segment.
+                        record::Probe::Blank => (b.len(), false),
+                        record::Probe::Empty | record::Probe::Bad(_) => (0, false),
+                    })
+                })
+                .ok()?;
+            if step == 0 {
+                return None;
+            }
+            if hit {
+                let r = self.read_at(pos).ok().filter(|r| r.topic == topic)?;
+                return Some(CqEntry {
+                    offset: pos,
+                    size: r.size,
+                    tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
+                });
+            }
+            pos += step as u64;
+        }
+        None
     }
 
     /// The bytes of the whole record stored at `offset`, `size` long, as a
@@ -948,8 +1092,43 @@ impl MessageStore {
     }
 
     /// The consume-queue entry `queue_offset` (offset, size and tag hash).
+    /// A damaged entry whose record cannot be found is skipped (`None`;
+    /// the error is logged).
     pub fn queue_entry(&self, topic: &str, queue_id: u32, queue_offset: u64) -> Option<CqEntry> {
-        self.queue(topic, queue_id)?.get(queue_offset)
+        self.entry(topic, queue_id, queue_offset).ok().flatten()
+    }
+
+    /// The consume-queue entry `queue_offset`, if it is visible. One that
+    /// reads as never written is damaged: it is rewritten from the commit
+    /// log (see `repair_entry`), or reported if its record is not found.
+    fn entry(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        queue_offset: u64,
+    ) -> Result<Option<CqEntry>, StoreError> {
+        let Some(q) = self.queue(topic, queue_id) else {
+            return Ok(None);
+        };
+        let Some(e) = q.get_stored(queue_offset) else {
+            return Ok(None);
+        };
+        if e.size != 0 {
+            return Ok(Some(e));
+        }
+        self.repair_entry(
+            &q,
+            topic,
+            queue_id,
+            queue_offset,
+            "entry reads as never written",
+        )
+        .map(Some)
+        .ok_or_else(|| StoreError::DamagedIndex {
+            topic: topic.to_owned(),
+            queue_id,
+            queue_offset,
+        })
     }
 
     /// First readable message index of a topic-queue.
