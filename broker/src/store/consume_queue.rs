@@ -396,19 +396,33 @@ fn decode_entry(b: &[u8]) -> CqEntry {
 /// Number of written entries at the start of a file (written entries are a
 /// prefix, so a binary search on "size is not zero" finds the end).
 fn written_entries(file: &MappedFile, entries_per_file: u64) -> u64 {
-    let (mut lo, mut hi) = (0, entries_per_file);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        // SAFETY: in bounds; the queue is not shared yet while opening.
-        let b = unsafe { file.slice(mid * ENTRY_LEN, ENTRY_LEN as usize) };
-        if le_u32(b, 8) != 0 {
-            lo = mid + 1;
-        } else {
-            hi = mid;
+    // SAFETY: in bounds; the queue is not shared yet while opening.
+    let written = |i: u64| le_u32(unsafe { file.slice(i * ENTRY_LEN, ENTRY_LEN as usize) }, 8) != 0;
+    let mut lo = 0;
+    loop {
+        let mut hi = entries_per_file;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if written(mid) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        // Entries reading as zeros amid written ones (damage, rewritten
+        // when read) would end the queue early, and the next appends would
+        // overwrite the entries after them: look a little further.
+        let past = (lo + 1..(lo + LOOK_PAST_ENTRIES).min(entries_per_file)).find(|&i| written(i));
+        match past {
+            Some(i) => lo = i + 1,
+            None => return lo,
         }
     }
-    lo
 }
+
+/// How far past the first entry that reads as never written the end of a
+/// queue file is looked for at open: 1024 entries (five pages).
+const LOOK_PAST_ENTRIES: u64 = 1024;
 
 /// File name for a file whose first entry is `base`.
 pub fn base_name(base: u64) -> String {

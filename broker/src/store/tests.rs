@@ -1544,3 +1544,48 @@ fn damaged_consume_queue_entries_are_rewritten_from_the_commit_log() {
     assert_eq!(store.queue_entry("orders", 1, 20), None, "skipped, logged");
     crash(store);
 }
+
+#[test]
+fn a_damaged_entry_does_not_end_a_queue_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.cq_entries_per_file = 1024;
+    let store = MessageStore::open(cfg.clone()).expect("open");
+    let body = |topic: &str, i: u64| {
+        let mut b = format!("{topic}-{i}-").into_bytes();
+        b.resize(1000, b'.');
+        b
+    };
+    let put = |topic: &str, n: u64| {
+        for i in 0..n {
+            let a = store
+                .append(NewRecord::new(topic, 0, body(topic, i)))
+                .expect("append");
+            store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        }
+    };
+    put("idle", 300);
+    // Later segments hold no record of "idle": recovery does not look at it.
+    put("busy", 200);
+    // Entry 256 is where the search for a queue's end looks first (after 512).
+    let q = store.queue("idle", 0).expect("queue");
+    q.slot(256).expect("slot").put(CqEntry {
+        offset: 0,
+        size: 0,
+        tag_hash: 0,
+    });
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(cfg).expect("reopen");
+    assert!(store.recovery_report().scanned_from > 300 * 1000);
+    assert_eq!(store.queue_max_offset("idle", 0), 300, "the queue's end");
+    let a = store
+        .append(NewRecord::new("idle", 0, body("idle", 300)))
+        .expect("append");
+    store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    assert_eq!(a.queue_offset, 300, "the next append goes after the end");
+    for i in 0..=300 {
+        let r = store.get("idle", 0, i).expect("read").expect("present");
+        assert_eq!(r.body, body("idle", i), "message {i}");
+    }
+    store.shutdown().expect("shutdown");
+}
