@@ -893,6 +893,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restart_keeps_the_time_of_the_last_check_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let cfg = TransactionConfig {
+            check_interval: Duration::from_secs(60),
+            ..cfg()
+        };
+        let tx = Transactions::new(store.clone(), cfg.clone());
+        write.write(vec![half("A")]).await.expect("write");
+        let checked_at = now_ms();
+        assert_eq!(tx.due_checks(&write, checked_at).await.len(), 1);
+        // After a restart the next check is an interval after the last one
+        // (its op record's time), not due again at once.
+        let again = Transactions::new(store.clone(), cfg);
+        again.load();
+        assert!(again.due_checks(&write, now_ms()).await.is_empty());
+        let second = again.due_checks(&write, now_ms() + 61_000).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].check, 2);
+    }
+
+    #[tokio::test]
     async fn unresolved_halves_are_checked_then_discarded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
