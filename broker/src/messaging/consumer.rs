@@ -367,9 +367,23 @@ impl Consumption {
         };
         // Messages that used up their attempts left the in-flight state
         // above: they go to the dead-letter topic even if the record failed.
+        // One that cannot be read or moved is logged; it stops neither the
+        // others nor this claim.
         for (q, off, attempts) in dead {
-            if let Some(record) = self.store.get(req.topic, q, off)? {
-                self.to_dead_letter(req.group, record, attempts)?;
+            let moved = self.store.get(req.topic, q, off).and_then(|r| match r {
+                Some(record) => self.to_dead_letter(req.group, record, attempts).map(Some),
+                None => Ok(None),
+            });
+            if let Err(e) = moved {
+                tracing::error!(
+                    error = %e,
+                    group = req.group,
+                    topic = req.topic,
+                    queue = q,
+                    queue_offset = off,
+                    attempts,
+                    "a message that used up its attempts could not be moved to the dead-letter topic"
+                );
             }
         }
         Ok(Claim {
@@ -391,8 +405,30 @@ impl Consumption {
         records: Vec<Result<Option<StoredRecord>, StoreError>>,
     ) -> Result<Vec<Delivered>, StoreError> {
         let mut pairs = Vec::with_capacity(claimed.len());
+        let mut unreadable = None;
         for (c, record) in claimed.into_iter().zip(records) {
-            pairs.push((c, record?));
+            match record {
+                Ok(r) => pairs.push((c, r)),
+                Err(e) => {
+                    // Left in flight: offered again once its invisible time
+                    // runs out, until its attempts are used up.
+                    tracing::error!(
+                        error = %e,
+                        group = req.group,
+                        topic = req.topic,
+                        queue = c.queue_id,
+                        queue_offset = c.queue_offset,
+                        "a claimed message could not be read; the others are handed out"
+                    );
+                    unreadable.get_or_insert(e);
+                }
+            }
+        }
+        // Nothing readable at all: the caller hears why.
+        if pairs.is_empty()
+            && let Some(e) = unreadable
+        {
+            return Err(e);
         }
         let mut out = Vec::with_capacity(pairs.len());
         let mut settled = Vec::new();
@@ -1030,6 +1066,59 @@ mod tests {
     fn put(s: &MessageStore, q: u32, tag: &str, body: &str) {
         s.append(NewRecord::new("t", q, body.as_bytes().to_vec()).with_property(keys::TAG, tag))
             .expect("append");
+    }
+
+    #[test]
+    fn an_unreadable_message_holds_up_neither_its_batch_nor_the_dead_letters() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let mut ends = Vec::new();
+        for i in 0..3 {
+            let a = s
+                .append(
+                    NewRecord::new("t", 0, format!("m{i}").into_bytes())
+                        .with_property(keys::TAG, "a"),
+                )
+                .expect("append");
+            ends.push(a.end_offset);
+        }
+        // m1's last byte (of its body) flipped on disk: its checksum fails.
+        let segment = dir.path().join("commitlog/00000000000000000000");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&segment)
+            .expect("open segment");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, ends[1] - 1).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], ends[1] - 1).expect("write");
+        assert!(s.get("t", 0, 1).is_err(), "m1 is unreadable");
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        for (round, now) in [0, 2000, 4000].into_iter().enumerate() {
+            let got = c.receive(&req(&all, now, false)).expect("receive");
+            let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+            assert_eq!(bodies, [&b"m0"[..], b"m2"], "round {round}");
+        }
+        // Attempts used up: m0 and m2 go to the dead-letter topic; m1,
+        // unreadable, is logged and does not stop them.
+        assert!(
+            c.receive(&req(&all, 6000, false))
+                .expect("receive")
+                .is_empty()
+        );
+        let dead: Vec<Vec<u8>> = (0..s.queue_max_offset("%DLQ%g", 0))
+            .map(|i| {
+                s.get("%DLQ%g", 0, i)
+                    .expect("read")
+                    .expect("dead letter")
+                    .body
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(dead, [b"m0".to_vec(), b"m2".to_vec()]);
+        s.shutdown().expect("shutdown");
     }
 
     #[test]
