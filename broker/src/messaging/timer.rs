@@ -17,7 +17,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::store::{MessageStore, NewRecord, keys, now_ms, record::flags};
+use crate::store::{MessageStore, NewRecord, StoreError, keys, now_ms, record::flags};
 use crate::write_path::WritePath;
 
 /// System topic holding messages until they are due.
@@ -121,6 +121,7 @@ impl Timer {
                 .collect()
         };
         let mut delivered = 0;
+        let mut unread = None;
         for key in due {
             let held = match self.store.get(DELAY_TOPIC, 0, key.1) {
                 Ok(Some(r)) => r,
@@ -128,7 +129,19 @@ impl Timer {
                     self.mark_done(key);
                     continue;
                 }
-                Err(e) => return Err(e.to_string()),
+                // Corrupt: it will never be readable; skipped, as `load`
+                // does, so it does not hold up the messages due after it.
+                Err(e @ (StoreError::Corrupt { .. } | StoreError::DamagedIndex { .. })) => {
+                    tracing::error!(error = %e, offset = key.1, "unreadable delayed message skipped");
+                    self.mark_done(key);
+                    continue;
+                }
+                // Perhaps passing: tried again next time; the others go now.
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = key.1, "delayed message not readable now; trying again later");
+                    unread.get_or_insert(e.to_string());
+                    continue;
+                }
             };
             let mut properties = held.properties.clone();
             let topic = properties.remove(keys::ORIGIN_TOPIC).unwrap_or_default();
@@ -152,7 +165,10 @@ impl Timer {
                 Err(e) => return Err(e.to_string()),
             }
         }
-        Ok(delivered)
+        match unread {
+            Some(e) if delivered == 0 => Err(e),
+            _ => Ok(delivered),
+        }
     }
 
     /// Records that the pending message `key` (due ms, delay-queue offset)
@@ -282,6 +298,59 @@ mod tests {
         assert_eq!(timer.deliver_due(&write, now).await.expect("deliver"), 0);
         assert_eq!(delivered(&store, "t"), before);
         assert_eq!(before.len(), 80, "every message delivered");
+    }
+
+    #[tokio::test]
+    async fn a_delayed_message_damaged_after_loading_does_not_hold_up_the_rest() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let now = now_ms();
+        let mut held = Vec::new();
+        for (id, due) in [("a", now + 1_000), ("b", now + 2_000)] {
+            let rec = NewRecord::new("t", 0, b"body".to_vec()).with_property(keys::MESSAGE_ID, id);
+            held.push(
+                write
+                    .write(vec![Timer::hold(rec, due)])
+                    .await
+                    .expect("hold")[0],
+            );
+        }
+        let timer = Timer::new(store.clone());
+        assert_eq!(
+            timer.deliver_due(&write, now).await.expect("deliver"),
+            0,
+            "none due yet"
+        );
+        // a's last byte flipped on disk once it was loaded.
+        let a = held[0];
+        let seg = store.config().segment_size;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(crate::store::segment_path(dir.path(), seg, a.offset))
+            .expect("segment");
+        let at = a.end_offset - 1 - a.offset / seg * seg;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+        assert_eq!(
+            timer
+                .deliver_due(&write, now + 3_000)
+                .await
+                .expect("deliver"),
+            1
+        );
+        assert_eq!(
+            delivered(&store, "t").get("b"),
+            Some(&1),
+            "b came due after a"
+        );
+        assert_eq!(
+            store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
+            Some(2),
+            "the progress passes the unreadable message"
+        );
     }
 
     #[tokio::test]
