@@ -513,7 +513,7 @@ impl Transactions {
         decision: Decision,
     ) -> Result<(), EndError> {
         self.load();
-        let off = {
+        let (off, named) = {
             let mut st = self.state.lock();
             let check = |t: &str, m: &str| {
                 if t != topic || (!message_id.is_empty() && m != message_id) {
@@ -544,6 +544,7 @@ impl Transactions {
                 return Err(EndError::Unknown(tx_id.to_owned()));
             };
             check(&p.topic, &p.message_id)?;
+            let named = (p.topic.clone(), p.message_id.clone());
             match p.resolving {
                 // Another request is writing the same decision; if that
                 // write fails the half message stays and is checked back.
@@ -556,9 +557,9 @@ impl Transactions {
                 }
                 None => p.resolving = Some(decision),
             }
-            off
+            (off, named)
         };
-        let result = self.write_decision(write, off, decision).await;
+        let result = self.write_decision(write, off, decision, named).await;
         let mut st = self.state.lock();
         match &result {
             Ok(()) => {
@@ -581,19 +582,30 @@ impl Transactions {
     }
 
     /// Appends the op record (and on commit the real message, in the same
-    /// append) for the half message at `off`.
+    /// append) for the half message at `off`, whose topic and message id
+    /// are `named`.
     async fn write_decision(
         &self,
         write: &WritePath,
         off: u64,
         decision: Decision,
+        named: (String, String),
     ) -> Result<(), EndError> {
         let mut records = Vec::with_capacity(2);
         let half = match self.store.get(HALF_TOPIC, 0, off) {
             Ok(h) => h.map(|h| Self::real(&h)),
-            Err(e) => return Err(EndError::Write(WriteError::Store(e))),
+            // A commit needs the message; a rollback or discard of one that
+            // can no longer be read is still recorded, or it would stay
+            // open, checked back and retried for ever.
+            Err(e) if decision == Decision::Commit => {
+                return Err(EndError::Write(WriteError::Store(e)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, half_offset = off, %decision, "half message unreadable; recording the decision without it");
+                None
+            }
         };
-        let (topic, message_id) = half.as_ref().map_or_else(Default::default, |h| {
+        let (topic, message_id) = half.as_ref().map_or(named, |h| {
             let id = h.properties.get(keys::MESSAGE_ID).cloned();
             (h.topic.clone(), id.unwrap_or_default())
         });
@@ -912,6 +924,50 @@ mod tests {
         let second = again.due_checks(&write, now_ms() + 61_000).await;
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].check, 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_half_message_is_still_discarded() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = write.write(vec![half("A")]).await.expect("write")[0];
+        tx.load();
+        // Its last byte flipped on disk after it was loaded.
+        let seg = store.config().segment_size;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(crate::store::segment_path(dir.path(), seg, a.offset))
+            .expect("segment");
+        let at = a.end_offset - 1 - a.offset / seg * seg;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).expect("read");
+        f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+        let now = now_ms() + 1000;
+        for i in 0..3 {
+            assert!(
+                tx.due_checks(&write, now + 10 * i).await.is_empty(),
+                "nothing to ask a producer about"
+            );
+        }
+        assert_eq!(tx.pending_count(), 0, "discarded after the maximum checks");
+        assert_eq!(tx.stats.discarded.load(Ordering::Relaxed), 1);
+        // The discard is recorded under the transaction's topic and message.
+        let again = Transactions::new(store.clone(), cfg());
+        again.load();
+        assert_eq!(again.pending_count(), 0);
+        let id = transaction_id(a.queue_offset, "A");
+        assert!(matches!(
+            again
+                .end(&write, &id, "A", "orders", Decision::Commit)
+                .await,
+            Err(EndError::Conflict {
+                previous: Decision::Discard,
+                ..
+            })
+        ));
     }
 
     #[tokio::test]
