@@ -48,3 +48,21 @@ pub fn lone_master(dir: &Path) -> (MessageStore, WritePath) {
     .expect("replication");
     (store.clone(), WritePath::new(store, repl))
 }
+
+/// Flips the last byte of record `a` (its body's last byte) in its segment
+/// file on disk, as a bad disk would: its checksum then fails.
+#[cfg(test)]
+pub fn corrupt_on_disk(store: &MessageStore, a: &crate::store::Appended) {
+    use std::os::unix::fs::FileExt;
+    let seg = store.config().segment_size;
+    let path = crate::store::segment_path(&store.config().data_dir, seg, a.offset);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("segment");
+    let at = a.end_offset - 1 - a.offset / seg * seg;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+}

@@ -1070,29 +1070,18 @@ mod tests {
 
     #[test]
     fn an_unreadable_message_holds_up_neither_its_batch_nor_the_dead_letters() {
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path());
-        let mut ends = Vec::new();
-        for i in 0..3 {
-            let a = s
-                .append(
+        let appended: Vec<_> = (0..3)
+            .map(|i| {
+                s.append(
                     NewRecord::new("t", 0, format!("m{i}").into_bytes())
                         .with_property(keys::TAG, "a"),
                 )
-                .expect("append");
-            ends.push(a.end_offset);
-        }
-        // m1's last byte (of its body) flipped on disk: its checksum fails.
-        let segment = dir.path().join("commitlog/00000000000000000000");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&segment)
-            .expect("open segment");
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, ends[1] - 1).expect("read");
-        f.write_all_at(&[b[0] ^ 0xff], ends[1] - 1).expect("write");
+                .expect("append")
+            })
+            .collect();
+        crate::testing::corrupt_on_disk(&s, &appended[1]);
         assert!(s.get("t", 0, 1).is_err(), "m1 is unreadable");
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
@@ -1124,11 +1113,7 @@ mod tests {
     #[test]
     fn a_damaged_queue_entry_does_not_hide_its_message() {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path());
-        for i in 0..4 {
-            put(&s, 0, "a", &format!("m{i}"));
-        }
+        let (dir, s) = filled(4);
         // Entry 1 of queue 0 reads as never written, as a lost write of the
         // queue file would leave it.
         std::fs::OpenOptions::new()

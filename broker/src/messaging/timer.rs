@@ -302,7 +302,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_delayed_message_damaged_after_loading_does_not_hold_up_the_rest() {
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
         let now = now_ms();
@@ -322,18 +321,8 @@ mod tests {
             0,
             "none due yet"
         );
-        // a's last byte flipped on disk once it was loaded.
-        let a = held[0];
-        let seg = store.config().segment_size;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(crate::store::segment_path(dir.path(), seg, a.offset))
-            .expect("segment");
-        let at = a.end_offset - 1 - a.offset / seg * seg;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).expect("read");
-        f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+        // a damaged on disk once it was loaded.
+        crate::testing::corrupt_on_disk(&store, &held[0]);
         assert_eq!(
             timer
                 .deliver_due(&write, now + 3_000)
@@ -375,20 +364,7 @@ mod tests {
                 .expect("write");
         }
         store.shutdown().expect("shutdown");
-        {
-            use std::os::unix::fs::FileExt;
-            let seg = store.config().segment_size;
-            let path = crate::store::segment_path(dir.path(), seg, a.offset);
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .expect("segment");
-            let at = a.end_offset - 1 - a.offset / seg * seg;
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, at).expect("read");
-            f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
-        }
+        crate::testing::corrupt_on_disk(&store, &a);
         drop((store, write));
         let (store, write) = crate::testing::lone_master(dir.path());
         assert!(store.get(DELAY_TOPIC, 0, 0).is_err(), "the damage is seen");

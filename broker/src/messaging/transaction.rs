@@ -928,23 +928,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_half_message_is_still_discarded() {
-        use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         let a = write.write(vec![half("A")]).await.expect("write")[0];
         tx.load();
-        // Its last byte flipped on disk after it was loaded.
-        let seg = store.config().segment_size;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(crate::store::segment_path(dir.path(), seg, a.offset))
-            .expect("segment");
-        let at = a.end_offset - 1 - a.offset / seg * seg;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).expect("read");
-        f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+        // Damaged on disk after it was loaded.
+        crate::testing::corrupt_on_disk(&store, &a);
         let now = now_ms() + 1000;
         for i in 0..3 {
             assert!(
