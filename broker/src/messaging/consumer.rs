@@ -406,10 +406,19 @@ impl Consumption {
     ) -> Result<Vec<Delivered>, StoreError> {
         let mut pairs = Vec::with_capacity(claimed.len());
         let mut unreadable = None;
+        // FIFO queues with an unreadable message: what follows it there
+        // stays in flight too, to come back in order behind it.
+        let mut held: Vec<u32> = Vec::new();
         for (c, record) in claimed.into_iter().zip(records) {
+            if held.contains(&c.queue_id) {
+                continue;
+            }
             match record {
                 Ok(r) => pairs.push((c, r)),
                 Err(e) => {
+                    if req.fifo {
+                        held.push(c.queue_id);
+                    }
                     // Left in flight: offered again once its invisible time
                     // runs out, until its attempts are used up.
                     tracing::error!(
@@ -1085,6 +1094,15 @@ mod tests {
         assert!(s.get("t", 0, 1).is_err(), "m1 is unreadable");
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
+        // A FIFO group gets what comes before it; what follows waits behind it.
+        let fifo = ReceiveRequest {
+            group: "f",
+            ..req(&all, 0, true)
+        };
+        let got = c.receive(&fifo).expect("receive");
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [&b"m0"[..]]);
+        assert_eq!(c.in_flight("f", "t", 0), 3);
         for (round, now) in [0, 2000, 4000].into_iter().enumerate() {
             let got = c.receive(&req(&all, now, false)).expect("receive");
             let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
