@@ -112,6 +112,15 @@ fn log_bytes(s: &MessageStore) -> Vec<u8> {
     out
 }
 
+/// The sequence numbers of `acked` that `have` (sorted) lacks.
+fn missing(acked: &[u64], have: &[u64]) -> Vec<u64> {
+    acked
+        .iter()
+        .filter(|s| have.binary_search(s).is_err())
+        .copied()
+        .collect()
+}
+
 fn seqs(s: &MessageStore) -> Vec<u64> {
     let mut out = Vec::new();
     for q in 0..4 {
@@ -313,13 +322,8 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         back.repl.follow(addr, epoch).expect("old master follows");
         brokers[master] = back;
         master = new;
-        let have = seqs(&brokers[master].store);
         let acked_now = acked.lock().clone();
-        let lost: Vec<u64> = acked_now
-            .iter()
-            .filter(|s| have.binary_search(s).is_err())
-            .copied()
-            .collect();
+        let lost = missing(&acked_now, &seqs(&brokers[master].store));
         assert!(
             lost.is_empty(),
             "round {round}: the new master b{master} lacks acknowledged sends {lost:?}"
@@ -330,15 +334,20 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         );
     }
     // One more acknowledged send once both slaves follow, then convergence.
+    // A send that failed may still be stored: each try has its own number.
     let start = Instant::now();
-    let last = next.fetch_add(1, Ordering::Relaxed);
-    while send(&brokers[master], last).await.is_err() {
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        if send(&brokers[master], seq).await.is_ok() {
+            acked.lock().push(seq);
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the last master never confirmed"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    acked.lock().push(last);
     wait_for("every broker to converge", || {
         let end = brokers[master].store.max_offset();
         brokers.iter().all(|b| b.store.max_offset() == end)
@@ -353,8 +362,7 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         );
     }
     let have = seqs(&brokers[master].store);
-    let mut acked = acked.lock().clone();
-    acked.sort_unstable();
+    let acked = acked.lock().clone();
     let mut dedup = have.clone();
     dedup.dedup();
     assert_eq!(dedup.len(), have.len(), "each send stored at most once");
@@ -362,11 +370,7 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         have.iter().all(|&s| s < next.load(Ordering::Relaxed)),
         "only what was sent"
     );
-    let lost: Vec<u64> = acked
-        .iter()
-        .filter(|s| have.binary_search(s).is_err())
-        .copied()
-        .collect();
+    let lost = missing(&acked, &have);
     assert!(lost.is_empty(), "lost acknowledged sends {lost:?}");
     println!(
         "{} sent, {} acknowledged, {} stored",

@@ -583,35 +583,24 @@ impl Transactions {
 
     /// Appends the op record (and on commit the real message, in the same
     /// append) for the half message at `off`, whose topic and message id
-    /// are `named`.
+    /// are `named` (as the transaction state holds them). Only a commit
+    /// reads the half message: a rollback or discard needs nothing from it,
+    /// so one that can no longer be read is still resolved.
     async fn write_decision(
         &self,
         write: &WritePath,
         off: u64,
         decision: Decision,
-        named: (String, String),
+        (topic, message_id): (String, String),
     ) -> Result<(), EndError> {
         let mut records = Vec::with_capacity(2);
-        let half = match self.store.get(HALF_TOPIC, 0, off) {
-            Ok(h) => h.map(|h| Self::real(&h)),
-            // A commit needs the message; a rollback or discard of one that
-            // can no longer be read is still recorded, or it would stay
-            // open, checked back and retried for ever.
-            Err(e) if decision == Decision::Commit => {
-                return Err(EndError::Write(WriteError::Store(e)));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, half_offset = off, %decision, "half message unreadable; recording the decision without it");
-                None
-            }
-        };
-        let (topic, message_id) = half.as_ref().map_or(named, |h| {
-            let id = h.properties.get(keys::MESSAGE_ID).cloned();
-            (h.topic.clone(), id.unwrap_or_default())
-        });
         if decision == Decision::Commit {
+            let half = self
+                .store
+                .get(HALF_TOPIC, 0, off)
+                .map_err(|e| EndError::Write(WriteError::Store(e)))?;
             // Removed by retention: nothing left to commit.
-            let Some(real) = half else {
+            let Some(real) = half.map(|h| Self::real(&h)) else {
                 return Err(EndError::Unknown(format!("half message {off}")));
             };
             records.push(NewRecord {
@@ -914,8 +903,7 @@ mod tests {
         };
         let tx = Transactions::new(store.clone(), cfg.clone());
         write.write(vec![half("A")]).await.expect("write");
-        let checked_at = now_ms();
-        assert_eq!(tx.due_checks(&write, checked_at).await.len(), 1);
+        assert_eq!(tx.due_checks(&write, now_ms()).await.len(), 1);
         // After a restart the next check is an interval after the last one
         // (its op record's time), not due again at once.
         let again = Transactions::new(store.clone(), cfg);

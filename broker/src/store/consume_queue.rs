@@ -179,12 +179,12 @@ impl ConsumeQueue {
     /// Entry `index` as stored, zeros included (a visible entry that reads
     /// as never written is damaged), if it is visible and still on disk.
     pub fn get_stored(&self, index: u64) -> Option<CqEntry> {
-        let slot = self.slot(index)?;
+        let files = self.files.read();
+        let f = self.file_of(&files, index)?;
         // SAFETY: the entry is below `published`, so it is fully written.
         let b = unsafe {
-            slot.file
-                .file
-                .slice((index - slot.file.base) * ENTRY_LEN, ENTRY_LEN as usize)
+            f.file
+                .slice((index - f.base) * ENTRY_LEN, ENTRY_LEN as usize)
         };
         Some(decode_entry(b))
     }
@@ -192,16 +192,21 @@ impl ConsumeQueue {
     /// Where visible entry `index` is stored, if its file is still on disk
     /// (to rewrite a damaged entry with [`CqSlot::put`]).
     pub fn slot(&self, index: u64) -> Option<CqSlot> {
-        if index >= self.max_index() {
-            return None;
-        }
         let files = self.files.read();
-        let i = files.partition_point(|f| f.base <= index).checked_sub(1)?;
-        let f = &files[i];
-        (index < f.base + self.entries_per_file).then(|| CqSlot {
+        self.file_of(&files, index).map(|f| CqSlot {
             file: f.clone(),
             index,
         })
+    }
+
+    /// The file of `files` holding visible entry `index`.
+    fn file_of<'a>(&self, files: &'a [Arc<CqFile>], index: u64) -> Option<&'a Arc<CqFile>> {
+        if index >= self.max_index() {
+            return None;
+        }
+        let i = files.partition_point(|f| f.base <= index).checked_sub(1)?;
+        let f = &files[i];
+        (index < f.base + self.entries_per_file).then_some(f)
     }
 
     /// Unmaps, from the process, pages of this queue's files more than
@@ -393,8 +398,9 @@ fn decode_entry(b: &[u8]) -> CqEntry {
     }
 }
 
-/// Number of written entries at the start of a file (written entries are a
-/// prefix, so a binary search on "size is not zero" finds the end).
+/// Number of written entries at the start of a file: written entries are a
+/// prefix, so a binary search on "size is not zero" finds the end, checked
+/// against entries just past it that were written all the same (damage).
 fn written_entries(file: &MappedFile, entries_per_file: u64) -> u64 {
     // SAFETY: in bounds; the queue is not shared yet while opening.
     let written = |i: u64| le_u32(unsafe { file.slice(i * ENTRY_LEN, ENTRY_LEN as usize) }, 8) != 0;

@@ -1018,23 +1018,27 @@ impl MessageStore {
                             len,
                             queue_offset: qo,
                             queue_id: qid,
-                        } => (len, qid == queue_id && qo == queue_offset),
+                        } => {
+                            // Checksummed by the probe; the topic is the last check.
+                            let hit = (qid == queue_id && qo == queue_offset)
+                                .then(|| record::topic_and_tag_hash(&b[..len]).ok())
+                                .flatten()
+                                .filter(|(t, _)| *t == topic)
+                                .map(|(_, tag_hash)| CqEntry {
+                                    offset: pos,
+                                    size: len as u32,
+                                    tag_hash,
+                                });
+                            (len, hit)
+                        }
                         // The rest of the segment.
-                        record::Probe::Blank => (b.len(), false),
-                        record::Probe::Empty | record::Probe::Bad(_) => (0, false),
+                        record::Probe::Blank => (b.len(), None),
+                        record::Probe::Empty | record::Probe::Bad(_) => (0, None),
                     })
                 })
                 .ok()?;
-            if step == 0 {
-                return None;
-            }
-            if hit {
-                let r = self.read_at(pos).ok().filter(|r| r.topic == topic)?;
-                return Some(CqEntry {
-                    offset: pos,
-                    size: r.size,
-                    tag_hash: tag_hash(r.properties.get(keys::TAG).map(String::as_str)),
-                });
+            if hit.is_some() || step == 0 {
+                return hit;
             }
             pos += step as u64;
         }
