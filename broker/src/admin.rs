@@ -332,24 +332,22 @@ impl BrokerAdmin for AdminService {
         } else {
             req.timeout_ms
         });
-        let pause = self
-            .replication
-            .switchover(
-                &req.target_broker_id,
-                req.new_epoch,
-                timeout,
-                |epoch| async move {
-                    let mut client = BrokerAdminClient::connect(format!("http://{target_admin}"))
-                        .await
-                        .map_err(|e| format!("connect {target_admin}: {e}"))?;
-                    client
-                        .promote(pb::PromoteRequest { epoch })
-                        .await
-                        .map_err(|e| e.message().to_owned())?;
-                    Ok(())
-                },
-            )
+        // The hand-over runs on its own task: a caller that gives up (its
+        // deadline, a dropped connection) must not cut it off halfway, with
+        // writes stopped and no new master.
+        let replication = self.replication.clone();
+        let target = req.target_broker_id.clone();
+        let new_epoch = req.new_epoch;
+        let handover = tokio::spawn(async move {
+            replication
+                .switchover(&target, new_epoch, timeout, |epoch| {
+                    promote_remote(target_admin, epoch)
+                })
+                .await
+        });
+        let pause = handover
             .await
+            .map_err(|e| Status::internal(format!("switchover task: {e}")))?
             .map_err(replication_status)?;
         Ok(Response::new(pb::SwitchoverResponse {
             epoch: req.new_epoch,
@@ -537,5 +535,47 @@ impl BrokerAdmin for AdminService {
             .delete_group(&req.into_inner().name)
             .map_err(store_status)?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+}
+
+/// Asks the broker at `admin` to become master of `epoch` (the last step of a
+/// switchover). When no answer comes (a timeout, a dropped connection), the
+/// target is asked what it is now: had it taken the role, this master must
+/// follow it rather than take writes again.
+async fn promote_remote(admin: String, epoch: u64) -> Result<(), String> {
+    const CALL: Duration = Duration::from_secs(5);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{admin}"))
+        .map_err(|e| format!("{admin}: {e}"))?
+        .connect_timeout(CALL)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {admin}: {e}"))?;
+    let mut client = BrokerAdminClient::new(channel);
+    let e = match tokio::time::timeout(CALL, client.promote(pb::PromoteRequest { epoch })).await {
+        Ok(Ok(_)) => return Ok(()),
+        // The target answered and refused: it did not take the role.
+        Ok(Err(e))
+            if !matches!(
+                e.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+            ) =>
+        {
+            return Err(e.message().to_owned());
+        }
+        Ok(Err(e)) => e.message().to_owned(),
+        Err(_) => format!("no answer within {CALL:?}"),
+    };
+    match tokio::time::timeout(CALL, client.status(pb::StatusRequest {})).await {
+        Ok(Ok(s)) if s.get_ref().role == pb::Role::Master as i32 && s.get_ref().epoch >= epoch => {
+            tracing::warn!(target = %admin, epoch, error = %e, "the promote call failed but the target is master of the new epoch");
+            Ok(())
+        }
+        Ok(Ok(_)) => Err(e),
+        _ => Err(format!(
+            "{e}; and {admin} did not say whether it took the role"
+        )),
     }
 }

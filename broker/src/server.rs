@@ -151,6 +151,12 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             checker.run_transaction_checks(stop).await;
             Ok::<(), String>(())
         });
+        // auto_renew deliveries of connected clients.
+        let (renewer, stop) = (api.clone(), stopped(stop_rx.clone()));
+        tasks.spawn(async move {
+            renewer.run_renewals(stop).await;
+            Ok::<(), String>(())
+        });
         let timer = crate::messaging::timer::Timer::new(store.clone());
         {
             // A role change means the delivery state in memory belongs to a
@@ -205,14 +211,17 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         }
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(api.into_server())
-                .serve_with_incoming_shutdown(
-                    crate::client_api::tls::incoming(client_l, acceptor),
-                    stop,
-                )
-                .await
-                .map_err(|e| format!("client server: {e}"))
+            crate::client_api::server_builder(
+                crate::client_api::HTTP2_KEEPALIVE_INTERVAL,
+                crate::client_api::HTTP2_KEEPALIVE_TIMEOUT,
+            )
+            .add_service(api.into_server())
+            .serve_with_incoming_shutdown(
+                crate::client_api::tls::incoming(client_l, acceptor),
+                stop,
+            )
+            .await
+            .map_err(|e| format!("client server: {e}"))
         });
     }
 

@@ -26,6 +26,10 @@ use crate::store::{load_json, save_json};
 /// How long one admin call may take before the member counts as unreachable.
 const CALL_TIMEOUT: Duration = Duration::from_millis(800);
 
+/// How much longer than the wait it asks for a switchover call may take
+/// (the flush before it, the target's promotion and the answer).
+const SWITCHOVER_MARGIN: Duration = Duration::from_secs(10);
+
 /// One broker of the group, as the supervisor reaches it.
 #[derive(Clone, Debug)]
 pub struct Member {
@@ -307,17 +311,31 @@ impl Supervisor {
             what: "switchover",
             status,
         };
-        let ch = self.channel(m).map_err(|e| err(e.to_string()))?;
+        // Not the members' shared channel: its per-call timeout is far
+        // shorter than a switchover may take. The master finishes (or undoes)
+        // a switchover whose caller gave up, so the bound here only keeps
+        // this call from hanging.
+        let ch = Endpoint::from_shared(format!("http://{}", self.members[m].admin))
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(CALL_TIMEOUT)
+            .connect_lazy();
         let new_epoch = epoch + 1;
         tracing::info!(from = %master, to = target, epoch = new_epoch, "switchover requested");
-        let resp = BrokerAdminClient::new(ch)
-            .switchover(keelmq_proto::admin::SwitchoverRequest {
-                target_broker_id: target.to_owned(),
-                target_admin_address: self.members[t].admin.clone(),
-                new_epoch,
-                timeout_ms: timeout.as_millis() as u64,
-            })
+        let mut client = BrokerAdminClient::new(ch);
+        let call = client.switchover(keelmq_proto::admin::SwitchoverRequest {
+            target_broker_id: target.to_owned(),
+            target_admin_address: self.members[t].admin.clone(),
+            new_epoch,
+            timeout_ms: timeout.as_millis() as u64,
+        });
+        let resp = tokio::time::timeout(timeout + SWITCHOVER_MARGIN, call)
             .await
+            .map_err(|_| {
+                err(format!(
+                    "no answer within {:?}",
+                    timeout + SWITCHOVER_MARGIN
+                ))
+            })?
             .map_err(|e| err(e.message().to_owned()))?
             .into_inner();
         let status = self.status_of(t).await;

@@ -51,13 +51,12 @@ impl WritePath {
     /// Writes `records` contiguously and returns once they are as durable as
     /// the flush and replication modes promise.
     pub async fn write(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, WriteError> {
-        self.replication
-            .check_writable()
-            .map_err(WriteError::Refused)?;
+        let gate = self.replication.admit().map_err(WriteError::Refused)?;
         let appended = self
             .store
             .append_batch(records)
             .map_err(WriteError::Store)?;
+        drop(gate);
         let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
             return Ok(appended);
         };

@@ -65,6 +65,50 @@ async fn start_with(dir: &Path, id: &str, role: StartRole, sync_timeout: Duratio
     }
 }
 
+/// Three brokers in `dirs`, the first master of epoch 1, the others its
+/// slaves.
+async fn group_of_three(
+    dirs: &[tempfile::TempDir],
+    ids: &[&str],
+    timeout: Duration,
+) -> Vec<Broker> {
+    let mut brokers = Vec::new();
+    brokers.push(start_with(dirs[0].path(), ids[0], StartRole::Master, timeout).await);
+    for i in 1..3 {
+        let b = start_with(dirs[i].path(), ids[i], StartRole::Standby, timeout).await;
+        b.repl.follow(brokers[0].addr.clone(), 1).expect("follow");
+        brokers.push(b);
+    }
+    brokers
+}
+
+/// Four producers sending numbered records to `master` until `stop`; the
+/// numbers acknowledged go to `acked`.
+fn spawn_producers(
+    master: &Broker,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    acked: &Arc<parking_lot::Mutex<Vec<u64>>>,
+    next: &Arc<std::sync::atomic::AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    (0..4)
+        .map(|_| {
+            let (store, repl) = (master.store.clone(), master.repl.clone());
+            let (stop, acked, next) = (stop.clone(), acked.clone(), next.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let seq = next.fetch_add(1, Ordering::Relaxed);
+                    if send_to(&store, &repl, seq).await.is_ok() {
+                        acked.lock().push(seq);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 fn body(seq: u64) -> Vec<u8> {
     (0..(100 + seq % 700)).map(|i| (seq + i) as u8).collect()
 }
@@ -81,10 +125,11 @@ async fn send_to(
     repl: &ReplicationManager,
     seq: u64,
 ) -> Result<u64, ReplicationError> {
-    repl.check_writable()?;
+    let gate = repl.admit()?;
     let a = store.append(
         NewRecord::new("orders", (seq % 4) as u32, body(seq)).with_property("seq", seq.to_string()),
     )?;
+    drop(gate);
     store.wait_flushed(a.end_offset).await?;
     repl.wait_replicated(a.end_offset).await?;
     Ok(a.end_offset)
@@ -257,34 +302,13 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let ids = ["b0", "b1", "b2"];
-    let mut brokers = Vec::new();
-    brokers.push(start_with(dirs[0].path(), ids[0], StartRole::Master, timeout).await);
-    for i in 1..3 {
-        let b = start_with(dirs[i].path(), ids[i], StartRole::Standby, timeout).await;
-        b.repl.follow(brokers[0].addr.clone(), 1).expect("follow");
-        brokers.push(b);
-    }
+    let mut brokers = group_of_three(&dirs, &ids, timeout).await;
     let (mut master, mut epoch) = (0usize, 1u64);
     let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let next = Arc::new(AtomicU64::new(0));
     for round in 0..4 {
         let stop = Arc::new(AtomicBool::new(false));
-        let producers: Vec<_> = (0..4)
-            .map(|_| {
-                let (store, repl) = (brokers[master].store.clone(), brokers[master].repl.clone());
-                let (stop, acked, next) = (stop.clone(), acked.clone(), next.clone());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        let seq = next.fetch_add(1, Ordering::Relaxed);
-                        if send_to(&store, &repl, seq).await.is_ok() {
-                            acked.lock().push(seq);
-                        } else {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    }
-                })
-            })
-            .collect();
+        let producers = spawn_producers(&brokers[master], &stop, &acked, &next);
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
         // The master dies: no more connections, no more acknowledgements.
         let old = &mut brokers[master];
@@ -378,4 +402,124 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         acked.len(),
         have.len()
     );
+}
+
+/// Planned switchovers while four producers send to the master (SYNC
+/// replication, SYNC_FLUSH): each hands the role to a slave, the other slave
+/// follows it, and the new master must hold every send acknowledged so far.
+/// The master stops writes and waits until the target holds its end: that
+/// end must include writes let in just before the stop and records still
+/// staged for the flush, or the target is promoted without them and a send
+/// the other slave confirmed is cut from every copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_switchovers_under_load_keep_every_acknowledged_send() {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut rng = keelmq_broker::testing::seeded_rng();
+    let timeout = Duration::from_millis(500);
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let ids = ["b0", "b1", "b2"];
+    let brokers = group_of_three(&dirs, &ids, timeout).await;
+    let (mut master, mut epoch) = (0usize, 1u64);
+    let acked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let next = Arc::new(AtomicU64::new(0));
+    for round in 0..6 {
+        wait_for("both slaves to connect", || {
+            brokers[master]
+                .repl
+                .status()
+                .slaves
+                .iter()
+                .filter(|s| s.connected)
+                .count()
+                == 2
+        })
+        .await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let producers = spawn_producers(&brokers[master], &stop, &acked, &next);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        let slaves: Vec<usize> = (0..3).filter(|&i| i != master).collect();
+        let target = slaves[rng.random_range(0..2)];
+        let other = *slaves
+            .iter()
+            .find(|&&i| i != target)
+            .expect("another slave");
+        epoch += 1;
+        let target_repl = brokers[target].repl.clone();
+        brokers[master]
+            .repl
+            .switchover(
+                ids[target],
+                epoch,
+                Duration::from_secs(10),
+                |e| async move {
+                    target_repl
+                        .promote(e)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await
+            .expect("switchover");
+        brokers[other]
+            .repl
+            .follow(brokers[target].addr.clone(), epoch)
+            .expect("follow");
+        stop.store(true, Ordering::Relaxed);
+        for p in producers {
+            p.await.expect("producer");
+        }
+        master = target;
+        let acked_now = acked.lock().clone();
+        let lost = missing(&acked_now, &seqs(&brokers[master].store));
+        assert!(
+            lost.is_empty(),
+            "round {round}: the new master b{master} lacks acknowledged sends {lost:?}"
+        );
+        println!(
+            "round {round}: b{master} master of epoch {epoch}; {} acknowledged so far",
+            acked_now.len()
+        );
+    }
+    wait_for("every broker to converge", || {
+        let end = brokers[master].store.max_offset();
+        brokers.iter().all(|b| b.store.max_offset() == end)
+    })
+    .await;
+    let log = log_bytes(&brokers[master].store);
+    for (i, b) in brokers.iter().enumerate() {
+        assert_eq!(
+            log_bytes(&b.store),
+            log,
+            "b{i} is a byte copy of the master"
+        );
+    }
+    let lost = missing(&acked.lock(), &seqs(&brokers[master].store));
+    assert!(lost.is_empty(), "lost acknowledged sends {lost:?}");
+}
+
+/// A switchover whose caller gives up halfway (the admin call's deadline)
+/// must not leave the master refusing writes with nobody else in charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_dropped_halfway_puts_writes_back_on() {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let master = start(dirs[0].path(), "b0", StartRole::Master).await;
+    let slave = start(dirs[1].path(), "b1", StartRole::Standby).await;
+    slave.repl.follow(master.addr.clone(), 1).expect("follow");
+    send(&master, 0).await.expect("a send");
+    // A promotion that never answers; the caller gives up after 100 ms.
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        master
+            .repl
+            .switchover("b1", 2, Duration::from_secs(10), |_| std::future::pending()),
+    )
+    .await;
+    assert!(given_up.is_err(), "the switchover was still waiting");
+    master.repl.check_writable().expect("writes are back on");
+    send(&master, 1).await.expect("a send after it");
 }

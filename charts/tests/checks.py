@@ -63,12 +63,14 @@ class Rendered:
     by_template: dict[str, list[dict]] = field(default_factory=dict)
 
 
-def render_chart(values: dict, chart_dir: Path = CHART, namespace: str = RELEASE_NAMESPACE) -> Rendered:
+def render_chart(
+    values: dict, chart_dir: Path = CHART, namespace: str = RELEASE_NAMESPACE, release: str = RELEASE
+) -> Rendered:
     """`helm template` with Helm's Go code: values are checked against
     values.schema.json first, as `helm install` does."""
     with helm.Chart.load(str(chart_dir)) as chart:
         chart.validate_schema(values)
-        manifests = chart.render(values, name=RELEASE, namespace=namespace, is_install=True)
+        manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
     objects: list[dict] = []
     by_template: dict[str, list[dict]] = {}
     notes = ""
@@ -455,7 +457,7 @@ def compare_rbac(
     check_operator_rbac_shape(perms)
     merged = merged_values(values)
     sa = service_account_name(merged)
-    lease_name = merged["leaderElection"]["leaseName"]
+    lease_name = lease_name_of(merged)
     want = required_grants(perms, merged["watchNamespaces"], release_namespace, merged["leaderElection"]["enabled"])
     have, problems = chart_grants(objects, sa, release_namespace, lease_name)
     for dep in (o for o in objects if o.get("kind") == "Deployment"):
@@ -490,6 +492,10 @@ def service_account_name(merged: dict) -> str:
     if sa["create"]:
         return sa.get("name") or fullname(merged)
     return sa.get("name") or "default"
+
+
+def lease_name_of(merged: dict, release: str = RELEASE) -> str:
+    return merged["leaderElection"].get("leaseName") or fullname(merged, release)
 
 
 # --------------------------------------------------------------------------

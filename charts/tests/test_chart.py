@@ -200,6 +200,31 @@ def test_single_namespace_values(rendered):
     assert ns in r.notes
 
 
+def test_two_releases_in_one_namespace_use_their_own_lease():
+    """The README's way to manage several namespaces: one release per
+    namespace. Releases installed into one namespace must not stand by on
+    each other's Lease."""
+    leases = []
+    for release, ns in [("keelmq-orders", "orders"), ("keelmq-billing", "billing")]:
+        r = checks.render_chart({"watchNamespaces": [ns]}, release=release)
+        (dep,) = find(r.objects, "Deployment")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        (lease,) = [a.removeprefix("--lease-name=") for a in args if a.startswith("--lease-name=")]
+        assert lease == dep["metadata"]["name"], (lease, dep["metadata"]["name"])
+        lease_roles = [
+            rule
+            for role in find(r.objects, "Role")
+            for rule in role["rules"]
+            if rule["resources"] == ["leases"] and rule.get("resourceNames")
+        ]
+        assert lease_roles and all(rule["resourceNames"] == [lease] for rule in lease_roles), lease_roles
+        leases.append(lease)
+    assert len(set(leases)) == 2, leases
+    pinned = checks.render_chart({"leaderElection": {"enabled": True, "leaseName": "my-lease"}})
+    (dep,) = find(pinned.objects, "Deployment")
+    assert "--lease-name=my-lease" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def test_metrics_values(rendered):
     r = rendered["metrics"]
     (sm,) = find(r.objects, "ServiceMonitor")

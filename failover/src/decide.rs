@@ -191,11 +191,42 @@ impl<'a> Group<'a> {
                 };
                 return self.fail_over(master, failure);
             }
+            // Under SYNC, "nobody holds more" proves nothing unless enough
+            // slaves are there to ask: it may have lost a tail written after
+            // it was last seen (an unflushed one), which only a slave that is
+            // down now would hold. The promotion rule applies as to any
+            // other promotion.
+            let mut possible_loss = PossibleLoss::Nothing;
+            if self.policy.mode == ReplicationMode::Sync {
+                let slaves = self.size.saturating_sub(1);
+                let needed = (slaves + 1).saturating_sub(self.policy.min_in_sync_replicas);
+                let with_data = self
+                    .others(master)
+                    .filter_map(|(_, b)| up(b))
+                    .filter(|o| !o.empty)
+                    .count();
+                let with_data = u32::try_from(with_data).unwrap_or(u32::MAX);
+                if needed > 0 && with_data < needed {
+                    if !self.policy.allow_data_loss {
+                        return Decision::Wait {
+                            reason: WaitReason::NotEnoughReachableSlaves {
+                                failure: MasterFailure::Restarted {
+                                    max_offset: s.max_offset,
+                                },
+                                reachable: with_data,
+                                needed,
+                                slaves,
+                            },
+                        };
+                    }
+                    possible_loss = PossibleLoss::Unknown;
+                }
+            }
             return Decision::Promote {
                 broker: master.to_owned(),
                 new_epoch: self.next_epoch,
                 followers: self.followers_of(master),
-                possible_loss: PossibleLoss::Nothing,
+                possible_loss,
                 reason: PromoteReason::Reinstate,
             };
         }
@@ -1100,6 +1131,52 @@ mod tests {
         assert!(
             matches!(d, Decision::Promote { reason: PromoteReason::MasterFailed(f), .. } if f == failure)
         );
+    }
+
+    #[test]
+    fn a_restarted_master_is_reinstated_only_with_enough_slaves_to_check_it() {
+        // Back in standby at 300, where it was last seen; b-1 holds 290 and
+        // b-2 is down. b-2 may hold records acknowledged after the last look
+        // that the master lost with an unflushed tail: with minInSync 1 both
+        // slaves must be asked.
+        let mut obs = three(300, 290, 0);
+        obs.brokers[0].status.as_mut().unwrap().role = Role::Slave;
+        obs.brokers[2] = down("b-2");
+        obs.last_known_master_offset = Some(300);
+        let reason = wait_reason(decide(&obs, &sync(1, 3)));
+        assert_eq!(
+            reason.to_string(),
+            "the master restarted in standby with its log ending at offset 300; 1 of 2 slaves \
+             are reachable and ready with data, 2 are needed to be sure no acknowledged message \
+             is lost; allowing data loss in the failover policy would promote anyway"
+        );
+        // With minInSync 2 every acknowledged record is on b-1 too, which
+        // holds no more than the master: it is safe to reinstate.
+        let d = decide(&obs, &sync(2, 3));
+        assert_eq!(promoted(&d), ("b-0", 2));
+        assert!(matches!(
+            d,
+            Decision::Promote {
+                reason: PromoteReason::Reinstate,
+                possible_loss: PossibleLoss::Nothing,
+                ..
+            }
+        ));
+        // Allowed to lose data, it is reinstated, and the loss is unknown.
+        let mut lossy = sync(1, 3);
+        lossy.allow_data_loss = true;
+        assert!(matches!(
+            decide(&obs, &lossy),
+            Decision::Promote {
+                reason: PromoteReason::Reinstate,
+                possible_loss: PossibleLoss::Unknown,
+                ..
+            }
+        ));
+        // Under ASYNC nothing is promised beyond the master's own log.
+        let mut asynchronous = sync(1, 3);
+        asynchronous.mode = ReplicationMode::Async;
+        assert_eq!(promoted(&decide(&obs, &asynchronous)), ("b-0", 2));
     }
 
     #[test]

@@ -179,6 +179,13 @@ pub enum MasterFailure {
         /// Where it was last seen to end.
         last_known: u64,
     },
+    /// It restarted (not serving as master), and too few slaves are
+    /// reachable to tell whether it lost anything written after it was last
+    /// seen.
+    Restarted {
+        /// Where its log ends now.
+        max_offset: u64,
+    },
 }
 
 /// Why a broker is promoted.
@@ -366,6 +373,10 @@ impl fmt::Display for MasterFailure {
                 f,
                 "the master restarted with its log ending at offset {max_offset}, \
                  before the offset {last_known} it was last seen at"
+            ),
+            MasterFailure::Restarted { max_offset } => write!(
+                f,
+                "the master restarted in standby with its log ending at offset {max_offset}"
             ),
         }
     }

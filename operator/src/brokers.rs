@@ -124,14 +124,31 @@ impl Default for GrpcAdmin {
 }
 
 impl GrpcAdmin {
+    /// The limit on a switchover call: the broker may wait up to
+    /// `req.timeout_ms` for the target to catch up before it answers, and a
+    /// client that gives up first drops the call halfway through (the
+    /// broker then stops it with writes refused), so the limit is that wait
+    /// plus the ordinary call limit.
+    pub fn switchover_timeout(&self, req: &pb::SwitchoverRequest) -> Duration {
+        Duration::from_millis(req.timeout_ms).saturating_add(self.timeout)
+    }
+
     async fn client(
         &self,
         addr: &str,
     ) -> Result<BrokerAdminClient<tonic::transport::Channel>, AdminError> {
+        self.client_with_timeout(addr, self.timeout).await
+    }
+
+    async fn client_with_timeout(
+        &self,
+        addr: &str,
+        call_timeout: Duration,
+    ) -> Result<BrokerAdminClient<tonic::transport::Channel>, AdminError> {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("bad address {addr}: {e}"))?
             .connect_timeout(self.timeout)
-            .timeout(self.timeout);
+            .timeout(call_timeout);
         let channel = endpoint
             .connect()
             .await
@@ -193,7 +210,9 @@ impl BrokerAdmin for GrpcAdmin {
         req: pb::SwitchoverRequest,
     ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>> {
         Box::pin(async move {
-            let mut c = self.client(addr).await?;
+            let mut c = self
+                .client_with_timeout(addr, self.switchover_timeout(&req))
+                .await?;
             c.switchover(req)
                 .await
                 .map(|r| r.into_inner())

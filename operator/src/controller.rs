@@ -16,8 +16,8 @@ use keelmq_failover::{Decision, WaitReason, decide};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -130,20 +130,77 @@ where
         .await?)
 }
 
-async fn patch_status(
+/// Writes the status, only while the BrokerGroup is still at `bg`'s
+/// resourceVersion (the object this reconcile read or last wrote): a status
+/// built from an older object must not roll back a master or epoch that
+/// someone recorded meanwhile. A 409 is [`Error::Conflict`] (retried soon).
+async fn write_status(
     api: &Api<BrokerGroup>,
-    name: &str,
+    bg: &BrokerGroup,
     status: &BrokerGroupStatus,
 ) -> Result<()> {
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": bg.resource_version()},
+        "status": status,
+    });
+    api.patch_status(
+        &bg.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(failover::write_error)?;
     Ok(())
 }
 
-async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Action> {
-    let names = GroupNames::of(&bg)?;
+/// Holds a scale-down while a broker that stays is not ready, following the
+/// master and in sync: the pods a scale-down removes may hold the only copies
+/// of acknowledged records besides the master's. `sts` (as built) keeps the
+/// StatefulSet's current size then; returns why, when it holds.
+async fn hold_scale_down(
+    ctx: &Context,
+    bg: &BrokerGroup,
+    names: &GroupNames,
+    observed: &failover::Observed,
+    status: &BrokerGroupStatus,
+    sts: &mut StatefulSet,
+) -> Result<Option<String>> {
+    let members = rollout::members(names, observed, status, sts);
+    let Some(why) = rollout::scale_down_blocked(&members, bg.spec.replicas) else {
+        return Ok(None);
+    };
+    let Some(spec) = sts.spec.as_mut() else {
+        return Ok(None);
+    };
+    let wanted = spec.replicas.unwrap_or(1);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let current = sets
+        .get_opt(&names.group)
+        .await?
+        .and_then(|s| s.spec)
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    if current <= wanted {
+        return Ok(None);
+    }
+    spec.replicas = Some(current);
+    Ok(Some(format!(
+        "scale-down to {} held at {current} pods: {why}",
+        bg.spec.replicas.max(1)
+    )))
+}
+
+async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Action> {
+    let names = GroupNames::of(&cached)?;
     let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    // Everything is built from the group as stored now, not from the
+    // controller's cache: a pod event can start this reconcile before the
+    // BrokerGroup watch has delivered the last status write, and an older
+    // master or epoch would move the master label back and roll the status
+    // back.
+    let Some(mut bg) = api.get_opt(&names.group).await? else {
+        return Ok(Action::await_change());
+    };
     let generation = bg.metadata.generation;
     let now = Time(jiff::Timestamp::now());
     let mut status = bg.status.clone().unwrap_or_default();
@@ -163,7 +220,7 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             generation,
             &now,
         );
-        patch_status(&api, &names.group, &status).await?;
+        write_status(&api, &bg, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
     if conditions::is_true(&status.conditions, PAUSED) {
@@ -190,112 +247,123 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
             model::pod_disruption_budget(&bg)?,
         ))
     })();
-    let (cm, headless, client_svc, read_svc, sts, pdb) = match built {
-        Ok(objects) => objects,
-        Err(Error::InvalidSpec(msg)) => {
-            warn!("the spec cannot be built: {msg}; fix the BrokerGroup");
-            conditions::set(
-                &mut status.conditions,
-                READY,
-                false,
-                "InvalidSpec",
-                &msg,
-                generation,
-                &now,
-            );
-            conditions::set(
-                &mut status.conditions,
-                DEGRADED,
-                true,
-                "InvalidSpec",
-                &msg,
-                generation,
-                &now,
-            );
-            status.observed_generation = generation;
-            failover::publish(
-                &ctx,
-                &bg,
-                EventType::Warning,
-                "InvalidSpec",
-                "Reconcile",
-                msg,
-            )
-            .await;
-            patch_status(&api, &names.group, &status).await?;
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e),
-    };
 
-    // 2. Applied with server-side apply (idempotent; creates or updates).
+    // 2. Observe pods and brokers.
     let ns = names.namespace.as_str();
-    apply(&ctx.client, ns, &cm).await?;
-    apply(&ctx.client, ns, &headless).await?;
-    apply(&ctx.client, ns, &client_svc).await?;
-    apply(&ctx.client, ns, &read_svc).await?;
-    let sts = apply(&ctx.client, ns, &sts).await?;
-    apply(&ctx.client, ns, &pdb).await?;
-    let sts_replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    if status.observed_generation != generation {
-        info!(
-            replicas = bg.spec.replicas,
-            "applied ConfigMap {}, Services {}, {}, {}, StatefulSet {} ({} replicas) and PodDisruptionBudget {}",
-            names.config_map(),
-            names.group,
-            names.headless(),
-            names.read(),
-            names.group,
-            sts_replicas,
-            names.group
-        );
-    }
-    if sts_replicas > bg.spec.replicas.max(1) {
-        info!(
-            replicas = bg.spec.replicas,
-            "scale-down to {} held at {sts_replicas} pods: master {} is on an ordinal the StatefulSet would remove; it hands over to a slave that stays first",
-            bg.spec.replicas.max(1),
-            status.master.as_deref().unwrap_or("-")
-        );
-    }
-
-    // 3. Observe pods and brokers, decide, act.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pod_list = pods
         .list(&ListParams::default().labels(&model::selector_string(&names.group)))
         .await?
         .items;
-    let fresh = api.get(&names.group).await?;
-    let observed = failover::observe(&ctx, &fresh, &names, pod_list).await;
-    let decision = decide(&observed.observation, &failover::policy(&fresh));
+    let observed = failover::observe(&ctx, &bg, &names, pod_list).await;
+
+    // 3. Applied with server-side apply (idempotent; creates or updates).
+    // A spec that cannot be built, or an apply the API server refuses, is
+    // reported in the conditions, but failover below goes on regardless (the
+    // running pods keep serving); only the roll waits for a good spec.
+    let mut problem: Option<(&'static str, String)> = None;
+    let mut held = None;
+    let sts = match built {
+        Ok((cm, headless, client_svc, read_svc, mut sts, pdb)) => {
+            held = hold_scale_down(&ctx, &bg, &names, &observed, &status, &mut sts).await?;
+            let applied = async {
+                apply(&ctx.client, ns, &cm).await?;
+                apply(&ctx.client, ns, &headless).await?;
+                apply(&ctx.client, ns, &client_svc).await?;
+                apply(&ctx.client, ns, &read_svc).await?;
+                let sts = apply(&ctx.client, ns, &sts).await?;
+                apply(&ctx.client, ns, &pdb).await?;
+                Ok::<_, Error>(sts)
+            }
+            .await;
+            match applied {
+                Ok(sts) => Some(sts),
+                Err(e) => {
+                    problem = Some((
+                        "ApplyFailed",
+                        format!("applying the group's objects failed: {e}"),
+                    ));
+                    None
+                }
+            }
+        }
+        Err(Error::InvalidSpec(msg)) => {
+            problem = Some(("InvalidSpec", msg));
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(sts) = &sts {
+        let sts_replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        if status.observed_generation != generation {
+            info!(
+                replicas = bg.spec.replicas,
+                "applied ConfigMap {}, Services {}, {}, {}, StatefulSet {} ({} replicas) and PodDisruptionBudget {}",
+                names.config_map(),
+                names.group,
+                names.headless(),
+                names.read(),
+                names.group,
+                sts_replicas,
+                names.group
+            );
+        }
+        if let Some(why) = &held {
+            if conditions::message(&status.conditions, PROGRESSING) != Some(why.as_str()) {
+                info!(replicas = bg.spec.replicas, "{why}");
+            }
+        } else if sts_replicas > bg.spec.replicas.max(1) {
+            info!(
+                replicas = bg.spec.replicas,
+                "scale-down to {} held at {sts_replicas} pods: master {} is on an ordinal the StatefulSet would remove; it hands over to a slave that stays first",
+                bg.spec.replicas.max(1),
+                status.master.as_deref().unwrap_or("-")
+            );
+        }
+    }
+
+    // 4. Decide and act.
+    let decision = decide(&observed.observation, &failover::policy(&bg));
     let mut outcome = failover::execute(
         &ctx,
-        &fresh,
+        &mut bg,
         &names,
         &observed,
         decision.clone(),
         &mut status,
     )
     .await?;
-    let switchover_to = fresh
+    let switchover_to = bg
         .annotations()
-        .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO);
+        .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
+        .cloned();
     if outcome == Outcome::Healthy
-        && let Some(target) = switchover_to
+        && let Some(target) = &switchover_to
         && let Some(done) =
-            failover::switchover(&ctx, &fresh, &names, &observed, target, &mut status).await?
+            failover::switchover(&ctx, &mut bg, &names, &observed, target, &mut status).await?
     {
         outcome = done;
     }
     // Rolling restarts and scale-down hand-overs, only while nothing else
-    // is going on.
+    // is going on, and only with the spec applied.
     let mut roll = None;
     if outcome == Outcome::Healthy && switchover_to.is_none() {
-        let (report, done) =
-            rollout::advance(&ctx, &fresh, &names, &observed, &sts, &mut status).await?;
-        roll = report;
-        if let Some(done) = done {
-            outcome = done;
+        if let Some(sts) = &sts {
+            let (report, done) =
+                rollout::advance(&ctx, &mut bg, &names, &observed, sts, &mut status).await?;
+            roll = report;
+            if let Some(done) = done {
+                outcome = done;
+            }
+        }
+        if roll.is_none()
+            && let Some(why) = held
+        {
+            roll = Some(rollout::Report {
+                reason: rollout::REASON_WAITING,
+                message: why,
+                deleted: None,
+            });
         }
     } else if let Some(r) = status.rollout.as_mut() {
         r.message = match &outcome {
@@ -311,8 +379,8 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
         };
     }
 
-    // 4. Status.
-    let previous = fresh
+    // 5. Status.
+    let previous = bg
         .status
         .as_ref()
         .map(|s| s.replicas.clone())
@@ -533,7 +601,48 @@ async fn reconcile_group(bg: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<Acti
         }
         None => requeue,
     };
-    patch_status(&api, &names.group, &status).await?;
+    let requeue = match problem {
+        Some((reason, msg)) => {
+            // Told once per problem: the stored Ready condition already says
+            // it after the first time.
+            let stored = bg.status.as_ref().map(|s| s.conditions.as_slice());
+            if stored.and_then(|c| conditions::message(c, READY)) != Some(msg.as_str()) {
+                warn!(
+                    "{msg}; the brokers are still watched and failed over, but nothing else changes until the BrokerGroup is fixed"
+                );
+                failover::publish(
+                    &ctx,
+                    &bg,
+                    EventType::Warning,
+                    reason,
+                    "Reconcile",
+                    msg.clone(),
+                )
+                .await;
+            }
+            conditions::set(
+                &mut status.conditions,
+                READY,
+                false,
+                reason,
+                &msg,
+                generation,
+                &now,
+            );
+            conditions::set(
+                &mut status.conditions,
+                DEGRADED,
+                true,
+                reason,
+                &msg,
+                generation,
+                &now,
+            );
+            requeue.min(Duration::from_secs(15))
+        }
+        None => requeue,
+    };
+    write_status(&api, &bg, &status).await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -552,6 +661,18 @@ pub fn error_policy(bg: Arc<BrokerGroup>, error: &Error, ctx: Arc<Context>) -> A
         Error::InvalidSpec(_) => Action::await_change(),
         _ => Action::requeue(Duration::from_secs(15)),
     }
+}
+
+/// What of a BrokerGroup starts a reconcile when it changes: the spec (its
+/// generation) and the annotations (pause, switchover, restart). Not the
+/// status: every reconcile writes it (broker offsets and lags move with any
+/// traffic), so reconciling on status changes would loop without pause
+/// instead of every 30 s. Pods and owned objects trigger reconciles through
+/// their own watches.
+pub fn group_trigger(bg: &BrokerGroup) -> Option<u64> {
+    predicates::generation
+        .combine(predicates::annotations)
+        .hash_property(bg)
 }
 
 /// Runs the BrokerGroup and Topic controllers until a shutdown signal.
@@ -588,7 +709,15 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -
         "watching BrokerGroups and Topics"
     );
     let owned = || watcher::Config::default().labels(&format!("{}=keelmq", model::LABEL_NAME));
-    let group_controller = Controller::new(groups, watcher::Config::default().any_semantic())
+    // BrokerGroups trigger a reconcile on a spec or annotation change only:
+    // the status is written by every reconcile (see `group_trigger`).
+    let (reader, writer) = reflector::store();
+    let group_changes = watcher(groups, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(group_trigger, Default::default());
+    let group_controller = Controller::for_stream(group_changes, reader)
         .owns(sts, owned())
         .owns(svc, owned())
         .owns(cm, owned())

@@ -287,10 +287,20 @@ pub enum Outcome {
     Redirected(Vec<String>),
 }
 
-/// Carries out `decision`; `status` is updated to what was recorded.
+/// A failed write of the BrokerGroup: 409 (someone changed it since it was
+/// read) is [`Error::Conflict`].
+pub fn write_error(e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+        e => Error::Kube(e),
+    }
+}
+
+/// Carries out `decision`; `status` is updated to what was recorded, and
+/// `bg` to the BrokerGroup as written.
 pub async fn execute(
     ctx: &Context,
-    bg: &BrokerGroup,
+    bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     decision: Decision,
@@ -417,7 +427,7 @@ pub async fn execute(
 #[allow(clippy::too_many_arguments)]
 async fn promote(
     ctx: &Context,
-    bg: &BrokerGroup,
+    bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     broker: &str,
@@ -441,15 +451,13 @@ async fn promote(
     let written = api
         .replace_status(&names.group, &PostParams::default(), &next)
         .await
-        .map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
-            e => Error::Kube(e),
-        })?;
+        .map_err(write_error)?;
     info!(
         master = %broker, epoch,
         resource_version = written.resource_version().as_deref().unwrap_or(""),
         "recorded {broker} as master of epoch {epoch} in the BrokerGroup status"
     );
+    *bg = written;
     *status = BrokerGroupStatus {
         conditions: status.conditions.clone(),
         replicas: status.replicas.clone(),
@@ -480,12 +488,17 @@ async fn promote(
     label_roles(ctx, names, observed, broker).await
 }
 
+/// How long a master may wait for its slave to catch up in a planned
+/// hand-over (`SwitchoverRequest.timeout_ms`); the admin client waits longer
+/// than this for the answer (see `brokers::GrpcAdmin`).
+pub const SWITCHOVER_WAIT_MS: u64 = 10_000;
+
 /// Planned switchover requested with the `keelmq.io/switchover-to`
 /// annotation, done only while the group is healthy (see [`hand_over`]);
 /// the annotation is removed either way, with an Event saying what happened.
 pub async fn switchover(
     ctx: &Context,
-    bg: &BrokerGroup,
+    bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     target: &str,
@@ -498,7 +511,8 @@ pub async fn switchover(
     let outcome = hand_over(ctx, bg, names, observed, target, &reason, status).await?;
     let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let patch = serde_json::json!({"metadata": {"annotations": {keelmq_crds::ANNOTATION_SWITCHOVER_TO: null}}});
-    api.patch(&names.group, &PatchParams::default(), &Patch::Merge(&patch))
+    *bg = api
+        .patch(&names.group, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(outcome)
 }
@@ -521,7 +535,7 @@ pub fn can_take_over(observed: &Observed, status: &BrokerGroupStatus, target: &s
 /// target is already master, or not eligible: a Warning event says so).
 pub async fn hand_over(
     ctx: &Context,
-    bg: &BrokerGroup,
+    bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     target: &str,
@@ -568,20 +582,19 @@ pub async fn hand_over(
         possible_loss: PossibleLoss::Nothing.to_string(),
     });
     next.status = Some(st.clone());
-    api.replace_status(&names.group, &PostParams::default(), &next)
+    let before = bg.status.clone().unwrap_or_default();
+    *bg = api
+        .replace_status(&names.group, &PostParams::default(), &next)
         .await
-        .map_err(|e| match e {
-            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
-            e => Error::Kube(e),
-        })?;
+        .map_err(write_error)?;
     info!(master = %target, epoch = new_epoch, "recorded {target} as master of epoch {new_epoch} in the BrokerGroup status");
     *status = BrokerGroupStatus {
         conditions: status.conditions.clone(),
         replicas: status.replicas.clone(),
         rollout: status.rollout.clone(),
-        ..st
+        ..st.clone()
     };
-    let r = ctx
+    let answer = ctx
         .admin
         .switchover(
             &ctx.addresses.admin(names, &master),
@@ -589,15 +602,42 @@ pub async fn hand_over(
                 target_broker_id: target.to_string(),
                 target_admin_address: ctx.addresses.admin(names, target),
                 new_epoch,
-                timeout_ms: 10_000,
+                timeout_ms: SWITCHOVER_WAIT_MS,
             },
         )
-        .await
-        .map_err(|message| Error::Admin {
-            broker: master.clone(),
-            op: "switchover",
-            message,
-        })?;
+        .await;
+    let r = match answer {
+        Ok(r) => r,
+        Err(message) => {
+            // The labels still point at the old master, which keeps (or takes
+            // back) the role: record it as master again, so that nothing that
+            // reads the status (the StatefulSet size of a scale-down, the
+            // roll) acts as if the hand-over had happened. The raised epoch
+            // stays: the next reconcile makes it master in a newer one.
+            warn!(from = %master, to = %target, epoch = new_epoch, error = %message, "{reason}: the hand-over from {master} to {target} failed; recording {master} as master again");
+            let mut back = bg.clone();
+            let mut st = st;
+            st.master = Some(master.clone());
+            st.master_store_id = before.master_store_id;
+            st.last_failover = before.last_failover;
+            back.status = Some(st.clone());
+            *bg = api
+                .replace_status(&names.group, &PostParams::default(), &back)
+                .await
+                .map_err(write_error)?;
+            *status = BrokerGroupStatus {
+                conditions: status.conditions.clone(),
+                replicas: status.replicas.clone(),
+                rollout: status.rollout.clone(),
+                ..st
+            };
+            return Err(Error::Admin {
+                broker: master.clone(),
+                op: "switchover",
+                message,
+            });
+        }
+    };
     info!(
         epoch = r.epoch,
         write_pause_ms = r.write_pause_ms,

@@ -63,6 +63,10 @@ pub enum Error {
     /// The Topic names a BrokerGroup that has no serving master.
     #[error("broker group {0} has no serving master")]
     NoMaster(String),
+    /// The BrokerGroup carries the pause annotation: the operator changes
+    /// nothing on its brokers.
+    #[error("broker group {0} is paused ({ANNOTATION}=true)", ANNOTATION = keelmq_crds::ANNOTATION_PAUSE)]
+    Paused(String),
 }
 
 impl Error {
@@ -76,6 +80,7 @@ impl Error {
             Error::Admin { .. } => "admin",
             Error::Conflict => "conflict",
             Error::NoMaster(_) => "no_master",
+            Error::Paused(_) => "paused",
         }
     }
 }

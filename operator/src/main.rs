@@ -129,11 +129,15 @@ fn run(args: RunArgs) -> Result<(), String> {
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .unwrap_or_else(|_| format!("keelmq-operator-{}", std::process::id()));
             let cfg = leader::LeaseConfig::new(&args.lease_name, &args.lease_namespace, &identity);
-            leader::acquire(&client, &cfg).await;
+            let acquired = leader::acquire(&client, &cfg).await;
             ready.store(true, Ordering::Release);
             tokio::select! {
-                r = controller::run(client.clone(), namespace, ctx) => r.map_err(|e| e.to_string()),
-                () = leader::hold(&client, &cfg) => Err("lost the leader Lease; exiting so a new leader takes over".into()),
+                r = controller::run(client.clone(), namespace, ctx) => {
+                    // Stopped by a signal: let a successor take over at once.
+                    leader::release(&client, &cfg).await;
+                    r.map_err(|e| e.to_string())
+                }
+                () = leader::hold(&client, &cfg, acquired) => Err("lost the leader Lease; exiting so a new leader takes over".into()),
             }
         } else {
             ready.store(true, Ordering::Release);

@@ -45,10 +45,13 @@ pub const PERMISSIONS: &[Permission] = &[
         verbs: &["patch"],
         namespaced: true,
     },
+    // The owned kinds are written with server-side apply, which the API
+    // server authorises as `patch` and, when the object does not exist yet,
+    // also as `create`.
     Permission {
         api_groups: &[""],
         resources: &["configmaps", "services"],
-        verbs: &["list", "watch", "patch"],
+        verbs: &["list", "watch", "create", "patch"],
         namespaced: true,
     },
     Permission {
@@ -60,13 +63,13 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         api_groups: &["apps"],
         resources: &["statefulsets"],
-        verbs: &["list", "watch", "patch"],
+        verbs: &["get", "list", "watch", "create", "patch"],
         namespaced: true,
     },
     Permission {
         api_groups: &["policy"],
         resources: &["poddisruptionbudgets"],
-        verbs: &["list", "watch", "patch"],
+        verbs: &["list", "watch", "create", "patch"],
         namespaced: true,
     },
     Permission {

@@ -127,6 +127,15 @@ fn unhealthy(staying: &[&Member]) -> Option<String> {
     None
 }
 
+/// Why the StatefulSet may not shrink to `replicas` yet, if it may not: a
+/// broker that stays is missing, unready, not following the master or not in
+/// sync with it (the brokers a scale-down removes may hold the only copies
+/// of acknowledged records besides the master's), or the master is among the
+/// brokers that go (it hands over first, see [`scale_down_target`]).
+pub fn scale_down_blocked(members: &[Member], replicas: i32) -> Option<String> {
+    unhealthy(&staying(members, replicas))
+}
+
 /// The members that stay at `replicas` (ordinal below it), by name.
 fn staying(members: &[Member], replicas: i32) -> Vec<&Member> {
     let mut v: Vec<&Member> = members
@@ -313,7 +322,7 @@ pub struct Report {
 /// the outcome.
 pub async fn advance(
     ctx: &Context,
-    bg: &BrokerGroup,
+    bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     sts: &StatefulSet,

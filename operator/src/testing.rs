@@ -32,8 +32,11 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    /// `(api group, resource[/subresource], verb)` as RBAC sees it.
-    pub fn rbac(&self) -> (String, String, String) {
+    /// `(api group, resource[/subresource], verb)` for every verb RBAC
+    /// checks for this request: one, except for a server-side apply, which
+    /// the API server authorises as `patch` and, when it creates the object,
+    /// as `create` too (counted always: any apply may be the first).
+    pub fn rbac(&self) -> Vec<(String, String, String)> {
         let t = Target::parse(&self.path).expect("a resource path");
         let resource = match &t.sub {
             Some(s) => format!("{}/{s}", t.resource),
@@ -49,7 +52,14 @@ impl Recorded {
             (Method::DELETE, _) => "delete",
             _ => "unknown",
         };
-        (t.group, resource, verb.to_string())
+        let mut verbs = vec![verb];
+        if self.method == Method::PATCH && self.content_type.contains("apply-patch") {
+            verbs.push("create");
+        }
+        verbs
+            .into_iter()
+            .map(|v| (t.group.clone(), resource.clone(), v.to_string()))
+            .collect()
     }
 }
 
@@ -102,6 +112,14 @@ pub struct ApiState {
     rv: u64,
     /// Answer the next status PUT with 409 Conflict.
     pub conflict_next_status_put: bool,
+    /// After answering the next GET of one object, change that object
+    /// (a new resourceVersion), as another writer would right after the read.
+    pub change_after_next_get: bool,
+    /// Answer every server-side apply with 403 Forbidden (an admission
+    /// webhook or RBAC refusing it).
+    pub refuse_applies: bool,
+    /// Never answer writes of Leases (a half-open connection).
+    pub hang_lease_writes: bool,
     /// Shared timeline of writes and broker calls.
     pub timeline: Option<Timeline>,
 }
@@ -258,9 +276,19 @@ impl ApiState {
         let Some(t) = Target::parse(&r.path) else {
             return status(404, "NotFound", "unknown path");
         };
+        if self.refuse_applies && r.content_type.contains("apply-patch") {
+            return status(403, "Forbidden", "applies are refused");
+        }
         match (&r.method, &t.name) {
-            (&Method::GET, Some(name)) => match self.objects.get(&t.key(name)) {
-                Some(o) => (200, o.clone()),
+            (&Method::GET, Some(name)) => match self.objects.get(&t.key(name)).cloned() {
+                Some(o) => {
+                    if std::mem::take(&mut self.change_after_next_get) {
+                        let mut changed = o.clone();
+                        self.bump(&mut changed);
+                        self.objects.insert(t.key(name), changed);
+                    }
+                    (200, o)
+                }
                 None => status(404, "NotFound", &format!("{} {name} not found", t.resource)),
             },
             (&Method::GET, None) => {
@@ -433,10 +461,14 @@ impl FakeApi {
                         .or_else(|_| serde_yaml::from_slice(&bytes))
                         .unwrap_or(Value::Null),
                 };
-                let watch = recorded.query.contains("watch=true");
+                let mut watch = recorded.query.contains("watch=true");
                 let (code, body) = {
                     let mut s = state.lock().expect("api state");
                     s.requests.push(recorded.clone());
+                    // A hung write is held open like a watch.
+                    watch |= s.hang_lease_writes
+                        && recorded.path.contains("/leases")
+                        && recorded.method != Method::GET;
                     if watch {
                         (0, Value::Null)
                     } else {
@@ -566,6 +598,8 @@ pub struct FakeBrokers {
     /// follow it (replication address `repl-<broker id>`), each in sync
     /// unless its broker id is in the set (a lagging slave).
     pub replication: Arc<Mutex<Option<BTreeSet<String>>>>,
+    /// When set, `switchover` fails with this message and changes nothing.
+    pub switchover_error: Arc<Mutex<Option<String>>>,
 }
 
 impl FakeBrokers {
@@ -720,6 +754,9 @@ impl BrokerAdmin for FakeBrokers {
         req: pb::SwitchoverRequest,
     ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>> {
         Box::pin(async move {
+            if let Some(e) = self.switchover_error.lock().expect("switchover").clone() {
+                return Err(e);
+            }
             let target = req.target_admin_address.clone();
             self.call(
                 addr,

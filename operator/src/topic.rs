@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use keelmq_crds::{BrokerGroup, MessageType, Topic, TopicStatus};
+use keelmq_crds::{ANNOTATION_PAUSE, BrokerGroup, MessageType, Topic, TopicStatus};
 use keelmq_proto::admin as pb;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -15,7 +15,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::conditions::{self, READY};
+use crate::conditions::{self, PAUSED, READY};
 use crate::controller::Context;
 use crate::model::GroupNames;
 use crate::{Error, Result};
@@ -87,37 +87,91 @@ pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action> {
     .await
 }
 
+/// The topic's group, as far as the topic needs it.
+enum GroupMaster {
+    /// The group is gone or has no master yet.
+    None,
+    /// The group carries the pause annotation: nothing is changed on its
+    /// brokers until it is removed.
+    Paused,
+    /// The admin address of the group's master.
+    At(String),
+}
+
 /// The admin address of the master of the topic's group.
-async fn master_admin(topic: &Topic, ctx: &Context) -> Result<Option<String>> {
+async fn master_admin(topic: &Topic, ctx: &Context) -> Result<GroupMaster> {
     let ns = topic
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let groups: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(group) = groups.get_opt(&topic.spec.broker_group).await? else {
-        return Ok(None);
+        return Ok(GroupMaster::None);
     };
+    if group
+        .annotations()
+        .get(ANNOTATION_PAUSE)
+        .map(String::as_str)
+        == Some("true")
+    {
+        return Ok(GroupMaster::Paused);
+    }
     let names = GroupNames::of(&group)?;
     Ok(group
         .status
         .and_then(|s| s.master)
-        .map(|m| ctx.addresses.admin(&names, &m)))
+        .map_or(GroupMaster::None, |m| {
+            GroupMaster::At(ctx.addresses.admin(&names, &m))
+        }))
+}
+
+fn paused_message(group: &str) -> String {
+    format!(
+        "broker group {group} has {ANNOTATION_PAUSE}=true: the topic is not changed on its brokers until it is removed"
+    )
 }
 
 async fn apply(topic: &Topic, ctx: &Context, api: &Api<Topic>) -> Result<Action> {
     let name = topic.topic_name();
     let group = &topic.spec.broker_group;
-    let Some(addr) = master_admin(topic, ctx).await? else {
-        info!("broker group {group} has no master yet; topic {name} waits");
-        write_status(
-            api,
-            topic,
-            None,
-            false,
-            "NoMaster",
-            format!("broker group {group} has no serving master yet"),
-        )
-        .await?;
-        return Ok(Action::requeue(Duration::from_secs(10)));
+    let addr = match master_admin(topic, ctx).await? {
+        GroupMaster::At(addr) => addr,
+        GroupMaster::Paused => {
+            let msg = paused_message(group);
+            let mut status = topic.status.clone().unwrap_or_default();
+            if !conditions::is_true(&status.conditions, PAUSED) {
+                info!("{msg}");
+            }
+            conditions::set(
+                &mut status.conditions,
+                PAUSED,
+                true,
+                "GroupPaused",
+                msg,
+                topic.metadata.generation,
+                &Time(jiff::Timestamp::now()),
+            );
+            let patch = serde_json::json!({ "status": status });
+            api.patch_status(
+                &topic.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        GroupMaster::None => {
+            info!("broker group {group} has no master yet; topic {name} waits");
+            write_status(
+                api,
+                topic,
+                None,
+                false,
+                "NoMaster",
+                format!("broker group {group} has no serving master yet"),
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
     };
     let admin_err = |op: &'static str| {
         move |message: String| Error::Admin {
@@ -220,6 +274,17 @@ async fn write_status(
         topic.metadata.generation,
         &now,
     );
+    if conditions::is_true(&status.conditions, PAUSED) {
+        conditions::set(
+            &mut status.conditions,
+            PAUSED,
+            false,
+            "Reconciling",
+            "the operator manages this topic",
+            topic.metadata.generation,
+            &now,
+        );
+    }
     status.observed_generation = topic.metadata.generation;
     if let Some(info) = info {
         status.queues = i32::try_from(info.queue_count).unwrap_or(i32::MAX);
@@ -238,7 +303,9 @@ async fn write_status(
 async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action> {
     let name = topic.topic_name();
     match master_admin(topic, ctx).await? {
-        Some(addr) => {
+        // The topic stays (with its finalizer) until the pause is lifted.
+        GroupMaster::Paused => return Err(Error::Paused(topic.spec.broker_group.clone())),
+        GroupMaster::At(addr) => {
             info!(
                 "deleting topic {name} from broker group {}",
                 topic.spec.broker_group
@@ -252,7 +319,7 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action> {
                     message,
                 })?;
         }
-        None => info!(
+        GroupMaster::None => info!(
             "broker group {} is gone or has no master; nothing to delete for topic {name}",
             topic.spec.broker_group
         ),
@@ -264,5 +331,8 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action> {
 pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(namespace = topic.namespace().unwrap_or_default(), name = topic.name_any(), %error, "topic reconcile failed");
     ctx.metrics.error("Topic", error);
-    Action::requeue(Duration::from_secs(10))
+    match error {
+        Error::Paused(_) => Action::requeue(Duration::from_secs(30)),
+        _ => Action::requeue(Duration::from_secs(10)),
+    }
 }

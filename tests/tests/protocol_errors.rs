@@ -99,6 +99,72 @@ fn receive(topic: &str, invisible: Option<u64>, polling: Option<i64>) -> pb::Rec
     }
 }
 
+/// The status codes of the official Rust client 5.0.0 (crate `rocketmq`,
+/// `src/pb/apache.rocketmq.v2.rs`, enum `Code`). The client decodes every
+/// status with `Code::from_i32(..).unwrap()`, so any other code panics it.
+const RUST_CLIENT_5_0_0_CODES: &[i32] = &[
+    0, 20000, 30000, 40000, 40001, 40002, 40003, 40004, 40005, 40006, 40007, 40008, 40009, 40010,
+    40011, 40012, 40013, 40014, 40015, 40016, 40017, 40018, 40100, 40200, 40300, 40400, 40401,
+    40402, 40403, 40800, 41300, 41301, 42800, 42900, 43100, 43101, 50000, 50001, 50002, 50100,
+    50400, 50401, 50402, 50500, 50501, 50502, 60000,
+];
+
+/// `MessageBodyEmpty` -> `MESSAGE_BODY_EMPTY`, the protocol's name.
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, ch) in camel.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Every status code the client API's source names (`Code::X`) is one the
+/// official Rust client 5.0.0 can decode.
+#[test]
+fn every_status_code_the_broker_sends_is_known_to_the_rust_client() {
+    let sources = [
+        (
+            "convert.rs",
+            include_str!("../../broker/src/client_api/convert.rs"),
+        ),
+        ("mod.rs", include_str!("../../broker/src/client_api/mod.rs")),
+        (
+            "producers.rs",
+            include_str!("../../broker/src/client_api/producers.rs"),
+        ),
+        (
+            "settings.rs",
+            include_str!("../../broker/src/client_api/settings.rs"),
+        ),
+        ("tls.rs", include_str!("../../broker/src/client_api/tls.rs")),
+        ("txn.rs", include_str!("../../broker/src/client_api/txn.rs")),
+    ];
+    let mut seen = 0;
+    for (file, text) in sources {
+        for (at, _) in text.match_indices("Code::") {
+            let name: String = text[at + "Code::".len()..]
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
+            if !name.starts_with(|c: char| c.is_ascii_uppercase()) {
+                continue;
+            }
+            let code = Code::from_str_name(&screaming_snake(&name))
+                .unwrap_or_else(|| panic!("{file}: Code::{name} is not a protocol code"));
+            assert!(
+                RUST_CLIENT_5_0_0_CODES.contains(&(code as i32)),
+                "{file}: Code::{name} ({}) is unknown to the Rust client 5.0.0, which panics on it",
+                code as i32
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 20, "the scan found the codes ({seen})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_error_code_is_reachable() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -169,10 +235,11 @@ async fn every_documented_error_code_is_reachable() {
             .all(|q| q.accept_message_types == vec![pb::MessageType::Fifo as i32])
     );
 
-    // Bodies: empty, too large (4 MiB limit), fine.
+    // Bodies: empty, too large (4 MiB limit), fine. An empty body is a
+    // BAD_REQUEST: MESSAGE_BODY_EMPTY (41302) would panic the Rust client.
     assert_eq!(
         send_code(&mut c, message("plain", vec![], None)).await,
-        Code::MessageBodyEmpty as i32
+        Code::BadRequest as i32
     );
     assert_eq!(
         send_code(&mut c, message("plain", vec![7u8; (4 << 20) + 1], None)).await,
@@ -181,6 +248,25 @@ async fn every_documented_error_code_is_reachable() {
     assert_eq!(
         send_code(&mut c, message("plain", b"ok".to_vec(), None)).await,
         Code::Ok as i32
+    );
+
+    // User properties: at most 128, of at most 16 KiB together, as upstream.
+    let with_properties = |props: Vec<(String, String)>| {
+        let mut m = message("plain", b"x".to_vec(), None);
+        m.user_properties = props.into_iter().collect();
+        m
+    };
+    let many = (0..129).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_eq!(
+        send_code(&mut c, with_properties(many)).await,
+        Code::MessagePropertiesTooLarge as i32,
+        "129 properties"
+    );
+    let big = vec![("k".to_owned(), "v".repeat(64 << 10))];
+    assert_eq!(
+        send_code(&mut c, with_properties(big)).await,
+        Code::MessagePropertiesTooLarge as i32,
+        "a 64 KiB property"
     );
 
     // Message type the topic does not accept, and bad message groups.
@@ -235,6 +321,19 @@ async fn every_documented_error_code_is_reachable() {
         send_code(&mut c, delayed(4 * 86_400)).await,
         Code::IllegalDeliveryTime as i32
     );
+    // Seconds whose milliseconds overflow an i64: refused, not wrapped into
+    // the past (delivered at once) nor a panic.
+    let mut overflowing = delayed(0);
+    if let Some(sp) = overflowing.system_properties.as_mut() {
+        sp.delivery_timestamp = Some(prost_types::Timestamp {
+            seconds: i64::MAX / 1000 + 1,
+            nanos: 0,
+        });
+    }
+    assert_eq!(
+        send_code(&mut c, overflowing).await,
+        Code::IllegalDeliveryTime as i32
+    );
     assert_eq!(send_code(&mut c, delayed(60)).await, Code::Ok as i32);
     assert_eq!(
         send_code(&mut c, message("later", b"x".to_vec(), None)).await,
@@ -261,6 +360,66 @@ async fn every_documented_error_code_is_reachable() {
     assert_eq!(codes, vec![Code::TopicNotFound as i32]);
     let codes = receive_codes(&mut c, Request::new(receive("plain", Some(30), Some(5)))).await;
     assert_eq!(codes, vec![Code::ClientIdRequired as i32]);
+    // A consumer group that cannot name a dead-letter topic (%DLQ%<group>)
+    // is refused by every consumer RPC.
+    for bad in ["", "orders.v1", "svc:pay"] {
+        let mut r = receive("plain", Some(30), Some(5));
+        r.group = resource(bad);
+        let codes = receive_codes(&mut c, with_id(r)).await;
+        assert_eq!(codes, vec![Code::IllegalConsumerGroup as i32], "{bad:?}");
+        let r = c
+            .ack_message(with_id(pb::AckMessageRequest {
+                group: resource(bad),
+                topic: resource("plain"),
+                entries: vec![],
+            }))
+            .await
+            .expect("ack")
+            .into_inner();
+        assert_eq!(
+            r.status.expect("status").code,
+            Code::IllegalConsumerGroup as i32
+        );
+        let r = c
+            .change_invisible_duration(with_id(pb::ChangeInvisibleDurationRequest {
+                group: resource(bad),
+                topic: resource("plain"),
+                receipt_handle: "h".into(),
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                message_id: "01ABC".into(),
+                lite_topic: None,
+                suspend: None,
+            }))
+            .await
+            .expect("change")
+            .into_inner();
+        assert_eq!(
+            r.status.expect("status").code,
+            Code::IllegalConsumerGroup as i32
+        );
+        let r = c
+            .forward_message_to_dead_letter_queue(with_id(
+                pb::ForwardMessageToDeadLetterQueueRequest {
+                    group: resource(bad),
+                    topic: resource("plain"),
+                    receipt_handle: "h".into(),
+                    message_id: "01ABC".into(),
+                    delivery_attempt: 3,
+                    max_delivery_attempts: 3,
+                    lite_topic: None,
+                },
+            ))
+            .await
+            .expect("forward")
+            .into_inner();
+        assert_eq!(
+            r.status.expect("status").code,
+            Code::IllegalConsumerGroup as i32
+        );
+    }
 
     let mut stream = c
         .receive_message(with_id(receive("plain", Some(30), Some(5))))

@@ -109,6 +109,14 @@ async fn normal_messages_round_trip_with_tags_and_redelivery() {
         let receipt = p.send(m).await.expect("send acknowledged");
         sent.insert(receipt.message_id().to_owned(), (body, tag));
     }
+    // An empty body is refused with a status this client knows (it panics
+    // on a code missing from its list, as MESSAGE_BODY_EMPTY is).
+    let empty = MessageBuilder::builder()
+        .set_topic("orders")
+        .set_body(Vec::new())
+        .build()
+        .expect("the client builds it");
+    assert!(p.send(empty).await.is_err(), "an empty body is refused");
 
     // A group that only wants "even" gets exactly those, with their properties.
     let c = consumer(&endpoint, "even-readers", "orders").await;

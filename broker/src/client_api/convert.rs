@@ -16,6 +16,12 @@ const MAX_DELAY_MS: i64 = 3 * 86_400_000;
 /// Longest message group, as RocketMQ allows.
 const MAX_GROUP_LEN: usize = 64;
 
+/// Most user properties a message may carry, and most bytes of their keys
+/// and values together (the RocketMQ proxy's limits): a consumer must be
+/// able to receive what was sent.
+const MAX_USER_PROPERTIES: usize = 128;
+const MAX_USER_PROPERTIES_BYTES: usize = 16 << 10;
+
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
@@ -23,8 +29,12 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-fn ms(t: &prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+/// Milliseconds since the epoch of a timestamp from the wire; `None` when
+/// that does not fit an `i64`.
+fn ms(t: &prost_types::Timestamp) -> Option<i64> {
+    t.seconds
+        .checked_mul(1000)?
+        .checked_add(i64::from(t.nanos) / 1_000_000)
 }
 
 fn proto_duration(d: Duration) -> prost_types::Duration {
@@ -94,8 +104,10 @@ pub fn record(
     round_robin: u64,
     born_host: &str,
 ) -> Result<NewRecord, pb::Status> {
+    // BAD_REQUEST, not MESSAGE_BODY_EMPTY (41302): the official Rust client
+    // 5.0.0 does not know that code and panics decoding it.
     if m.body.is_empty() {
-        return Err(status(Code::MessageBodyEmpty, "message body is empty"));
+        return Err(status(Code::BadRequest, "message body is empty"));
     }
     if m.body.len() > cfg.max_body_size {
         return Err(status(
@@ -148,18 +160,39 @@ pub fn record(
             ),
         ));
     }
-    if kind == MessageType::Delay {
-        let due = sp.delivery_timestamp.as_ref().map_or(0, ms);
-        let now = now_ms();
-        if due > now + MAX_DELAY_MS {
-            return Err(status(
-                Code::IllegalDeliveryTime,
-                format!(
-                    "delivery time is more than {} days ahead",
-                    MAX_DELAY_MS / 86_400_000
-                ),
-            ));
-        }
+    // Any message with a delivery time waits in the timer (but a half
+    // message, which waits for its transaction), so the bound holds for all.
+    let due = match sp.delivery_timestamp.as_ref() {
+        None => None,
+        Some(t) => match ms(t) {
+            Some(due) if kind == MessageType::Transaction || due <= now_ms() + MAX_DELAY_MS => {
+                Some(due)
+            }
+            _ => {
+                return Err(status(
+                    Code::IllegalDeliveryTime,
+                    format!(
+                        "delivery time must be a time at most {} days ahead",
+                        MAX_DELAY_MS / 86_400_000
+                    ),
+                ));
+            }
+        },
+    };
+    let properties_bytes: usize = m
+        .user_properties
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if m.user_properties.len() > MAX_USER_PROPERTIES || properties_bytes > MAX_USER_PROPERTIES_BYTES
+    {
+        return Err(status(
+            Code::MessagePropertiesTooLarge,
+            format!(
+                "{} user properties of {properties_bytes} bytes exceed the limit of {MAX_USER_PROPERTIES} properties and {MAX_USER_PROPERTIES_BYTES} bytes",
+                m.user_properties.len()
+            ),
+        ));
     }
     let mut properties = Properties::new();
     for (k, v) in &m.user_properties {
@@ -210,13 +243,17 @@ pub fn record(
     if let Some(g) = group {
         properties.insert(keys::MESSAGE_GROUP.into(), g.clone());
     }
-    if let Some(t) = sp.delivery_timestamp.as_ref() {
-        properties.insert(keys::DELIVERY_TIME.into(), ms(t).to_string());
+    if let Some(due) = due {
+        properties.insert(keys::DELIVERY_TIME.into(), due.to_string());
     }
     Ok(NewRecord {
         topic: topic.name.clone(),
         queue_id,
-        born_ms: sp.born_timestamp.as_ref().map_or_else(now_ms, ms),
+        born_ms: sp
+            .born_timestamp
+            .as_ref()
+            .and_then(ms)
+            .unwrap_or_else(now_ms),
         flags: 0,
         properties,
         body: m.body.clone(),
@@ -287,5 +324,121 @@ pub fn message(
             priority: None,
         }),
         body: r.body.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClientApiConfig {
+        ClientApiConfig {
+            broker_name: "b".into(),
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 8081,
+            max_body_size: 4 << 20,
+            auto_create_topics: false,
+            default_queue_count: 2,
+            transactions: Default::default(),
+        }
+    }
+
+    fn topic(message_type: MessageType) -> TopicConfig {
+        TopicConfig {
+            name: "t".into(),
+            queue_count: 2,
+            message_type,
+        }
+    }
+
+    fn msg(body: &[u8]) -> pb::Message {
+        pb::Message {
+            topic: None,
+            user_properties: Default::default(),
+            system_properties: Some(pb::SystemProperties {
+                message_id: "01AB".into(),
+                ..Default::default()
+            }),
+            body: body.to_vec().into(),
+        }
+    }
+
+    fn code(r: Result<NewRecord, pb::Status>) -> i32 {
+        r.map_or_else(|s| s.code, |_| Code::Ok as i32)
+    }
+
+    #[test]
+    fn an_empty_body_is_a_bad_request_the_rust_client_can_decode() {
+        let r = record(&cfg(), &topic(MessageType::Normal), &msg(b""), 0, "h");
+        assert_eq!(code(r), Code::BadRequest as i32);
+    }
+
+    #[test]
+    fn wire_timestamps_that_overflow_do_not_wrap() {
+        let at = |seconds| {
+            Some(prost_types::Timestamp {
+                seconds,
+                nanos: 999_999_999,
+            })
+        };
+        let overflowing = i64::MAX / 1000 + 1;
+        for (kind, group) in [
+            (MessageType::Delay, None),
+            (MessageType::Fifo, Some("g1".to_owned())),
+        ] {
+            let mut m = msg(b"x");
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.message_group = group.clone();
+                sp.delivery_timestamp = at(overflowing);
+            }
+            let r = record(&cfg(), &topic(kind), &m, 0, "h");
+            assert_eq!(code(r), Code::IllegalDeliveryTime as i32, "{kind}");
+            // Four days ahead: refused too.
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.delivery_timestamp = Some(timestamp(now_ms() + 4 * 86_400_000));
+            }
+            let r = record(&cfg(), &topic(kind), &m, 0, "h");
+            assert_eq!(code(r), Code::IllegalDeliveryTime as i32, "{kind}");
+            // In an hour: fine.
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.delivery_timestamp = Some(timestamp(now_ms() + 3_600_000));
+            }
+            record(&cfg(), &topic(kind), &m, 0, "h").expect("an hour ahead");
+        }
+        // A born time that does not fit is replaced by the store's clock.
+        let mut m = msg(b"x");
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.born_timestamp = at(overflowing);
+        }
+        let before = now_ms();
+        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h").expect("accepted");
+        assert!(r.born_ms >= before);
+    }
+
+    #[test]
+    fn user_properties_are_limited_in_count_and_size() {
+        let with = |props: Vec<(String, String)>| {
+            let mut m = msg(b"x");
+            m.user_properties = props.into_iter().collect();
+            code(record(&cfg(), &topic(MessageType::Normal), &m, 0, "h"))
+        };
+        let many = |n: usize| (0..n).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        assert_eq!(with(many(128)), Code::Ok as i32);
+        assert_eq!(
+            with(many(129)),
+            Code::MessagePropertiesTooLarge as i32,
+            "129 properties"
+        );
+        // Keys and values count together: 16 KiB in all is the most.
+        let sized = |n: usize| vec![("k".to_owned(), "v".repeat(n - 1))];
+        assert_eq!(with(sized(16 << 10)), Code::Ok as i32);
+        assert_eq!(
+            with(sized((16 << 10) + 1)),
+            Code::MessagePropertiesTooLarge as i32
+        );
+        assert_eq!(
+            with(sized(64 << 10)),
+            Code::MessagePropertiesTooLarge as i32
+        );
     }
 }

@@ -23,7 +23,9 @@ use pb::Code;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::messaging::consumer::{Consumption, HandleError, ReceiveRequest, TagFilter};
+use crate::messaging::consumer::{
+    Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, TagFilter,
+};
 use crate::messaging::slave_reads::SlaveReads;
 use crate::messaging::timer::Timer;
 use crate::messaging::transaction::{self, TransactionConfig, Transactions};
@@ -55,7 +57,27 @@ const MAX_POLLING: Duration = Duration::from_secs(20);
 const MIN_INVISIBLE: Duration = Duration::from_secs(10);
 const MAX_INVISIBLE: Duration = Duration::from_secs(12 * 3600);
 /// Invisible duration used when the client asks the server to renew.
-const AUTO_RENEW_INVISIBLE: Duration = Duration::from_secs(60);
+const AUTO_RENEW_INVISIBLE: Duration = Duration::from_millis(RENEW_INVISIBLE_MS as u64);
+/// How often `auto_renew` deliveries are renewed (the proxy's
+/// `renewSchedulePeriodMillis`).
+const RENEW_PERIOD: Duration = Duration::from_secs(5);
+/// HTTP/2 keepalive of the client port: a ping after this long without
+/// anything read from a connection, which is closed when the ping is not
+/// answered in time. A client host that vanished without closing its
+/// connections (power loss, a cut network path) then loses its Telemetry
+/// streams within a minute, instead of keeping its place as a producer
+/// that takes transaction check-backs nobody answers.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The server of the client port, with HTTP/2 keepalive pings every
+/// `interval` of silence, unanswered ones closing the connection after
+/// `timeout` (see [`HTTP2_KEEPALIVE_INTERVAL`]).
+pub fn server_builder(interval: Duration, timeout: Duration) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(interval))
+        .http2_keepalive_timeout(Some(timeout))
+}
 
 /// The `MessagingService` implementation.
 #[derive(Clone)]
@@ -71,6 +93,8 @@ pub struct ClientApi {
     transactions: Arc<Transactions>,
     /// Producer Telemetry streams, for transaction check-back.
     producers: Arc<producers::ProducerStreams>,
+    /// Clients with a Telemetry stream, whose `auto_renew` deliveries are renewed.
+    clients: Arc<producers::LiveClients>,
     /// Where received records are read from (a slave, or this broker).
     slave_reads: Option<Arc<SlaveReads>>,
     /// When consumers were last warned about unconfirmed delivery records.
@@ -97,6 +121,7 @@ impl ClientApi {
             round_robin: Arc::new(AtomicU64::new(0)),
             transactions,
             producers: Arc::default(),
+            clients: Arc::default(),
             slave_reads: None,
             unconfirmed_warned_ms: Arc::default(),
         }
@@ -148,6 +173,27 @@ impl ClientApi {
     pub fn with_slave_reads(mut self, reads: Arc<SlaveReads>) -> Self {
         self.slave_reads = Some(reads);
         self
+    }
+
+    /// Renews the `auto_renew` deliveries of connected clients every
+    /// [`RENEW_PERIOD`] until `stop` resolves (see [`Consumption::renew`]).
+    /// Only the master holds deliveries to renew.
+    pub async fn run_renewals(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(RENEW_PERIOD) => {}
+            }
+            if self.write.replication().role() != crate::replication::Role::Master {
+                continue;
+            }
+            let clients = self.clients.clone();
+            let (_, logged) = self.consumption.renew(now_ms(), |c| clients.contains(c));
+            if let Err(e) = logged {
+                tracing::warn!(error = %e, "recording renewed deliveries failed; a failover may hand them out again early");
+            }
+        }
     }
 
     /// The transactional-message state (for metrics).
@@ -216,14 +262,27 @@ fn client_id<T>(req: &Request<T>) -> Result<String, pb::Status> {
         .ok_or_else(|| status(Code::ClientIdRequired, "x-mq-client-id header is required"))
 }
 
-/// Time left before the client's gRPC deadline (`grpc-timeout` header).
+/// Refuses a consumer group the broker cannot serve: its dead-letter topic
+/// `%DLQ%<group>` must be a valid topic, or its messages out of attempts
+/// would have nowhere to go. The rule is the one group settings follow.
+fn consumer_group(name: &str) -> Result<(), pb::Status> {
+    crate::store::group_config::validate_group_name(name)
+        .map_err(|e| status(Code::IllegalConsumerGroup, e.to_string()))
+}
+
+/// Time left before the client's gRPC deadline (`grpc-timeout` header):
+/// at most 8 digits and a unit, as gRPC defines it; `None` for anything
+/// else.
 fn deadline<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
@@ -451,20 +510,18 @@ impl MessagingService for ClientApi {
             ];
             Ok(Response::new(Box::pin(futures::stream::iter(frames))))
         };
-        if let Err(s) = client_id(&req) {
-            return one(s);
-        }
+        let client = match client_id(&req) {
+            Ok(c) => c,
+            Err(s) => return one(s),
+        };
         if let Some(s) = self.consumer_refusal() {
             return one(s);
         }
         let grpc_deadline = deadline(&req);
         let r = req.into_inner();
         let group = resource_name(&r.group).to_owned();
-        if group.is_empty() {
-            return one(status(
-                Code::IllegalConsumerGroup,
-                "consumer group is required",
-            ));
+        if let Err(s) = consumer_group(&group) {
+            return one(s);
         }
         let topic_name = r
             .message_queue
@@ -552,6 +609,7 @@ impl MessagingService for ClientApi {
                 fifo,
                 max_attempts: self.store.metadata().max_delivery_attempts(&group),
                 now_ms: now_ms(),
+                renew_for: r.auto_renew.then_some(client.as_str()),
             };
             let got = match self.consumption.claim(&request) {
                 Ok(claim) if claim.items.is_empty() => Ok(Vec::new()),
@@ -620,6 +678,12 @@ impl MessagingService for ClientApi {
             }));
         }
         let group = resource_name(&r.group);
+        if let Err(s) = consumer_group(group) {
+            return Ok(Response::new(pb::AckMessageResponse {
+                status: Some(s),
+                entries: vec![],
+            }));
+        }
         let topic = resource_name(&r.topic);
         let handles: Vec<&str> = r
             .entries
@@ -684,6 +748,11 @@ impl MessagingService for ClientApi {
         }
         let r = req.into_inner();
         if let Some(s) = self.consumer_refusal() {
+            return Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
+                status: Some(s),
+            }));
+        }
+        if let Err(s) = consumer_group(resource_name(&r.group)) {
             return Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
                 status: Some(s),
             }));
@@ -757,6 +826,7 @@ impl MessagingService for ClientApi {
         // a restart) besides the settings replies.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::TelemetryCommand, Status>>(1024);
         let producers = self.producers.clone();
+        let clients = self.clients.clone();
         let store = self.store.clone();
         let stream = producers.new_stream_id();
         tokio::spawn(async move {
@@ -772,6 +842,7 @@ impl MessagingService for ClientApi {
                     .await;
                 return;
             };
+            clients.open(&id);
             while let Ok(Some(cmd)) = inbound.message().await {
                 let reply = match cmd.command {
                     Some(pb::telemetry_command::Command::Settings(s)) => {
@@ -782,7 +853,16 @@ impl MessagingService for ClientApi {
                                 p.topics.iter().map(|t| t.name.clone()).collect();
                             producers.register(stream, &id, &topics, &tx);
                         }
-                        settings::reply(s, |g| store.metadata().group_or_default(g))
+                        let metadata = store.metadata();
+                        settings::reply(
+                            s,
+                            |g| metadata.group_or_default(g),
+                            |t| {
+                                metadata
+                                    .get_topic(t)
+                                    .is_some_and(|t| t.message_type == MessageType::Fifo)
+                            },
+                        )
                     }
                     // Thread stack traces and verification results need no answer.
                     _ => continue,
@@ -792,6 +872,7 @@ impl MessagingService for ClientApi {
                 }
             }
             producers.remove(stream);
+            clients.close(&id);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -825,6 +906,9 @@ impl MessagingService for ClientApi {
             return fail(s);
         }
         let r = req.into_inner();
+        if let Err(s) = consumer_group(resource_name(&r.group)) {
+            return fail(s);
+        }
         let d = match r.invisible_duration.as_ref().and_then(duration) {
             Some(d) if d <= MAX_INVISIBLE => d,
             _ => {
@@ -905,5 +989,197 @@ fn send_failure(s: pb::Status, messages: &[pb::Message]) -> pb::SendMessageRespo
             })
             .collect(),
         status: Some(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(v: &str) -> Option<Duration> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("grpc-timeout", v.parse().expect("header"));
+        deadline(&r)
+    }
+
+    #[test]
+    fn grpc_timeouts_from_the_wire_neither_wrap_nor_panic() {
+        assert_eq!(timeout("20S"), Some(Duration::from_secs(20)));
+        assert_eq!(
+            timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert_eq!(timeout("1500m"), Some(Duration::from_millis(1500)));
+        // More than gRPC's 8 digits (these overflowed `n * 3600`), no
+        // digits, signs, unknown units: no deadline.
+        for bad in [
+            "99999999999999999H",
+            "18446744073709551615M",
+            "123456789S",
+            "H",
+            "",
+            "+5S",
+            "5x",
+        ] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    /// A TCP relay that stops passing bytes on either way once `frozen` is
+    /// set, as a cut network path does (nothing arrives, nothing is closed).
+    async fn relay(
+        to: std::net::SocketAddr,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((client, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            let pass = |mut from: tokio::net::tcp::OwnedReadHalf,
+                        mut to: tokio::net::tcp::OwnedWriteHalf,
+                        frozen: Arc<std::sync::atomic::AtomicBool>| async move {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = from.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if !frozen.load(Ordering::Relaxed) && to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Keep the connection open (a cut path closes nothing).
+                std::future::pending::<()>().await;
+            };
+            tokio::spawn(pass(cr, sw, frozen.clone()));
+            tokio::spawn(pass(sr, cw, frozen));
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_telemetry_stream_over_a_dead_connection_ends_by_keepalive() {
+        use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let api = ClientApi::new(
+            ClientApiConfig {
+                broker_name: "b".into(),
+                advertised_host: "127.0.0.1".into(),
+                advertised_port: 0,
+                max_body_size: 4 << 20,
+                auto_create_topics: false,
+                default_queue_count: 1,
+                transactions: Default::default(),
+            },
+            write,
+            Arc::new(Consumption::new(store)),
+            Arc::new(Notify::new()),
+        );
+        let (tls, _) = tls::acceptor(None, &dir.path().join("tls"), "127.0.0.1").expect("tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let server_addr = listener.local_addr().expect("addr");
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let serve = server_builder(Duration::from_millis(300), Duration::from_millis(300))
+            .add_service(api.clone().into_server())
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls), async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            });
+        let server = tokio::spawn(serve);
+
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let relay_addr = relay(server_addr, frozen.clone()).await;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{relay_addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = MessagingServiceClient::new(ch);
+        let (cmds, rx) = tokio::sync::mpsc::channel(4);
+        cmds.send(pb::TelemetryCommand {
+            status: None,
+            command: Some(pb::telemetry_command::Command::Settings(pb::Settings {
+                pub_sub: Some(pb::settings::PubSub::Publishing(pb::Publishing {
+                    topics: vec![pb::Resource {
+                        resource_namespace: String::new(),
+                        name: "t".into(),
+                    }],
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("queue settings");
+        let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("x-mq-client-id", "host@1#1".parse().expect("header"));
+        let mut replies = client.telemetry(req).await.expect("telemetry").into_inner();
+        let reply = replies.message().await.expect("reply").expect("settings");
+        assert_eq!(reply.status.map(|s| s.code), Some(Code::Ok as i32));
+        // Alive: the producer takes commands, and keepalive pings are answered.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            api.producers
+                .send_to_one("t", pb::TelemetryCommand::default())
+                .is_some()
+        );
+        assert!(api.clients.contains("host@1#1"));
+
+        // The path goes dead: the unanswered ping closes the connection and
+        // the producer is gone.
+        frozen.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while api
+            .producers
+            .send_to_one("t", pb::TelemetryCommand::default())
+            .is_some()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the producer's stream outlived its dead connection"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Nor are its auto_renew deliveries renewed any more.
+        while api.clients.contains("host@1#1") {
+            assert!(
+                Instant::now() < deadline,
+                "the client still counts as connected"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(cmds);
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+
+    #[test]
+    fn consumer_groups_without_a_valid_dead_letter_topic_are_refused() {
+        for ok in ["g", "orders_v1-x", &"g".repeat(127)] {
+            assert!(consumer_group(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "orders.v1",
+            "svc:pay",
+            &"g".repeat(128),
+            "%SYS_DELIVERY%",
+        ] {
+            let s = consumer_group(bad).expect_err(bad);
+            assert_eq!(s.code, Code::IllegalConsumerGroup as i32, "{bad:?}");
+        }
     }
 }

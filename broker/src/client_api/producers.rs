@@ -82,6 +82,34 @@ impl ProducerStreams {
     }
 }
 
+/// Clients with at least one open Telemetry stream, by client id: the
+/// broker renews `auto_renew` deliveries only for those (see
+/// [`crate::messaging::consumer::Consumption::renew`]).
+#[derive(Default)]
+pub struct LiveClients(Mutex<HashMap<String, usize>>);
+
+impl LiveClients {
+    /// A Telemetry stream of `client_id` opened.
+    pub fn open(&self, client_id: &str) {
+        *self.0.lock().entry(client_id.to_owned()).or_default() += 1;
+    }
+
+    /// A Telemetry stream of `client_id` ended.
+    pub fn close(&self, client_id: &str) {
+        let mut map = self.0.lock();
+        if let Some(n) = map.get_mut(client_id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(client_id);
+            }
+        }
+    }
+
+    pub fn contains(&self, client_id: &str) -> bool {
+        self.0.lock().contains_key(client_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

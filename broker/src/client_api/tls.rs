@@ -184,6 +184,47 @@ impl<S: Connected> Connected for Coalescing<S> {
     }
 }
 
+/// TCP keepalive of client connections: the first probe after this many
+/// seconds of silence, then one every `TCP_KEEPALIVE_INTERVAL_S`, the
+/// connection closed after `TCP_KEEPALIVE_PROBES` unanswered ones. (HTTP/2
+/// pings, see [`super::HTTP2_KEEPALIVE_INTERVAL`], usually notice a dead
+/// peer first; this also covers a connection the HTTP/2 layer leaves idle.)
+const TCP_KEEPALIVE_IDLE_S: libc::c_int = 60;
+const TCP_KEEPALIVE_INTERVAL_S: libc::c_int = 10;
+const TCP_KEEPALIVE_PROBES: libc::c_int = 3;
+
+/// Turns on TCP keepalive for an accepted connection.
+fn keepalive(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, TCP_KEEPALIVE_IDLE_S),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            TCP_KEEPALIVE_INTERVAL_S,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, TCP_KEEPALIVE_PROBES),
+    ] {
+        // SAFETY: `fd` is the open socket `stream` owns for the whole call;
+        // the option value is a c_int that lives across it, passed with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Accepts connections and yields each once its kind is known and (for
 /// TLS) its handshake is done. A slow or broken handshake delays nobody
 /// else; it is dropped after 10 s. Writes to each connection are coalesced
@@ -204,6 +245,9 @@ pub fn incoming(
                 }
             };
             let _ = stream.set_nodelay(true);
+            if let Err(e) = keepalive(&stream) {
+                tracing::debug!(%peer, error = %e, "TCP keepalive could not be set");
+            }
             if tx.is_closed() {
                 break;
             }
@@ -232,4 +276,61 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    fn sockopt(stream: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an open socket, and a c_int-sized buffer with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt");
+        value
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_tcp_keepalive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tls, _) = acceptor(None, dir.path(), "127.0.0.1").expect("acceptor");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut accepted = Box::pin(incoming(listener, tls));
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        client.write_all(b"PRI").await.expect("write");
+        let conn = accepted
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        let ClientIo::Plain(s) = conn.get_ref() else {
+            panic!("plaintext");
+        };
+        assert_eq!(sockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(
+            sockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            TCP_KEEPALIVE_IDLE_S
+        );
+        assert_eq!(
+            sockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            TCP_KEEPALIVE_INTERVAL_S
+        );
+        assert_eq!(
+            sockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            TCP_KEEPALIVE_PROBES
+        );
+    }
 }

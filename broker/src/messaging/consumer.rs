@@ -44,6 +44,14 @@ const DELIVERY_GROUP: &str = "%SYS_DELIVERY%";
 const RELOG_RECORDS: u64 = 50_000;
 const RELOG_AGE_MS: i64 = 3_600_000;
 
+/// Server-side renewal of deliveries made with `auto_renew` (the RocketMQ
+/// proxy's defaults): an entry this close to showing up again is made
+/// invisible for [`RENEW_INVISIBLE_MS`] more, while its consumer's client is
+/// connected, for at most [`RENEW_MAX_MS`] after the delivery.
+pub const RENEW_INVISIBLE_MS: i64 = 60_000;
+pub const RENEW_AHEAD_MS: i64 = 10_000;
+pub const RENEW_MAX_MS: i64 = 3 * 3_600_000;
+
 /// A tag filter: `*` (everything) or tags separated by `||`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TagFilter {
@@ -113,6 +121,9 @@ pub struct ReceiveRequest<'a> {
     /// Attempts after which a message goes to the dead-letter topic.
     pub max_attempts: u32,
     pub now_ms: i64,
+    /// The client (id) that asked the server to keep renewing the messages
+    /// it is handed (`auto_renew`), if any: see [`Consumption::renew`].
+    pub renew_for: Option<&'a str>,
 }
 
 /// Why an ack or an invisible-time change was refused.
@@ -165,6 +176,12 @@ struct InFlight {
     event: u64,
     /// The broker that made the delivery (index into [`State::issuers`]).
     issuer: u16,
+    /// The client the broker renews this delivery for, as 1 + an index
+    /// into [`State::clients`]; 0: not renewed. Kept in memory only: after
+    /// a restart or failover the delivery just runs out.
+    renew_for: u32,
+    /// Renewed until then at most (ms since the epoch).
+    renew_until_ms: i64,
 }
 
 type Key = (String, String, u32);
@@ -206,6 +223,8 @@ struct State {
     /// Brokers (store ids) whose deliveries this state holds: their receipt
     /// handles are honoured here.
     issuers: Vec<String>,
+    /// Clients whose deliveries are renewed (see [`InFlight::renew_for`]).
+    clients: Vec<String>,
 }
 
 impl State {
@@ -215,6 +234,55 @@ impl State {
         }
         self.issuers.push(store_id.to_owned());
         (self.issuers.len() - 1) as u16
+    }
+
+    /// Forgets clients no in-flight delivery is renewed for, once there are
+    /// many of them (every restart of a consumer is a new client id): the
+    /// list would otherwise only grow.
+    fn compact_clients(&mut self) {
+        const KEEP_UP_TO: usize = 64;
+        if self.clients.len() <= KEEP_UP_TO {
+            return;
+        }
+        let mut used = vec![false; self.clients.len()];
+        for f in self.queues.values().flat_map(|qs| qs.in_flight.values()) {
+            if let Some(u) = (f.renew_for as usize)
+                .checked_sub(1)
+                .and_then(|i| used.get_mut(i))
+            {
+                *u = true;
+            }
+        }
+        let mut remap = vec![0u32; used.len()];
+        let mut kept = Vec::new();
+        for (i, id) in std::mem::take(&mut self.clients).into_iter().enumerate() {
+            if used[i] {
+                kept.push(id);
+                remap[i] = kept.len() as u32;
+            }
+        }
+        self.clients = kept;
+        for f in self
+            .queues
+            .values_mut()
+            .flat_map(|qs| qs.in_flight.values_mut())
+        {
+            if let Some(i) = (f.renew_for as usize).checked_sub(1) {
+                f.renew_for = remap.get(i).copied().unwrap_or(0);
+            }
+        }
+    }
+
+    /// [`InFlight::renew_for`] of a client.
+    fn client(&mut self, client_id: &str) -> u32 {
+        let i = match self.clients.iter().position(|c| c == client_id) {
+            Some(i) => i,
+            None => {
+                self.clients.push(client_id.to_owned());
+                self.clients.len() - 1
+            }
+        };
+        i as u32 + 1
     }
 }
 
@@ -336,6 +404,7 @@ impl Consumption {
             let mut guard = self.lock();
             let st = &mut *guard;
             let me = st.issuer(self.store.store_id());
+            let renew = req.renew_for.map_or(0, |c| st.client(c));
             let mut ops = DeliveryOps::new(req.group, req.topic, self.store.store_id());
             for i in 0..u64::from(req.queue_count) {
                 if out.len() >= req.max_messages {
@@ -351,7 +420,7 @@ impl Consumption {
                     q,
                     qs,
                     &mut st.events,
-                    me,
+                    (me, renew),
                     &mut out,
                     &mut dead,
                     &mut ops,
@@ -365,25 +434,52 @@ impl Consumption {
             }
             self.log(st, &ops)
         };
-        // Messages that used up their attempts left the in-flight state
-        // above: they go to the dead-letter topic even if the record failed.
-        // One that cannot be read or moved is logged; it stops neither the
-        // others nor this claim.
-        for (q, off, attempts) in dead {
-            let moved = self.store.get(req.topic, q, off).and_then(|r| match r {
-                Some(record) => self.to_dead_letter(req.group, record, attempts).map(Some),
-                None => Ok(None),
-            });
-            if let Err(e) = moved {
-                tracing::error!(
+        // Messages that used up their attempts are still in flight (hidden
+        // for another invisible time): each leaves it only once its dead
+        // letter is written. One whose dead letter cannot be written stays,
+        // logged, to be tried again when it shows up again. One whose record
+        // is gone, or cannot be read, leaves it without a dead letter (an
+        // unreadable message costs only itself). None stops the others or
+        // this claim.
+        let mut moved_out = Vec::with_capacity(dead.len());
+        for (entry, attempts) in dead {
+            let (q, off) = (entry.queue_id, entry.queue_offset);
+            let record = match self.store.get(req.topic, q, off) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        group = req.group,
+                        topic = req.topic,
+                        queue = q,
+                        queue_offset = off,
+                        attempts,
+                        "a message that used up its attempts could not be read; it is dropped instead of dead-lettered"
+                    );
+                    None
+                }
+            };
+            let moved = record.map_or(Ok(0), |r| self.to_dead_letter(req.group, r, attempts));
+            match moved {
+                Ok(_) => moved_out.push(entry),
+                Err(e) => tracing::error!(
                     error = %e,
                     group = req.group,
                     topic = req.topic,
                     queue = q,
                     queue_offset = off,
                     attempts,
-                    "a message that used up its attempts could not be moved to the dead-letter topic"
-                );
+                    "a message that used up its attempts could not be moved to the dead-letter topic; it stays in flight and is tried again later"
+                ),
+            }
+        }
+        if !moved_out.is_empty() {
+            // Not waited for: if this record is lost, the message is only
+            // moved to the dead-letter topic again.
+            let mut st = self.lock();
+            let (_, logged) = self.settle(&mut st, req.group, req.topic, &moved_out);
+            if let Err(e) = logged {
+                tracing::warn!(error = %e, "recording messages moved to the dead-letter topic failed; they may be moved again");
             }
         }
         Ok(Claim {
@@ -486,9 +582,9 @@ impl Consumption {
         q: u32,
         st: &mut QueueState,
         events: &mut Events,
-        me: u16,
+        (me, renew): (u16, u32),
         out: &mut Vec<Claimed>,
-        dead: &mut Vec<(u32, u64, u32)>,
+        dead: &mut Vec<(RemoveEntry, u32)>,
         ops: &mut DeliveryOps,
     ) {
         let min = self.store.queue_min_offset(req.topic, q);
@@ -528,20 +624,27 @@ impl Consumption {
                 continue;
             };
             if f.attempt >= req.max_attempts {
-                dead.push((q, off, f.attempt));
-                ops.removes.push(RemoveEntry {
-                    queue_id: q,
-                    queue_offset: off,
-                    delivery: f.delivery,
-                });
-                events.release(f.event);
-                st.in_flight.remove(&off);
+                // Goes to the dead-letter topic once this claim lets go of
+                // the lock, and stays in flight until it is there; hidden
+                // meanwhile (in memory only), so no other receive moves it.
+                f.visible_at_ms = req.now_ms + req.invisible_ms;
+                f.renew_for = 0;
+                dead.push((
+                    RemoveEntry {
+                        queue_id: q,
+                        queue_offset: off,
+                        delivery: f.delivery,
+                    },
+                    f.attempt,
+                ));
                 continue;
             }
             f.attempt += 1;
             f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
             f.visible_at_ms = req.now_ms + req.invisible_ms;
             f.issuer = me;
+            f.renew_for = renew;
+            f.renew_until_ms = req.now_ms.saturating_add(RENEW_MAX_MS);
             ops.sets.push(set_entry(q, off, f));
             out.push(Claimed {
                 queue_id: q,
@@ -570,6 +673,8 @@ impl Consumption {
                 attempt: 1,
                 event: UNLOGGED,
                 issuer: me,
+                renew_for: renew,
+                renew_until_ms: req.now_ms.saturating_add(RENEW_MAX_MS),
             };
             st.in_flight.insert(off, f);
             ops.sets.push(set_entry(q, off, &f));
@@ -786,6 +891,8 @@ impl Consumption {
                 attempt: s.attempt,
                 event,
                 issuer,
+                renew_for: 0,
+                renew_until_ms: 0,
             };
             if let Some(old) = qs.in_flight.insert(s.queue_offset, f) {
                 st.events.release(old.event);
@@ -903,6 +1010,9 @@ impl Consumption {
         f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
         f.visible_at_ms = now_ms + invisible_ms;
         f.issuer = me;
+        // The consumer set the time itself (a push consumer's retry back-off):
+        // renewing would override it.
+        f.renew_for = 0;
         h.delivery = f.delivery;
         h.store_id = self.store.store_id().to_owned();
         let mut ops = DeliveryOps::new(group, &h.topic, self.store.store_id());
@@ -922,16 +1032,39 @@ impl Consumption {
         handle: &str,
         attempts: u32,
     ) -> Result<Option<u64>, HandleError> {
-        let h = self.parse(&self.lock(), topic, handle)?;
+        // Under the lock throughout, so nothing acks or redelivers the
+        // message between the check, the dead letter and the ack. The dead
+        // letter is written first: if that fails, the delivery stays in
+        // flight and the handle valid, so the consumer can try again.
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let h = self.parse(st, topic, handle)?;
+        let live = st
+            .queues
+            .get(&(group.to_owned(), h.topic.clone(), h.queue_id))
+            .and_then(|qs| qs.in_flight.get(&h.queue_offset))
+            .is_some_and(|f| f.delivery == h.delivery);
+        if !live {
+            return Err(HandleError::Stale);
+        }
         let record = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
             Ok(Some(r)) => r,
             _ => return Err(HandleError::Stale),
         };
-        let acked = self.ack(group, topic, handle)?;
         let moved = self.to_dead_letter(group, record, attempts).map_err(|e| {
-            tracing::error!(error = %e, "writing to the dead-letter topic failed");
+            tracing::error!(error = %e, group, topic = %h.topic, "writing to the dead-letter topic failed; the message stays in flight");
             HandleError::Unrecorded(e)
         })?;
+        let entry = RemoveEntry {
+            queue_id: h.queue_id,
+            queue_offset: h.queue_offset,
+            delivery: h.delivery,
+        };
+        let (found, logged) = self.settle(st, group, &h.topic, &[entry]);
+        if found.first() != Some(&true) {
+            return Err(HandleError::Stale);
+        }
+        let acked = logged.map_err(HandleError::Unrecorded)?;
         Ok(acked.max(Some(moved)))
     }
 
@@ -943,6 +1076,63 @@ impl Consumption {
             .queues
             .get(&(group.to_owned(), topic.to_owned(), queue_id))
             .map_or(0, |s| s.in_flight.len() as u64)
+    }
+
+    /// Renews deliveries made with `auto_renew` (see [`RENEW_INVISIBLE_MS`]):
+    /// each within [`RENEW_AHEAD_MS`] of showing up again, whose client
+    /// `live` says is still connected and whose [`RENEW_MAX_MS`] is not used
+    /// up, stays invisible for [`RENEW_INVISIBLE_MS`] more under the same
+    /// receipt handle. Returns how many were renewed and where their
+    /// delivery records end. Does nothing before the state is loaded (a
+    /// slave holds none).
+    pub fn renew(&self, now_ms: i64, live: impl Fn(&str) -> bool) -> (usize, Logged) {
+        let mut guard = self.state.lock();
+        if !guard.loaded {
+            return (0, Ok(None));
+        }
+        let st = &mut *guard;
+        let mut by_topic: BTreeMap<(String, String), DeliveryOps> = BTreeMap::new();
+        let mut renewed = 0;
+        for ((group, topic, q), qs) in st.queues.iter_mut() {
+            let next = qs.next.unwrap_or(0);
+            for (off, f) in qs.in_flight.iter_mut() {
+                if f.renew_for == 0
+                    || f.visible_at_ms <= now_ms
+                    || f.visible_at_ms > now_ms + RENEW_AHEAD_MS
+                {
+                    continue;
+                }
+                let client = st
+                    .clients
+                    .get(f.renew_for as usize - 1)
+                    .map_or("", String::as_str);
+                if now_ms >= f.renew_until_ms || !live(client) {
+                    // Left to run out: the consumer is gone, or had long enough.
+                    f.renew_for = 0;
+                    continue;
+                }
+                f.visible_at_ms = (now_ms + RENEW_INVISIBLE_MS).min(f.renew_until_ms);
+                let ops = by_topic
+                    .entry((group.clone(), topic.clone()))
+                    .or_insert_with(|| DeliveryOps::new(group, topic, self.store.store_id()));
+                ops.sets.push(set_entry(*q, *off, f));
+                if ops.nexts.last().is_none_or(|(last, _)| last != q) {
+                    ops.nexts.push((*q, next));
+                }
+                renewed += 1;
+                tracing::debug!(group = %group, topic = %topic, queue = q, queue_offset = off, client, visible_at_ms = f.visible_at_ms, "delivery renewed for its connected client");
+            }
+        }
+        st.compact_clients();
+        let mut end = Ok(None);
+        for ops in by_topic.values() {
+            let logged = self.log(st, ops);
+            end = match (end, logged) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+            };
+        }
+        (renewed, end)
     }
 
     fn parse(&self, st: &State, topic: &str, handle: &str) -> Result<ReceiptHandle, HandleError> {
@@ -1059,6 +1249,7 @@ mod tests {
             fifo,
             max_attempts: 3,
             now_ms,
+            renew_for: None,
         }
     }
 
@@ -1125,6 +1316,23 @@ mod tests {
             })
             .collect();
         assert_eq!(dead, [b"m0".to_vec(), b"m2".to_vec()]);
+        assert_eq!(c.in_flight("g", "t", 0), 0, "m1 is dropped, not held");
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn an_offset_past_the_queue_end_after_a_failover_skips_no_new_message() {
+        // A promoted slave got the group's offset (5) ahead of the messages
+        // it holds (3): the old master served m3 and m4 before they reached it.
+        let (_dir, s) = filled(3);
+        s.metadata().commit_offset("g", "t", 0, 5);
+        // What promotion does before the new master takes writes.
+        assert_eq!(s.clamp_consumer_offsets(), 1);
+        let c = Consumption::new(s.clone());
+        put(&s, 0, "a", "new");
+        let got = c.receive(&req(&TagFilter::All, 0, false)).expect("receive");
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [&b"new"[..]]);
         s.shutdown().expect("shutdown");
     }
 
@@ -1237,6 +1445,191 @@ mod tests {
             dlq.properties.get(keys::ORIGIN_TOPIC).map(String::as_str),
             Some("t")
         );
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn a_message_out_of_attempts_stays_in_flight_until_its_dead_letter_is_written() {
+        let (_dir, s) = filled(1);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        // "a.b" cannot name a dead-letter topic (the client API refuses it
+        // up front): the message must not be lost for it.
+        let bad = |now| ReceiveRequest {
+            group: "a.b",
+            max_attempts: 1,
+            ..req(&all, now, false)
+        };
+        assert_eq!(c.receive(&bad(0)).expect("receive").len(), 1);
+        assert!(c.receive(&bad(2000)).expect("receive").is_empty());
+        assert_eq!(c.in_flight("a.b", "t", 0), 1, "still in flight");
+        assert_eq!(s.metadata().get_offset("a.b", "t", 0), Some(0));
+        // Hidden while it waits for another try, then tried again.
+        assert!(c.receive(&bad(2500)).expect("receive").is_empty());
+        assert_eq!(c.in_flight("a.b", "t", 0), 1);
+
+        // The longest valid group has a valid dead-letter topic: the
+        // message moves there and leaves the in-flight state.
+        let long = "g".repeat(crate::store::record::MAX_TOPIC_LEN);
+        let ok = |now| ReceiveRequest {
+            group: &long,
+            max_attempts: 1,
+            ..req(&all, now, false)
+        };
+        assert_eq!(c.receive(&ok(0)).expect("receive").len(), 1);
+        assert!(c.receive(&ok(2000)).expect("receive").is_empty());
+        assert_eq!(c.in_flight(&long, "t", 0), 0);
+        assert_eq!(s.metadata().get_offset(&long, "t", 0), Some(1));
+        let dead = s
+            .get(&format!("{DLQ_PREFIX}{long}"), 0, 0)
+            .expect("read")
+            .expect("in the dead-letter topic");
+        assert_eq!(&dead.body[..], b"m0");
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn a_failed_forward_to_the_dead_letter_topic_leaves_the_handle_valid() {
+        let (_dir, s) = filled(2);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let bad = ReceiveRequest {
+            group: "a.b",
+            ..req(&all, 0, false)
+        };
+        let got = c.receive(&bad).expect("receive");
+        assert_eq!(got.len(), 2);
+        let h = got[0].handle.to_string();
+        // The dead-letter topic "%DLQ%a.b" cannot exist: the forward fails
+        // and the message is neither acked nor anywhere else.
+        assert!(matches!(
+            c.forward_to_dead_letter("a.b", "t", &h, 1),
+            Err(HandleError::Unrecorded(_))
+        ));
+        assert_eq!(c.in_flight("a.b", "t", 0), 2);
+        assert!(matches!(
+            c.forward_to_dead_letter("a.b", "t", &h, 1),
+            Err(HandleError::Unrecorded(_))
+        ));
+        c.ack("a.b", "t", &h).expect("the handle is still valid");
+
+        // A forward that works acks the delivery; a second one is stale.
+        let h = got[1].handle.to_string();
+        assert!(
+            c.forward_to_dead_letter("g", "t", &h, 1).is_err(),
+            "not g's"
+        );
+        let ok = ReceiveRequest {
+            group: "g",
+            ..req(&all, 0, false)
+        };
+        let got = c.receive(&ok).expect("receive");
+        let h = got[0].handle.to_string();
+        c.forward_to_dead_letter("g", "t", &h, 3).expect("forward");
+        assert!(matches!(
+            c.forward_to_dead_letter("g", "t", &h, 3),
+            Err(HandleError::Stale)
+        ));
+        assert!(matches!(c.ack("g", "t", &h), Err(HandleError::Stale)));
+        let dead = s.get("%DLQ%g", 0, 0).expect("read").expect("dead letter");
+        assert_eq!(&dead.body[..], b"m0");
+        assert_eq!(s.queue_max_offset("%DLQ%g", 0), 1, "written once");
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn clients_no_delivery_is_renewed_for_are_forgotten() {
+        let mut st = State::default();
+        let ids: Vec<u32> = (0..100).map(|i| st.client(&format!("host@{i}"))).collect();
+        assert_eq!(ids[99], 100);
+        // One delivery still renewed, for the 51st client.
+        let mut qs = QueueState::default();
+        qs.in_flight.insert(
+            0,
+            InFlight {
+                delivery: 1,
+                visible_at_ms: 0,
+                attempt: 1,
+                event: 0,
+                issuer: 0,
+                renew_for: ids[50],
+                renew_until_ms: 0,
+            },
+        );
+        st.queues.insert(("g".into(), "t".into(), 0), qs);
+        st.compact_clients();
+        assert_eq!(st.clients, ["host@50"]);
+        let f = &st.queues[&("g".into(), "t".into(), 0)].in_flight[&0];
+        assert_eq!(f.renew_for, 1);
+        assert_eq!(st.client("host@50"), 1);
+    }
+
+    #[test]
+    fn auto_renew_keeps_a_connected_clients_delivery_invisible() {
+        let (_dir, s) = filled(3);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let t0 = 1_000_000;
+        let renewing = |client, now| ReceiveRequest {
+            renew_for: Some(client),
+            invisible_ms: RENEW_INVISIBLE_MS,
+            max_messages: 1,
+            max_attempts: 10,
+            ..req(&all, now, false)
+        };
+        let plain = |now| ReceiveRequest {
+            max_messages: 10,
+            max_attempts: 10,
+            ..req(&all, now, false)
+        };
+        let bodies = |got: &[Delivered]| -> Vec<String> {
+            got.iter()
+                .map(|d| String::from_utf8_lossy(&d.record.body).into_owned())
+                .collect()
+        };
+        let m0 = c.receive(&renewing("c1", t0)).expect("receive").remove(0);
+        let m1 = c.receive(&renewing("c2", t0)).expect("receive").remove(0);
+        let m2 = c.receive(&renewing("c1", t0)).expect("receive").remove(0);
+        assert_eq!(bodies(&[m0.clone(), m1, m2.clone()]), ["m0", "m1", "m2"]);
+        // m2's consumer sets its own time (a retry back-off): not renewed.
+        let (m2h, _) = c
+            .change_invisible("g", "t", &m2.handle.to_string(), 50_000, t0 + 1_000)
+            .expect("change");
+        // Not yet due; then c1's m0 is renewed, c2 (disconnected) is not.
+        let live = |id: &str| id == "c1";
+        assert_eq!(c.renew(t0 + 30_000, live).0, 0);
+        assert_eq!(c.renew(t0 + 55_000, live).0, 1);
+        // At t0+61 s m0 is still invisible; m1 and m2 come back.
+        let got = c.receive(&plain(t0 + 61_000)).expect("receive");
+        assert_eq!(bodies(&got), ["m1", "m2"]);
+        assert!(matches!(
+            c.ack("g", "t", &m2h.to_string()),
+            Err(HandleError::Stale)
+        ));
+        // m0's original handle still acks at t0+90 s.
+        c.ack("g", "t", &m0.handle.to_string())
+            .expect("the renewed handle acks");
+
+        c.ack("g", "t", &got[1].handle.to_string())
+            .expect("m2 acked");
+
+        // Renewal stops after RENEW_MAX_MS: the message then comes back.
+        let t1 = t0 + 70_000;
+        let m = c.receive(&renewing("c1", t1)).expect("receive");
+        assert_eq!(bodies(&m), ["m1"]);
+        let mut now = t1;
+        while now < t1 + RENEW_MAX_MS + RENEW_INVISIBLE_MS {
+            now += 5_000;
+            let _ = c.renew(now, live);
+            if now < t1 + RENEW_MAX_MS {
+                assert!(
+                    c.receive(&plain(now)).expect("receive").is_empty(),
+                    "renewed at {now}"
+                );
+            }
+        }
+        let got = c.receive(&plain(now)).expect("receive");
+        assert_eq!(bodies(&got), ["m1"]);
         s.shutdown().expect("shutdown");
     }
 
@@ -1535,6 +1928,7 @@ mod tests {
                     fifo,
                     max_attempts,
                     now_ms: now,
+                    renew_for: None,
                 })
                 .expect("receive");
             let keys: Vec<(u32, u64)> = got

@@ -126,7 +126,9 @@ impl SlaveTable {
             let Some(s) = slaves.get_mut(broker_id) else {
                 return;
             };
-            if s.session != session {
+            // A session ended by a role change (or replaced by a newer
+            // one) no longer confirms anything.
+            if s.session != session || !s.connected {
                 return;
             }
             s.acked = s.acked.max(offset);

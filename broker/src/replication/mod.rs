@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -185,6 +185,26 @@ pub struct ReplicationManager {
     /// Slave side: whether the stream to the master is up.
     follower_connected: watch::Sender<bool>,
     role_changed: watch::Sender<u64>,
+    /// Held shared by a client write from the writability check until its
+    /// records are in the store (see [`ReplicationManager::admit`]), and
+    /// exclusively by a switchover while it stops writes: once it has the
+    /// lock, every write that was let in is in the log.
+    write_gate: RwLock<()>,
+}
+
+/// Puts writes back on when a switchover ends before the target took over
+/// (an error, or the switchover's future dropped).
+struct ResumeWrites<'a> {
+    manager: &'a ReplicationManager,
+    armed: bool,
+}
+
+impl Drop for ResumeWrites<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.manager.set_writable(true);
+        }
+    }
 }
 
 impl ReplicationManager {
@@ -235,6 +255,7 @@ impl ReplicationManager {
             appended: store.published_notify(),
             follower_connected: watch::channel(false).0,
             role_changed: watch::channel(0).0,
+            write_gate: RwLock::new(()),
             cfg,
             store,
         });
@@ -317,6 +338,16 @@ impl ReplicationManager {
         }
     }
 
+    /// Lets a client write in: checks that this broker takes writes and
+    /// returns a guard to hold until the write's records are appended to the
+    /// store (not across an await). A switchover stopping writes waits for
+    /// every guard, so no write it did not count can still reach the log.
+    pub fn admit(&self) -> Result<RwLockReadGuard<'_, ()>, ReplicationError> {
+        let gate = self.write_gate.read();
+        self.check_writable()?;
+        Ok(gate)
+    }
+
     /// Waits until the write ending at `end_offset` is acknowledged under
     /// the replication mode in force.
     pub async fn wait_replicated(&self, end_offset: u64) -> Result<(), ReplicationError> {
@@ -383,6 +414,7 @@ impl ReplicationManager {
         if let Some(task) = st.follower.take() {
             task.abort();
         }
+        self.store.clamp_consumer_offsets();
         let start = self.store.max_offset();
         let mut history = st.history.clone();
         history.begin(epoch, start)?;
@@ -477,22 +509,30 @@ impl ReplicationManager {
                 ))
             })?;
         let paused_at = Instant::now();
-        self.set_writable(false);
-        let end = self.store.max_offset();
-        if let Err(e) = self
-            .slaves
-            .wait_slave_acked(target_broker_id, end, timeout)
-            .await
         {
-            self.set_writable(true);
-            return Err(e);
+            // Writes already let in finish appending first.
+            let _gate = self.write_gate.write();
+            self.set_writable(false);
         }
+        let mut resume = ResumeWrites {
+            manager: self,
+            armed: true,
+        };
+        // Everything appended, staged records included (under SYNC_FLUSH
+        // they reach the published end only with the next flush).
+        let end = self.store.flush().map_err(|e| {
+            ReplicationError::Switchover(format!("flushing before the hand-over: {e}"))
+        })?;
+        self.slaves
+            .wait_slave_acked(target_broker_id, end, timeout)
+            .await?;
+        // The caller bounds this call and tells a refusal from a lost answer.
         if let Err(e) = promote_target(new_epoch).await {
-            self.set_writable(true);
             return Err(ReplicationError::Switchover(format!(
                 "promoting {target_broker_id}: {e}"
             )));
         }
+        resume.armed = false;
         self.follow(target_addr, new_epoch)?;
         let pause = paused_at.elapsed();
         tracing::info!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use super::record::validate_topic;
+use super::record::{MAX_TOPIC_LEN, validate_topic};
 
 /// Deliveries of a message (the first one included) by default: sixteen
 /// retries, as RocketMQ's `retryMaxTimes` default.
@@ -70,18 +70,7 @@ impl GroupConfig {
 
     /// Refuses settings a broker cannot honour, saying which and why.
     pub fn validate(&self) -> Result<(), StoreError> {
-        validate_topic(&self.name).map_err(|_| {
-            StoreError::InvalidName(format!(
-                "{:?}: group names are 1 to 127 characters of letters, digits, '_', '-', '%' and '|'",
-                self.name
-            ))
-        })?;
-        if self.name.starts_with("%SYS_") {
-            return Err(StoreError::InvalidName(format!(
-                "{}: names starting with %SYS_ are the broker's own",
-                self.name
-            )));
-        }
+        validate_group_name(&self.name)?;
         let bad = |why: String| Err(StoreError::InvalidArgument(why));
         if !(1..=MAX_DELIVERY_ATTEMPTS).contains(&self.max_delivery_attempts) {
             return bad(format!(
@@ -124,6 +113,22 @@ impl GroupConfig {
         }
         Ok(())
     }
+}
+
+/// Consumer group names: what a topic name may be (so `%DLQ%<group>` is a
+/// valid dead-letter topic), not starting with `%SYS_`.
+pub fn validate_group_name(name: &str) -> Result<(), StoreError> {
+    if name.len() > MAX_TOPIC_LEN || validate_topic(name).is_err() {
+        return Err(StoreError::InvalidName(format!(
+            "{name:?}: group names are 1 to {MAX_TOPIC_LEN} characters of letters, digits, '_', '-', '%' and '|'"
+        )));
+    }
+    if name.starts_with("%SYS_") {
+        return Err(StoreError::InvalidName(format!(
+            "{name}: names starting with %SYS_ are the broker's own"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -207,6 +212,32 @@ mod tests {
                 .to_string()
                 .contains("%SYS_")
         );
+    }
+
+    #[test]
+    fn every_valid_group_has_a_valid_dead_letter_topic() {
+        for ok in [
+            "g",
+            "orders-consumer",
+            "A_b|c%d",
+            &"g".repeat(MAX_TOPIC_LEN),
+        ] {
+            validate_group_name(ok).expect(ok);
+            validate_topic(&format!("%DLQ%{ok}")).expect("its dead-letter topic");
+            validate_topic(&format!("%RETRY%{ok}")).expect("its retry topic");
+        }
+        let long_dlq = format!("%DLQ%{}", "g".repeat(MAX_TOPIC_LEN));
+        for bad in [
+            "",
+            "a.b",
+            "svc:pay",
+            "a b",
+            &"g".repeat(MAX_TOPIC_LEN + 1),
+            &long_dlq,
+            "%SYS_X",
+        ] {
+            assert!(validate_group_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

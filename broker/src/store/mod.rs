@@ -448,6 +448,7 @@ impl MessageStore {
             lock: Mutex::new(Some(lock)),
         });
         let store = MessageStore { inner };
+        store.clamp_consumer_offsets();
         store.write_checkpoint(false)?;
         store.inner.clog.start_preparer();
         store.start_threads()?;
@@ -486,6 +487,42 @@ impl MessageStore {
 
     pub fn metadata(&self) -> &Metadata {
         &self.inner.metadata
+    }
+
+    /// Brings consumer offsets past the end of their queue back to it, and
+    /// returns how many there were. They arise when messages a group had
+    /// consumed are gone: the tail an ASYNC_FLUSH crash lost (offsets are
+    /// saved on their own schedule), or, on a slave being promoted, messages
+    /// the old master served before any slave held them (offsets replicate
+    /// apart from the log). The queue goes on from its end; left as they
+    /// were, the offsets would skip the messages stored next. Called at open
+    /// and at promotion, before anything new is appended.
+    pub fn clamp_consumer_offsets(&self) -> usize {
+        let metadata = &self.inner.metadata;
+        let mut clamped = 0;
+        for o in metadata.list_offsets() {
+            let end = self.queue_max_offset(&o.topic, o.queue_id);
+            if o.offset <= end {
+                continue;
+            }
+            tracing::warn!(
+                group = %o.group,
+                topic = %o.topic,
+                queue = o.queue_id,
+                committed = o.offset,
+                queue_end = end,
+                "consumer offset past the end of its queue (the messages in between are gone); continuing from the end"
+            );
+            metadata.commit_offset(&o.group, &o.topic, o.queue_id, end);
+            if metadata
+                .dispatched(&o.group, &o.topic, o.queue_id)
+                .is_some_and(|d| d > end)
+            {
+                metadata.mark_dispatched(&o.group, &o.topic, o.queue_id, end);
+            }
+            clamped += 1;
+        }
+        clamped
     }
 
     /// First readable commit-log offset.
@@ -1227,13 +1264,17 @@ impl MessageStore {
             let rest = &bytes[n..];
             let seg_left = (tail.segment.end() - tail.pos) as usize;
             let view = &rest[..rest.len().min(seg_left)];
+            // Bytes from the network: too few for a record's length and
+            // magic is a broken frame, not something to probe.
+            if view.len() < 8 {
+                return Err(StoreError::Corrupt {
+                    offset: tail.pos,
+                    reason: format!("{} stray bytes where a record should start", view.len()),
+                });
+            }
             // Probe against the rest of the segment as the sender saw it.
             let probe_len = record::le_u32(view, 0) as usize;
-            let magic = if view.len() >= 8 {
-                record::le_u32(view, 4)
-            } else {
-                0
-            };
+            let magic = record::le_u32(view, 4);
             if magic == record::BLANK_MAGIC {
                 if probe_len != seg_left || rest.len() < probe_len {
                     return Err(StoreError::Corrupt {

@@ -39,6 +39,9 @@ pub const FIXED_HEADER_LEN: usize = 54;
 pub const BLANK_LEN: usize = 8;
 /// Longest topic name, as in RocketMQ.
 pub const MAX_TOPIC_LEN: usize = 127;
+/// Longest retry or dead-letter topic name (`%RETRY%<group>`,
+/// `%DLQ%<group>`), as in RocketMQ: a group may itself be as long as a topic.
+pub const MAX_GROUP_TOPIC_LEN: usize = 255;
 
 /// Flag bits carried by a record; the messaging layer gives them meaning.
 pub mod flags {
@@ -184,10 +187,16 @@ pub fn now_ms() -> i64 {
 }
 
 /// Topic names: 1..=127 characters of `[A-Za-z0-9_%|-]` (RocketMQ's rule;
-/// `%` appears in retry and dead-letter topics).
+/// `%` appears in retry and dead-letter topics), up to 255 for retry and
+/// dead-letter topics.
 pub fn validate_topic(topic: &str) -> Result<(), StoreError> {
+    let max = if topic.starts_with("%DLQ%") || topic.starts_with("%RETRY%") {
+        MAX_GROUP_TOPIC_LEN
+    } else {
+        MAX_TOPIC_LEN
+    };
     let ok = !topic.is_empty()
-        && topic.len() <= MAX_TOPIC_LEN
+        && topic.len() <= max
         && topic
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'%' | b'|'));
@@ -195,7 +204,7 @@ pub fn validate_topic(topic: &str) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError::InvalidName(format!(
-            "{topic:?}: topic names are 1 to {MAX_TOPIC_LEN} characters of letters, digits, '_', '-', '%' and '|'"
+            "{topic:?}: topic names are 1 to {MAX_TOPIC_LEN} characters of letters, digits, '_', '-', '%' and '|' ({MAX_GROUP_TOPIC_LEN} for %RETRY% and %DLQ% topics)"
         )))
     }
 }
@@ -518,5 +527,8 @@ mod tests {
         assert!(validate_topic("").is_err());
         assert!(validate_topic("a b").is_err());
         assert!(validate_topic(&"x".repeat(128)).is_err());
+        // The dead-letter topic of the longest group is valid.
+        assert!(validate_topic(&format!("%DLQ%{}", "g".repeat(MAX_TOPIC_LEN))).is_ok());
+        assert!(validate_topic(&format!("%DLQ%{}", "g".repeat(251))).is_err());
     }
 }

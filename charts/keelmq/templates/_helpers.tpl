@@ -43,6 +43,12 @@ app.kubernetes.io/part-of: keelmq
 {{- end }}
 {{- end }}
 
+{{/* The leader-election Lease: one per release, so that two releases in one
+namespace do not share it. */}}
+{{- define "keelmq.leaseName" -}}
+{{- default (include "keelmq.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
 {{- define "keelmq.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
@@ -99,7 +105,7 @@ Each rule keeps one entry's verbs, for one API group. Call with
 {{- if $named }}
 - apiGroups: [{{ $g | quote }}]
   resources: {{ toJson $resources }}
-  resourceNames: [{{ $root.Values.leaderElection.leaseName | quote }}]
+  resourceNames: [{{ include "keelmq.leaseName" $root | quote }}]
   verbs: {{ toJson $named }}
 {{- end }}
 {{- else if $resources }}

@@ -528,7 +528,7 @@ pub(super) async fn controllers_watch() -> FakeApi {
         api.requests()
             .iter()
             .filter(|r| r.query.contains("watch=true"))
-            .map(|r| r.rbac().1)
+            .flat_map(|r| r.rbac().into_iter().map(|(_, res, _)| res))
             .collect()
     };
     tokio::select! {
@@ -541,6 +541,250 @@ pub(super) async fn controllers_watch() -> FakeApi {
         () = tokio::time::sleep(Duration::from_secs(20)) => panic!("not every watch started: {:?}", watched(&api)),
     }
     api
+}
+
+/// A reconcile started from an out-of-date cached object (the operator's
+/// own status write not yet seen by the watch) works from the group as
+/// stored: the master label stays, and the status is not rolled back.
+#[tokio::test]
+async fn a_stale_cached_group_moves_no_label_and_rolls_back_no_status() {
+    let (ctx, api, _) = bootstrap().await;
+    let stored = stored_group(&api, "orders");
+    let st = stored.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-1"), 1));
+    let mut stale = stored.clone();
+    stale.status = Some(keelmq_crds::BrokerGroupStatus {
+        master: Some("orders-0".into()),
+        epoch: 0,
+        ..Default::default()
+    });
+    stale.metadata.resource_version = Some("1".into());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::controller::reconcile(Arc::new(stale), ctx.clone()),
+    )
+    .await
+    .expect("finishes")
+    .expect("reconcile");
+    assert_eq!(label(&api, "orders-1").as_deref(), Some("master"));
+    assert_eq!(label(&api, "orders-0").as_deref(), Some("slave"));
+    let after = stored_group(&api, "orders").status.expect("status");
+    assert_eq!(
+        (after.master.as_deref(), after.epoch, after.master_store_id),
+        (Some("orders-1"), 1, st.master_store_id)
+    );
+}
+
+/// The status is written only while the group is still as read: a change
+/// in between (another writer) makes the reconcile start over.
+#[tokio::test]
+async fn the_status_write_is_conditional_on_the_object_read() {
+    let (ctx, api, _) = bootstrap().await;
+    api.state.lock().expect("state").change_after_next_get = true;
+    let err = run(&api, &ctx, "orders")
+        .await
+        .expect_err("the group changed after it was read");
+    assert!(matches!(err, Error::Conflict), "{err}");
+    let last = api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/brokergroups/orders/status"))
+        .expect("a status write");
+    assert_eq!(last.method, http::Method::PATCH);
+    assert!(last.body["metadata"]["resourceVersion"].is_string());
+    run(&api, &ctx, "orders").await.expect("the retry succeeds");
+}
+
+/// An invalid spec is reported, but failover still runs: the master's pod
+/// goes and the slave is promoted.
+#[tokio::test]
+async fn an_invalid_spec_does_not_stop_failover() {
+    let (ctx, api, brokers) = bootstrap().await;
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    bg["spec"]["config"] = json!({"role": "x"});
+    bg["metadata"]["generation"] = json!(2);
+    api.insert(bg);
+    api.remove("", "pods", NS, "orders-1");
+    brokers.with("admin-orders-1", |b| b.up = false);
+    brokers.with("admin-orders-0", |b| b.status.epoch = 1);
+    let action = run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 2));
+    assert_eq!(label(&api, "orders-0").as_deref(), Some("master"));
+    let (status, reason, message) = condition(&bg, "Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("config.role"), "{message}");
+    assert_eq!(condition(&bg, "Degraded").1, "InvalidSpec");
+    assert_ne!(action, Action::await_change(), "polled again");
+}
+
+/// Applies the API server refuses (an admission webhook, RBAC) are
+/// reported, but failover still runs.
+#[tokio::test]
+async fn refused_applies_do_not_stop_failover() {
+    let (ctx, api, brokers) = bootstrap().await;
+    api.state.lock().expect("state").refuse_applies = true;
+    api.remove("", "pods", NS, "orders-1");
+    brokers.with("admin-orders-1", |b| b.up = false);
+    brokers.with("admin-orders-0", |b| b.status.epoch = 1);
+    let action = run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 2));
+    let (status, reason, message) = condition(&bg, "Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "ApplyFailed"));
+    assert!(message.contains("403"), "{message}");
+    assert_ne!(action, Action::await_change(), "polled again");
+}
+
+/// Only spec and annotation changes of a BrokerGroup start a reconcile:
+/// the status the operator writes on every reconcile does not.
+#[test]
+fn status_writes_do_not_trigger_reconciles() {
+    use crate::controller::group_trigger;
+    let bg = group("orders", json!({}));
+    let mut status_only = bg.clone();
+    status_only.status = Some(keelmq_crds::BrokerGroupStatus {
+        ready_replicas: 2,
+        ..Default::default()
+    });
+    status_only.metadata.resource_version = Some("2".into());
+    assert_eq!(group_trigger(&status_only), group_trigger(&bg));
+    let mut spec = bg.clone();
+    spec.metadata.generation = Some(2);
+    assert_ne!(group_trigger(&spec), group_trigger(&bg));
+    let mut annotated = bg.clone();
+    annotated
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(
+            keelmq_crds::ANNOTATION_SWITCHOVER_TO.into(),
+            "orders-1".into(),
+        );
+    assert_ne!(group_trigger(&annotated), group_trigger(&bg));
+}
+
+/// The topic calls the fake brokers received.
+fn broker_topic_calls(brokers: &FakeBrokers) -> Vec<String> {
+    timeline(brokers)
+        .into_iter()
+        .filter(|e| {
+            ["create topic ", "update topic ", "delete topic "]
+                .iter()
+                .any(|p| e.starts_with(p))
+        })
+        .collect()
+}
+
+/// A paused group's brokers are not changed for its Topics: no topic is
+/// created, and a deleted Topic keeps its finalizer until the pause ends.
+#[tokio::test]
+async fn topics_of_a_paused_group_change_nothing_on_its_brokers() {
+    let (ctx, api, brokers) = harness("orders", 2);
+    let mut bg = serde_json::to_value(group("orders", json!({}))).expect("json");
+    bg["status"] = json!({"master": "orders-0", "epoch": 1});
+    bg["metadata"]["annotations"] = json!({keelmq_crds::ANNOTATION_PAUSE: "true"});
+    api.insert(bg);
+    brokers.add("admin-orders-0", "orders-0", 0);
+    api.insert(json!({"apiVersion": "keelmq.io/v1alpha1", "kind": "Topic",
+        "metadata": {"name": "paused", "namespace": NS},
+        "spec": {"brokerGroup": "orders", "queues": 4}}));
+    let get = |api: &FakeApi| -> Topic {
+        serde_json::from_value(api.get("keelmq.io", "topics", NS, "paused").expect("topic"))
+            .expect("Topic")
+    };
+    let step = |api: &FakeApi| {
+        let t = get(api);
+        let ctx = ctx.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                crate::topic::reconcile(Arc::new(t), ctx),
+            )
+            .await
+            .expect("reconcile finishes")
+        }
+    };
+    step(&api).await.expect("adds finalizer");
+    step(&api).await.expect("waits");
+    assert_eq!(broker_topic_calls(&brokers), Vec::<String>::new());
+    let st = get(&api).status.expect("status");
+    let paused = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ReconciliationPaused")
+        .expect("condition");
+    assert_eq!(
+        (paused.status.as_str(), paused.reason.as_str()),
+        ("True", "GroupPaused")
+    );
+
+    let mut deleting = api.get("keelmq.io", "topics", NS, "paused").expect("topic");
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T20:00:00Z");
+    api.insert(deleting);
+    let err = step(&api).await.expect_err("held while paused");
+    assert!(matches!(err, Error::Paused(_)), "{err}");
+    assert_eq!(broker_topic_calls(&brokers), Vec::<String>::new());
+    assert_eq!(
+        get(&api).metadata.finalizers,
+        Some(vec![crate::topic::FINALIZER.to_string()])
+    );
+
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("group");
+    bg["metadata"]["annotations"] = json!({});
+    api.insert(bg);
+    step(&api).await.expect("deletes");
+    assert!(timeline(&brokers).contains(&"delete topic paused".to_string()));
+}
+
+/// A leader whose renewal never gets an answer (a half-open connection)
+/// stops acting before its Lease can expire for the others.
+#[tokio::test]
+async fn a_leader_whose_renewal_hangs_stops_before_its_lease_expires() {
+    let (client, api) = FakeApi::start();
+    let mut cfg = crate::leader::LeaseConfig::new("keelmq-operator", NS, "op-a");
+    cfg.duration = Duration::from_millis(1500);
+    cfg.renew_every = Duration::from_millis(100);
+    cfg.renew_deadline = Duration::from_millis(1000);
+    let acquired = crate::leader::acquire(&client, &cfg).await;
+    api.state.lock().expect("state").hang_lease_writes = true;
+    tokio::time::timeout(cfg.duration, crate::leader::hold(&client, &cfg, acquired))
+        .await
+        .expect("hold gives up before the Lease expires");
+    assert!(acquired.elapsed() >= cfg.renew_deadline);
+}
+
+/// On shutdown the leader releases the Lease: another candidate takes it
+/// at once instead of after its duration.
+#[tokio::test]
+async fn a_released_lease_is_taken_over_at_once() {
+    let (client, _api) = FakeApi::start();
+    let me = crate::leader::LeaseConfig::new("keelmq-operator", NS, "op-a");
+    let other = crate::leader::LeaseConfig::new("keelmq-operator", NS, "op-b");
+    crate::leader::acquire(&client, &me).await;
+    assert!(
+        !crate::leader::try_acquire(&client, &other)
+            .await
+            .expect("other")
+    );
+    crate::leader::release(&client, &other).await;
+    assert!(
+        !crate::leader::try_acquire(&client, &other)
+            .await
+            .expect("only the holder releases")
+    );
+    crate::leader::release(&client, &me).await;
+    assert!(
+        crate::leader::try_acquire(&client, &other)
+            .await
+            .expect("taken over")
+    );
 }
 
 #[tokio::test]
@@ -621,15 +865,16 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
     let mut used = BTreeSet::new();
     for api in &apis {
         for r in api.requests() {
-            let (g, res, verb) = r.rbac();
-            assert!(
-                crate::rbac::allows(&g, &res, &verb),
-                "{} {}?{} needs {verb} on {g}/{res}, which operator/src/rbac.rs does not grant",
-                r.method,
-                r.path,
-                r.query
-            );
-            used.insert((g, res, verb));
+            for (g, res, verb) in r.rbac() {
+                assert!(
+                    crate::rbac::allows(&g, &res, &verb),
+                    "{} {}?{} needs {verb} on {g}/{res}, which operator/src/rbac.rs does not grant",
+                    r.method,
+                    r.path,
+                    r.query
+                );
+                used.insert((g, res, verb));
+            }
         }
     }
     for p in crate::rbac::PERMISSIONS {

@@ -324,7 +324,8 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
 
 /// Scaling 3 -> 2 with the master on ordinal 2: the StatefulSet keeps three
 /// pods while no slave that stays is in sync, then the master hands over,
-/// and only then does the StatefulSet shrink.
+/// and only once every broker that stays follows the new master in sync
+/// does the StatefulSet shrink.
 pub(super) async fn scale_down_moves_the_master() -> FakeApi {
     let (ctx, api, brokers) = harness("orders", 3);
     brokers.track_replication();
@@ -377,6 +378,20 @@ pub(super) async fn scale_down_moves_the_master() -> FakeApi {
     );
     assert_eq!(condition(&bg, "Progressing").1, "ScaleDown");
 
+    // orders-0 is told to follow the new master, but still lags.
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 3, "held while orders-0 lags");
+    let bg = stored_group(&api, "orders");
+    let (_, reason, message) = condition(&bg, "Progressing");
+    assert_eq!(reason, "WaitingForSync");
+    assert_eq!(
+        message,
+        "scale-down to 2 held at 3 pods: orders-0 is not in sync with master orders-1"
+    );
+
+    brokers.set_lagging("orders-0", false);
     run(&api, &ctx, "orders").await.expect("reconcile");
     let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
     assert_eq!(sts["spec"]["replicas"], 2, "shrinks once the master stays");
@@ -385,6 +400,119 @@ pub(super) async fn scale_down_moves_the_master() -> FakeApi {
         json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
     );
     api
+}
+
+/// Scaling 3 -> 2 while a slave that stays lags (Sync): `orders-2` may hold
+/// the only copy of acknowledged records besides the master's, so the
+/// StatefulSet keeps it until `orders-1` is in sync; Progressing says why.
+#[tokio::test]
+async fn scale_down_waits_until_the_slaves_that_stay_are_in_sync() {
+    let (ctx, api, brokers) = healthy_group().await;
+    brokers.set_lagging("orders-1", true);
+    edit(&api, |bg| bg["spec"]["replicas"] = json!(2));
+    for _ in 0..2 {
+        run(&api, &ctx, "orders").await.expect("reconcile");
+        let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+        assert_eq!(sts["spec"]["replicas"], 3, "held while orders-1 lags");
+    }
+    let bg = stored_group(&api, "orders");
+    let (status, reason, message) = condition(&bg, "Progressing");
+    assert_eq!(
+        (status.as_str(), reason.as_str(), message.as_str()),
+        (
+            "True",
+            "WaitingForSync",
+            "scale-down to 2 held at 3 pods: orders-1 is not in sync with master orders-0"
+        )
+    );
+    assert!(steps(&brokers).is_empty());
+
+    brokers.set_lagging("orders-1", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(
+        sts["spec"]["replicas"], 2,
+        "shrinks once orders-1 is in sync"
+    );
+}
+
+/// A hand-over that fails (the switchover call errs) leaves the old master
+/// recorded as master, in the raised epoch: the StatefulSet of a scale-down
+/// keeps its pod, and the next reconcile makes it master again.
+#[tokio::test]
+async fn a_failed_hand_over_records_the_old_master_again() {
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    run(&api, &ctx, "orders").await.expect("creates");
+    for i in 0..3 {
+        api.pod_from_stateful_set(NS, "orders", i, true);
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            100 + 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    let st = stored_group(&api, "orders").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-2"), 1));
+    let last_failover = st.last_failover.clone();
+
+    *brokers.switchover_error.lock().expect("switchover") =
+        Some("DeadlineExceeded: timeout expired".into());
+    edit(&api, |bg| bg["spec"]["replicas"] = json!(2));
+    let err = run(&api, &ctx, "orders")
+        .await
+        .expect_err("the hand-over fails");
+    assert!(
+        matches!(
+            err,
+            crate::Error::Admin {
+                op: "switchover",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let st = stored_group(&api, "orders").status.expect("status");
+    assert_eq!(
+        (st.master.as_deref(), st.epoch),
+        (Some("orders-2"), 2),
+        "the old master again, in the raised epoch"
+    );
+    assert_eq!(st.master_store_id.as_deref(), Some("store-orders-2"));
+    assert_eq!(st.last_failover, last_failover, "no hand-over is recorded");
+
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(sts["spec"]["replicas"], 3, "the master's pod is kept");
+    let st = stored_group(&api, "orders").status.expect("status");
+    assert_eq!(st.master.as_deref(), Some("orders-2"));
+    assert!(
+        brokers
+            .timeline
+            .lock()
+            .expect("timeline")
+            .contains(&"promote admin-orders-2 epoch 3".to_string()),
+        "the old master is made master again in a newer epoch"
+    );
+}
+
+/// The admin client waits for a switchover's answer longer than the broker
+/// is asked to wait for its slave: giving up first would drop the call
+/// halfway, with the old master refusing writes.
+#[test]
+fn the_switchover_call_outlasts_the_wait_it_asks_for() {
+    let admin = crate::brokers::GrpcAdmin::default();
+    let req = keelmq_proto::admin::SwitchoverRequest {
+        timeout_ms: crate::failover::SWITCHOVER_WAIT_MS,
+        ..Default::default()
+    };
+    assert!(admin.switchover_timeout(&req) > Duration::from_millis(req.timeout_ms));
+    assert!(
+        admin.switchover_timeout(&req) >= admin.timeout + Duration::from_millis(req.timeout_ms)
+    );
 }
 
 /// The detection delay runs from the time recorded in status: a fresh
