@@ -10,8 +10,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use tokio::sync::Notify;
-
 use crate::admin::{AdminService, BrokerIdentity};
 use crate::client_api::{ClientApi, ClientApiConfig};
 use crate::config::BrokerConfig;
@@ -118,7 +116,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
     };
     let ready = Arc::new(AtomicBool::new(false));
     let consumption = Arc::new(Consumption::new(store.clone()));
-    let arrivals = Arc::new(Notify::new());
+    let arrivals = consumption.arrivals();
     let transactions;
     let slave_read_stats = Arc::new(SlaveReadStats::default());
     {
@@ -141,7 +139,6 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             },
             WritePath::new(store.clone(), repl.clone()),
             consumption.clone(),
-            arrivals.clone(),
         )
         .with_slave_reads(slave_reads);
         // Transactions: check back unresolved half messages.

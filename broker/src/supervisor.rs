@@ -8,13 +8,20 @@
 //! The supervisor keeps the group's record (epoch, master, the master's
 //! store id and last seen end offset) in memory and, when given a path, in a
 //! JSON file written atomically *before* any promotion is carried out, the
-//! same order the operator follows with the BrokerGroup status.
+//! same order the operator follows with the BrokerGroup status. A promotion
+//! that replaces (or reinstates) a master fences the other brokers first
+//! (they follow the chosen broker in the new epoch, so a live but
+//! unreachable old master stops collecting their acknowledgements), measures
+//! them again, and only then promotes (see [`keelmq_failover::check_fenced`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keelmq_failover::{BrokerObservation, BrokerStatus, Decision, Observation, Policy, Role};
+use keelmq_failover::{
+    BrokerObservation, BrokerStatus, Decision, Hold, Observation, Policy, Role, check_fenced,
+    check_measured,
+};
 use keelmq_proto::admin::broker_admin_client::BrokerAdminClient;
 use keelmq_proto::admin::{FollowRequest, PromoteRequest, StatusRequest, StatusResponse};
 use parking_lot::Mutex;
@@ -98,6 +105,11 @@ pub enum SupervisorError {
     Record(String),
     #[error("the decision names an unknown member {0}")]
     UnknownMember(String),
+    /// The promotion of `broker` was not carried out this round; the old
+    /// master is recorded again (in the raised epoch) and the next round
+    /// decides again.
+    #[error("not promoting {broker} this round: {hold}; the next round decides again")]
+    PromotionHeld { broker: String, hold: Hold },
 }
 
 impl Supervisor {
@@ -269,7 +281,26 @@ impl Supervisor {
                     possible_loss: possible_loss.to_string(),
                     at_ms: crate::store::now_ms(),
                 };
+                // 1. Record first: the raised epoch is durable whatever
+                // happens next, so a later round promotes in a newer one.
+                let before = {
+                    let st = self.state.lock();
+                    (st.record.clone(), st.master_unready_since)
+                };
                 self.make_master(broker, *new_epoch, &statuses, Some(failover))?;
+                // 2. Fence, 3. measure again.
+                if let Err(hold) = self
+                    .fence_and_measure(&obs, broker, *new_epoch, followers)
+                    .await
+                {
+                    self.restore_master(before, *new_epoch)?;
+                    return Err(SupervisorError::PromotionHeld {
+                        broker: broker.clone(),
+                        hold,
+                    });
+                }
+                // 4. Promote; the fenced brokers follow again so they
+                // connect at once instead of at their next retry.
                 self.promote(broker, *new_epoch).await?;
                 self.follow_all(followers, broker, *new_epoch).await;
             }
@@ -277,7 +308,9 @@ impl Supervisor {
                 brokers,
                 master,
                 epoch,
-            } => self.follow_all(brokers, master, *epoch).await,
+            } => {
+                self.follow_all(brokers, master, *epoch).await;
+            }
         }
         Ok(decision)
     }
@@ -380,6 +413,56 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A promotion held after fencing: the record from `before` (the old
+    /// master, its store and last seen offset, the unready timer) is put
+    /// back, keeping the raised `epoch`. The next round then replaces (or
+    /// reinstates) that master again from fresh offsets, counting the same
+    /// brokers as its slaves, in a newer epoch than the fence's.
+    fn restore_master(
+        &self,
+        before: (GroupRecord, Option<Instant>),
+        epoch: u64,
+    ) -> Result<(), SupervisorError> {
+        let (record, unready_since) = before;
+        let record = {
+            let mut st = self.state.lock();
+            st.record = GroupRecord { epoch, ..record };
+            st.master_unready_since = unready_since;
+            st.record.clone()
+        };
+        if let Some(p) = &self.record_path {
+            save_json(p, &record).map_err(|e| SupervisorError::Record(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Fences every broker of `followers` by telling it to follow `broker`
+    /// in `epoch` (it drops its stream from the old master and refuses it
+    /// from then on; until `broker` is promoted it retries), then measures
+    /// `broker` and the fenced brokers again. `Err` says why `broker` must
+    /// not be promoted now.
+    async fn fence_and_measure(
+        &self,
+        obs: &Observation,
+        broker: &str,
+        epoch: u64,
+        followers: &[String],
+    ) -> Result<(), Hold> {
+        let fenced = self.follow_all(followers, broker, epoch).await;
+        tracing::info!(broker, epoch, fenced = ?fenced, "fenced before promoting");
+        check_fenced(obs, &self.policy, broker, &fenced)?;
+        let measure = |name: String| async move {
+            let s = match self.index(&name) {
+                Some(i) => self.status_of(i).await.map(|s| self.reduce(&s)),
+                None => None,
+            };
+            (name, s)
+        };
+        let chosen_now = measure(broker.to_owned()).await.1;
+        let fenced_now = futures::future::join_all(fenced.into_iter().map(measure)).await;
+        check_measured(obs, &self.policy, broker, chosen_now.as_ref(), &fenced_now)
+    }
+
     async fn promote(&self, broker: &str, epoch: u64) -> Result<(), SupervisorError> {
         let i = self
             .index(broker)
@@ -401,10 +484,12 @@ impl Supervisor {
     }
 
     /// Points each of `brokers` at `master`; a broker that cannot be told
-    /// now is told in a later round (the decision says so again).
-    async fn follow_all(&self, brokers: &[String], master: &str, epoch: u64) {
+    /// now is told in a later round (the decision says so again). Returns
+    /// the brokers that accepted.
+    async fn follow_all(&self, brokers: &[String], master: &str, epoch: u64) -> Vec<String> {
+        let mut accepted = Vec::new();
         let Some(m) = self.index(master) else {
-            return;
+            return accepted;
         };
         let master_address = self.members[m].replication.clone();
         for b in brokers {
@@ -424,12 +509,14 @@ impl Supervisor {
                     } else {
                         tracing::info!(broker = %b, master, epoch, "follows the master");
                     }
+                    accepted.push(b.clone());
                 }
                 Err(e) => {
                     tracing::warn!(broker = %b, master, epoch, error = %e.message(), "could not be told to follow yet");
                 }
             }
         }
+        accepted
     }
 
     fn say(&self, decision: &Decision) {
@@ -463,5 +550,440 @@ impl Supervisor {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The supervisor against fake brokers: in-process admin servers that
+    //! answer `status`, `promote` and `follow` as a broker would (epochs,
+    //! fence) and record the calls in order.
+
+    use std::collections::BTreeMap;
+
+    use keelmq_failover::ReplicationMode;
+    use keelmq_proto::admin as pb;
+    use keelmq_proto::admin::broker_admin_server::{BrokerAdmin, BrokerAdminServer};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// One fake broker.
+    #[derive(Clone, Debug, Default)]
+    struct Fake {
+        master: bool,
+        /// The epoch of its log's tail (what status reports).
+        epoch: u64,
+        /// The newest epoch it was told about.
+        fence: u64,
+        max_offset: u64,
+        master_address: String,
+        /// `follow` fails (the call errs) and changes nothing.
+        refuse_follow: bool,
+        /// Where its log ends once told to follow: what it received from
+        /// the old master between the observation and the fence.
+        offset_when_fenced: Option<u64>,
+    }
+
+    #[derive(Default)]
+    struct Brokers {
+        by_name: BTreeMap<String, Fake>,
+        /// `follow <broker> -> <master replication address> epoch <e>` and
+        /// `promote <broker> epoch <e>`, in order; refused calls are absent.
+        calls: Vec<String>,
+    }
+
+    type Shared = Arc<Mutex<Brokers>>;
+
+    #[derive(Clone)]
+    struct FakeAdmin {
+        name: String,
+        brokers: Shared,
+    }
+
+    fn unimplemented<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
+    #[tonic::async_trait]
+    impl BrokerAdmin for FakeAdmin {
+        async fn status(
+            &self,
+            _: Request<pb::StatusRequest>,
+        ) -> Result<Response<pb::StatusResponse>, Status> {
+            let b = self.brokers.lock().by_name[&self.name].clone();
+            Ok(Response::new(pb::StatusResponse {
+                broker_id: self.name.clone(),
+                role: if b.master {
+                    pb::Role::Master
+                } else {
+                    pb::Role::Slave
+                } as i32,
+                epoch: b.epoch,
+                epochs: (b.epoch > 0)
+                    .then_some(pb::EpochEntry {
+                        epoch: b.epoch,
+                        start_offset: 0,
+                    })
+                    .into_iter()
+                    .collect(),
+                max_offset: b.max_offset,
+                master_address: b.master_address.clone(),
+                store_id: format!("store-{}", self.name),
+                ..Default::default()
+            }))
+        }
+
+        async fn promote(
+            &self,
+            r: Request<pb::PromoteRequest>,
+        ) -> Result<Response<pb::PromoteResponse>, Status> {
+            let epoch = r.into_inner().epoch;
+            let mut all = self.brokers.lock();
+            let b = all.by_name.get_mut(&self.name).expect("known");
+            let known = b.fence.max(b.epoch);
+            if epoch <= known {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {epoch}: {known} known"
+                )));
+            }
+            (b.master, b.epoch, b.fence) = (true, epoch, epoch);
+            b.master_address.clear();
+            let start_offset = b.max_offset;
+            all.calls
+                .push(format!("promote {} epoch {epoch}", self.name));
+            Ok(Response::new(pb::PromoteResponse {
+                epoch,
+                start_offset,
+            }))
+        }
+
+        async fn follow(
+            &self,
+            r: Request<pb::FollowRequest>,
+        ) -> Result<Response<pb::FollowResponse>, Status> {
+            let r = r.into_inner();
+            let mut all = self.brokers.lock();
+            let b = all.by_name.get_mut(&self.name).expect("known");
+            let known = b.fence.max(b.epoch);
+            if b.refuse_follow || r.epoch < known {
+                return Err(Status::unavailable("refused"));
+            }
+            b.master = false;
+            b.fence = r.epoch;
+            b.master_address = r.master_address.clone();
+            if let Some(end) = b.offset_when_fenced.take() {
+                b.max_offset = end;
+            }
+            all.calls.push(format!(
+                "follow {} -> {} epoch {}",
+                self.name, r.master_address, r.epoch
+            ));
+            Ok(Response::new(pb::FollowResponse::default()))
+        }
+
+        async fn switchover(
+            &self,
+            _: Request<pb::SwitchoverRequest>,
+        ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+            unimplemented()
+        }
+        async fn create_topic(
+            &self,
+            _: Request<pb::CreateTopicRequest>,
+        ) -> Result<Response<pb::TopicResponse>, Status> {
+            unimplemented()
+        }
+        async fn update_topic(
+            &self,
+            _: Request<pb::UpdateTopicRequest>,
+        ) -> Result<Response<pb::TopicResponse>, Status> {
+            unimplemented()
+        }
+        async fn delete_topic(
+            &self,
+            _: Request<pb::DeleteTopicRequest>,
+        ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+            unimplemented()
+        }
+        async fn list_topics(
+            &self,
+            _: Request<pb::ListTopicsRequest>,
+        ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+            unimplemented()
+        }
+        async fn describe_topic(
+            &self,
+            _: Request<pb::DescribeTopicRequest>,
+        ) -> Result<Response<pb::TopicResponse>, Status> {
+            unimplemented()
+        }
+        async fn list_groups(
+            &self,
+            _: Request<pb::ListGroupsRequest>,
+        ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+            unimplemented()
+        }
+        async fn describe_group(
+            &self,
+            _: Request<pb::DescribeGroupRequest>,
+        ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+            unimplemented()
+        }
+        async fn set_group(
+            &self,
+            _: Request<pb::SetGroupRequest>,
+        ) -> Result<Response<pb::GroupSettings>, Status> {
+            unimplemented()
+        }
+        async fn delete_group(
+            &self,
+            _: Request<pb::DeleteGroupRequest>,
+        ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+            unimplemented()
+        }
+        async fn read_records(
+            &self,
+            _: Request<pb::ReadRecordsRequest>,
+        ) -> Result<Response<pb::ReadRecordsResponse>, Status> {
+            unimplemented()
+        }
+    }
+
+    /// A group `a`, `b`, `c` (SYNC, one in-sync slave) whose recorded
+    /// master `a` (epoch 1) is gone: its admin port refuses connections,
+    /// as if it were partitioned from the supervisor, while `b` (offset
+    /// 100) and `c` (offset 90) are its slaves in epoch 1.
+    struct Group {
+        _dir: tempfile::TempDir,
+        sup: Arc<Supervisor>,
+        brokers: Shared,
+        _servers: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    async fn master_partitioned(mode: ReplicationMode) -> Group {
+        let brokers: Shared = Arc::default();
+        let mut members = Vec::new();
+        let mut servers = Vec::new();
+        for (name, offset) in [("a", 120), ("b", 100), ("c", 90)] {
+            brokers.lock().by_name.insert(
+                name.to_owned(),
+                Fake {
+                    master: name == "a",
+                    epoch: 1,
+                    fence: 1,
+                    max_offset: offset,
+                    master_address: if name == "a" {
+                        String::new()
+                    } else {
+                        "repl-a".to_owned()
+                    },
+                    ..Default::default()
+                },
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let admin = listener.local_addr().expect("addr").to_string();
+            if name == "a" {
+                // Nobody answers there.
+                drop(listener);
+            } else {
+                let svc = BrokerAdminServer::new(FakeAdmin {
+                    name: name.to_owned(),
+                    brokers: brokers.clone(),
+                });
+                servers.push(tokio::spawn(async move {
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(svc)
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                            listener,
+                        ))
+                        .await;
+                }));
+            }
+            members.push(Member {
+                name: name.to_owned(),
+                admin,
+                replication: format!("repl-{name}"),
+            });
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("group.json");
+        save_json(
+            &path,
+            &GroupRecord {
+                epoch: 1,
+                master: Some("a".into()),
+                master_store_id: Some("store-a".into()),
+                last_known_master_offset: Some(120),
+                last_failover: None,
+            },
+        )
+        .expect("record");
+        let policy = Policy {
+            mode,
+            min_in_sync_replicas: 1,
+            replicas: 3,
+            enabled: true,
+            detection_delay: Duration::from_secs(60),
+            allow_data_loss: false,
+        };
+        let sup = Supervisor::new(members, policy, Some(path)).expect("supervisor");
+        sup.set_gone("a", true);
+        Group {
+            _dir: dir,
+            sup,
+            brokers,
+            _servers: servers,
+        }
+    }
+
+    impl Group {
+        fn calls(&self) -> Vec<String> {
+            std::mem::take(&mut self.brokers.lock().calls)
+        }
+        fn with(&self, name: &str, f: impl FnOnce(&mut Fake)) {
+            f(self.brokers.lock().by_name.get_mut(name).expect("known"));
+        }
+    }
+
+    fn position(calls: &[String], call: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| c == call)
+            .unwrap_or_else(|| panic!("no {call:?} in {calls:?}"))
+    }
+
+    /// Fence first, then promote: `c` is told to follow `b` in the new
+    /// epoch (and stops streaming from `a`, which may still be serving)
+    /// before `b` is promoted.
+    #[tokio::test]
+    async fn a_failover_fences_the_followers_before_promoting() {
+        let g = master_partitioned(ReplicationMode::Sync).await;
+        let decision = g.sup.step().await.expect("promotes");
+        assert!(
+            matches!(&decision, Decision::Promote { broker, new_epoch: 2, .. } if broker == "b"),
+            "{decision}"
+        );
+        let calls = g.calls();
+        let fence = position(&calls, "follow c -> repl-b epoch 2");
+        let promote = position(&calls, "promote b epoch 2");
+        assert!(fence < promote, "{calls:?}");
+        let record = g.sup.record();
+        assert_eq!((record.master.as_deref(), record.epoch), (Some("b"), 2));
+    }
+
+    /// `c` received more from `a` between the observation and its fence:
+    /// `b` is not promoted over it. The old master stays recorded in the
+    /// raised epoch; the next round promotes `c` in a newer one, after
+    /// fencing `b`.
+    #[tokio::test]
+    async fn a_follower_found_ahead_after_fencing_is_not_outranked() {
+        let g = master_partitioned(ReplicationMode::Sync).await;
+        g.with("c", |c| c.offset_when_fenced = Some(130));
+        let err = g.sup.step().await.expect_err("held");
+        assert!(
+            matches!(&err, SupervisorError::PromotionHeld { broker, hold: Hold::FencedHoldsMore { broker: ahead, .. } } if broker == "b" && ahead == "c"),
+            "{err}"
+        );
+        let calls = g.calls();
+        assert_eq!(calls, ["follow c -> repl-b epoch 2"]);
+        let record = g.sup.record();
+        assert_eq!(
+            (record.master.as_deref(), record.epoch),
+            (Some("a"), 2),
+            "the old master again, in the raised epoch"
+        );
+        assert_eq!(record.last_known_master_offset, Some(120));
+        assert!(record.last_failover.is_none());
+
+        let decision = g.sup.step().await.expect("promotes");
+        assert!(
+            matches!(&decision, Decision::Promote { broker, new_epoch: 3, .. } if broker == "c"),
+            "{decision}"
+        );
+        let calls = g.calls();
+        let fence = position(&calls, "follow b -> repl-c epoch 3");
+        let promote = position(&calls, "promote c epoch 3");
+        assert!(fence < promote, "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c.starts_with("promote b")),
+            "{calls:?}"
+        );
+        assert_eq!(g.sup.record().master.as_deref(), Some("c"));
+    }
+
+    /// Under SYNC with one in-sync slave of two, `a` could still get a
+    /// write acknowledged by `c` alone while `c` cannot be fenced: no
+    /// promotion. Under ASYNC the promotion goes on.
+    #[tokio::test]
+    async fn a_follower_that_cannot_be_fenced_holds_a_sync_promotion() {
+        let g = master_partitioned(ReplicationMode::Sync).await;
+        g.with("c", |c| c.refuse_follow = true);
+        let err = g.sup.step().await.expect_err("held");
+        assert!(
+            matches!(
+                &err,
+                SupervisorError::PromotionHeld {
+                    hold: Hold::NotEnoughFenced {
+                        fenced: 1,
+                        needed: 2,
+                        slaves: 2
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(g.calls(), Vec::<String>::new());
+        assert_eq!(g.sup.record().master.as_deref(), Some("a"));
+        g.with("c", |c| c.refuse_follow = false);
+        g.sup.step().await.expect("promotes");
+        let calls = g.calls();
+        assert!(
+            position(&calls, "follow c -> repl-b epoch 3") < position(&calls, "promote b epoch 3")
+        );
+
+        let g = master_partitioned(ReplicationMode::Async).await;
+        g.with("c", |c| c.refuse_follow = true);
+        g.sup.step().await.expect("promotes");
+        assert_eq!(g.calls(), ["promote b epoch 2"]);
+    }
+
+    /// A master back in standby is reinstated in a new epoch: the others are
+    /// fenced (they follow it) first, then it is promoted.
+    #[tokio::test]
+    async fn a_reinstated_master_is_promoted_after_the_others_follow_it() {
+        let g = master_partitioned(ReplicationMode::Sync).await;
+        // `b` is the recorded master of epoch 1 and restarted in standby;
+        // `a` does not answer. With two in-sync slaves required, `c` alone
+        // is enough to tell that `b` lost nothing.
+        let path = g._dir.path().join("group.json");
+        save_json(
+            &path,
+            &GroupRecord {
+                epoch: 1,
+                master: Some("b".into()),
+                master_store_id: Some("store-b".into()),
+                last_known_master_offset: Some(100),
+                last_failover: None,
+            },
+        )
+        .expect("record");
+        g.with("b", |b| b.master_address.clear());
+        let mut policy = g.sup.policy.clone();
+        policy.min_in_sync_replicas = 2;
+        let sup =
+            Supervisor::new(g.sup.members().to_vec(), policy, Some(path)).expect("supervisor");
+        let decision = sup.step().await.expect("reinstates");
+        assert!(
+            matches!(&decision, Decision::Promote { broker, new_epoch: 2, reason: keelmq_failover::PromoteReason::Reinstate, .. } if broker == "b"),
+            "{decision}"
+        );
+        let calls = g.calls();
+        let fence = position(&calls, "follow c -> repl-b epoch 2");
+        let promote = position(&calls, "promote b epoch 2");
+        assert!(fence < promote, "{calls:?}");
     }
 }

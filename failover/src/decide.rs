@@ -40,7 +40,7 @@ pub fn decide(obs: &Observation, policy: &Policy) -> Decision {
 
 /// An observation read against the policy: members by name, the group's
 /// size, and the next epoch to hand out.
-struct Group<'a> {
+pub(crate) struct Group<'a> {
     obs: &'a Observation,
     policy: &'a Policy,
     /// Members by name (the first observation of a name wins), so every walk
@@ -66,7 +66,7 @@ fn up(b: &BrokerObservation) -> Option<&BrokerStatus> {
 /// store, then a newer epoch beats any offset in an older one, then the
 /// higher offset. Among equals a broker already serving as master is
 /// preferred, then the smaller name, so the choice is deterministic.
-fn rank<'a>(name: &'a str, s: &BrokerStatus) -> impl Ord + use<'a> {
+pub(crate) fn rank<'a>(name: &'a str, s: &BrokerStatus) -> impl Ord + use<'a> {
     (
         !s.empty,
         s.epoch,
@@ -77,12 +77,12 @@ fn rank<'a>(name: &'a str, s: &BrokerStatus) -> impl Ord + use<'a> {
 }
 
 /// `a` holds log that `b` lacks, judged by (epoch, offset) on non-empty stores.
-fn holds_more(a: &BrokerStatus, b: &BrokerStatus) -> bool {
+pub(crate) fn holds_more(a: &BrokerStatus, b: &BrokerStatus) -> bool {
     !a.empty && (b.empty || (a.epoch, a.max_offset) > (b.epoch, b.max_offset))
 }
 
 impl<'a> Group<'a> {
-    fn new(obs: &'a Observation, policy: &'a Policy) -> Self {
+    pub(crate) fn new(obs: &'a Observation, policy: &'a Policy) -> Self {
         let mut members = BTreeMap::new();
         for b in &obs.brokers {
             members.entry(b.name.as_str()).or_insert(b);
@@ -105,6 +105,16 @@ impl<'a> Group<'a> {
             size: policy.replicas.max(listed),
             next_epoch: newest.saturating_add(1),
         }
+    }
+
+    /// `(slaves, needed)` under `SYNC`: the group's slaves, and how many of
+    /// them must be compared for one to hold every acknowledged record
+    /// (`slaves - min_in_sync_replicas + 1`, zero when more in-sync slaves
+    /// are required than exist: then nothing is ever acknowledged).
+    pub(crate) fn sync_quorum(&self) -> (u32, u32) {
+        let slaves = self.size.saturating_sub(1);
+        let needed = (slaves + 1).saturating_sub(self.policy.min_in_sync_replicas);
+        (slaves, needed)
     }
 
     /// Members other than `except`, in name order.
@@ -198,8 +208,7 @@ impl<'a> Group<'a> {
             // other promotion.
             let mut possible_loss = PossibleLoss::Nothing;
             if self.policy.mode == ReplicationMode::Sync {
-                let slaves = self.size.saturating_sub(1);
-                let needed = (slaves + 1).saturating_sub(self.policy.min_in_sync_replicas);
+                let (slaves, needed) = self.sync_quorum();
                 let with_data = self
                     .others(master)
                     .filter_map(|(_, b)| up(b))
@@ -327,8 +336,7 @@ impl<'a> Group<'a> {
         };
         match self.policy.mode {
             ReplicationMode::Sync => {
-                let slaves = self.size.saturating_sub(1);
-                let needed = (slaves + 1).saturating_sub(self.policy.min_in_sync_replicas);
+                let (slaves, needed) = self.sync_quorum();
                 let with_data = candidates.iter().filter(|(_, s)| !s.empty).count();
                 let with_data = u32::try_from(with_data).unwrap_or(u32::MAX);
                 if needed == 0 {

@@ -27,14 +27,28 @@
 //!
 //! # What the executor must do with a promotion
 //!
-//! Persist the new epoch and master (BrokerGroup status, written with
-//! optimistic concurrency) *before* calling `promote` on the broker, then tell
-//! every broker in `followers` to follow it in `new_epoch`. Brokers that were
-//! unreachable are pointed at the new master later by [`Decision::MakeFollow`].
+//! Fence first, then measure, then promote:
+//! 1. Persist the new epoch and master (BrokerGroup status, written with
+//!    optimistic concurrency) *before* acting on any broker.
+//! 2. Tell every broker in `followers` to follow the chosen broker in
+//!    `new_epoch` (it stops streaming from the old master, which may be
+//!    alive and still acknowledging writes), and ask [`check_fenced`]
+//!    whether enough of them did.
+//! 3. Measure the chosen broker and the fenced ones again and ask
+//!    [`check_measured`] whether the chosen one still holds every
+//!    acknowledged record.
+//! 4. Only then call `promote` on it, and have `followers` follow it again.
+//!
+//! When a check fails, promote nobody this round: record the old master
+//! again (keeping the raised epoch, so the next round's promotion is in a
+//! newer one) and let the next round decide from fresh offsets. Brokers that
+//! were unreachable are pointed at the new master later by
+//! [`Decision::MakeFollow`].
 
 #![warn(missing_docs)]
 
 mod decide;
+mod fence;
 
 use std::fmt;
 use std::time::Duration;
@@ -42,6 +56,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use decide::decide;
+pub use fence::{Hold, check_fenced, check_measured};
 
 /// How a master acknowledges a send; decides which promotions are safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

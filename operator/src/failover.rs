@@ -3,8 +3,10 @@
 //! decision out in the only safe order: the new epoch and master are written
 //! to the BrokerGroup status first (a PUT carrying the resourceVersion that
 //! was read, so Kubernetes is the consensus store and a stale operator loses),
-//! then the broker is promoted, then the others follow it, then the role
-//! labels move so the client Service follows the master.
+//! then (for a promotion that replaces or reinstates a master) the others
+//! are fenced by following the chosen broker in the new epoch and measured
+//! again, then the broker is promoted, then the others follow it, then the
+//! role labels move so the client Service follows the master.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use keelmq_crds::{BrokerGroup, BrokerGroupStatus, FailoverRecord, MasterUnready, ReplicaStatus};
 use keelmq_failover::{
-    BrokerObservation, BrokerStatus, Decision, Observation, Policy, PossibleLoss, Role,
+    BrokerObservation, BrokerStatus, Decision, Hold, Observation, Policy, PossibleLoss, Role,
+    check_fenced, check_measured,
 };
 use keelmq_proto::admin as pb;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -88,6 +91,27 @@ fn role_of(s: &pb::StatusResponse) -> Role {
     }
 }
 
+/// A broker's admin status reduced to what the decision reads; the master
+/// it follows is named by pod when `replication_to_pod` knows its address.
+fn broker_status(
+    s: &pb::StatusResponse,
+    replication_to_pod: &BTreeMap<String, String>,
+) -> BrokerStatus {
+    BrokerStatus {
+        role: role_of(s),
+        epoch: s.epoch,
+        max_offset: s.max_offset,
+        store_id: s.store_id.clone(),
+        empty: s.max_offset == 0,
+        master: (!s.master_address.is_empty()).then(|| {
+            replication_to_pod
+                .get(&s.master_address)
+                .cloned()
+                .unwrap_or_else(|| s.master_address.clone())
+        }),
+    }
+}
+
 /// Pods that belong to the group: every ordinal the spec asks for, plus any
 /// existing pod beyond it (a scale-down in progress).
 pub fn member_names(
@@ -136,19 +160,7 @@ pub async fn observe(
         let st = match answer {
             Ok(s) => {
                 statuses.insert(m.clone(), s.clone());
-                Some(BrokerStatus {
-                    role: role_of(&s),
-                    epoch: s.epoch,
-                    max_offset: s.max_offset,
-                    store_id: s.store_id.clone(),
-                    empty: s.max_offset == 0,
-                    master: (!s.master_address.is_empty()).then(|| {
-                        replication_to_pod
-                            .get(&s.master_address)
-                            .cloned()
-                            .unwrap_or_else(|| s.master_address.clone())
-                    }),
-                })
+                Some(broker_status(&s, &replication_to_pod))
             }
             Err(e) => {
                 tracing::debug!(broker = %m, error = %e, "broker admin API did not answer");
@@ -323,10 +335,8 @@ pub async fn execute(
                 master = %broker, epoch,
                 "no master yet and every broker is up: choosing {broker}, which holds the most data, as the first master of epoch {epoch}"
             );
-            promote(
-                ctx, bg, names, observed, &broker, epoch, &followers, None, status,
-            )
-            .await?;
+            record_master(ctx, bg, names, observed, &broker, epoch, None, status).await?;
+            promote(ctx, names, observed, &broker, epoch, &followers).await?;
             publish(
                 ctx,
                 bg,
@@ -361,18 +371,45 @@ pub async fn execute(
                 reason: reason.to_string(),
                 possible_loss: possible_loss.to_string(),
             };
-            promote(
+            let policy = policy(bg);
+            let before = bg.status.clone().unwrap_or_default();
+            // 1. The record first: it raises the group's epoch, so whatever
+            // happens next, a later round promotes in a newer one.
+            record_master(
                 ctx,
                 bg,
                 names,
                 observed,
                 &broker,
                 new_epoch,
-                &followers,
                 Some(record),
                 status,
             )
             .await?;
+            // 2. Fence, 3. measure again.
+            if let Err(hold) = fence_and_measure(
+                ctx,
+                names,
+                &observed.observation,
+                &policy,
+                &broker,
+                new_epoch,
+                &followers,
+            )
+            .await
+            {
+                warn!(
+                    from = from.as_deref().unwrap_or("-"), to = %broker, epoch = new_epoch,
+                    "not promoting {broker} this round: {hold}; {} stays recorded as master (in epoch {new_epoch}) and the next round decides again",
+                    from.as_deref().unwrap_or("nobody")
+                );
+                restore_master(ctx, bg, names, &before, status).await?;
+                return Ok(Outcome::Waiting(format!(
+                    "failover to {broker} held after fencing: {hold}; deciding again"
+                )));
+            }
+            // 4. Promote, and the others follow it.
+            promote(ctx, names, observed, &broker, new_epoch, &followers).await?;
             ctx.metrics.failover(&names.namespace, &names.group);
             let kind = if matches!(possible_loss, PossibleLoss::Nothing) {
                 EventType::Normal
@@ -424,19 +461,20 @@ pub async fn execute(
     }
 }
 
+/// Records `broker` as master of `epoch` in the BrokerGroup status, with
+/// optimistic concurrency on the object read: done before any broker is
+/// told anything.
 #[allow(clippy::too_many_arguments)]
-async fn promote(
+async fn record_master(
     ctx: &Context,
     bg: &mut BrokerGroup,
     names: &GroupNames,
     observed: &Observed,
     broker: &str,
     epoch: u64,
-    followers: &[String],
     record: Option<FailoverRecord>,
     status: &mut BrokerGroupStatus,
 ) -> Result<()> {
-    // 1. The record first, with optimistic concurrency on the object read.
     let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let mut next = bg.clone();
     let mut st = bg.status.clone().unwrap_or_default();
@@ -464,8 +502,107 @@ async fn promote(
         rollout: status.rollout.clone(),
         ..st
     };
+    Ok(())
+}
 
-    // 2. Promote.
+/// A promotion held after fencing: the status names the master recorded
+/// before (`before`) again, keeping the raised epoch, so the next round
+/// replaces (or reinstates) that master from fresh offsets and in a newer
+/// epoch, with the same brokers counted as its slaves.
+async fn restore_master(
+    ctx: &Context,
+    bg: &mut BrokerGroup,
+    names: &GroupNames,
+    before: &BrokerGroupStatus,
+    status: &mut BrokerGroupStatus,
+) -> Result<()> {
+    let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let mut back = bg.clone();
+    let mut st = bg.status.clone().unwrap_or_default();
+    st.master = before.master.clone();
+    st.master_store_id = before.master_store_id.clone();
+    st.master_unready = before.master_unready.clone();
+    st.last_failover = before.last_failover.clone();
+    back.status = Some(st.clone());
+    *bg = api
+        .replace_status(&names.group, &PostParams::default(), &back)
+        .await
+        .map_err(write_error)?;
+    info!(
+        master = st.master.as_deref().unwrap_or("-"),
+        epoch = st.epoch,
+        "recorded {} as master again, in epoch {}",
+        st.master.as_deref().unwrap_or("nobody"),
+        st.epoch
+    );
+    *status = BrokerGroupStatus {
+        conditions: status.conditions.clone(),
+        replicas: status.replicas.clone(),
+        rollout: status.rollout.clone(),
+        ..st
+    };
+    Ok(())
+}
+
+/// Fences every reachable follower by telling it to follow `broker` in
+/// `epoch` (it drops its stream from the old master and refuses it from
+/// then on; until `broker` is promoted it retries), then measures `broker`
+/// and the fenced brokers again. `Err` says why `broker` must not be
+/// promoted now (see [`check_fenced`] and [`check_measured`]).
+async fn fence_and_measure(
+    ctx: &Context,
+    names: &GroupNames,
+    observation: &Observation,
+    policy: &Policy,
+    broker: &str,
+    epoch: u64,
+    followers: &[String],
+) -> std::result::Result<(), Hold> {
+    let master_repl = ctx.addresses.replication(names, broker);
+    let mut fenced = Vec::new();
+    for f in followers {
+        if follow(ctx, names, f, &master_repl, epoch).await {
+            fenced.push(f.clone());
+        }
+    }
+    info!(
+        master = %broker, epoch,
+        "fenced {} of {} followers before promoting {broker}: {}",
+        fenced.len(), followers.len(), fenced.join(", ")
+    );
+    check_fenced(observation, policy, broker, &fenced)?;
+    let no_names = BTreeMap::new();
+    let measure = |name: String| {
+        let addr = ctx.addresses.admin(names, &name);
+        let no_names = &no_names;
+        async move {
+            let s = ctx.admin.status(&addr).await.ok();
+            (name, s.map(|s| broker_status(&s, no_names)))
+        }
+    };
+    let chosen_now = measure(broker.to_string()).await.1;
+    let fenced_now = futures::future::join_all(fenced.into_iter().map(measure)).await;
+    check_measured(
+        observation,
+        policy,
+        broker,
+        chosen_now.as_ref(),
+        &fenced_now,
+    )
+}
+
+/// Promotes `broker` to master of `epoch` (already recorded), then has
+/// `followers` follow it (again, after a fence: a fenced broker connects at
+/// once instead of at its next retry), then moves the role labels.
+async fn promote(
+    ctx: &Context,
+    names: &GroupNames,
+    observed: &Observed,
+    broker: &str,
+    epoch: u64,
+    followers: &[String],
+) -> Result<()> {
+    // Promote.
     let addr = ctx.addresses.admin(names, broker);
     let promoted = ctx
         .admin
@@ -478,13 +615,13 @@ async fn promote(
         })?;
     info!(master = %broker, epoch, start_offset = promoted.start_offset, "{broker} is master of epoch {epoch}, writing from offset {}", promoted.start_offset);
 
-    // 3. The others follow.
+    // The others follow.
     let master_repl = ctx.addresses.replication(names, broker);
     for f in followers {
         follow(ctx, names, f, &master_repl, epoch).await;
     }
 
-    // 4. Labels: the client Service follows the master.
+    // Labels: the client Service follows the master.
     label_roles(ctx, names, observed, broker).await
 }
 
@@ -661,20 +798,37 @@ pub async fn hand_over(
     }))
 }
 
-async fn follow(ctx: &Context, names: &GroupNames, broker: &str, master_repl: &str, epoch: u64) {
+/// Tells `broker` to follow the master at `master_repl` in `epoch`; whether
+/// it accepted.
+async fn follow(
+    ctx: &Context,
+    names: &GroupNames,
+    broker: &str,
+    master_repl: &str,
+    epoch: u64,
+) -> bool {
     let addr = ctx.addresses.admin(names, broker);
     match ctx.admin.follow(&addr, master_repl, epoch).await {
-        Ok(r) if r.truncated => info!(
-            broker,
-            epoch,
-            "{broker} follows the master in epoch {epoch}; it cut its log back to offset {} (records after the fork point were never acknowledged)",
-            r.truncated_to
-        ),
-        Ok(_) => info!(
-            broker,
-            epoch, "{broker} follows the master in epoch {epoch}"
-        ),
-        Err(e) => warn!(broker, epoch, error = %e, "{broker} did not accept follow; will retry"),
+        Ok(r) if r.truncated => {
+            info!(
+                broker,
+                epoch,
+                "{broker} follows the master in epoch {epoch}; it cut its log back to offset {} (records after the fork point were never acknowledged)",
+                r.truncated_to
+            );
+            true
+        }
+        Ok(_) => {
+            info!(
+                broker,
+                epoch, "{broker} follows the master in epoch {epoch}"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(broker, epoch, error = %e, "{broker} did not accept follow; will retry");
+            false
+        }
     }
 }
 

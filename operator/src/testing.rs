@@ -585,6 +585,18 @@ pub struct FakeBroker {
     pub status: pb::StatusResponse,
     /// Topics by name.
     pub topics: BTreeMap<String, pb::TopicInfo>,
+    /// The newest epoch it was told about (follow or promote): like a real
+    /// broker it refuses to follow an older one and to be promoted in one
+    /// not above it. Its status's `epoch` is that of its log's tail, which
+    /// a follow does not change.
+    pub fence: u64,
+    /// When set, `follow` fails with this message (its admin API answers
+    /// status but the call errs or times out) and changes nothing.
+    pub refuse_follow: Option<String>,
+    /// When set, the offset its log ends at once it is told to follow: it
+    /// received that much from the old master after it was observed and
+    /// before the fence.
+    pub offset_when_fenced: Option<u64>,
 }
 
 /// Fake brokers keyed by admin address; logs calls into a timeline.
@@ -617,6 +629,7 @@ impl FakeBrokers {
                     ..Default::default()
                 },
                 topics: BTreeMap::new(),
+                ..Default::default()
             },
         );
     }
@@ -719,6 +732,11 @@ impl BrokerAdmin for FakeBrokers {
     ) -> BoxFuture<'a, Result<pb::PromoteResponse, AdminError>> {
         Box::pin(async move {
             self.call(addr, format!("promote {addr} epoch {epoch}"), |b| {
+                let known = b.fence.max(b.status.epoch);
+                if epoch <= known {
+                    return Err(format!("stale epoch {epoch}: {known} is known"));
+                }
+                b.fence = epoch;
                 b.status.role = pb::Role::Master as i32;
                 b.status.epoch = epoch;
                 b.status.master_address.clear();
@@ -736,13 +754,27 @@ impl BrokerAdmin for FakeBrokers {
         epoch: u64,
     ) -> BoxFuture<'a, Result<pb::FollowResponse, AdminError>> {
         Box::pin(async move {
+            let refused = self.call(addr, String::new(), |b| {
+                let known = b.fence.max(b.status.epoch);
+                if let Some(e) = b.refuse_follow.clone() {
+                    Err(e)
+                } else if epoch < known {
+                    Err(format!("stale epoch {epoch}: {known} is known"))
+                } else {
+                    Ok(())
+                }
+            });
+            refused?;
             self.call(
                 addr,
                 format!("follow {addr} -> {master} epoch {epoch}"),
                 |b| {
+                    b.fence = epoch;
                     b.status.role = pb::Role::Slave as i32;
-                    b.status.epoch = epoch;
                     b.status.master_address = master.to_string();
+                    if let Some(end) = b.offset_when_fenced.take() {
+                        b.status.max_offset = end;
+                    }
                     Ok(pb::FollowResponse::default())
                 },
             )
@@ -762,12 +794,14 @@ impl BrokerAdmin for FakeBrokers {
                 addr,
                 format!("switchover {addr} -> {target} epoch {}", req.new_epoch),
                 |b| {
+                    b.fence = req.new_epoch;
                     b.status.role = pb::Role::Slave as i32;
                     b.status.master_address = format!("repl-{}", req.target_broker_id);
                     Ok(())
                 },
             )?;
             self.call(&target, String::new(), |b| {
+                b.fence = req.new_epoch;
                 b.status.role = pb::Role::Master as i32;
                 b.status.epoch = req.new_epoch;
                 b.status.master_address.clear();

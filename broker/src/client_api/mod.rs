@@ -20,9 +20,9 @@ use keelmq_proto::rocketmq::v2::messaging_service_server::{
     MessagingService, MessagingServiceServer,
 };
 use pb::Code;
-use tokio::sync::Notify;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::messaging::arrivals::Arrivals;
 use crate::messaging::consumer::{
     Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, TagFilter,
 };
@@ -86,8 +86,9 @@ pub struct ClientApi {
     store: MessageStore,
     write: WritePath,
     consumption: Arc<Consumption>,
-    /// Woken after every append, for long-polling receives.
-    arrivals: Arc<Notify>,
+    /// Wakes long-polling receives when their topic is written to (the
+    /// consumption state's: dead letters it writes wake them too).
+    arrivals: Arc<Arrivals>,
     round_robin: Arc<AtomicU64>,
     /// Half messages and their decisions.
     transactions: Arc<Transactions>,
@@ -102,12 +103,7 @@ pub struct ClientApi {
 }
 
 impl ClientApi {
-    pub fn new(
-        cfg: ClientApiConfig,
-        write: WritePath,
-        consumption: Arc<Consumption>,
-        arrivals: Arc<Notify>,
-    ) -> Self {
+    pub fn new(cfg: ClientApiConfig, write: WritePath, consumption: Arc<Consumption>) -> Self {
         let transactions = Arc::new(Transactions::new(
             write.store().clone(),
             cfg.transactions.clone(),
@@ -116,8 +112,8 @@ impl ClientApi {
             store: write.store().clone(),
             cfg: Arc::new(cfg),
             write,
+            arrivals: consumption.arrivals(),
             consumption,
-            arrivals,
             round_robin: Arc::new(AtomicU64::new(0)),
             transactions,
             producers: Arc::default(),
@@ -436,9 +432,19 @@ impl MessagingService for ClientApi {
                 Err(s) => return Ok(Response::new(send_failure(s, &messages))),
             }
         }
+        // The topics written to: a message held for later (delayed, or a
+        // half message) is in a system topic nobody receives from, and wakes
+        // its topic's receives when the timer or the commit writes it there.
+        let mut written: Vec<String> = Vec::new();
+        for r in &records {
+            if !written.contains(&r.topic) {
+                written.push(r.topic.clone());
+            }
+        }
         let resp = match self.write.write(records).await {
             Ok(appended) => {
-                self.arrivals.notify_waiters();
+                self.arrivals
+                    .notify_each(written.iter().map(String::as_str));
                 pb::SendMessageResponse {
                     status: Some(ok()),
                     entries: appended
@@ -590,13 +596,17 @@ impl MessagingService for ClientApi {
             }
             Some(f) => TagFilter::parse(&f.expression),
         };
+        // At most 1024 messages and (by the claim) about 4 MiB: see
+        // `MAX_RECEIVE_BYTES`.
         let batch = r.batch_size.clamp(1, 1024) as usize;
         let fifo = topic.message_type == MessageType::Fifo;
         let until = started + polling;
+        // Woken by messages written to this topic only.
+        let watch = self.arrivals.watch(&topic.name);
         loop {
             // Registered before looking, so a send that lands between the
             // look and the wait still wakes this receive.
-            let notified = self.arrivals.notified();
+            let notified = watch.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let request = ReceiveRequest {
@@ -1067,25 +1077,25 @@ mod tests {
         addr
     }
 
+    /// A lone broker's client API without auto-created topics.
+    fn test_config() -> ClientApiConfig {
+        ClientApiConfig {
+            broker_name: "b".into(),
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 0,
+            max_body_size: 4 << 20,
+            auto_create_topics: false,
+            default_queue_count: 1,
+            transactions: Default::default(),
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_telemetry_stream_over_a_dead_connection_ends_by_keepalive() {
         use keelmq_proto::rocketmq::v2::messaging_service_client::MessagingServiceClient;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
-        let api = ClientApi::new(
-            ClientApiConfig {
-                broker_name: "b".into(),
-                advertised_host: "127.0.0.1".into(),
-                advertised_port: 0,
-                max_body_size: 4 << 20,
-                auto_create_topics: false,
-                default_queue_count: 1,
-                transactions: Default::default(),
-            },
-            write,
-            Arc::new(Consumption::new(store)),
-            Arc::new(Notify::new()),
-        );
+        let api = ClientApi::new(test_config(), write, Arc::new(Consumption::new(store)));
         let (tls, _) = tls::acceptor(None, &dir.path().join("tls"), "127.0.0.1").expect("tls");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1164,6 +1174,145 @@ mod tests {
         drop(cmds);
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+
+    fn resource(name: &str) -> Option<pb::Resource> {
+        Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: name.into(),
+        })
+    }
+
+    fn with_client<T>(m: T) -> Request<T> {
+        let mut r = Request::new(m);
+        r.metadata_mut()
+            .insert("x-mq-client-id", "host@1#1".parse().expect("header"));
+        r
+    }
+
+    /// A client API over a lone master with topics `a` and `b` (one queue each).
+    fn api_over(dir: &std::path::Path) -> (ClientApi, Arc<Consumption>, MessageStore) {
+        let (store, write) = crate::testing::lone_master(dir);
+        for t in ["a", "b"] {
+            store
+                .metadata()
+                .ensure_topic(TopicConfig {
+                    name: t.into(),
+                    queue_count: 1,
+                    message_type: MessageType::Normal,
+                })
+                .expect("topic");
+        }
+        let consumption = Arc::new(Consumption::new(store.clone()));
+        let api = ClientApi::new(test_config(), write, consumption.clone());
+        (api, consumption, store)
+    }
+
+    async fn send_to(api: &ClientApi, topic: &str, body: &str) {
+        let m = pb::Message {
+            topic: resource(topic),
+            user_properties: Default::default(),
+            system_properties: Some(pb::SystemProperties {
+                message_id: format!("id-{body}"),
+                ..Default::default()
+            }),
+            body: body.as_bytes().to_vec().into(),
+        };
+        let resp = api
+            .send_message(with_client(pb::SendMessageRequest { messages: vec![m] }))
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!(resp.status.map(|s| s.code), Some(Code::Ok as i32));
+    }
+
+    /// The bodies a receive of `topic` hands out (long polling up to 20 s).
+    async fn receive_from(api: ClientApi, topic: &str) -> Vec<Vec<u8>> {
+        use futures::StreamExt;
+        let req = pb::ReceiveMessageRequest {
+            group: resource("g"),
+            message_queue: Some(pb::MessageQueue {
+                topic: resource(topic),
+                ..Default::default()
+            }),
+            filter_expression: None,
+            batch_size: 16,
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            auto_renew: false,
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: 20,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let frames: Vec<_> = api
+            .receive_message(with_client(req))
+            .await
+            .expect("stream")
+            .into_inner()
+            .collect()
+            .await;
+        frames
+            .into_iter()
+            .filter_map(|f| match f.expect("frame").content {
+                Some(pb::receive_message_response::Content::Message(m)) => Some(m.body.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_receive_is_woken_by_its_own_topic_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, consumption, store) = api_over(dir.path());
+        let waiting = tokio::spawn(receive_from(api.clone(), "b"));
+        // The receive looked once and waits.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while consumption.claims() == 0 {
+            assert!(Instant::now() < deadline, "the receive never looked");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Traffic on another topic: the receive on b only re-checks on its
+        // own ticks (every 500 ms), not once per send.
+        let before = consumption.claims();
+        let window = Instant::now();
+        let sent = 1000;
+        for i in 0..sent {
+            send_to(&api, "a", &format!("a{i}")).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = window.elapsed();
+        let claims = consumption.claims() - before;
+        let ticks = elapsed.as_millis() as u64 / 500 + 2;
+        assert!(
+            claims <= ticks,
+            "{claims} looks during {sent} sends to another topic in {elapsed:?} (ticks: {ticks})"
+        );
+        assert!(!waiting.is_finished());
+        // A send to b wakes it at once: right after one of its ticks, the
+        // next is 500 ms away.
+        let seen = consumption.claims();
+        while consumption.claims() == seen {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let sent_at = Instant::now();
+        send_to(&api, "b", "b0").await;
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the receive answered")
+            .expect("receive task");
+        let waited = sent_at.elapsed();
+        assert_eq!(got, vec![b"b0".to_vec()]);
+        assert!(
+            waited < Duration::from_millis(400),
+            "the send to b woke its receive only after {waited:?}"
+        );
+        // Nobody waits any more: no topic entry is left behind.
+        assert_eq!(api.arrivals.watched_topics(), 0);
+        store.shutdown().expect("shutdown");
     }
 
     #[test]

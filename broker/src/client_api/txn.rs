@@ -47,7 +47,9 @@ impl ClientApi {
             Ok(()) => {
                 tracing::debug!(tx = %r.transaction_id, %decision, check_back, "transaction ended");
                 if decision == Decision::Commit {
-                    self.arrivals.notify_waiters();
+                    // The committed message was written to `topic` (the
+                    // half message's topic, checked by `end`).
+                    self.arrivals.notify(topic);
                 }
                 ok()
             }

@@ -20,10 +20,12 @@
 //! replicated "handed out up to" mark says a previous master made them).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 
+use super::arrivals::Arrivals;
 use super::delivery_log::{DELIVERY_TOPIC, DeliveryOps, RemoveEntry, SetEntry};
 use super::receipt::ReceiptHandle;
 use crate::store::{
@@ -51,6 +53,19 @@ const RELOG_AGE_MS: i64 = 3_600_000;
 pub const RENEW_INVISIBLE_MS: i64 = 60_000;
 pub const RENEW_AHEAD_MS: i64 = 10_000;
 pub const RENEW_MAX_MS: i64 = 3 * 3_600_000;
+
+/// Most bytes (stored record sizes) one receive hands out: it stops adding
+/// messages before the total would pass this, but always hands out at least
+/// one. As large as the largest body a producer may send (4 MiB), so a
+/// batch of small messages is rarely cut short, while a response holds at
+/// most about 4 MiB plus one message however large `batch_size` is.
+pub const MAX_RECEIVE_BYTES: u64 = 4 << 20;
+
+/// A group's state of a queue with nothing in flight, untouched for this
+/// long, is dropped from memory (it is rebuilt from the committed offset
+/// on next use); looked for at most every [`EVICT_SWEEP_MS`].
+const EVICT_IDLE_MS: i64 = 15 * 60_000;
+const EVICT_SWEEP_MS: i64 = 60_000;
 
 /// A tag filter: `*` (everything) or tags separated by `||`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +169,9 @@ struct QueueState {
     /// took over from: handing them out again is a failover redelivery.
     redeliver_below: u64,
     in_flight: BTreeMap<u64, InFlight>,
+    /// When a receive last looked at the queue (ms since the epoch, the
+    /// receive's clock).
+    used_ms: i64,
 }
 
 impl QueueState {
@@ -225,6 +243,8 @@ struct State {
     issuers: Vec<String>,
     /// Clients whose deliveries are renewed (see [`InFlight::renew_for`]).
     clients: Vec<String>,
+    /// When idle queue states were last looked for (see [`EVICT_IDLE_MS`]).
+    swept_ms: i64,
 }
 
 impl State {
@@ -323,6 +343,14 @@ pub struct Consumption {
     /// When entries are logged again (see [`Consumption::relog_old`]).
     relog_records: u64,
     relog_age_ms: i64,
+    /// See [`MAX_RECEIVE_BYTES`].
+    max_receive_bytes: u64,
+    /// See [`EVICT_IDLE_MS`].
+    evict_idle_ms: i64,
+    /// Wakes receives waiting on a topic a message was appended to.
+    arrivals: Arc<Arrivals>,
+    /// Claims made (receives that looked for messages), for tests and metrics.
+    claims: AtomicU64,
 }
 
 impl Consumption {
@@ -335,7 +363,22 @@ impl Consumption {
             rotation: AtomicU64::new(0),
             relog_records: RELOG_RECORDS,
             relog_age_ms: RELOG_AGE_MS,
+            max_receive_bytes: MAX_RECEIVE_BYTES,
+            evict_idle_ms: EVICT_IDLE_MS,
+            arrivals: Arc::default(),
+            claims: AtomicU64::new(0),
         }
+    }
+
+    /// The wake-ups of waiting receives, which whatever appends a message
+    /// consumers can see must notify (dead letters are notified here).
+    pub fn arrivals(&self) -> Arc<Arrivals> {
+        self.arrivals.clone()
+    }
+
+    /// How many claims (looks for messages) were made.
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::Relaxed)
     }
 
     /// Forgets every group's in-memory delivery state, so it is rebuilt
@@ -400,9 +443,11 @@ impl Consumption {
         let mut out = Vec::new();
         let mut dead = Vec::new();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        self.claims.fetch_add(1, Ordering::Relaxed);
         let durable_at = {
             let mut guard = self.lock();
             let st = &mut *guard;
+            self.evict_idle(st, req.now_ms);
             let me = st.issuer(self.store.store_id());
             let renew = req.renew_for.map_or(0, |c| st.client(c));
             let mut ops = DeliveryOps::new(req.group, req.topic, self.store.store_id());
@@ -414,6 +459,7 @@ impl Consumption {
                 let key = (req.group.to_owned(), req.topic.to_owned(), q);
                 let qs = st.queues.entry(key).or_default();
                 self.init_queue(req.group, req.topic, q, qs);
+                qs.used_ms = req.now_ms;
                 let (sets, next) = (ops.sets.len(), qs.next);
                 self.claim_queue(
                     req,
@@ -561,6 +607,47 @@ impl Consumption {
         Ok(out)
     }
 
+    /// Drops from memory the state of queues with nothing in flight that no
+    /// receive looked at for [`EVICT_IDLE_MS`] and whose committed offset
+    /// (in the metadata) says where they stand: [`Consumption::init_queue`]
+    /// rebuilds the same state from it on next use, so groups that come
+    /// and go do not pile up here. Nothing in flight means no FIFO hold, no
+    /// delivery-log record to tie and no receipt handle to honour (any
+    /// handle of the queue is stale); a replay of the delivery log only
+    /// makes states again that are dropped again once idle.
+    fn evict_idle(&self, st: &mut State, now_ms: i64) {
+        let every = EVICT_SWEEP_MS.min(self.evict_idle_ms);
+        if now_ms.abs_diff(st.swept_ms) < every.unsigned_abs() {
+            return;
+        }
+        st.swept_ms = now_ms;
+        let before = st.queues.len();
+        st.queues.retain(|(_, topic, q), qs| {
+            if !qs.in_flight.is_empty() || now_ms.saturating_sub(qs.used_ms) < self.evict_idle_ms {
+                return true;
+            }
+            let recorded = qs.committed == qs.next
+                || (qs.committed.is_none()
+                    && qs
+                        .next
+                        .is_none_or(|n| n <= self.store.queue_min_offset(topic, *q)));
+            !recorded
+        });
+        let evicted = before - st.queues.len();
+        if evicted > 0 {
+            tracing::debug!(
+                evicted,
+                kept = st.queues.len(),
+                "idle consumer queue states dropped from memory"
+            );
+        }
+    }
+
+    /// How many group-queue states are held in memory.
+    pub fn queue_states(&self) -> usize {
+        self.state.lock().queues.len()
+    }
+
     /// Loads a queue's committed offset and handed-out mark on first use.
     fn init_queue(&self, group: &str, topic: &str, q: u32, qs: &mut QueueState) {
         if qs.next.is_some() {
@@ -588,6 +675,8 @@ impl Consumption {
         ops: &mut DeliveryOps,
     ) {
         let min = self.store.queue_min_offset(req.topic, q);
+        // Bytes claimed so far: see [`MAX_RECEIVE_BYTES`].
+        let mut bytes: u64 = out.iter().map(|c| u64::from(c.location.size)).sum();
         let next = st.next.get_or_insert(min);
         // Entries removed by retention cannot be delivered any more.
         st.in_flight.retain(|off, f| {
@@ -623,6 +712,12 @@ impl Consumption {
             let Some(f) = st.in_flight.get_mut(&off) else {
                 continue;
             };
+            if f.attempt < req.max_attempts
+                && !out.is_empty()
+                && bytes + u64::from(location.size) > self.max_receive_bytes
+            {
+                return;
+            }
             if f.attempt >= req.max_attempts {
                 // Goes to the dead-letter topic once this claim lets go of
                 // the lock, and stays in flight until it is there; hidden
@@ -640,6 +735,7 @@ impl Consumption {
                 continue;
             }
             f.attempt += 1;
+            bytes += u64::from(location.size);
             f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
             f.visible_at_ms = req.now_ms + req.invisible_ms;
             f.issuer = me;
@@ -660,13 +756,19 @@ impl Consumption {
         let next = st.next.get_or_insert(min);
         while out.len() < req.max_messages && *next < max {
             let off = *next;
-            *next += 1;
             let Some(location) = self.store.queue_entry(req.topic, q, off) else {
+                *next += 1;
                 continue;
             };
             if !req.filter.may_match(location.tag_hash) {
+                *next += 1;
                 continue;
             }
+            if !out.is_empty() && bytes + u64::from(location.size) > self.max_receive_bytes {
+                break;
+            }
+            *next += 1;
+            bytes += u64::from(location.size);
             let f = InFlight {
                 delivery: self.deliveries.fetch_add(1, Ordering::Relaxed),
                 visible_at_ms: req.now_ms + req.invisible_ms,
@@ -689,8 +791,10 @@ impl Consumption {
             });
         }
         let next = *next;
-        self.store_committed(req.group, req.topic, q, st);
-        if st.marked != Some(next) {
+        self.store_committed(req.group, req.topic, q, st, min);
+        // As for the committed offset: a mark that says nothing was handed
+        // out is not recorded.
+        if st.marked != Some(next) && (st.marked.is_some() || next > min) {
             st.marked = Some(next);
             self.store
                 .metadata()
@@ -699,9 +803,13 @@ impl Consumption {
     }
 
     /// Records the queue's committed offset in the metadata when it moved.
-    fn store_committed(&self, group: &str, topic: &str, q: u32, st: &mut QueueState) {
+    /// A group with no committed offset starts from the queue's first
+    /// offset (`min`): none is recorded until it consumed past it, so a
+    /// group that looked and found nothing leaves no offsets behind.
+    fn store_committed(&self, group: &str, topic: &str, q: u32, st: &mut QueueState, min: u64) {
         if let Some(low) = st.low()
             && st.committed != Some(low)
+            && (st.committed.is_some() || low > min)
         {
             st.committed = Some(low);
             self.store.metadata().commit_offset(group, topic, q, low);
@@ -732,7 +840,11 @@ impl Consumption {
                     st.events.release(f.event);
                     qs.in_flight.remove(&r.queue_offset);
                     ops.removes.push(*r);
-                    self.store_committed(group, topic, r.queue_id, qs);
+                    let min = match qs.committed {
+                        Some(_) => 0,
+                        None => self.store.queue_min_offset(topic, r.queue_id),
+                    };
+                    self.store_committed(group, topic, r.queue_id, qs, min);
                     found.push(true);
                 }
                 _ => found.push(false),
@@ -1170,6 +1282,7 @@ impl Consumption {
             properties,
             body: record.body.clone(),
         })?;
+        self.arrivals.notify(&dlq);
         tracing::info!(group, topic = %record.topic, queue = record.queue_id, offset = record.queue_offset, attempts, dead_letter_topic = %dlq, "message moved to the dead-letter topic");
         Ok(a.end_offset)
     }
@@ -1266,6 +1379,124 @@ mod tests {
     fn put(s: &MessageStore, q: u32, tag: &str, body: &str) {
         s.append(NewRecord::new("t", q, body.as_bytes().to_vec()).with_property(keys::TAG, tag))
             .expect("append");
+    }
+
+    #[test]
+    fn a_receive_that_hands_out_nothing_records_no_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let r = ReceiveRequest {
+            group: "new",
+            ..req(&all, 0, false)
+        };
+        // Both queues empty: a group that only looked leaves nothing behind.
+        assert!(c.receive(&r).expect("receive").is_empty());
+        assert!(c.receive(&r).expect("receive").is_empty());
+        for q in 0..2 {
+            assert_eq!(s.metadata().get_offset("new", "t", q), None, "queue {q}");
+            assert_eq!(s.metadata().dispatched("new", "t", q), None, "queue {q}");
+        }
+        // A message handed out and still in flight: the delivery log holds
+        // it, the offset (still the queue's first) is not recorded either.
+        put(&s, 0, "a", "m0");
+        let got = c.receive(&r).expect("receive");
+        assert_eq!(got.len(), 1);
+        assert_eq!(s.metadata().get_offset("new", "t", 0), None);
+        assert_eq!(s.metadata().dispatched("new", "t", 0), Some(1));
+        // Acked: progress, recorded.
+        c.ack("new", "t", &got[0].handle.to_string()).expect("ack");
+        assert_eq!(s.metadata().get_offset("new", "t", 0), Some(1));
+        assert_eq!(s.metadata().get_offset("new", "t", 1), None);
+        // A restart resumes past it, and hands out what comes next.
+        put(&s, 0, "a", "m1");
+        let c = Consumption::new(s.clone());
+        let got = c.receive(&r).expect("receive");
+        let bodies: Vec<&[u8]> = got.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [&b"m1"[..]]);
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn one_receive_hands_out_about_max_receive_bytes_at_most() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = StoreConfig::new(dir.path());
+        cfg.segment_size = 16 << 20;
+        cfg.flush_mode = FlushMode::AsyncFlush;
+        let s = MessageStore::open(cfg).expect("open");
+        // Three messages of 3 MiB: two would pass 4 MiB.
+        for i in 0..3u8 {
+            s.append(NewRecord::new("t", 0, vec![i; 3 << 20]))
+                .expect("append");
+        }
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
+        r.max_messages = 1024;
+        for i in 0..3u8 {
+            let got = c.receive(&r).expect("receive");
+            assert_eq!(got.len(), 1, "receive {i}");
+            assert_eq!(got[0].record.body[0], i);
+        }
+        // Redeliveries are capped as well.
+        r.now_ms = 10_000;
+        assert_eq!(c.receive(&r).expect("receive").len(), 1);
+        // Small messages still come many at a time.
+        for i in 0..100 {
+            put(&s, 0, "a", &format!("s{i}"));
+        }
+        r.now_ms = 0;
+        assert_eq!(c.receive(&r).expect("receive").len(), 100);
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn idle_queue_states_are_dropped_and_rebuilt_as_they_were() {
+        let (_dir, s) = filled(3);
+        let all = TagFilter::All;
+        let mut c = Consumption::new(s.clone());
+        c.evict_idle_ms = 60_000;
+        let mut r = req(&all, 1_000, false);
+        r.queue_count = 1;
+        r.max_messages = 2;
+        // Groups that only looked (at an empty topic), once.
+        for i in 0..50 {
+            let g = format!("g{i}");
+            let look = ReceiveRequest {
+                group: &g,
+                topic: "empty",
+                ..req(&all, 1_000, false)
+            };
+            assert!(c.receive(&look).expect("receive").is_empty());
+        }
+        // g has m0 and m1 in flight (a FIFO group would be held on them).
+        let got = c.receive(&r).expect("receive");
+        assert_eq!(got.len(), 2);
+        assert_eq!(c.queue_states(), 50 * 2 + 1);
+        // Long after (a receive that looks at no queue sweeps): the idle
+        // states go, g's queue (in flight) stays.
+        r.now_ms = 1_000 + 3_600_000;
+        r.max_messages = 0;
+        assert!(c.receive(&r).expect("receive").is_empty());
+        assert_eq!(c.queue_states(), 1, "g's queue, in flight");
+        // The in-flight messages are still acked by their handles; m2 is
+        // handed out next, nothing again.
+        for d in &got {
+            c.ack("g", "t", &d.handle.to_string()).expect("ack");
+        }
+        // Idle with nothing in flight, its offset committed: dropped too,
+        // and rebuilt from that offset.
+        r.now_ms += 3_600_000;
+        assert!(c.receive(&r).expect("receive").is_empty());
+        assert_eq!(c.queue_states(), 0);
+        r.now_ms += 1;
+        r.max_messages = 10;
+        let again = c.receive(&r).expect("receive");
+        let bodies: Vec<&[u8]> = again.iter().map(|d| &d.record.body[..]).collect();
+        assert_eq!(bodies, [&b"m2"[..]]);
+        s.shutdown().expect("shutdown");
     }
 
     #[test]
@@ -1463,7 +1694,12 @@ mod tests {
         assert_eq!(c.receive(&bad(0)).expect("receive").len(), 1);
         assert!(c.receive(&bad(2000)).expect("receive").is_empty());
         assert_eq!(c.in_flight("a.b", "t", 0), 1, "still in flight");
-        assert_eq!(s.metadata().get_offset("a.b", "t", 0), Some(0));
+        // Not consumed past it (a group with no offset starts at the first).
+        assert_eq!(
+            s.metadata().get_offset("a.b", "t", 0).unwrap_or(0),
+            0,
+            "the committed offset"
+        );
         // Hidden while it waits for another try, then tried again.
         assert!(c.receive(&bad(2500)).expect("receive").is_empty());
         assert_eq!(c.in_flight("a.b", "t", 0), 1);
@@ -1904,7 +2140,11 @@ mod tests {
         let mut rng = crate::testing::seeded_rng();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = store(dir.path());
+        // Idle queue states are dropped after a short while, so the model
+        // also checks that dropping and rebuilding them changes nothing.
+        let evict_idle_ms = 1_500;
         let mut c = Consumption::new(s.clone());
+        c.evict_idle_ms = evict_idle_ms;
         let all = TagFilter::All;
         let max_attempts = 3;
         let mut msgs: BTreeMap<(u32, u64), (String, Seen)> = BTreeMap::new();
@@ -2049,12 +2289,14 @@ mod tests {
                 80..92 => now += rng.random_range(0..2_000),
                 92..96 => {
                     c = Consumption::new(s.clone());
+                    c.evict_idle_ms = evict_idle_ms;
                     c.load();
                 }
                 _ => {
                     s.shutdown().expect("shutdown");
                     s = store(dir.path());
                     c = Consumption::new(s.clone());
+                    c.evict_idle_ms = evict_idle_ms;
                     c.load();
                 }
             }

@@ -2,6 +2,7 @@
 //! invisible time, redelivery, dead letters), receipt handles, delayed
 //! messages and transactional (half) messages.
 
+pub mod arrivals;
 pub mod consumer;
 pub mod delivery_log;
 pub mod receipt;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
+use super::arrivals::Arrivals;
 use crate::store::{MessageStore, NewRecord, StoreError, keys, now_ms, record::flags};
 use crate::write_path::WritePath;
 
@@ -88,11 +88,12 @@ impl Timer {
         }
     }
 
-    /// Runs until `stop` resolves, delivering due messages through `write`.
+    /// Runs until `stop` resolves, delivering due messages through `write`
+    /// and waking the receives waiting on their topics.
     pub async fn run(
         self: Arc<Self>,
         write: WritePath,
-        arrivals: Arc<Notify>,
+        arrivals: Arc<Arrivals>,
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
@@ -101,16 +102,25 @@ impl Timer {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(TICK) => {}
             }
-            match self.deliver_due(&write, now_ms()).await {
-                Ok(0) => {}
-                Ok(_) => arrivals.notify_waiters(),
-                Err(e) => tracing::debug!(error = %e, "delayed messages not delivered yet"),
+            if let Err(e) = self.deliver_due_to(&write, now_ms(), Some(&arrivals)).await {
+                tracing::debug!(error = %e, "delayed messages not delivered yet");
             }
         }
     }
 
     /// Delivers every message due at `now`; returns how many.
     pub async fn deliver_due(&self, write: &WritePath, now: i64) -> Result<usize, String> {
+        self.deliver_due_to(write, now, None).await
+    }
+
+    /// [`Timer::deliver_due`], notifying `arrivals` of each message's topic
+    /// as soon as it is written there.
+    async fn deliver_due_to(
+        &self,
+        write: &WritePath,
+        now: i64,
+        arrivals: Option<&Arrivals>,
+    ) -> Result<usize, String> {
         let due: Vec<(i64, u64)> = {
             let mut st = self.state.lock();
             self.load(&mut st);
@@ -157,9 +167,13 @@ impl Timer {
                 properties,
                 body: held.body.clone(),
             };
+            let topic = rec.topic.clone();
             match write.write(vec![rec]).await {
                 Ok(_) => {
                     self.mark_done(key);
+                    if let Some(a) = arrivals {
+                        a.notify(&topic);
+                    }
                     delivered += 1;
                 }
                 Err(e) => return Err(e.to_string()),
@@ -243,6 +257,43 @@ mod tests {
             }
         }
         seen
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delayed_message_wakes_the_receives_of_its_topic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let arrivals = Arc::new(Arrivals::default());
+        let (on_t, on_other) = (arrivals.watch("t"), arrivals.watch("other"));
+        let (t, other) = (on_t.notified(), on_other.notified());
+        tokio::pin!(t, other);
+        t.as_mut().enable();
+        other.as_mut().enable();
+        let rec = NewRecord::new("t", 0, b"later".to_vec());
+        write
+            .write(vec![Timer::hold(rec, now_ms() + 300)])
+            .await
+            .expect("hold");
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(Timer::new(store.clone()).run(
+            write.clone(),
+            arrivals.clone(),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("the receives of t woken when the message is due");
+        assert_eq!(store.queue_max_offset("t", 0), 1);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), other.as_mut())
+                .await
+                .is_err(),
+            "another topic's receives are not woken"
+        );
+        let _ = stop_tx.send(true);
+        run.await.expect("timer task");
     }
 
     #[tokio::test]

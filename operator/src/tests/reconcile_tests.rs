@@ -890,3 +890,142 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
         }
     }
 }
+
+/// A three-broker group `pay` whose master `pay-0` has just gone (pod
+/// deleted, admin API silent) while `pay-1` (offset 100) and `pay-2`
+/// (offset 90) are ready slaves of epoch 1: the decision is to promote
+/// `pay-1` in epoch 2 with `pay-2` as its follower.
+fn master_gone(replication: Value) -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("pay", 3);
+    let mut bg = serde_json::to_value(group(
+        "pay",
+        json!({"replicas": 3, "replication": replication}),
+    ))
+    .expect("json");
+    bg["status"] = json!({"master": "pay-0", "epoch": 1, "masterStoreId": "store-pay-0"});
+    api.insert(bg);
+    for (i, offset) in [(1, 100), (2, 90)] {
+        api.insert(pod("pay", i, true));
+        brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), offset);
+        brokers.with(&format!("admin-pay-{i}"), |b| {
+            b.status.epoch = 1;
+            b.status.master_address = "repl-pay-0".into();
+        });
+    }
+    (ctx, api, brokers)
+}
+
+fn position(t: &[String], entry: &str) -> usize {
+    t.iter()
+        .position(|e| e == entry)
+        .unwrap_or_else(|| panic!("no {entry:?} in {t:?}"))
+}
+
+/// Fence first, then measure, then promote: every reachable follower is
+/// told to follow the chosen broker in the new epoch (it stops streaming
+/// from the old master, which may still be alive and acknowledging writes)
+/// after the status records it and before it is promoted.
+#[tokio::test]
+async fn failover_fences_every_reachable_follower_before_promoting() {
+    let (ctx, api, brokers) = master_gone(json!({}));
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let st = stored_group(&api, "pay").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 2));
+    let t = timeline(&brokers);
+    let record = position(&t, "update brokergroups/status pay");
+    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 2");
+    let promote = position(&t, "promote admin-pay-1 epoch 2");
+    assert!(record < fence && fence < promote, "{t:?}");
+    let follows: Vec<&String> = t.iter().filter(|e| e.starts_with("follow")).collect();
+    assert!(
+        follows
+            .iter()
+            .all(|e| *e == "follow admin-pay-2 -> repl-pay-1 epoch 2"),
+        "only pay-2 is a reachable follower: {t:?}"
+    );
+}
+
+/// Under SYNC with one in-sync slave of two, the old master may still
+/// collect an acknowledgement from `pay-2` alone while `pay-2` cannot be
+/// fenced: no promotion then. The old master is recorded again (in the
+/// raised epoch) and the group reports why; once `pay-2` accepts the
+/// fence the next round promotes in a newer epoch. Under ASYNC the same
+/// refusal does not hold the promotion.
+#[tokio::test]
+async fn a_follower_that_cannot_be_fenced_holds_a_sync_promotion() {
+    let (ctx, api, brokers) = master_gone(json!({}));
+    brokers.with("admin-pay-2", |b| {
+        b.refuse_follow = Some("DeadlineExceeded: timeout expired".into());
+    });
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(!t.iter().any(|e| e.starts_with("promote")), "{t:?}");
+    let bg = stored_group(&api, "pay");
+    let st = bg.status.clone().expect("status");
+    assert_eq!(
+        (st.master.as_deref(), st.epoch),
+        (Some("pay-0"), 2),
+        "the old master again, in the raised epoch"
+    );
+    assert_eq!(st.master_store_id.as_deref(), Some("store-pay-0"));
+    assert!(st.last_failover.is_none(), "no failover is recorded");
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "FailoverBlocked")
+    );
+    assert!(
+        message.contains("only 1 of 2 slaves stopped following the old master"),
+        "{message}"
+    );
+
+    brokers.with("admin-pay-2", |b| b.refuse_follow = None);
+    brokers.timeline.lock().expect("timeline").clear();
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let t = timeline(&brokers);
+    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 3");
+    let promote = position(&t, "promote admin-pay-1 epoch 3");
+    assert!(fence < promote, "{t:?}");
+    let st = stored_group(&api, "pay").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 3));
+
+    let (ctx, api, brokers) = master_gone(json!({"mode": "Async"}));
+    brokers.with("admin-pay-2", |b| {
+        b.refuse_follow = Some("DeadlineExceeded: timeout expired".into());
+    });
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    assert!(timeline(&brokers).contains(&"promote admin-pay-1 epoch 2".to_string()));
+}
+
+/// `pay-2` received more from the old master between the observation and
+/// its fence: `pay-1`, behind it now, is not promoted; the next round
+/// chooses `pay-2` in a newer epoch, after fencing `pay-1`.
+#[tokio::test]
+async fn a_follower_found_ahead_after_fencing_is_not_outranked() {
+    let (ctx, api, brokers) = master_gone(json!({}));
+    brokers.with("admin-pay-2", |b| b.offset_when_fenced = Some(120));
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(
+        t.contains(&"follow admin-pay-2 -> repl-pay-1 epoch 2".to_string()),
+        "{t:?}"
+    );
+    assert!(!t.iter().any(|e| e.starts_with("promote")), "{t:?}");
+    let bg = stored_group(&api, "pay");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-0"), 2));
+    let message = condition(&bg, "Degraded").2;
+    assert!(message.contains("pay-2 holds more than pay-1"), "{message}");
+
+    brokers.timeline.lock().expect("timeline").clear();
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let t = timeline(&brokers);
+    let fence = position(&t, "follow admin-pay-1 -> repl-pay-2 epoch 3");
+    let promote = position(&t, "promote admin-pay-2 epoch 3");
+    assert!(fence < promote, "{t:?}");
+    assert!(!t.contains(&"promote admin-pay-1 epoch 3".to_string()));
+    let st = stored_group(&api, "pay").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-2"), 3));
+    let last = st.last_failover.expect("recorded");
+    assert_eq!((last.to.as_str(), last.epoch), ("pay-2", 3));
+}
