@@ -367,9 +367,9 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         }
     } else if let Some(r) = status.rollout.as_mut() {
         r.message = match &outcome {
-            Outcome::Redirected(b) => format!(
+            Outcome::Redirected { brokers, .. } => format!(
                 "{} told to follow the master; the roll goes on once every broker is in sync",
-                b.join(", ")
+                brokers.join(", ")
             ),
             Outcome::Waiting(why) => format!("on hold: {why}"),
             Outcome::Promoted { master, .. } => {
@@ -572,7 +572,7 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
             lock(&ctx.last_wait).remove(&key);
             Duration::from_secs(1)
         }
-        Outcome::Redirected(brokers) => {
+        Outcome::Redirected { brokers, refused } => {
             let msg = format!("{} told to follow the master", brokers.join(", "));
             conditions::set(
                 &mut status.conditions,
@@ -583,6 +583,25 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
                 generation,
                 &now,
             );
+            if !refused.is_empty() {
+                // A broker that will not follow replicates nothing: the
+                // group is not what Ready promises until it does.
+                let why = format!(
+                    "{} did not accept to follow the master; told again every second",
+                    refused.join(", ")
+                );
+                for (kind, value) in [(READY, false), (DEGRADED, true)] {
+                    conditions::set(
+                        &mut status.conditions,
+                        kind,
+                        value,
+                        "FollowRefused",
+                        &why,
+                        generation,
+                        &now,
+                    );
+                }
+            }
             Duration::from_secs(1)
         }
     };

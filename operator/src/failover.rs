@@ -296,7 +296,12 @@ pub enum Outcome {
         epoch: u64,
     },
     /// Stray brokers were told to follow the master.
-    Redirected(Vec<String>),
+    Redirected {
+        /// The brokers told.
+        brokers: Vec<String>,
+        /// Those that did not accept it (told again next round).
+        refused: Vec<String>,
+    },
 }
 
 /// A failed write of the BrokerGroup: 409 (someone changed it since it was
@@ -439,9 +444,12 @@ pub async fn execute(
             epoch,
         } => {
             let master_repl = ctx.addresses.replication(names, &master);
+            let mut refused = Vec::new();
             for b in &brokers {
                 info!(broker = %b, %master, epoch, "{b} does not follow master {master}; telling it to follow in epoch {epoch}");
-                follow(ctx, names, b, &master_repl, epoch).await;
+                if !follow(ctx, names, b, &master_repl, epoch).await {
+                    refused.push(b.clone());
+                }
             }
             label_roles(ctx, names, observed, &master).await?;
             publish(
@@ -456,7 +464,7 @@ pub async fn execute(
                 ),
             )
             .await;
-            Ok(Outcome::Redirected(brokers))
+            Ok(Outcome::Redirected { brokers, refused })
         }
     }
 }

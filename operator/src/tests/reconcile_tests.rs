@@ -143,6 +143,33 @@ pub(super) async fn bootstrap() -> (Arc<Context>, FakeApi, FakeBrokers) {
     (ctx, api, brokers)
 }
 
+/// A slave that stopped following and refuses to follow again replicates
+/// nothing: the group is not Ready and says why, until it follows.
+#[tokio::test]
+async fn a_broker_that_refuses_to_follow_makes_the_group_degraded() {
+    let (ctx, api, brokers) = bootstrap().await;
+    brokers.with("admin-orders-0", |b| {
+        b.status.master_address.clear();
+        b.refuse_follow = Some("Internal: saving the fence failed: disk full".into());
+    });
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    for (kind, want) in [("Ready", "False"), ("Degraded", "True")] {
+        let (status, reason, message) = condition(&bg, kind);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            (want, "FollowRefused"),
+            "{kind}"
+        );
+        assert!(message.contains("orders-0 did not accept"), "{message}");
+    }
+    brokers.with("admin-orders-0", |b| b.refuse_follow = None);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let (status, reason, _) = condition(&stored_group(&api, "orders"), "Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Serving"));
+}
+
 /// The master's pod vanishes: the slave is promoted in a new epoch, status
 /// first, then the label moves.
 pub(super) async fn failover() -> FakeApi {
