@@ -157,6 +157,24 @@ fn log_bytes(s: &MessageStore) -> Vec<u8> {
     out
 }
 
+/// Waits until every broker's log ends where the master's does, and checks
+/// that each is a byte copy of it.
+async fn assert_converged(brokers: &[Broker], master: usize) {
+    wait_for("every broker to converge", || {
+        let end = brokers[master].store.max_offset();
+        brokers.iter().all(|b| b.store.max_offset() == end)
+    })
+    .await;
+    let log = log_bytes(&brokers[master].store);
+    for (i, b) in brokers.iter().enumerate() {
+        assert_eq!(
+            log_bytes(&b.store),
+            log,
+            "b{i} is a byte copy of the master"
+        );
+    }
+}
+
 /// The sequence numbers of `acked` that `have` (sorted) lacks.
 fn missing(acked: &[u64], have: &[u64]) -> Vec<u64> {
     acked
@@ -372,19 +390,7 @@ async fn crash_failovers_under_load_keep_every_acknowledged_send() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_for("every broker to converge", || {
-        let end = brokers[master].store.max_offset();
-        brokers.iter().all(|b| b.store.max_offset() == end)
-    })
-    .await;
-    let log = log_bytes(&brokers[master].store);
-    for (i, b) in brokers.iter().enumerate() {
-        assert_eq!(
-            log_bytes(&b.store),
-            log,
-            "b{i} is a byte copy of the master"
-        );
-    }
+    assert_converged(&brokers, master).await;
     let have = seqs(&brokers[master].store);
     let acked = acked.lock().clone();
     let mut dedup = have.clone();
@@ -483,19 +489,7 @@ async fn planned_switchovers_under_load_keep_every_acknowledged_send() {
             acked_now.len()
         );
     }
-    wait_for("every broker to converge", || {
-        let end = brokers[master].store.max_offset();
-        brokers.iter().all(|b| b.store.max_offset() == end)
-    })
-    .await;
-    let log = log_bytes(&brokers[master].store);
-    for (i, b) in brokers.iter().enumerate() {
-        assert_eq!(
-            log_bytes(&b.store),
-            log,
-            "b{i} is a byte copy of the master"
-        );
-    }
+    assert_converged(&brokers, master).await;
     let lost = missing(&acked.lock(), &seqs(&brokers[master].store));
     assert!(lost.is_empty(), "lost acknowledged sends {lost:?}");
 }

@@ -349,7 +349,7 @@ pub struct Consumption {
     evict_idle_ms: i64,
     /// Wakes receives waiting on a topic a message was appended to.
     arrivals: Arc<Arrivals>,
-    /// Claims made (receives that looked for messages), for tests and metrics.
+    /// Claims made (receives that looked for messages); tests count them.
     claims: AtomicU64,
 }
 
