@@ -5,7 +5,7 @@
 #     keelmq/broker:0.1.0 --auto-create-topics true
 #
 # keelmq/broker:<version> is the image a BrokerGroup runs when its spec names
-# none.
+# none: the operator of the same version picks it at every reconcile.
 #
 # Ports: 8081 client (RocketMQ 5 gRPC, TLS and plaintext), 8082 admin gRPC,
 # 8083 HTTP (GET /healthz: the process is alive; GET /readyz: it serves
@@ -13,7 +13,10 @@
 # The operator's StatefulSet points its liveness probe at :8083/healthz and
 # its readiness probe at :8083/readyz, mounts the broker's ConfigMap at
 # /etc/keelmq (KEELMQ_CONFIG=/etc/keelmq/broker.toml) and its volume claim at
-# /var/lib/keelmq. No HEALTHCHECK: Kubernetes probes replace it.
+# /var/lib/keelmq. No HEALTHCHECK: Kubernetes probes replace it. The broker
+# writes nothing outside its data directory (its generated TLS material goes
+# to /var/lib/keelmq/tls), so the operator runs it with a read-only root
+# filesystem.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
@@ -33,8 +36,12 @@ RUN cargo build --release --locked -p keelmq-broker --bin keelmq-broker --bin ke
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY --from=builder /out/bin/keelmq-broker /usr/local/bin/keelmq-broker
 COPY --from=builder /out/bin/keelmq /usr/local/bin/keelmq
-# An empty data directory owned by the broker's user, so that a volume
-# mounted here without an fsGroup is writable too.
+# An empty data directory owned by the broker's user. A Docker named volume
+# copies it on first use, so `docker run -v name:/var/lib/keelmq` is writable
+# for uid 65532. A Kubernetes PersistentVolume mounted here hides it: the
+# volume's root belongs to whoever formatted it (often root, mode 0755), so
+# the operator gives broker pods fsGroup 65532 and the kubelet makes the
+# volume group-writable. Without an fsGroup such a volume is not writable.
 COPY --from=builder --chown=65532:65532 /out/data /var/lib/keelmq
 ENV KEELMQ_DATA_DIR=/var/lib/keelmq \
     KEELMQ_LISTEN_ADDRESS=0.0.0.0

@@ -440,6 +440,21 @@ impl BrokerConfig {
         self.store_config()
             .validate()
             .map_err(|e| ConfigError(e.to_string()))?;
+        if self.disk_high_watermark > self.disk_full_ratio {
+            return Err(ConfigError(format!(
+                "disk_high_watermark {} is above disk_full_ratio {}: writes would be refused \
+                 before early deletion starts freeing space",
+                self.disk_high_watermark, self.disk_full_ratio
+            )));
+        }
+        if self.replication_mode == ReplicationMode::Sync && self.min_in_sync_replicas == 0 {
+            return Err(ConfigError(
+                "replication_mode sync needs min_in_sync_replicas of at least 1: with 0 a send \
+                 is acknowledged before any slave holds it (as with async), and no failover \
+                 could ever be sure to lose nothing; use replication_mode async instead"
+                    .into(),
+            ));
+        }
         if self.default_queue_count == 0 || self.default_queue_count > crate::store::MAX_QUEUES {
             return Err(ConfigError(format!(
                 "default_queue_count {} out of range (1 to {})",
@@ -534,6 +549,26 @@ impl BrokerConfig {
         })
     }
 
+    /// Settings that are valid but probably not what was meant, worded for
+    /// the log at start.
+    ///
+    /// A SYNC master with no slaves (every send would time out) is not
+    /// reported: slaves are attached at run time by `follow` calls, so the
+    /// configuration does not say whether any will come.
+    pub fn startup_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let advertised = self.advertised_host();
+        if is_loopback_host(&advertised) && !is_loopback_host(&self.listen_address) {
+            warnings.push(format!(
+                "the broker listens on {} but advertises {advertised}, a loopback address: \
+                 clients on other machines are routed to their own loopback. Set \
+                 advertised_address (KEELMQ_ADVERTISED_ADDRESS) to an address they can reach",
+                self.listen_address
+            ));
+        }
+        warnings
+    }
+
     /// The address clients should dial.
     pub fn advertised_host(&self) -> String {
         match &self.advertised_address {
@@ -544,6 +579,18 @@ impl BrokerConfig {
             None => self.listen_address.clone(),
         }
     }
+}
+
+/// `localhost` or a loopback IP address (`127.0.0.0/8`, `::1`; brackets allowed).
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim();
+    let h = h
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h);
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -629,6 +676,78 @@ mod tests {
         refused(&["--segment-size", "1000"]);
         assert!(refused(&["--flush-timeout-ms", "0"]).contains("flush timeout"));
         assert!(refused(&["--admin-port", "8081"]).contains("twice"));
+    }
+
+    #[test]
+    fn sync_replication_with_no_in_sync_slave_is_refused() {
+        let resolve = |flags: &[&str]| {
+            BrokerArgs::parse_from(std::iter::once("keelmq-broker").chain(flags.iter().copied()))
+                .resolve()
+        };
+        let err = resolve(&["--replication-mode", "sync", "--min-in-sync-replicas", "0"])
+            .expect_err("sync with 0 acknowledges like async");
+        assert!(
+            err.to_string()
+                .contains("min_in_sync_replicas of at least 1"),
+            "{err}"
+        );
+        resolve(&["--replication-mode", "async", "--min-in-sync-replicas", "0"])
+            .expect("async ignores the count");
+        resolve(&["--replication-mode", "sync"]).expect("the default count is 1");
+    }
+
+    #[test]
+    fn disk_high_watermark_above_full_ratio_is_refused() {
+        let resolve = |flags: &[&str]| {
+            BrokerArgs::parse_from(std::iter::once("keelmq-broker").chain(flags.iter().copied()))
+                .resolve()
+        };
+        let err = resolve(&["--disk-high-watermark", "0.97", "--disk-full-ratio", "0.95"])
+            .expect_err("early deletion would never start");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("disk_high_watermark 0.97") && msg.contains("disk_full_ratio 0.95"),
+            "{msg}"
+        );
+        // The same from a file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "disk_full_ratio = 0.8\n").expect("write");
+        let err = resolve(&["--config", path.to_str().expect("utf8")])
+            .expect_err("0.85 default watermark above 0.8");
+        assert!(err.to_string().contains("disk_high_watermark"), "{err}");
+        resolve(&["--disk-high-watermark", "0.9", "--disk-full-ratio", "0.9"])
+            .expect("equal is allowed");
+        resolve(&["--disk-high-watermark", "0.5", "--disk-full-ratio", "0.99"]).expect("valid");
+    }
+
+    #[test]
+    fn loopback_advertised_with_a_wider_listen_address_warns() {
+        let warnings = |listen: &str, advertised: Option<&str>| {
+            BrokerConfig {
+                listen_address: listen.into(),
+                advertised_address: advertised.map(Into::into),
+                ..BrokerConfig::default()
+            }
+            .startup_warnings()
+        };
+        // The default: listen on every address, advertise 127.0.0.1.
+        let w = BrokerConfig::default().startup_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("0.0.0.0") && w[0].contains("127.0.0.1"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("KEELMQ_ADVERTISED_ADDRESS"), "{w:?}");
+        assert_eq!(warnings("::", None).len(), 1);
+        assert_eq!(warnings("0.0.0.0", Some("localhost")).len(), 1);
+        assert_eq!(warnings("10.1.2.3", Some("[::1]")).len(), 1);
+        // Loopback only, or an advertised address others can reach: fine.
+        assert!(warnings("127.0.0.1", None).is_empty());
+        assert!(warnings("::1", Some("localhost")).is_empty());
+        assert!(warnings("0.0.0.0", Some("broker-0.example")).is_empty());
+        assert!(warnings("0.0.0.0", Some("10.1.2.3")).is_empty());
+        assert!(warnings("10.1.2.3", None).is_empty());
     }
 
     #[test]

@@ -25,28 +25,49 @@ pub fn seeded_rng() -> rand::rngs::StdRng {
 /// A store in `dir` (1 MiB segments) and the write path of a lone master
 /// over it, opening no socket.
 pub fn lone_master(dir: &Path) -> (MessageStore, WritePath) {
+    lone_master_with(dir, ReplicationMode::Async, Duration::from_secs(1))
+}
+
+/// As [`lone_master`], replicating in `mode` with `sync_timeout` (under
+/// SYNC, with no slave, every write is appended and then fails after it).
+pub fn lone_master_with(
+    dir: &Path,
+    mode: ReplicationMode,
+    sync_timeout: Duration,
+) -> (MessageStore, WritePath) {
     let mut cfg = StoreConfig::new(dir);
     cfg.segment_size = 1 << 20;
     let store = MessageStore::open(cfg).expect("store");
     let repl = ReplicationManager::open(
-        ReplicationConfig {
-            broker_id: "b0".into(),
-            mode: ReplicationMode::Async,
-            min_in_sync_replicas: 1,
-            sync_timeout: Duration::from_secs(1),
-            in_sync_max_lag_bytes: 1 << 20,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            advertised_replication: "127.0.0.1:0".into(),
-            advertised_admin: "127.0.0.1:0".into(),
-            advertised_client: "127.0.0.1:0".into(),
-            data_dir: dir.to_owned(),
-            start_role: StartRole::Master,
-            slave_flush_before_ack: false,
-        },
+        replication_config(dir, mode, sync_timeout, StartRole::Master),
         store.clone(),
     )
     .expect("replication");
     (store.clone(), WritePath::new(store, repl))
+}
+
+/// A replication configuration for a broker in `dir` that listens on an
+/// ephemeral loopback port and advertises nothing reachable.
+pub fn replication_config(
+    dir: &Path,
+    mode: ReplicationMode,
+    sync_timeout: Duration,
+    start_role: StartRole,
+) -> ReplicationConfig {
+    ReplicationConfig {
+        broker_id: "b0".into(),
+        mode,
+        min_in_sync_replicas: 1,
+        sync_timeout,
+        in_sync_max_lag_bytes: 1 << 20,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertised_replication: "127.0.0.1:0".into(),
+        advertised_admin: "127.0.0.1:0".into(),
+        advertised_client: "127.0.0.1:0".into(),
+        data_dir: dir.to_owned(),
+        start_role,
+        slave_flush_before_ack: false,
+    }
 }
 
 /// Flips the last byte of record `a` (its body's last byte) in its segment

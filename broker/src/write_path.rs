@@ -57,10 +57,15 @@ impl WritePath {
             .append_batch(records)
             .map_err(WriteError::Store)?;
         drop(gate);
-        let Some(end) = appended.iter().map(|a| a.end_offset).max() else {
+        // One append: contiguous, the last record ends it.
+        let Some(last) = appended.last() else {
             return Ok(appended);
         };
-        self.wait_flushed(end).await?;
+        let end = last.end_offset;
+        self.store
+            .wait_appended(last)
+            .await
+            .map_err(Self::flush_error)?;
         self.replication
             .wait_replicated(end)
             .await
@@ -83,10 +88,17 @@ impl WritePath {
     }
 
     async fn wait_flushed(&self, end: u64) -> Result<(), WriteError> {
-        self.store.wait_flushed(end).await.map_err(|e| match e {
+        self.store
+            .wait_flushed(end)
+            .await
+            .map_err(Self::flush_error)
+    }
+
+    fn flush_error(e: StoreError) -> WriteError {
+        match e {
             StoreError::FlushTimeout { .. } => WriteError::FlushTimeout(e),
             other => WriteError::Store(other),
-        })
+        }
     }
 
     /// Writes one record; see [`WritePath::write`].

@@ -517,3 +517,114 @@ async fn a_switchover_dropped_halfway_puts_writes_back_on() {
     master.repl.check_writable().expect("writes are back on");
     send(&master, 1).await.expect("a send after it");
 }
+
+/// A slave whose log ends before the master's oldest segment (a new or
+/// replaced slave, or one that was away longer than the master's retention)
+/// cannot be streamed what it needs next: it starts its log again where the
+/// master's starts, copies the rest, and serves the same messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_behind_the_masters_retention_starts_again_at_the_masters_oldest_segment() {
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
+    let s1 = start(dirs[1].path(), "b1", StartRole::Standby).await;
+    let mut away = start(dirs[2].path(), "b2", StartRole::Standby).await;
+    s1.repl.follow(m.addr.clone(), 1).expect("s1 follows");
+    away.repl.follow(m.addr.clone(), 1).expect("b2 follows");
+    for seq in 0..200 {
+        send(&m, seq).await.expect("send acknowledged");
+    }
+    wait_for("b2 to catch up", || {
+        away.store.max_offset() == m.store.max_offset()
+    })
+    .await;
+    // b2 goes away with what it has.
+    if let Some(stop) = away.stop.take() {
+        let _ = stop.send(());
+    }
+    away.repl.shutdown();
+    away.store.shutdown().expect("shutdown b2");
+    let away_end = away.store.max_offset();
+    drop(away);
+    // The master writes several segments more, and retention deletes all
+    // but its newest.
+    for seq in 200..4000 {
+        send(&m, seq).await.expect("send acknowledged");
+    }
+    let far_future = keelmq_broker::store::now_ms() + 10 * 365 * 24 * 3600 * 1000;
+    let removed = m.store.enforce_retention(far_future).expect("retention");
+    assert!(removed >= 3, "retention removed {removed} segments");
+    let master_start = m.store.min_offset();
+    assert!(
+        master_start > away_end,
+        "b2's end is no longer on the master"
+    );
+
+    // An empty slave and the slave that was away both catch up.
+    let fresh = start(dirs[3].path(), "b3", StartRole::Standby).await;
+    fresh.repl.follow(m.addr.clone(), 1).expect("b3 follows");
+    let back = start(dirs[2].path(), "b2", StartRole::Standby).await;
+    assert_eq!(back.store.max_offset(), away_end);
+    back.repl
+        .follow(m.addr.clone(), 1)
+        .expect("b2 follows again");
+    for seq in 4000..4100 {
+        send(&m, seq).await.expect("send acknowledged");
+    }
+    wait_for("the restarted slaves to catch up", || {
+        let end = m.store.max_offset();
+        fresh.store.max_offset() == end && back.store.max_offset() == end
+    })
+    .await;
+    let log = log_bytes(&m.store);
+    for (name, b) in [("b2", &back), ("b3", &fresh)] {
+        assert_eq!(
+            b.store.min_offset(),
+            master_start,
+            "{name} starts where the master does"
+        );
+        assert_eq!(
+            log_bytes(&b.store),
+            log,
+            "{name} is a byte copy of the master"
+        );
+        assert_eq!(
+            seqs(&b.store),
+            seqs(&m.store),
+            "{name} serves the same messages"
+        );
+        for q in 0..4 {
+            assert_eq!(
+                b.store.queue_min_offset("orders", q),
+                m.store.queue_min_offset("orders", q),
+                "{name}: first message of queue {q}"
+            );
+        }
+    }
+    // The restarted log, its queues (which start past their first entries)
+    // and its epochs survive a restart of the slave.
+    let b3_dir = dirs[3].path().to_owned();
+    let mut fresh = fresh;
+    if let Some(stop) = fresh.stop.take() {
+        let _ = stop.send(());
+    }
+    fresh.repl.shutdown();
+    fresh.store.shutdown().expect("shutdown b3");
+    drop(fresh);
+    let fresh = start(&b3_dir, "b3", StartRole::Standby).await;
+    assert_eq!(seqs(&fresh.store), seqs(&m.store), "b3 after a restart");
+    fresh
+        .repl
+        .follow(m.addr.clone(), 1)
+        .expect("b3 follows again");
+    for seq in 4100..4200 {
+        send(&m, seq).await.expect("send acknowledged");
+    }
+    wait_for("b3 to follow on", || {
+        fresh.store.max_offset() == m.store.max_offset()
+    })
+    .await;
+    assert_eq!(log_bytes(&fresh.store), log_bytes(&m.store));
+    assert_eq!(fresh.repl.history(), m.repl.history());
+}

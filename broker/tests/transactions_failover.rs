@@ -1,15 +1,21 @@
-//! Transactions across a failover, in one process over loopback TCP: half
-//! messages and decisions written on the master reach the slave with the
-//! commit log; once promoted, the slave knows which transactions are still
-//! open, ends them, answers repeats of decisions the old master applied,
-//! and checks back only what is still open.
+//! Transactions (and delayed messages) across a failover, in one process
+//! over loopback TCP: half messages and decisions written on the master
+//! reach the slave with the commit log; once promoted, the slave knows
+//! which transactions are still open, ends them, answers repeats of
+//! decisions the old master applied, and checks back only what is still
+//! open. An old master that wrote on after the failover, then follows the
+//! new master (its log cut at the fork point, or discarded when it ends
+//! before the new master's oldest segment), rebuilds both when it is
+//! master again.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keelmq_broker::messaging::timer::Timer;
 use keelmq_broker::messaging::transaction::{
-    Decision, TransactionConfig, Transactions, transaction_id,
+    Decision, EndError, TransactionConfig, Transactions, transaction_id,
 };
 use keelmq_broker::replication::{
     ReplicationConfig, ReplicationManager, ReplicationMode, StartRole,
@@ -134,4 +140,183 @@ async fn a_promoted_slave_carries_on_with_open_transactions() {
         })
         .collect();
     assert_eq!(bodies, vec![b"A".to_vec(), b"B".to_vec()]);
+}
+
+/// Waits (at most 20 s) until `done`.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A message of topic `t` held until `due`.
+fn held(id: &str, due: i64) -> NewRecord {
+    Timer::hold(
+        NewRecord::new("t", 0, id.as_bytes().to_vec()).with_property(keys::MESSAGE_ID, id),
+        due,
+    )
+}
+
+/// Message id to copies in queue 0 of `topic`.
+fn copies(store: &MessageStore, topic: &str) -> HashMap<String, u32> {
+    let mut seen = HashMap::new();
+    for o in store.queue_min_offset(topic, 0)..store.queue_max_offset(topic, 0) {
+        if let Some(r) = store.get(topic, 0, o).expect("read") {
+            let id = r.properties.get(keys::MESSAGE_ID).expect("id").clone();
+            *seen.entry(id).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// Review s17 finding 3. Master m and slave s; s is promoted while m, cut
+/// off, goes on as master: m writes half message A, checks back the open
+/// X, and delivers delayed F; s writes half Y (at A's half offset),
+/// commits X and delivers delayed H. Then m follows s, its log cut at the
+/// fork point (`restart_log`: s's retention deleted everything m has, so m
+/// discards its whole log and starts at s's oldest segment), and m is
+/// promoted again. Its transactions and timer must be s's, not what it had
+/// loaded from the part of its log that is gone.
+async fn an_old_master_follows_the_new_one_then_takes_over(restart_log: bool) {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
+    let s = start(dirs[1].path(), "b1", StartRole::Standby).await;
+    s.repl.follow(m.addr.clone(), 1).expect("follow");
+    let on_master = Transactions::new(m.store.clone(), config());
+    let m_timer = Timer::new(m.store.clone());
+    let now = now_ms();
+
+    // Before the failover: X open, L pending for an hour, D delivered.
+    let x = m.write.write_one(half("X")).await.expect("half X");
+    let tx_x = transaction_id(x.queue_offset, "X");
+    m.write
+        .write(vec![held("L", now + 3_600_000), held("D", now)])
+        .await
+        .expect("hold");
+    assert_eq!(m_timer.deliver_due(&m.write, now + 1_000).await, Ok(1));
+    wait_for("s to catch up", || {
+        s.store.indexed_offset() >= m.store.max_offset()
+    })
+    .await;
+
+    // The failover, m not told.
+    s.repl.promote(2).expect("promote s");
+    let on_slave = Transactions::new(s.store.clone(), config());
+    let s_timer = Timer::new(s.store.clone());
+    // m's divergent tail.
+    let a = m.write.write_one(half("A")).await.expect("half A");
+    let tx_a = transaction_id(a.queue_offset, "A");
+    m.write.write(vec![held("F", now)]).await.expect("hold F");
+    assert_eq!(
+        on_master.due_checks(&m.write, now_ms() + 1_000).await.len(),
+        2,
+        "m checks back X and A"
+    );
+    assert_eq!(m_timer.deliver_due(&m.write, now + 1_000).await, Ok(1), "F");
+    // s's history.
+    on_slave
+        .end(&s.write, &tx_x, "X", "orders", Decision::Commit)
+        .await
+        .expect("commit X on the new master");
+    if restart_log {
+        let filler = vec![0u8; 60_000];
+        for _ in 0..30 {
+            s.write
+                .write(vec![NewRecord::new("filler", 0, filler.clone())])
+                .await
+                .expect("filler");
+        }
+        let far_future = now_ms() + 10 * 365 * 24 * 3600 * 1000;
+        let removed = s.store.enforce_retention(far_future).expect("retention");
+        assert!(removed >= 3, "retention removed {removed} segments");
+        assert!(
+            s.store.min_offset() > m.store.max_offset(),
+            "nothing m holds is on s any more"
+        );
+    }
+    let y = s.write.write_one(half("Y")).await.expect("half Y");
+    assert_eq!(y.queue_offset, a.queue_offset, "Y is where m has A");
+    let tx_y = transaction_id(y.queue_offset, "Y");
+    s.write
+        .write(vec![held("H", now), held("G", now + 5_000)])
+        .await
+        .expect("hold");
+    assert_eq!(
+        s_timer.deliver_due(&s.write, now + 1_000).await,
+        Ok(1),
+        "H only: D was delivered by the old master"
+    );
+
+    // m follows s and catches up, then takes over again.
+    m.repl.follow(s.addr.clone(), 2).expect("m follows s");
+    wait_for("m to converge with s", || {
+        m.repl.history() == s.repl.history()
+            && m.store.max_offset() == s.store.max_offset()
+            && m.store.indexed_offset() == m.store.max_offset()
+    })
+    .await;
+    on_master.load();
+    m.repl.promote(3).expect("promote m");
+
+    on_master
+        .end(&m.write, &tx_y, "Y", "orders", Decision::Commit)
+        .await
+        .expect("Y is known to m");
+    let repeat = on_master
+        .end(&m.write, &tx_x, "X", "orders", Decision::Commit)
+        .await;
+    if restart_log {
+        // X's half message and commit went with s's oldest segments.
+        assert!(matches!(repeat, Err(EndError::Unknown(_))), "{repeat:?}");
+    } else {
+        repeat.expect("a repeat of s's commit of X");
+    }
+    let a_end = on_master
+        .end(&m.write, &tx_a, "A", "orders", Decision::Commit)
+        .await;
+    assert!(
+        matches!(a_end, Err(EndError::Unknown(_))),
+        "A was cut: {a_end:?}"
+    );
+    let due = on_master.due_checks(&m.write, now_ms() + 60_000).await;
+    assert!(due.is_empty(), "nothing left open: {due:?}");
+    let orders = copies(&m.store, "orders");
+    let expected: HashMap<String, u32> = if restart_log {
+        [("Y".to_owned(), 1)].into()
+    } else {
+        [("X".to_owned(), 1), ("Y".to_owned(), 1)].into()
+    };
+    assert_eq!(orders, expected);
+
+    assert_eq!(
+        m_timer.deliver_due(&m.write, now + 10_000).await,
+        Ok(1),
+        "G, and nothing s or m delivered before"
+    );
+    let t = copies(&m.store, "t");
+    let expected: HashMap<String, u32> = if restart_log {
+        [("H".to_owned(), 1), ("G".to_owned(), 1)].into()
+    } else {
+        [
+            ("D".to_owned(), 1),
+            ("H".to_owned(), 1),
+            ("G".to_owned(), 1),
+        ]
+        .into()
+    };
+    assert_eq!(t, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_master_cut_at_the_fork_rebuilds_its_transactions_and_timer() {
+    an_old_master_follows_the_new_one_then_takes_over(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_master_that_discards_its_log_rebuilds_its_transactions_and_timer() {
+    an_old_master_follows_the_new_one_then_takes_over(true).await;
 }

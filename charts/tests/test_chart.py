@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import jsonschema
@@ -177,8 +179,18 @@ def test_deployment_is_hardened(rendered):
         env = {e["name"]: e for e in c["env"]}
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert "RUST_LOG" in env and "KEELMQ_WATCH_NAMESPACE" in env
-        # standbys are not ready (/readyz = holds the Lease): a rolling update would stall
-        assert dep["spec"]["strategy"] == {"type": "Recreate"}, name
+        # a standby is ready (/readyz), so a rolling update starts the new pod
+        # before it stops the old leader
+        assert dep["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        }, name
+        # the NetworkPolicies admit the operator's pods by these labels: they
+        # must be the pods' own
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        wanted = dict(kv.split("=", 1) for kv in env["KEELMQ_OPERATOR_POD_LABELS"]["value"].split(","))
+        assert wanted and all(pod_labels.get(k) == v for k, v in wanted.items()), (name, wanted, pod_labels)
+        assert wanted == dep["spec"]["selector"]["matchLabels"], name
         # leader election is on unless turned off, and then never with two replicas
         assert "--leader-election=false" not in c["args"], name
         assert any(a.startswith("--lease-name=") for a in c["args"]), name
@@ -320,7 +332,89 @@ def test_examples_cover_the_brief(examples):
     # the PodDisruptionBudget is the operator's (see the render test)
     assert not find(prod, "PodDisruptionBudget"), "the operator makes the PDB; a second one would fight it"
     minimal = examples["brokergroup-minimal.yaml"]
-    assert len(minimal) == 1 and len(groups) == 2
+    assert len(minimal) == 1 and len(groups) == 3
+
+
+def quantity(q) -> float:
+    """A Kubernetes quantity as a number (the suffixes the examples use)."""
+    text = str(q)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    return float(text)
+
+
+def test_quickstart_example_needs_nothing_a_cluster_may_lack(examples):
+    """The quick start of both READMEs applies this group, so it must run on
+    any cluster: the default StorageClass, no PriorityClass, no node
+    constraints, anti-affinity preferred only, and small requests."""
+    (bg,) = find(examples["brokergroup-quickstart.yaml"], "BrokerGroup")
+    spec = bg["spec"]
+    assert "storageClassName" not in spec.get("storage", {}), "must use the default StorageClass"
+    assert quantity(spec.get("storage", {}).get("size", "10Gi")) <= quantity("10Gi")
+    pod = spec.get("podTemplate", {})
+    for key in ("priorityClassName", "nodeSelector", "tolerations"):
+        assert key not in pod, f"the quick start must not need {key}"
+    affinity = pod.get("affinity", {})
+    assert set(affinity) <= {"podAntiAffinity"}, affinity
+    for terms in affinity.values():
+        assert set(terms) <= {"preferredDuringSchedulingIgnoredDuringExecution"}, f"required affinity: {terms}"
+    requests = spec.get("resources", {}).get("requests", {})
+    assert quantity(requests.get("cpu", "0")) <= 0.5 and quantity(requests.get("memory", "0")) <= quantity("1Gi"), requests
+    assert spec.get("replicas", 2) >= 2, "a group that can fail over"
+    # the README applies topic.yaml next: its group is this one
+    (topic,) = find(examples["topic.yaml"], "Topic")
+    assert topic["spec"]["brokerGroup"] == bg["metadata"]["name"]
+
+
+def test_docs_quick_starts_apply_the_quickstart_example():
+    """Both READMEs start from brokergroup-quickstart.yaml, never apply the
+    production example as is, and name only examples that exist."""
+    for doc in (REPO / "README.md", CHART / "README.md"):
+        text = doc.read_text()
+        named = set(re.findall(r"examples/([\w.-]+\.yaml)", text))
+        assert "brokergroup-quickstart.yaml" in named, f"{doc.relative_to(REPO)} does not use the quick-start example"
+        for name in named:
+            assert (EXAMPLES / name).is_file(), f"{doc.relative_to(REPO)} names examples/{name}, which does not exist"
+        assert not re.search(r"apply -f \S*brokergroup-production\.yaml", text), (
+            f"{doc.relative_to(REPO)} applies the production example, which needs adapting first"
+        )
+
+
+def notes_manifests(notes: str) -> list[dict]:
+    """The objects of NOTES.txt's `<<'YAML'` here-documents."""
+    docs, block = [], None
+    for line in notes.splitlines():
+        if block is None:
+            if line.rstrip().endswith("<<'YAML'"):
+                block = []
+        elif line.strip() == "YAML":
+            # the shell ends a here-document only at an unindented terminator
+            assert line == "YAML", f"indented here-document terminator {line!r}: a pasted command never ends"
+            docs += checks.load_yaml_docs(textwrap.dedent("\n".join(block)))
+            block = None
+        else:
+            block.append(line)
+    assert block is None, "unterminated here-document in NOTES.txt"
+    return docs
+
+
+@pytest.mark.parametrize("values_name", ["default", "single-namespace"])
+def test_notes_objects_are_valid_and_fit_together(rendered, chart_crds, values_name):
+    """What NOTES.txt tells the user to apply is valid, and its Topic
+    belongs to its BrokerGroup; it names no file by a relative path."""
+    notes = rendered[values_name].notes
+    docs = notes_manifests(notes)
+    groups, topics = find(docs, "BrokerGroup"), find(docs, "Topic")
+    assert groups and topics, f"NOTES.txt should create a BrokerGroup and a Topic: {kinds(docs)}"
+    errors = {checks.object_name(o): checks.object_errors(o, chart_crds) for o in docs}
+    errors = {k: v for k, v in errors.items() if v}
+    assert not errors, yaml.safe_dump(errors)
+    names = {g["metadata"]["name"] for g in groups}
+    for t in topics:
+        assert t["spec"]["brokerGroup"] in names, f"Topic {t['metadata']['name']} names group {t['spec']['brokerGroup']}, NOTES creates {names}"
+    assert not re.search(r"-f examples/", notes), "a path relative to the chart directory"
 
 
 # --------------------------------------------------------------------------
@@ -357,7 +451,7 @@ def test_operator_accepts_the_charts_flags(operator_bin, rendered):
         for a in args[1:]:
             flag = a.split("=")[0]
             assert flag in help_text, f"{name}: the chart passes {flag}, `keelmq-operator run --help` does not list it"
-    for env in ("KEELMQ_WATCH_NAMESPACE", "POD_NAMESPACE"):
+    for env in ("KEELMQ_WATCH_NAMESPACE", "POD_NAMESPACE", "KEELMQ_OPERATOR_POD_LABELS"):
         assert env in help_text, f"`keelmq-operator run --help` does not mention {env}"
 
 
@@ -370,11 +464,27 @@ def example_broker_groups() -> list[tuple[str, dict]]:
     return out
 
 
+def operator_peer(rendered) -> tuple[str, str, dict]:
+    """(namespace, --operator-pod-labels, pod labels) of the chart's operator."""
+    (dep,) = find(rendered["default"].objects, "Deployment")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return (
+        dep["metadata"]["namespace"],
+        env["KEELMQ_OPERATOR_POD_LABELS"]["value"],
+        dep["spec"]["template"]["metadata"]["labels"],
+    )
+
+
 @pytest.mark.parametrize("example,group", example_broker_groups(), ids=lambda v: v if isinstance(v, str) else "")
-def test_operator_render_is_valid_and_matches_the_image(operator_bin, chart_crds, tmp_path, example, group):
+def test_operator_render_is_valid_and_matches_the_image(operator_bin, chart_crds, rendered, tmp_path, example, group):
     path = tmp_path / "group.yaml"
     path.write_text(yaml.safe_dump(group))
-    objects = checks.load_yaml_docs(checks.run_operator("render", "--file", str(path)))
+    op_namespace, op_labels, op_pod_labels = operator_peer(rendered)
+    objects = checks.load_yaml_docs(
+        checks.run_operator(
+            "render", "--file", str(path), "--operator-namespace", op_namespace, "--operator-pod-labels", op_labels
+        )
+    )
     assert objects, f"render of {example} printed nothing"
     errors = {checks.object_name(o): checks.object_errors(o, chart_crds) for o in objects}
     errors = {k: v for k, v in errors.items() if v}
@@ -383,7 +493,13 @@ def test_operator_render_is_valid_and_matches_the_image(operator_bin, chart_crds
     assert sts, f"no StatefulSet for {example}: {kinds(objects)}"
     for s in sts:
         problems = broker_pod_problems(s["spec"]["template"]["spec"], s)
+        problems += pod_security_problems(s["spec"]["template"]["spec"])
         assert not problems, f"{example}: " + "; ".join(problems)
+    # The NetworkPolicy: admin and replication only from the group's pods and
+    # the chart's operator pods; client and HTTP from anywhere.
+    (np,) = find(objects, "NetworkPolicy")
+    problems = network_policy_problems(np, sts[0]["spec"]["template"]["metadata"]["labels"], op_namespace, op_pod_labels)
+    assert not problems, f"{example}: " + "; ".join(problems)
     # A PodDisruptionBudget (one broker down at a time), and the selectors of
     # the operator's PDB and of the example's anti-affinity select the broker
     # pods the operator builds.
@@ -442,6 +558,87 @@ def broker_pod_problems(pod: dict, owner: dict) -> list[str]:
         problems.append(f"no volume mounted at {BROKER_DATA_DIR}: {mounts}")
     if not any(BROKER_CONFIG.startswith(m.rstrip("/") + "/") or m == BROKER_CONFIG for m in mounts):
         problems.append(f"nothing mounted at {BROKER_CONFIG}: {mounts}")
+    return problems
+
+
+def pod_security_problems(pod: dict) -> list[str]:
+    """Where a broker pod breaks Pod Security "restricted" (Kubernetes 1.33),
+    lacks the fsGroup that makes a fresh volume writable for the broker's
+    user, a read-only root filesystem or a startup probe."""
+    problems = []
+    psc = pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            problems.append(f"{key} set")
+    for v in pod.get("volumes") or []:
+        if "hostPath" in v:
+            problems.append(f"hostPath volume {v['name']}")
+    if not psc.get("fsGroup"):
+        problems.append("no fsGroup: a freshly formatted volume is not writable for the broker's user")
+    if psc.get("runAsUser") == 0:
+        problems.append("pod runAsUser 0")
+    for c in pod["containers"]:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser 0")
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {caps['add']}")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile {seccomp}")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: root filesystem writable")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            problems.append(f"{name}: hostPort")
+        if not (c.get("startupProbe") or {}).get("httpGet"):
+            problems.append(f"{name}: no startup probe (a long recovery would be killed by liveness)")
+    return problems
+
+
+def network_policy_problems(np: dict, broker_labels: dict, op_namespace: str, op_pod_labels: dict) -> list[str]:
+    """The operator's NetworkPolicy for a group: it selects the broker pods;
+    8081 and 8083 are open; 8082 and 10912 only from the group's pods and the
+    operator's pods in the operator's namespace."""
+    problems = []
+    spec = np["spec"]
+    selects = lambda sel, labels: bool(sel) and all(labels.get(k) == v for k, v in sel.items())  # noqa: E731
+    if not selects(spec["podSelector"].get("matchLabels"), broker_labels):
+        problems.append(f"podSelector {spec['podSelector']} does not select the broker pods {broker_labels}")
+    if spec.get("policyTypes") != ["Ingress"]:
+        problems.append(f"policyTypes {spec.get('policyTypes')}")
+    by_port: dict[int, list] = {}
+    for rule in spec.get("ingress") or []:
+        for p in rule.get("ports") or []:
+            by_port.setdefault(p["port"], []).append(rule.get("from"))
+    for name in ("client", "http"):
+        if by_port.get(BROKER_PORTS[name]) != [None]:
+            problems.append(f"{name} port {BROKER_PORTS[name]} is not open to all: {by_port.get(BROKER_PORTS[name])}")
+    for name in ("admin", "replication"):
+        rules = by_port.get(BROKER_PORTS[name]) or []
+        if len(rules) != 1 or not rules[0]:
+            problems.append(f"{name} port {BROKER_PORTS[name]} is open to all or missing: {rules}")
+            continue
+        peers = rules[0]
+        group_peer = [p for p in peers if set(p) == {"podSelector"} and selects(p["podSelector"].get("matchLabels"), broker_labels)]
+        op_peer = [
+            p
+            for p in peers
+            if set(p) == {"podSelector", "namespaceSelector"}
+            and p["namespaceSelector"].get("matchLabels") == {"kubernetes.io/metadata.name": op_namespace}
+            and selects(p["podSelector"].get("matchLabels"), op_pod_labels)
+        ]
+        if not group_peer or not op_peer or len(peers) != 2:
+            problems.append(f"{name} port: peers {peers}, expected the group's pods and the operator's pods in {op_namespace}")
     return problems
 
 
@@ -593,3 +790,35 @@ def test_broker_pod_check_fails_on_a_wrong_pod():
         ]
     }
     assert len(broker_pod_problems(pod, {"kind": "StatefulSet", "metadata": {"name": "x"}})) >= 4
+    problems = " ".join(pod_security_problems(pod))
+    for what in ("fsGroup", "runAsNonRoot", "allowPrivilegeEscalation", "ALL", "seccompProfile", "root filesystem", "startup probe"):
+        assert what in problems, f"the pod security check missed {what}: {problems}"
+
+
+def test_network_policy_check_fails_on_a_wrong_policy():
+    broker = {"app.kubernetes.io/instance": "g", "app.kubernetes.io/component": "broker"}
+    op = {"app.kubernetes.io/component": "operator"}
+    good = {
+        "spec": {
+            "podSelector": {"matchLabels": broker},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": [{"port": 8081}, {"port": 8083}]},
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": broker}},
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}, "podSelector": {"matchLabels": op}},
+                    ],
+                    "ports": [{"port": 8082}, {"port": 10912}],
+                },
+            ],
+        }
+    }
+    assert network_policy_problems(good, broker, "ops", op) == []
+    assert network_policy_problems(good, broker, "elsewhere", op), "operator namespace"
+    open_admin = json.loads(json.dumps(good))
+    open_admin["spec"]["ingress"][0]["ports"].append({"port": 8082})
+    assert network_policy_problems(open_admin, broker, "ops", op), "admin open to all"
+    whole_ns = json.loads(json.dumps(good))
+    del whole_ns["spec"]["ingress"][1]["from"][1]["podSelector"]
+    assert network_policy_problems(whole_ns, broker, "ops", op), "a whole namespace admitted"

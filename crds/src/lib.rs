@@ -6,7 +6,10 @@
 //! (`keelmq-operator crds`) and committed beside this crate; a test fails when
 //! the committed files drift from the types. Every spec field has a default
 //! except the object's name (and, for a Topic, the group it belongs to), so
-//! `spec: {}` is a working BrokerGroup.
+//! `spec: {}` is a working BrokerGroup. The broker image has no schema
+//! default on purpose: the operator fills it in at every reconcile (see
+//! [`BrokerGroupSpec::broker_image`]), so upgrading the operator moves brokers that
+//! do not pin an image to the matching broker release.
 
 #![warn(missing_docs)]
 // kube's `printcolumn(name = .., type_ = ..)` repeats `type_` per column.
@@ -38,7 +41,8 @@ pub const ANNOTATION_SWITCHOVER_TO: &str = "keelmq.io/switchover-to";
 pub const ANNOTATION_RESTART: &str = "keelmq.io/restart";
 
 /// The image brokers run when the spec names none: the broker release
-/// matching this operator.
+/// matching this operator (this crate is built into the operator, with the
+/// workspace's version).
 pub fn default_image() -> String {
     format!("keelmq/broker:{}", env!("CARGO_PKG_VERSION"))
 }
@@ -66,7 +70,10 @@ pub fn default_image() -> String {
     ),
     validation = Rule::new(
         "self.spec.replication.mode == 'Async' || self.spec.replication.minInSyncReplicas < self.spec.replicas"
-    ).message("replication.minInSyncReplicas must be below replicas in Sync mode (the master is not counted)")
+    ).message("replication.minInSyncReplicas must be below replicas in Sync mode (the master is not counted)"),
+    validation = Rule::new(
+        "self.spec.replication.mode == 'Async' || self.spec.replication.minInSyncReplicas >= 1"
+    ).message("replication.minInSyncReplicas must be at least 1 in Sync mode (with 0, sends are acknowledged like Async and failover can never be sure to lose nothing); use mode Async instead")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerGroupSpec {
@@ -74,9 +81,12 @@ pub struct BrokerGroupSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: i32,
-    /// Broker container image (default: the broker release matching the operator).
-    #[serde(default = "default_image")]
-    pub image: String,
+    /// Broker container image. Unset: the broker release matching the
+    /// running operator, resolved at every reconcile, so an operator upgrade
+    /// rolls these brokers onto the new release (one at a time, the master
+    /// last, after a switchover). Set it to pin a release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Image pull policy: Always, IfNotPresent or Never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
@@ -111,13 +121,24 @@ pub struct BrokerGroupSpec {
     /// Scheduling and security settings of the broker pods.
     #[serde(default)]
     pub pod_template: PodTemplateSpec,
+    /// The NetworkPolicy the operator keeps for the group's pods.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+impl BrokerGroupSpec {
+    /// The image the brokers run: `image` when set, otherwise
+    /// [`default_image`] (the broker release matching this operator).
+    pub fn broker_image(&self) -> String {
+        self.image.clone().unwrap_or_else(default_image)
+    }
 }
 
 impl Default for BrokerGroupSpec {
     fn default() -> Self {
         Self {
             replicas: default_replicas(),
-            image: default_image(),
+            image: None,
             image_pull_policy: None,
             resources: None,
             storage: StorageSpec::default(),
@@ -127,6 +148,7 @@ impl Default for BrokerGroupSpec {
             read_from_slaves: true,
             config: BTreeMap::new(),
             pod_template: PodTemplateSpec::default(),
+            network_policy: NetworkPolicySpec::default(),
         }
     }
 }
@@ -234,7 +256,8 @@ pub struct ReplicationSpec {
     /// Sync: a send is acknowledged once `minInSyncReplicas` slaves hold it
     /// (failover loses nothing acknowledged). Async: once the master holds it.
     pub mode: ReplicationMode,
-    /// Sync mode: slaves that must hold a send before it is acknowledged.
+    /// Sync mode: slaves that must hold a send before it is acknowledged (at
+    /// least 1, and below `replicas`).
     #[schemars(range(min = 0))]
     pub min_in_sync_replicas: i32,
 }
@@ -326,7 +349,10 @@ pub struct PodTemplateSpec {
     /// Node labels the brokers must run on.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Pod-level security context.
+    /// Pod-level security context, merged field by field over the
+    /// operator's default (runAsNonRoot, runAsUser, runAsGroup and fsGroup
+    /// 65532, fsGroupChangePolicy OnRootMismatch, seccompProfile
+    /// RuntimeDefault): a field set here replaces the default's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub security_context: Option<PodSecurityContext>,
     /// Priority class of the broker pods.
@@ -338,6 +364,28 @@ pub struct PodTemplateSpec {
     /// Extra annotations on the broker pods.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+}
+
+/// The NetworkPolicy `<group>` the operator keeps: the broker pods accept
+/// the admin (8082) and replication (10912) ports, which have no
+/// authentication, only from the group's own pods and from the operator's
+/// pods; the client (8081) and HTTP (8083: health, metrics) ports from
+/// anywhere. Further policies of your own can only allow more (Kubernetes
+/// adds up the policies that select a pod).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NetworkPolicySpec {
+    /// Keep the policy. False: the operator deletes the one it made, for
+    /// clusters whose own policies already cover the brokers. A cluster
+    /// whose network plugin does not enforce NetworkPolicies ignores it, so
+    /// the ports are open there either way.
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// What the operator last saw of a group and did with it.

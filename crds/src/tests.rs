@@ -74,10 +74,12 @@ fn an_empty_spec_gets_working_defaults() {
     .expect("parse");
     assert_eq!(bg.spec, BrokerGroupSpec::default());
     assert_eq!(bg.spec.replicas, 2);
+    assert_eq!(bg.spec.image, None, "resolved by the operator, not stored");
     assert_eq!(
-        bg.spec.image,
+        bg.spec.broker_image(),
         format!("keelmq/broker:{}", env!("CARGO_PKG_VERSION"))
     );
+    assert!(bg.spec.network_policy.enabled);
     assert_eq!(bg.spec.replication.mode, ReplicationMode::Sync);
     assert_eq!(bg.spec.replication.min_in_sync_replicas, 1);
     assert_eq!(bg.spec.storage.size.0, "10Gi");
@@ -98,6 +100,42 @@ fn the_schema_carries_the_same_defaults_as_the_types() {
     assert_eq!(spec["failover"]["default"]["detectionDelaySeconds"], 15);
     assert_eq!(spec["storage"]["default"]["size"], "10Gi");
     assert_eq!(spec["flushMode"]["default"], "AsyncFlush");
+    assert_eq!(spec["networkPolicy"]["default"]["enabled"], true);
+}
+
+/// The API server writes a schema default into every object it stores, so
+/// a default image would pin each group to the release of the CRD it was
+/// created under: an operator upgrade (Helm never updates CRDs) would move
+/// no broker. The image has no schema default; the operator resolves it.
+#[test]
+fn the_image_has_no_schema_default_and_a_pinned_image_stays() {
+    let crd = serde_json::to_value(BrokerGroup::crd()).expect("json");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert!(
+        spec["properties"]["image"].get("default").is_none(),
+        "{}",
+        spec["properties"]["image"]
+    );
+    assert!(
+        !spec["required"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|f| f == "image")),
+        "image is optional"
+    );
+    // The spec-level default (an empty spec) names no image either.
+    let spec_default =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["default"];
+    assert!(spec_default.get("image").is_none(), "{spec_default}");
+    let round_trip = serde_json::to_value(BrokerGroupSpec::default()).expect("json");
+    assert!(round_trip.get("image").is_none(), "{round_trip}");
+    let pinned = BrokerGroupSpec {
+        image: Some("registry.example.com/keelmq/broker:0.0.9".into()),
+        ..BrokerGroupSpec::default()
+    };
+    assert_eq!(
+        pinned.broker_image(),
+        "registry.example.com/keelmq/broker:0.0.9"
+    );
 }
 
 #[test]
@@ -149,6 +187,18 @@ fn cel_rules_accept_and_refuse_what_they_say() {
     let async_ok = bg(serde_json::json!({"replicas": 2,
         "replication": {"mode": "Async", "minInSyncReplicas": 2}}));
     check(&bg_schema, &async_ok, None).expect("Async ignores minInSyncReplicas");
+    // Sync with no in-sync slave acknowledges like Async and can never fail
+    // over without risking loss: refused; Async with 0 is fine.
+    let sync_zero = bg(serde_json::json!({"replicas": 3,
+        "replication": {"mode": "Sync", "minInSyncReplicas": 0}}));
+    let err = check(&bg_schema, &sync_zero, None).expect_err("Sync with 0 refused");
+    assert!(
+        err.contains("minInSyncReplicas must be at least 1 in Sync mode"),
+        "{err}"
+    );
+    let async_zero = bg(serde_json::json!({"replicas": 3,
+        "replication": {"mode": "Async", "minInSyncReplicas": 0}}));
+    check(&bg_schema, &async_zero, None).expect("Async with 0 passes");
 
     // Transitions: storage size and class are fixed; other fields move.
     let old = bg(serde_json::json!({"storage": {"size": "10Gi", "storageClassName": "fast"}}));

@@ -4,7 +4,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-/// Condition type: the group serves (a master, every broker ready and following it).
+/// Condition type: the group serves (a master, every broker ready and
+/// following it, and under `SYNC` at least `minInSyncReplicas` slaves
+/// connected to the master and in sync, so sends can be acknowledged).
 pub const READY: &str = "Ready";
 /// Condition type: the operator is changing something (creating, scaling, failing over).
 pub const PROGRESSING: &str = "Progressing";
@@ -48,6 +50,14 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     conditions
         .iter()
         .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// The reason of condition `type_`, if present.
+pub fn reason<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.as_str())
 }
 
 /// The message of condition `type_`, if present.
@@ -99,5 +109,6 @@ mod tests {
             [DEGRADED, READY]
         );
         assert_eq!(message(&c, READY), Some("ok"));
+        assert_eq!(reason(&c, READY), Some("Serving"));
     }
 }

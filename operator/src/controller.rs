@@ -3,17 +3,19 @@
 //! the status; `error_policy` counts failures and decides when to retry.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use keelmq_crds::{ANNOTATION_PAUSE, BrokerGroup, BrokerGroupStatus, Topic};
 use keelmq_failover::{Decision, WaitReason, decide};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -28,6 +30,9 @@ use crate::conditions::{self, DEGRADED, PAUSED, PROGRESSING, READY};
 use crate::failover::{self, Outcome};
 use crate::metrics::Metrics;
 use crate::model::{self, GroupNames, LABEL_INSTANCE};
+use crate::replication::{
+    self, REASON_CATCHING_UP, REASON_NOT_ENOUGH_IN_SYNC, REASON_REPLICATION_BROKEN,
+};
 use crate::rollout;
 use crate::{Error, MANAGER, Result};
 
@@ -46,6 +51,18 @@ pub struct Context {
     /// The last wait reason reported per group, so the Warning event is
     /// published on a change, not on every poll.
     pub last_wait: Mutex<HashMap<String, String>>,
+    /// Since when each group's slaves have been seen not connected to the
+    /// master.
+    pub disconnects: replication::Disconnects,
+    /// How long a ready slave may stay unconnected to the master before the
+    /// group is Degraded ([`replication::REPLICATION_GRACE`]; tests shorten it).
+    pub replication_grace: Duration,
+    /// Where the operator runs, for the NetworkPolicy (its namespace and pod
+    /// labels; `main` sets them from the flags).
+    pub operator_peer: model::OperatorPeer,
+    /// True while [`run`] runs the controllers (after it found the CRDs);
+    /// the leader's `/readyz` waits for it.
+    pub controllers_running: Arc<AtomicBool>,
 }
 
 impl Context {
@@ -77,6 +94,10 @@ impl Context {
             admin,
             addresses,
             last_wait: Mutex::default(),
+            disconnects: replication::Disconnects::default(),
+            replication_grace: replication::REPLICATION_GRACE,
+            operator_peer: model::OperatorPeer::default(),
+            controllers_running: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -150,6 +171,50 @@ async fn write_status(
     )
     .await
     .map_err(failover::write_error)?;
+    Ok(())
+}
+
+/// Deletes the group's NetworkPolicy (`spec.networkPolicy.enabled` false),
+/// if the operator made it for this group: found by its labels, deleted only
+/// when this BrokerGroup owns it, and only that very object (uid
+/// precondition).
+async fn remove_network_policy(ctx: &Context, bg: &BrokerGroup, names: &GroupNames) -> Result<()> {
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let selector = format!(
+        "{}={},{}={}",
+        LABEL_INSTANCE,
+        names.group,
+        model::LABEL_MANAGED_BY,
+        MANAGER
+    );
+    let uid = bg.uid();
+    for np in api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let ours = np.owner_references().iter().any(|o| {
+            o.controller == Some(true) && o.kind == "BrokerGroup" && Some(&o.uid) == uid.as_ref()
+        });
+        if !ours || np.metadata.name.as_deref() != Some(names.network_policy().as_str()) {
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: np.uid(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&names.network_policy(), &params).await {
+            Ok(_) => info!(
+                "deleted NetworkPolicy {}: spec.networkPolicy.enabled is false",
+                names.network_policy()
+            ),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -245,6 +310,7 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
             model::read_service(&bg)?,
             model::stateful_set(&bg)?,
             model::pod_disruption_budget(&bg)?,
+            model::network_policy(&bg, &ctx.operator_peer)?,
         ))
     })();
 
@@ -264,7 +330,7 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
     let mut problem: Option<(&'static str, String)> = None;
     let mut held = None;
     let sts = match built {
-        Ok((cm, headless, client_svc, read_svc, mut sts, pdb)) => {
+        Ok((cm, headless, client_svc, read_svc, mut sts, pdb, netpol)) => {
             held = hold_scale_down(&ctx, &bg, &names, &observed, &status, &mut sts).await?;
             let applied = async {
                 apply(&ctx.client, ns, &cm).await?;
@@ -273,6 +339,11 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
                 apply(&ctx.client, ns, &read_svc).await?;
                 let sts = apply(&ctx.client, ns, &sts).await?;
                 apply(&ctx.client, ns, &pdb).await?;
+                if bg.spec.network_policy.enabled {
+                    apply(&ctx.client, ns, &netpol).await?;
+                } else {
+                    remove_network_policy(&ctx, &bg, &names).await?;
+                }
                 Ok::<_, Error>(sts)
             }
             .await;
@@ -298,14 +369,19 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         if status.observed_generation != generation {
             info!(
                 replicas = bg.spec.replicas,
-                "applied ConfigMap {}, Services {}, {}, {}, StatefulSet {} ({} replicas) and PodDisruptionBudget {}",
+                "applied ConfigMap {}, Services {}, {}, {}, StatefulSet {} ({} replicas), PodDisruptionBudget {}{}",
                 names.config_map(),
                 names.group,
                 names.headless(),
                 names.read(),
                 names.group,
                 sts_replicas,
-                names.group
+                names.group,
+                if bg.spec.network_policy.enabled {
+                    format!(" and NetworkPolicy {}", names.network_policy())
+                } else {
+                    " (no NetworkPolicy: spec.networkPolicy.enabled is false)".into()
+                }
             );
         }
         if let Some(why) = &held {
@@ -406,6 +482,34 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         .filter(|u| status.master.as_deref() == Some(u.master.as_str()));
     let key = format!("{}/{}", names.namespace, names.group);
     let replicas = bg.spec.replicas;
+    // What the master says of its slaves (only once the failover decision
+    // is Healthy: every reachable slave says it follows the master). Any
+    // other outcome (a promotion, a redirect, a wait) starts the slaves'
+    // grace again.
+    let verdict = match (&outcome, status.master.as_deref()) {
+        (Outcome::Healthy, Some(master)) => replication::links(&observed, master).map(|links| {
+            let unconnected_for = ctx.disconnects.observe(
+                &key,
+                master,
+                status.epoch,
+                &links,
+                std::time::Instant::now(),
+            );
+            replication::judge(
+                &failover::policy(&bg),
+                master,
+                &links,
+                &unconnected_for,
+                ctx.replication_grace,
+            )
+        }),
+        _ => {
+            ctx.disconnects.forget(&key);
+            None
+        }
+    }
+    .unwrap_or_default();
+    let newly_broken = ctx.disconnects.announce(&key, verdict.broken.as_deref());
     let requeue = match &outcome {
         Outcome::Healthy if status.ready_replicas >= replicas => {
             let msg = format!(
@@ -415,38 +519,73 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
                 status.ready_replicas,
                 replicas
             );
-            if !conditions::is_true(&status.conditions, READY) {
-                info!("group ready: {msg}");
+            match &verdict.not_ready {
+                None => {
+                    if !conditions::is_true(&status.conditions, READY) {
+                        info!("group ready: {msg}");
+                    }
+                    conditions::set(
+                        &mut status.conditions,
+                        READY,
+                        true,
+                        "Serving",
+                        msg,
+                        generation,
+                        &now,
+                    );
+                }
+                Some(why) => {
+                    if conditions::reason(&status.conditions, READY)
+                        != Some(REASON_NOT_ENOUGH_IN_SYNC)
+                    {
+                        info!("group not ready: {why}");
+                    }
+                    conditions::set(
+                        &mut status.conditions,
+                        READY,
+                        false,
+                        REASON_NOT_ENOUGH_IN_SYNC,
+                        why,
+                        generation,
+                        &now,
+                    );
+                }
             }
-            conditions::set(
+            match &verdict.pending {
+                None => conditions::set(
+                    &mut status.conditions,
+                    PROGRESSING,
+                    false,
+                    "Stable",
+                    "nothing to change",
+                    generation,
+                    &now,
+                ),
+                Some(what) => conditions::set(
+                    &mut status.conditions,
+                    PROGRESSING,
+                    true,
+                    REASON_CATCHING_UP,
+                    what,
+                    generation,
+                    &now,
+                ),
+            }
+            set_degraded_by_replication(
                 &mut status.conditions,
-                READY,
-                true,
-                "Serving",
-                msg,
-                generation,
-                &now,
-            );
-            conditions::set(
-                &mut status.conditions,
-                PROGRESSING,
-                false,
-                "Stable",
-                "nothing to change",
-                generation,
-                &now,
-            );
-            conditions::set(
-                &mut status.conditions,
-                DEGRADED,
-                false,
-                "Healthy",
+                verdict.broken.as_deref(),
                 "all brokers follow the master",
                 generation,
                 &now,
             );
             lock(&ctx.last_wait).remove(&key);
-            Duration::from_secs(30)
+            if verdict.pending.is_some() {
+                Duration::from_secs(2)
+            } else if verdict.not_ready.is_some() || verdict.broken.is_some() {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(30)
+            }
         }
         Outcome::Healthy => {
             let msg = format!("{}/{} brokers ready", status.ready_replicas, replicas);
@@ -468,11 +607,11 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
                 generation,
                 &now,
             );
-            conditions::set(
+            // A ready slave the master has not seen for the grace is
+            // broken whatever the other pods do.
+            set_degraded_by_replication(
                 &mut status.conditions,
-                DEGRADED,
-                false,
-                "Healthy",
+                verdict.broken.as_deref(),
                 "the master serves",
                 generation,
                 &now,
@@ -605,6 +744,18 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
             Duration::from_secs(1)
         }
     };
+    if newly_broken && let Some(why) = &verdict.broken {
+        warn!("replication broken: {why}");
+        failover::publish(
+            &ctx,
+            &bg,
+            EventType::Warning,
+            REASON_REPLICATION_BROKEN,
+            "Replicate",
+            why.clone(),
+        )
+        .await;
+    }
     let requeue = match roll {
         Some(r) => {
             conditions::set(
@@ -694,9 +845,10 @@ pub fn group_trigger(bg: &BrokerGroup) -> Option<u64> {
         .hash_property(bg)
 }
 
-/// Runs the BrokerGroup and Topic controllers until a shutdown signal.
+/// Runs the BrokerGroup and Topic controllers until a shutdown signal;
+/// `ctx.controllers_running` is true from when they start until they stop.
 pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -> Result<()> {
-    let (groups, topics, sts, svc, cm, pdb, pods) = match &namespace {
+    let (groups, topics, sts, svc, cm, pdb, netpol, pods) = match &namespace {
         Some(ns) => (
             Api::<BrokerGroup>::namespaced(client.clone(), ns),
             Api::<Topic>::namespaced(client.clone(), ns),
@@ -704,9 +856,11 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -
             Api::<Service>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
             Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+            Api::<NetworkPolicy>::namespaced(client.clone(), ns),
             Api::<Pod>::namespaced(client.clone(), ns),
         ),
         None => (
+            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
@@ -741,6 +895,7 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -
         .owns(svc, owned())
         .owns(cm, owned())
         .owns(pdb, owned())
+        .owns(netpol, owned())
         .watches(pods, owned(), |pod: Pod| {
             let ns = pod.namespace();
             pod.labels().get(LABEL_INSTANCE).map(|g| match ns {
@@ -755,6 +910,7 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    let running = ctx.controllers_running.clone();
     let topic_controller = Controller::new(topics, watcher::Config::default().any_semantic())
         .shutdown_on_signal()
         .run(crate::topic::reconcile, crate::topic::error_policy, ctx)
@@ -763,6 +919,33 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) -
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    running.store(true, Ordering::Release);
     futures::join!(group_controller, topic_controller);
+    running.store(false, Ordering::Release);
     Ok(())
+}
+
+/// Degraded from the master's view of replication: True (ReplicationBroken)
+/// naming the broken slaves, or False with `healthy`.
+fn set_degraded_by_replication(
+    conditions: &mut Vec<Condition>,
+    broken: Option<&str>,
+    healthy: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    match broken {
+        None => conditions::set(
+            conditions, DEGRADED, false, "Healthy", healthy, generation, now,
+        ),
+        Some(why) => conditions::set(
+            conditions,
+            DEGRADED,
+            true,
+            REASON_REPLICATION_BROKEN,
+            why,
+            generation,
+            now,
+        ),
+    }
 }

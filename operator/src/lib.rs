@@ -9,7 +9,8 @@
 //! observes the brokers and carries out `keelmq_failover::decide`;
 //! [`brokers`] talks to the broker admin API; [`topic`] is the Topic
 //! controller; [`rollout`] rolls pods onto a new template and moves the
-//! master off ordinals a scale-down removes; [`leader`] holds the Lease; [`metrics`], [`telemetry`] and
+//! master off ordinals a scale-down removes; [`replication`] reads the
+//! master's view of its slaves for the conditions; [`leader`] holds the Lease; [`metrics`], [`telemetry`] and
 //! [`http`] are the process plumbing; [`rbac`] lists every permission used.
 
 pub mod brokers;
@@ -21,6 +22,7 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod rbac;
+pub mod replication;
 pub mod rollout;
 pub mod telemetry;
 pub mod topic;

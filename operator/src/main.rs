@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use keelmq_crds::BrokerGroup;
@@ -41,7 +40,32 @@ enum Command {
         /// BrokerGroup YAML file.
         #[arg(long)]
         file: PathBuf,
+        #[command(flatten)]
+        peer: PeerArgs,
     },
+}
+
+/// Where the operator runs, for the NetworkPolicy of each group: it admits
+/// these pods to the brokers' admin and replication ports.
+#[derive(Args, Debug, Clone)]
+struct PeerArgs {
+    /// The operator's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    operator_namespace: String,
+    /// Labels of the operator's pods, `key=value,...` (the Helm chart sets
+    /// its pods' selector labels).
+    #[arg(long, env = "KEELMQ_OPERATOR_POD_LABELS", default_value = model::DEFAULT_OPERATOR_POD_LABELS)]
+    operator_pod_labels: String,
+}
+
+impl PeerArgs {
+    fn peer(&self) -> Result<model::OperatorPeer, String> {
+        Ok(model::OperatorPeer {
+            namespace: self.operator_namespace.clone(),
+            pod_labels: model::parse_labels(&self.operator_pod_labels)
+                .map_err(|e| format!("--operator-pod-labels: {e}"))?,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,6 +88,8 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    peer: PeerArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,7 +102,7 @@ fn main() -> std::process::ExitCode {
             println!("{}", rbac::to_json());
             Ok(())
         }
-        Some(Command::Render { file }) => render(&file),
+        Some(Command::Render { file, peer }) => render(&file, &peer),
         Some(Command::Run(args)) => run(args),
         None => run(cli.run),
     };
@@ -89,13 +115,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn render(file: &PathBuf) -> Result<(), String> {
+fn render(file: &PathBuf, peer: &PeerArgs) -> Result<(), String> {
     let text =
         std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
     let mut bg: BrokerGroup = serde_yaml::from_str(&text)
         .map_err(|e| format!("{} is not a BrokerGroup: {e}", file.display()))?;
     model::prepare_for_render(&mut bg);
-    let objects = model::desired_objects(&bg).map_err(|e| e.to_string())?;
+    let objects = model::desired_objects(&bg, &peer.peer()?).map_err(|e| e.to_string())?;
     for o in objects {
         let y = serde_yaml::to_string(&o).map_err(|e| e.to_string())?;
         print!("---\n{y}");
@@ -104,6 +130,7 @@ fn render(file: &PathBuf) -> Result<(), String> {
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
+    let peer = args.peer.peer()?;
     telemetry::init(args.log_format);
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
@@ -111,10 +138,15 @@ fn run(args: RunArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
         let metrics = Arc::new(Metrics::default());
-        let ready = Arc::new(AtomicBool::new(false));
+        let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
+        let mut ctx = Context::new(client.clone(), metrics.clone());
+        ctx.operator_peer = peer;
+        let ctx = Arc::new(ctx);
+        // Ready while serving: a standby at once, the leader once its
+        // controllers run (see http::readiness).
         let http_state = HttpState {
             metrics: metrics.clone(),
-            ready: ready.clone(),
+            controllers_running: ctx.controllers_running.clone(),
         };
         let port = args.http_port;
         tokio::spawn(async move {
@@ -122,25 +154,26 @@ fn run(args: RunArgs) -> Result<(), String> {
                 tracing::error!(error = %e, port, "HTTP server failed");
             }
         });
-        let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
-        let ctx = Arc::new(Context::new(client.clone(), metrics));
         if args.leader_election {
             let identity = std::env::var("POD_NAME")
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .unwrap_or_else(|_| format!("keelmq-operator-{}", std::process::id()));
             let cfg = leader::LeaseConfig::new(&args.lease_name, &args.lease_namespace, &identity);
             let acquired = leader::acquire(&client, &cfg).await;
-            ready.store(true, Ordering::Release);
-            tokio::select! {
+            metrics.set_leader(true);
+            let result = tokio::select! {
                 r = controller::run(client.clone(), namespace, ctx) => {
                     // Stopped by a signal: let a successor take over at once.
+                    metrics.set_leader(false);
                     leader::release(&client, &cfg).await;
                     r.map_err(|e| e.to_string())
                 }
                 () = leader::hold(&client, &cfg, acquired) => Err("lost the leader Lease; exiting so a new leader takes over".into()),
-            }
+            };
+            metrics.set_leader(false);
+            result
         } else {
-            ready.store(true, Ordering::Release);
+            metrics.set_leader(true);
             controller::run(client, namespace, ctx).await.map_err(|e| e.to_string())
         }
     })

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the operator: reconciles, their errors and
-//! durations per kind, and failovers per group, served on `/metrics`.
+//! durations per kind, failovers per group, and whether this replica leads,
+//! served on `/metrics`.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -7,6 +8,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -42,6 +44,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     durations: Family<KindLabels, Histogram>,
     failovers: Family<GroupLabels, Counter>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -53,6 +56,7 @@ impl Default for Metrics {
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         });
         let failovers = Family::<GroupLabels, Counter>::default();
+        let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed", errors.clone());
         registry.register(
@@ -65,12 +69,18 @@ impl Default for Metrics {
             "Masters replaced by promoting another broker",
             failovers.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this operator replica holds the leader Lease (or runs without leader election) and acts; 0 while it stands by",
+            leader.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
             errors,
             durations,
             failovers,
+            leader,
         }
     }
 }
@@ -104,7 +114,15 @@ impl Metrics {
             })
             .inc();
     }
-    /// The Prometheus text exposition.
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+    /// Whether this replica leads (as last recorded).
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() != 0
+    }
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -162,5 +180,22 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn leadership_is_a_gauge() {
+        let m = Metrics::default();
+        assert!(!m.is_leader());
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE keelmq_operator_leader gauge"),
+            "{text}"
+        );
+        assert!(text.contains("keelmq_operator_leader 0"), "{text}");
+        m.set_leader(true);
+        assert!(m.is_leader());
+        assert!(m.encode().contains("keelmq_operator_leader 1"));
+        m.set_leader(false);
+        assert!(m.encode().contains("keelmq_operator_leader 0"));
     }
 }

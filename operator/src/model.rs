@@ -1,6 +1,8 @@
 //! The objects a BrokerGroup is made of, built by pure functions from the
 //! spec (Strimzi's model classes): no I/O, so every object is unit tested
 //! and `keelmq-operator render` prints exactly what the reconciler applies.
+//! The only input besides the BrokerGroup is where the operator itself runs
+//! ([`OperatorPeer`]), which the NetworkPolicy admits to the admin port.
 
 use std::collections::BTreeMap;
 
@@ -9,10 +11,14 @@ use k8s_openapi::api::apps::v1::{
     StatefulSetUpdateStrategy,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -55,6 +61,59 @@ pub const DATA_DIR: &str = "/var/lib/keelmq";
 pub const CONFIG_DIR: &str = "/etc/keelmq";
 /// The configuration file inside [`CONFIG_DIR`] (and key in the ConfigMap).
 pub const CONFIG_FILE: &str = "broker.toml";
+/// The broker image's user and group (docker/broker.Dockerfile `USER`),
+/// also the default fsGroup, so the data volume is writable for it.
+pub const BROKER_UID: i64 = 65532;
+/// How long a broker may take to start (open and recover its store) before
+/// the kubelet restarts it: the startup probe allows this many seconds
+/// (`STARTUP_PROBE_PERIOD` times its failure threshold); liveness counts
+/// only after it.
+pub const STARTUP_ALLOWANCE_SECONDS: i32 = 3600;
+/// Period of the startup probe.
+pub const STARTUP_PROBE_PERIOD: i32 = 10;
+/// Namespace label every namespace carries (Kubernetes 1.21 and later).
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
+/// Where the operator runs: its namespace and its pods' labels. The
+/// NetworkPolicy admits these pods to the brokers' admin and replication
+/// ports (the operator calls the admin API of every broker).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorPeer {
+    /// The operator's namespace.
+    pub namespace: String,
+    /// Labels the operator's pods carry (all of them must match).
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The operator pods' labels when none are configured: what the Helm
+/// chart's pods carry whatever the release is called.
+pub const DEFAULT_OPERATOR_POD_LABELS: &str =
+    "app.kubernetes.io/name=keelmq,app.kubernetes.io/component=operator";
+
+impl Default for OperatorPeer {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            pod_labels: parse_labels(DEFAULT_OPERATOR_POD_LABELS).unwrap_or_default(),
+        }
+    }
+}
+
+/// Parses `key=value,key=value` (a label selector of equalities only).
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if out.is_empty() {
+        return Err("no labels given".into());
+    }
+    Ok(out)
+}
 
 /// Broker settings the operator decides; a spec's `config` may not set them.
 pub const RESERVED_CONFIG_KEYS: &[&str] = &[
@@ -105,6 +164,10 @@ impl GroupNames {
     /// Headless Service giving each pod a DNS name.
     pub fn headless(&self) -> String {
         format!("{}-headless", self.group)
+    }
+    /// NetworkPolicy guarding the brokers' ports.
+    pub fn network_policy(&self) -> String {
+        self.group.clone()
     }
     /// Service for reads (all ready brokers, or only the master).
     pub fn read(&self) -> String {
@@ -349,6 +412,48 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
+/// The pod security context: the operator's default (non-root as the
+/// image's user, the data volume's group set to it, the runtime's seccomp
+/// profile) with every field the spec sets taking its place.
+pub fn pod_security_context(bg: &BrokerGroup) -> PodSecurityContext {
+    let user = bg
+        .spec
+        .pod_template
+        .security_context
+        .clone()
+        .unwrap_or_default();
+    PodSecurityContext {
+        run_as_non_root: user.run_as_non_root.or(Some(true)),
+        run_as_user: user.run_as_user.or(Some(BROKER_UID)),
+        run_as_group: user.run_as_group.or(Some(BROKER_UID)),
+        fs_group: user.fs_group.or(Some(BROKER_UID)),
+        fs_group_change_policy: user
+            .fs_group_change_policy
+            .clone()
+            .or(Some("OnRootMismatch".into())),
+        seccomp_profile: user.seccomp_profile.clone().or(Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        })),
+        ..user
+    }
+}
+
+/// The broker container's security context: no privilege escalation, no
+/// capabilities, a read-only root filesystem (the broker writes only to its
+/// data volume, TLS material included, and reads its config mount).
+pub fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        read_only_root_filesystem: Some(true),
+        ..Default::default()
+    }
+}
+
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -382,7 +487,7 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
 
     let container = Container {
         name: "broker".into(),
-        image: Some(spec.image.clone()),
+        image: Some(spec.broker_image()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
         env: Some(vec![
             EnvVar {
@@ -419,9 +524,18 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
             })
             .collect(),
         ),
+        // Until /healthz first answers (the store is open and recovered),
+        // only the startup probe counts: a long recovery is not killed by
+        // the liveness probe.
+        startup_probe: Some(http_probe(
+            "/healthz",
+            STARTUP_PROBE_PERIOD,
+            STARTUP_ALLOWANCE_SECONDS / STARTUP_PROBE_PERIOD,
+        )),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         resources: spec.resources.clone(),
+        security_context: Some(container_security_context()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "config".into(),
@@ -451,7 +565,7 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
         affinity: pt.affinity.clone(),
         tolerations: (!pt.tolerations.is_empty()).then(|| pt.tolerations.clone()),
         node_selector: (!pt.node_selector.is_empty()).then(|| pt.node_selector.clone()),
-        security_context: pt.security_context.clone(),
+        security_context: Some(pod_security_context(bg)),
         priority_class_name: pt.priority_class_name.clone(),
         termination_grace_period_seconds: Some(60),
         ..Default::default()
@@ -523,6 +637,62 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
     })
 }
 
+/// NetworkPolicy `<group>`: the admin and replication ports, which have no
+/// authentication, only from the group's own pods (replication, slave
+/// reads) and from the operator's pods; the client and HTTP ports from
+/// anywhere. Egress is not restricted.
+pub fn network_policy(bg: &BrokerGroup, operator: &OperatorPeer) -> Result<NetworkPolicy, Error> {
+    let names = GroupNames::of(bg)?;
+    let ports = |ps: &[i32]| -> Option<Vec<NetworkPolicyPort>> {
+        Some(
+            ps.iter()
+                .map(|p| NetworkPolicyPort {
+                    port: Some(IntOrString::Int(*p)),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    };
+    let selector = |labels: BTreeMap<String, String>| {
+        Some(LabelSelector {
+            match_labels: Some(labels),
+            ..Default::default()
+        })
+    };
+    Ok(NetworkPolicy {
+        metadata: meta(bg, names.network_policy())?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: selector(selector_labels(&names.group)),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: ports(&[CLIENT_PORT, HTTP_PORT]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![
+                        NetworkPolicyPeer {
+                            pod_selector: selector(selector_labels(&names.group)),
+                            ..Default::default()
+                        },
+                        NetworkPolicyPeer {
+                            namespace_selector: selector(BTreeMap::from([(
+                                LABEL_NAMESPACE_NAME.to_string(),
+                                operator.namespace.clone(),
+                            )])),
+                            pod_selector: selector(operator.pod_labels.clone()),
+                            ..Default::default()
+                        },
+                    ]),
+                    ports: ports(&[ADMIN_PORT, REPLICATION_PORT]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    })
+}
+
 /// The template hash a StatefulSet's pods should carry.
 pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
     template_annotation(sts, ANNOTATION_TEMPLATE_HASH)
@@ -541,17 +711,25 @@ pub fn template_annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a st
         .map(String::as_str)
 }
 
-/// Every object of the group, in the order they are applied.
-pub fn desired_objects(bg: &BrokerGroup) -> Result<Vec<serde_json::Value>, Error> {
+/// Every object of the group, in the order they are applied (the
+/// NetworkPolicy only while `spec.networkPolicy.enabled`).
+pub fn desired_objects(
+    bg: &BrokerGroup,
+    operator: &OperatorPeer,
+) -> Result<Vec<serde_json::Value>, Error> {
     let to = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(Error::Serialize);
-    Ok(vec![
+    let mut objects = vec![
         to(serde_json::to_value(config_map(bg)?))?,
         to(serde_json::to_value(headless_service(bg)?))?,
         to(serde_json::to_value(client_service(bg)?))?,
         to(serde_json::to_value(read_service(bg)?))?,
         to(serde_json::to_value(stateful_set(bg)?))?,
         to(serde_json::to_value(pod_disruption_budget(bg)?))?,
-    ])
+    ];
+    if bg.spec.network_policy.enabled {
+        objects.push(to(serde_json::to_value(network_policy(bg, operator)?))?);
+    }
+    Ok(objects)
 }
 
 /// Fills what a stored object always has and a file may lack (namespace

@@ -72,6 +72,15 @@ pub const PERMISSIONS: &[Permission] = &[
         verbs: &["list", "watch", "create", "patch"],
         namespaced: true,
     },
+    // The NetworkPolicy of each group: applied like the other owned kinds,
+    // and deleted (after a list by label finds it) when the spec turns it
+    // off.
+    Permission {
+        api_groups: &["networking.k8s.io"],
+        resources: &["networkpolicies"],
+        verbs: &["list", "watch", "create", "patch", "delete"],
+        namespaced: true,
+    },
     Permission {
         api_groups: &["events.k8s.io"],
         resources: &["events"],

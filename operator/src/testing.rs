@@ -503,7 +503,11 @@ impl FakeApi {
             .map(|(g, _)| g)
             .unwrap_or("")
             .to_string();
-        let resource = format!("{}s", obj["kind"].as_str().expect("kind").to_lowercase());
+        let kind = obj["kind"].as_str().expect("kind").to_lowercase();
+        let resource = match kind.strip_suffix('y') {
+            Some(stem) => format!("{stem}ies"),
+            None => format!("{kind}s"),
+        };
         let name = obj["metadata"]["name"].as_str().expect("name").to_string();
         let ns = obj["metadata"]["namespace"]
             .as_str()
@@ -606,12 +610,35 @@ pub struct FakeBrokers {
     pub brokers: Arc<Mutex<BTreeMap<String, FakeBroker>>>,
     /// Where calls are logged.
     pub timeline: Timeline,
-    /// When set, a master's status lists as its slaves the brokers that
-    /// follow it (replication address `repl-<broker id>`), each in sync
-    /// unless its broker id is in the set (a lagging slave).
-    pub replication: Arc<Mutex<Option<BTreeSet<String>>>>,
+    /// What masters report of the brokers that follow them.
+    pub replication: Arc<Mutex<FakeReplication>>,
     /// When set, `switchover` fails with this message and changes nothing.
     pub switchover_error: Arc<Mutex<Option<String>>>,
+}
+
+/// What the fake masters report of their slaves.
+#[derive(Clone, Debug)]
+pub struct FakeReplication {
+    /// A master's status lists as its slaves the brokers that follow it
+    /// (replication address `repl-<broker id>`), as a real master lists the
+    /// slaves that connected to it (on by default). Off, it reports the
+    /// `slaves` set in its status (none unless a test sets them).
+    pub listed: bool,
+    /// Broker ids listed as connected but out of sync (lagging).
+    pub lagging: BTreeSet<String>,
+    /// Broker ids listed as not connected (their stream broke), though they
+    /// still say they follow the master.
+    pub disconnected: BTreeSet<String>,
+}
+
+impl Default for FakeReplication {
+    fn default() -> Self {
+        Self {
+            listed: true,
+            lagging: BTreeSet::new(),
+            disconnected: BTreeSet::new(),
+        }
+    }
 }
 
 impl FakeBrokers {
@@ -634,20 +661,38 @@ impl FakeBrokers {
         );
     }
 
-    /// Masters report their followers as slaves, all in sync (see
-    /// [`FakeBrokers::replication`]).
+    /// Masters report their followers as slaves, all connected and in sync
+    /// (see [`FakeReplication`]).
     pub fn track_replication(&self) {
-        *self.replication.lock().expect("replication") = Some(BTreeSet::new());
+        *self.replication.lock().expect("replication") = FakeReplication::default();
+    }
+
+    /// Whether masters list their followers as slaves (see
+    /// [`FakeReplication::listed`]).
+    pub fn list_slaves(&self, listed: bool) {
+        self.replication.lock().expect("replication").listed = listed;
     }
 
     /// Marks the broker `broker_id` as lagging (out of sync) or caught up.
     pub fn set_lagging(&self, broker_id: &str, lagging: bool) {
         let mut r = self.replication.lock().expect("replication");
-        let set = r.get_or_insert_with(BTreeSet::new);
+        r.listed = true;
         if lagging {
-            set.insert(broker_id.to_string());
+            r.lagging.insert(broker_id.to_string());
         } else {
-            set.remove(broker_id);
+            r.lagging.remove(broker_id);
+        }
+    }
+
+    /// Marks the broker `broker_id`'s stream from its master as broken
+    /// (listed as not connected) or connected again.
+    pub fn set_disconnected(&self, broker_id: &str, disconnected: bool) {
+        let mut r = self.replication.lock().expect("replication");
+        r.listed = true;
+        if disconnected {
+            r.disconnected.insert(broker_id.to_string());
+        } else {
+            r.disconnected.remove(broker_id);
         }
     }
 
@@ -668,9 +713,8 @@ impl FakeBrokers {
             _ => return Err(format!("cannot connect to {addr}")),
         };
         let mut st = b.status.clone();
-        if let Some(lagging) = self.replication.lock().expect("replication").as_ref()
-            && st.role == pb::Role::Master as i32
-        {
+        let replication = self.replication.lock().expect("replication");
+        if replication.listed && st.role == pb::Role::Master as i32 {
             let repl = format!("repl-{}", st.broker_id);
             st.slaves = brokers
                 .values()
@@ -678,11 +722,17 @@ impl FakeBrokers {
                     o.up && o.status.role == pb::Role::Slave as i32
                         && o.status.master_address == repl
                 })
-                .map(|o| pb::SlaveStatus {
-                    broker_id: o.status.broker_id.clone(),
-                    connected: true,
-                    in_sync: !lagging.contains(&o.status.broker_id),
-                    ..Default::default()
+                .map(|o| {
+                    let id = &o.status.broker_id;
+                    let connected = !replication.disconnected.contains(id);
+                    let in_sync = connected && !replication.lagging.contains(id);
+                    pb::SlaveStatus {
+                        broker_id: id.clone(),
+                        connected,
+                        in_sync,
+                        lag_bytes: if in_sync { 0 } else { 100 << 20 },
+                        ..Default::default()
+                    }
                 })
                 .collect();
         }

@@ -93,17 +93,23 @@ fn pod(group: &str, i: i32, ready: bool) -> Value {
     })
 }
 
+/// How long a ready slave may stay unconnected to the master before the
+/// group is Degraded, in the tests (10 s in production).
+const REPLICATION_GRACE: Duration = Duration::from_millis(200);
+
 /// Fake API + fake brokers + a context wired to both; pod `<g>-i` has admin
-/// address `admin-<g>-i` and replication address `repl-<g>-i`.
+/// address `admin-<g>-i` and replication address `repl-<g>-i`; the fake
+/// masters list the brokers that follow them as connected, in-sync slaves.
 fn harness(group: &str, replicas: i32) -> (Arc<Context>, FakeApi, FakeBrokers) {
     let (client, api) = FakeApi::start();
     let brokers = FakeBrokers::default();
     api.state.lock().expect("state").timeline = Some(brokers.timeline.clone());
-    let ctx = Arc::new(Context::with_brokers(
+    let mut ctx = Context::with_brokers(
         client,
         Arc::new(Metrics::default()),
         Arc::new(brokers.clone()),
         Arc::new(addresses(group, replicas.max(4))),
-    ));
-    (ctx, api, brokers)
+    );
+    ctx.replication_grace = REPLICATION_GRACE;
+    (Arc::new(ctx), api, brokers)
 }

@@ -1,7 +1,8 @@
 //! The official Apache RocketMQ Python client (PyPI
 //! `rocketmq-python-client`, pinned in scripts/requirements.txt and
 //! installed into `.venv` by scripts/setup), unchanged, against a real
-//! `keelmq-broker` process: NORMAL, FIFO and TRANSACTION with check-back.
+//! `keelmq-broker` process: NORMAL, FIFO (simple and push consumers) and
+//! TRANSACTION with check-back.
 //! Each case runs a small script from tests/python/ that prints what it
 //! observed as one JSON line; the assertions are here.
 
@@ -126,6 +127,42 @@ fn fifo_messages_keep_group_order() {
             .collect();
         let want: Vec<String> = (0..5).map(|i| format!("{g} {i}")).collect();
         assert_eq!(seq, want, "group {g} in order, each once");
+    }
+}
+
+/// The PushConsumer learns from the settings the broker sends back whether
+/// a subscription is FIFO; told so, it handles each message group one
+/// message at a time and retries a failed message before the next one.
+#[test]
+fn fifo_push_consumer_retries_a_failed_message_before_the_next_of_its_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = BrokerProcess::start(dir.path(), &[]);
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "py-fifo-push",
+        "--queues",
+        "2",
+        "--type",
+        "FIFO",
+    ]);
+    let r = run_script(
+        "fifo_push.py",
+        &[&b.endpoint(), "py-fifo-push", "py-fifo-pushers", "4"],
+    );
+    let calls = r["calls"].as_array().cloned().unwrap_or_default();
+    for g in ["alpha", "beta", "gamma"] {
+        let seq: Vec<String> = calls
+            .iter()
+            .filter(|m| m[1] == g)
+            .map(|m| m[0].as_str().unwrap_or_default().to_owned())
+            .collect();
+        let mut want: Vec<String> = (0..4).map(|i| format!("{g} {i}")).collect();
+        if g == "alpha" {
+            // The failed call of "alpha 1" is retried before "alpha 2".
+            want.insert(2, "alpha 1".into());
+        }
+        assert_eq!(seq, want, "calls for group {g}");
     }
 }
 

@@ -34,6 +34,9 @@ async fn main() -> ExitCode {
         }
     }
     keelmq_broker::telemetry::init(config.log_format);
+    for warning in config.startup_warnings() {
+        tracing::warn!("{warning}");
+    }
     match keelmq_broker::server::run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

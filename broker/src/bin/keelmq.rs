@@ -61,6 +61,9 @@ enum Command {
         /// The new epoch (greater than the current one).
         #[arg(long)]
         epoch: u64,
+        /// How long the master waits for the slave to catch up, in ms
+        /// (writes are refused meanwhile). The CLI waits this plus 30 s
+        /// for the answer.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },

@@ -2,6 +2,7 @@
 //! the broker admin API that print what the broker answered.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
@@ -23,8 +24,41 @@ pub struct AdminTarget {
     pub admin: String,
 }
 
+/// How long one admin call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a switchover call may take beyond the wait it asks the master for:
+/// the master's flush, its promote call to the target (5 s to connect, 5 s
+/// for the call, 5 s to check the target's status after a lost answer) and
+/// the network.
+const SWITCHOVER_MARGIN: Duration = Duration::from_secs(30);
+
+/// The broker's wait when a switchover asks for none (`timeout_ms` 0).
+const SWITCHOVER_DEFAULT_WAIT_MS: u64 = 10_000;
+
+/// The limit on a switchover call that asks the master to wait up to
+/// `timeout_ms` for the target: that wait plus [`SWITCHOVER_MARGIN`]. A
+/// caller that gives up earlier cannot tell how the switchover ended (it
+/// runs to its end on the master).
+pub fn switchover_call_timeout(timeout_ms: u64) -> Duration {
+    let wait = if timeout_ms == 0 {
+        SWITCHOVER_DEFAULT_WAIT_MS
+    } else {
+        timeout_ms
+    };
+    Duration::from_millis(wait).saturating_add(SWITCHOVER_MARGIN)
+}
+
 impl AdminTarget {
     pub async fn connect(&self) -> Result<BrokerAdminClient<Channel>> {
+        self.connect_with_timeout(CALL_TIMEOUT).await
+    }
+
+    /// A client whose every call is limited to `timeout`.
+    pub async fn connect_with_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<BrokerAdminClient<Channel>> {
         let url = if self.admin.starts_with("http://") || self.admin.starts_with("https://") {
             self.admin.clone()
         } else {
@@ -32,8 +66,8 @@ impl AdminTarget {
         };
         let channel = tonic::transport::Endpoint::from_shared(url.clone())
             .with_context(|| format!("invalid admin endpoint {url}"))?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(timeout)
             .connect()
             .await
             .with_context(|| format!("cannot reach the broker admin API at {}", self.admin))?;
@@ -491,7 +525,7 @@ pub async fn switchover(
         bail!("--epoch must be greater than the current epoch");
     }
     let r = target
-        .connect()
+        .connect_with_timeout(switchover_call_timeout(timeout_ms))
         .await?
         .switchover(pb::SwitchoverRequest {
             target_broker_id: to.clone(),
@@ -512,4 +546,27 @@ pub async fn switchover(
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switchover_waits_for_its_own_timeout_plus_a_margin() {
+        // Longer than the 60 s limit of other calls: not cut short.
+        assert_eq!(
+            switchover_call_timeout(120_000),
+            Duration::from_secs(120) + SWITCHOVER_MARGIN
+        );
+        assert!(switchover_call_timeout(120_000) > CALL_TIMEOUT);
+        // The CLI's default, and 0, which the broker reads as 10 s.
+        assert_eq!(
+            switchover_call_timeout(10_000),
+            Duration::from_secs(10) + SWITCHOVER_MARGIN
+        );
+        assert_eq!(switchover_call_timeout(0), switchover_call_timeout(10_000));
+        // The margin covers the promote call to the target (up to 15 s).
+        assert!(SWITCHOVER_MARGIN >= Duration::from_secs(15));
+    }
 }

@@ -5,6 +5,7 @@
 //! makes restarted brokers follow, and restarts any broker whose process
 //! exits. Ctrl-C stops the brokers cleanly.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ use clap::Args;
 use keelmq_failover::{Policy, ReplicationMode};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{BrokerConfig, ByteSize};
+use crate::store::FlushMode;
 use crate::supervisor::{Member, Supervisor};
 
 /// Options of `keelmq dev`.
@@ -31,12 +34,13 @@ pub struct DevArgs {
     /// Replication mode.
     #[arg(long, value_enum, default_value = "sync")]
     pub replication_mode: crate::replication::ReplicationMode,
-    /// Slaves that must confirm a send under SYNC replication.
+    /// Slaves that must confirm a send under SYNC replication (at least 1,
+    /// below --brokers).
     #[arg(long, default_value_t = 1)]
     pub min_in_sync_replicas: u32,
-    /// Flush mode of every broker (SYNC_FLUSH or ASYNC_FLUSH).
-    #[arg(long, default_value = "ASYNC_FLUSH")]
-    pub flush_mode: String,
+    /// Flush mode of every broker.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = FlushMode::AsyncFlush)]
+    pub flush_mode: FlushMode,
     /// How long the master may be unreachable before a slave replaces it
     /// (a master whose process exited is replaced at once).
     #[arg(long, default_value_t = 2000)]
@@ -44,9 +48,9 @@ pub struct DevArgs {
     /// Promote even when acknowledged messages may be lost.
     #[arg(long)]
     pub allow_data_loss: bool,
-    /// Commit-log segment size of every broker.
+    /// Commit-log segment size of every broker ("64MiB", "1GiB" or bytes).
     #[arg(long, default_value = "64MiB")]
-    pub segment_size: String,
+    pub segment_size: ByteSize,
     /// The broker binary (default: `keelmq-broker` next to this program).
     #[arg(long)]
     pub broker_bin: Option<PathBuf>,
@@ -79,6 +83,42 @@ struct Proc {
     backoff: Duration,
 }
 
+impl DevArgs {
+    /// Refuses, before any broker starts, settings that every broker would
+    /// refuse at start (dev would restart them forever) or that would make
+    /// every send fail.
+    pub fn validate(&self) -> Result<()> {
+        if self.brokers == 0 || self.brokers > 9 {
+            bail!("--brokers must be between 1 and 9");
+        }
+        if self.replication_mode == crate::replication::ReplicationMode::Sync
+            && self.min_in_sync_replicas >= self.brokers
+        {
+            bail!(
+                "--min-in-sync-replicas {} needs more slaves than {} brokers have ({}): \
+                 every SYNC send would time out. Lower it, add brokers (--brokers) or use \
+                 --replication-mode async",
+                self.min_in_sync_replicas,
+                self.brokers,
+                self.brokers - 1
+            );
+        }
+        // What each broker checks at start, on the settings dev passes it.
+        let config = BrokerConfig {
+            listen_address: "127.0.0.1".into(),
+            flush_mode: self.flush_mode,
+            segment_size: self.segment_size,
+            replication_mode: self.replication_mode,
+            min_in_sync_replicas: self.min_in_sync_replicas,
+            auto_create_topics: true,
+            ..BrokerConfig::default()
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the brokers would refuse these settings: {e}"))
+    }
+}
+
 fn broker_bin(args: &DevArgs) -> Result<PathBuf> {
     if let Some(p) = &args.broker_bin {
         return Ok(p.clone());
@@ -94,6 +134,37 @@ fn broker_bin(args: &DevArgs) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The command line of one broker of the group.
+fn broker_args(args: &DevArgs, b: &DevBroker, ports: [u16; 4]) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["--data-dir".into(), b.data_dir.clone().into()];
+    let flags: [(&str, String); 12] = [
+        ("--listen-address", "127.0.0.1".into()),
+        ("--broker-name", "keelmq-dev".into()),
+        ("--broker-id", b.name.clone()),
+        ("--role", "standby".into()),
+        ("--client-port", ports[0].to_string()),
+        ("--admin-port", ports[1].to_string()),
+        ("--http-port", ports[2].to_string()),
+        ("--replication-port", ports[3].to_string()),
+        (
+            "--replication-mode",
+            args.replication_mode.to_string().to_lowercase(),
+        ),
+        (
+            "--min-in-sync-replicas",
+            args.min_in_sync_replicas.to_string(),
+        ),
+        ("--flush-mode", args.flush_mode.to_string()),
+        ("--segment-size", args.segment_size.to_string()),
+    ];
+    for (flag, value) in flags {
+        v.push(flag.into());
+        v.push(value.into());
+    }
+    v.extend(["--auto-create-topics".into(), "true".into()]);
+    v
+}
+
 fn spawn(bin: &Path, args: &DevArgs, b: &DevBroker, ports: [u16; 4]) -> Result<Child> {
     std::fs::create_dir_all(&b.data_dir)
         .with_context(|| format!("creating {}", b.data_dir.display()))?;
@@ -103,27 +174,7 @@ fn spawn(bin: &Path, args: &DevArgs, b: &DevBroker, ports: [u16; 4]) -> Result<C
         .open(args.dir.join(format!("{}.log", b.name)))
         .context("opening the broker log")?;
     let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(&b.data_dir)
-        .args(["--listen-address", "127.0.0.1"])
-        .args(["--broker-name", "keelmq-dev"])
-        .args(["--broker-id", &b.name])
-        .args(["--role", "standby"])
-        .args(["--client-port", &ports[0].to_string()])
-        .args(["--admin-port", &ports[1].to_string()])
-        .args(["--http-port", &ports[2].to_string()])
-        .args(["--replication-port", &ports[3].to_string()])
-        .args([
-            "--replication-mode",
-            &args.replication_mode.to_string().to_lowercase(),
-        ])
-        .args([
-            "--min-in-sync-replicas",
-            &args.min_in_sync_replicas.to_string(),
-        ])
-        .args(["--flush-mode", &args.flush_mode])
-        .args(["--segment-size", &args.segment_size])
-        .args(["--auto-create-topics", "true"])
+        .args(broker_args(args, b, ports))
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("log handle")?)
         .stderr(log)
@@ -146,9 +197,7 @@ fn write_group(dir: &Path, procs: &[Proc]) {
 
 /// Runs the local group until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> Result<()> {
-    if args.brokers == 0 || args.brokers > 9 {
-        bail!("--brokers must be between 1 and 9");
-    }
+    args.validate()?;
     crate::telemetry::init(crate::config::LogFormat::Text);
     let bin = broker_bin(&args)?;
     std::fs::create_dir_all(&args.dir)
@@ -335,4 +384,136 @@ fn print_banner(args: &DevArgs, procs: &[Proc]) {
         args.dir.display(),
         args.dir.display(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::BrokerArgs;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        dev: DevArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<DevArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keelmq-dev").chain(flags.iter().copied()))
+            .map(|c| c.dev)
+    }
+
+    fn dev(flags: &[&str]) -> DevArgs {
+        parse(flags).expect("flags parse")
+    }
+
+    #[test]
+    fn flush_mode_is_parsed_as_the_brokers_enum() {
+        assert_eq!(dev(&[]).flush_mode, FlushMode::AsyncFlush);
+        assert_eq!(
+            dev(&["--flush-mode", "SYNC_FLUSH"]).flush_mode,
+            FlushMode::SyncFlush
+        );
+        assert_eq!(
+            dev(&["--flush-mode", "sync_flush"]).flush_mode,
+            FlushMode::SyncFlush
+        );
+        let err = parse(&["--flush-mode", "sync"]).expect_err("a typo is refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{err}");
+    }
+
+    #[test]
+    fn segment_size_is_parsed_as_a_byte_size() {
+        assert_eq!(dev(&[]).segment_size, ByteSize(64 << 20));
+        assert_eq!(
+            dev(&["--segment-size", "1GiB"]).segment_size,
+            ByteSize(1 << 30)
+        );
+        let err = parse(&["--segment-size", "64 parsecs"]).expect_err("not a size");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
+        // A size, but one the brokers refuse.
+        let err = dev(&["--segment-size", "1000"])
+            .validate()
+            .expect_err("below 64 KiB");
+        assert!(err.to_string().contains("segment size 1000"), "{err}");
+    }
+
+    #[test]
+    fn sync_needs_fewer_in_sync_slaves_than_brokers() {
+        dev(&[]).validate().expect("the defaults are valid");
+        dev(&["--min-in-sync-replicas", "2"])
+            .validate()
+            .expect("two slaves of three brokers");
+        let err = dev(&["--min-in-sync-replicas", "3"])
+            .validate()
+            .expect_err("three brokers have two slaves");
+        assert!(
+            err.to_string().contains("--min-in-sync-replicas 3"),
+            "{err}"
+        );
+        dev(&["--brokers", "1"])
+            .validate()
+            .expect_err("a lone SYNC broker has no slave");
+        dev(&["--brokers", "1", "--replication-mode", "async"])
+            .validate()
+            .expect("ASYNC needs no slave");
+        dev(&["--brokers", "0"]).validate().expect_err("no brokers");
+    }
+
+    #[test]
+    fn sync_needs_at_least_one_in_sync_slave() {
+        let err = dev(&["--min-in-sync-replicas", "0"])
+            .validate()
+            .expect_err("SYNC with 0 acknowledges like ASYNC and never fails over");
+        assert!(
+            err.to_string()
+                .contains("min_in_sync_replicas of at least 1"),
+            "{err}"
+        );
+        dev(&["--min-in-sync-replicas", "0", "--replication-mode", "async"])
+            .validate()
+            .expect("ASYNC ignores the count");
+    }
+
+    #[test]
+    fn the_brokers_accept_the_command_line_dev_gives_them() {
+        let args = dev(&[
+            "--flush-mode",
+            "sync_flush",
+            "--segment-size",
+            "128MiB",
+            "--replication-mode",
+            "sync",
+            "--min-in-sync-replicas",
+            "2",
+        ]);
+        args.validate().expect("valid");
+        let b = DevBroker {
+            name: "b1".into(),
+            pid: 0,
+            client: String::new(),
+            admin: String::new(),
+            http: String::new(),
+            replication: String::new(),
+            data_dir: PathBuf::from("/tmp/keelmq-dev-test/b1"),
+        };
+        let argv = broker_args(&args, &b, [8091, 8092, 8093, 8094]);
+        let config = BrokerArgs::try_parse_from(
+            std::iter::once(OsString::from("keelmq-broker")).chain(argv),
+        )
+        .expect("keelmq-broker parses the flags")
+        .resolve()
+        .expect("and accepts the values");
+        assert_eq!(config.flush_mode, FlushMode::SyncFlush);
+        assert_eq!(config.segment_size, ByteSize(128 << 20));
+        assert_eq!(
+            config.replication_mode,
+            crate::replication::ReplicationMode::Sync
+        );
+        assert_eq!(config.min_in_sync_replicas, 2);
+        assert_eq!(config.admin_port, 8092);
+        assert_eq!(config.broker_id.as_deref(), Some("b1"));
+        assert!(config.startup_warnings().is_empty(), "loopback only");
+    }
 }

@@ -24,12 +24,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::messaging::arrivals::Arrivals;
 use crate::messaging::consumer::{
-    Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, TagFilter,
+    Claimed, Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, TagFilter,
 };
+use crate::messaging::delivery_log::RemoveEntry;
 use crate::messaging::slave_reads::SlaveReads;
 use crate::messaging::timer::Timer;
 use crate::messaging::transaction::{self, TransactionConfig, Transactions};
-use crate::replication::ReplicationError;
+use crate::replication::{ReplicationError, ReplicationManager};
 use crate::store::{MessageStore, MessageType, StoreError, TopicConfig, keys, now_ms};
 use crate::write_path::{WriteError, WritePath};
 
@@ -148,6 +149,20 @@ impl ClientApi {
         })
     }
 
+    /// Runs a change of the consumption state (which appends delivery
+    /// records, and dead letters) through the write gate, as a send: refused
+    /// with HA_NOT_AVAILABLE unless this broker is a master taking writes, so
+    /// no record a switchover did not count reaches the log while it hands
+    /// over. `change` must not take the gate itself.
+    fn gated<T>(&self, change: impl FnOnce() -> T) -> Result<T, pb::Status> {
+        let _gate = self
+            .write
+            .replication()
+            .admit()
+            .map_err(|e| write_error_status(&WriteError::Refused(e)))?;
+        Ok(change())
+    }
+
     /// OK once a consumer's change, whose delivery record ends at `end`, is
     /// flushed as the flush mode promises and, when enough slaves are in
     /// sync, replicated; the write status when the flush failed.
@@ -192,7 +207,12 @@ impl ClientApi {
                 continue;
             }
             let clients = self.clients.clone();
-            let (_, logged) = self.consumption.renew(now_ms(), |c| clients.contains(c));
+            // Not while writes are paused (a switchover): the next round renews.
+            let Ok((_, logged)) =
+                self.gated(|| self.consumption.renew(now_ms(), |c| clients.contains(c)))
+            else {
+                continue;
+            };
             if let Err(e) = logged {
                 tracing::warn!(error = %e, "recording renewed deliveries failed; a failover may hand them out again early");
             }
@@ -317,6 +337,13 @@ fn write_error_status(e: &WriteError) -> pb::Status {
         WriteError::Store(StoreError::InvalidName(_)) => status(Code::IllegalTopic, e.to_string()),
         WriteError::Store(StoreError::InvalidArgument(_)) => {
             status(Code::BadRequest, e.to_string())
+        }
+        // Too much waiting for a stalled flush: the client backs off and retries.
+        WriteError::Store(StoreError::Busy(_)) => status(Code::TooManyRequests, e.to_string()),
+        // The log was cut under the record (this broker stopped being the
+        // master): the send was not kept, and the new master takes it.
+        WriteError::Store(StoreError::Truncated { .. }) => {
+            status(Code::HaNotAvailable, e.to_string())
         }
         WriteError::Store(_) => status(Code::InternalServerError, e.to_string()),
     }
@@ -608,6 +635,15 @@ impl MessagingService for ClientApi {
         let batch = r.batch_size.clamp(1, 1024) as usize;
         let fifo = topic.message_type == MessageType::Fifo;
         let until = started + polling;
+        // What this receive claimed and has not handed to its client yet:
+        // given back when the receive fails or is dropped before that.
+        let mut handout = Handout {
+            consumption: self.consumption.clone(),
+            replication: self.write.replication().clone(),
+            group: group.clone(),
+            topic: topic.name.clone(),
+            entries: Vec::new(),
+        };
         // Woken by messages written to this topic only.
         let watch = self.arrivals.watch(&topic.name);
         loop {
@@ -627,22 +663,45 @@ impl MessagingService for ClientApi {
                 max_attempts: self.store.metadata().max_delivery_attempts(&group),
                 now_ms: now_ms(),
                 renew_for: r.auto_renew.then_some(client.as_str()),
+                attempt: r
+                    .attempt_id
+                    .as_deref()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| (client.as_str(), a)),
             };
-            let got = match self.consumption.claim(&request) {
+            let claimed = match self.gated(|| self.consumption.claim(&request)) {
+                Ok(c) => c,
+                Err(s) => return one(s),
+            };
+            let got = match claimed {
                 Ok(claim) if claim.items.is_empty() => Ok(Vec::new()),
                 Ok(claim) => {
+                    handout.entries = claim.items.iter().map(Claimed::entry).collect();
                     // The delivery record is made durable (and replicated when
                     // the slaves can confirm it) before anything is handed out,
                     // so a restart or failover keeps it.
                     let recorded = self.confirm(claim.durable_at).await;
                     if recorded.code != Code::Ok as i32 {
+                        handout.give_back();
                         return one(recorded);
                     }
                     let records = match &self.slave_reads {
                         Some(reads) => reads.read(&topic.name, &claim.items).await,
                         None => self.consumption.read_local(&topic.name, &claim.items),
                     };
-                    match self.consumption.complete(&request, claim.items, records) {
+                    let completed = match self
+                        .gated(|| self.consumption.complete(&request, claim.items, records))
+                    {
+                        Ok(c) => c,
+                        Err(s) => {
+                            handout.give_back();
+                            return one(s);
+                        }
+                    };
+                    // What complete did not hand out it settled, or left in
+                    // flight unrenewed (unreadable) to come back in time.
+                    handout.entries.clear();
+                    match completed {
                         // Everything claimed was filtered out: look again.
                         Ok(msgs) if msgs.is_empty() => continue,
                         other => other,
@@ -656,6 +715,14 @@ impl MessagingService for ClientApi {
                     let mut frames = vec![Ok(pb::ReceiveMessageResponse {
                         content: Some(pb::receive_message_response::Content::Status(ok())),
                     })];
+                    handout.entries = msgs
+                        .iter()
+                        .map(|d| RemoveEntry {
+                            queue_id: d.handle.queue_id,
+                            queue_offset: d.handle.queue_offset,
+                            delivery: d.handle.delivery,
+                        })
+                        .collect();
                     for d in msgs {
                         let m = convert::message(&self.cfg, &topic, &d.record, Some(&d), invisible);
                         frames.push(Ok(pb::ReceiveMessageResponse {
@@ -663,7 +730,10 @@ impl MessagingService for ClientApi {
                         }));
                     }
                     frames.push(Ok(delivery_timestamp()));
-                    return Ok(Response::new(Box::pin(futures::stream::iter(frames))));
+                    return Ok(Response::new(Box::pin(Frames {
+                        frames: frames.into(),
+                        handout: Some(handout),
+                    })));
                 }
                 Ok(_) => {}
             }
@@ -706,7 +776,24 @@ impl MessagingService for ClientApi {
             .iter()
             .map(|e| e.receipt_handle.as_str())
             .collect();
-        let (results, logged) = self.consumption.ack_many(group, topic, &handles);
+        let (results, logged) =
+            match self.gated(|| self.consumption.ack_many(group, topic, &handles)) {
+                Ok(done) => done,
+                Err(s) => {
+                    return Ok(Response::new(pb::AckMessageResponse {
+                        entries: r
+                            .entries
+                            .iter()
+                            .map(|e| pb::AckMessageResultEntry {
+                                message_id: e.message_id.clone(),
+                                receipt_handle: e.receipt_handle.clone(),
+                                status: Some(s.clone()),
+                            })
+                            .collect(),
+                        status: Some(s),
+                    }));
+                }
+            };
         // An ack is confirmed once its delivery record is as durable as a
         // send: a failover then never hands the message out again.
         let unconfirmed = match logged {
@@ -773,14 +860,17 @@ impl MessagingService for ClientApi {
                 status: Some(s),
             }));
         }
-        let s = match self.consumption.forward_to_dead_letter(
-            resource_name(&r.group),
-            resource_name(&r.topic),
-            &r.receipt_handle,
-            r.delivery_attempt.max(0) as u32,
-        ) {
-            Ok(end) => self.confirm(end).await,
-            Err(e) => handle_status(&e),
+        let s = match self.gated(|| {
+            self.consumption.forward_to_dead_letter(
+                resource_name(&r.group),
+                resource_name(&r.topic),
+                &r.receipt_handle,
+                r.delivery_attempt.max(0) as u32,
+            )
+        }) {
+            Ok(Ok(end)) => self.confirm(end).await,
+            Ok(Err(e)) => handle_status(&e),
+            Err(s) => s,
         };
         Ok(Response::new(pb::ForwardMessageToDeadLetterQueueResponse {
             status: Some(s),
@@ -934,18 +1024,22 @@ impl MessagingService for ClientApi {
                 ));
             }
         };
-        match self.consumption.change_invisible(
-            resource_name(&r.group),
-            resource_name(&r.topic),
-            &r.receipt_handle,
-            d.as_millis() as i64,
-            now_ms(),
-        ) {
-            Ok((h, end)) => Ok(Response::new(pb::ChangeInvisibleDurationResponse {
+        let changed = self.gated(|| {
+            self.consumption.change_invisible(
+                resource_name(&r.group),
+                resource_name(&r.topic),
+                &r.receipt_handle,
+                d.as_millis() as i64,
+                now_ms(),
+            )
+        });
+        match changed {
+            Ok(Ok((h, end))) => Ok(Response::new(pb::ChangeInvisibleDurationResponse {
                 status: Some(self.confirm(end).await),
                 receipt_handle: h.to_string(),
             })),
-            Err(e) => fail(handle_status(&e)),
+            Ok(Err(e)) => fail(handle_status(&e)),
+            Err(s) => fail(s),
         }
     }
 
@@ -961,6 +1055,79 @@ impl MessagingService for ClientApi {
         _: Request<pb::SyncLiteSubscriptionRequest>,
     ) -> Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
         Err(Status::unimplemented("lite topics are not implemented"))
+    }
+}
+
+/// Deliveries a receive claimed and has not handed to its client: given
+/// back ([`Consumption::release`]: shown again now, no longer renewed) when
+/// the receive fails after claiming them or its answer is dropped before
+/// its last frame went out (the client cancelled, its connection broke).
+/// A client that retries under the same `attempt_id` gets them again.
+struct Handout {
+    consumption: Arc<Consumption>,
+    replication: Arc<ReplicationManager>,
+    group: String,
+    topic: String,
+    entries: Vec<RemoveEntry>,
+}
+
+impl Handout {
+    fn give_back(&mut self) {
+        let entries = std::mem::take(&mut self.entries);
+        if entries.is_empty() {
+            return;
+        }
+        // Through the write gate, as every change; refused while writes are
+        // paused or after a role change, when a retry of the attempt (or
+        // the invisible time) brings them back instead.
+        match self.replication.admit() {
+            Ok(_gate) => {
+                if let Err(e) =
+                    self.consumption
+                        .release(&self.group, &self.topic, &entries, now_ms())
+                {
+                    tracing::warn!(error = %e, group = %self.group, topic = %self.topic, "recording messages given back failed; a restart may keep them invisible until their invisible time runs out");
+                }
+            }
+            Err(e) => tracing::info!(
+                error = %e,
+                group = %self.group,
+                topic = %self.topic,
+                messages = entries.len(),
+                "messages of a receive that did not reach its consumer stay in flight: writes are refused"
+            ),
+        }
+    }
+}
+
+impl Drop for Handout {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// The frames of a receive's answer; the messages in them are given back
+/// if the answer is dropped before its last frame is taken (see [`Handout`]).
+struct Frames {
+    frames: std::collections::VecDeque<Result<pb::ReceiveMessageResponse, Status>>,
+    handout: Option<Handout>,
+}
+
+impl Stream for Frames {
+    type Item = Result<pb::ReceiveMessageResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.frames.pop_front();
+        if self.frames.is_empty()
+            && let Some(mut handed) = self.handout.take()
+        {
+            // The last frame goes out: the answer is complete.
+            handed.entries.clear();
+        }
+        std::task::Poll::Ready(next)
     }
 }
 
@@ -1189,6 +1356,19 @@ mod tests {
         })
     }
 
+    /// An ack of one message of group "g" on topic "f".
+    fn ack_of(handle: &str) -> Request<pb::AckMessageRequest> {
+        with_client(pb::AckMessageRequest {
+            group: resource("g"),
+            topic: resource("f"),
+            entries: vec![pb::AckMessageEntry {
+                message_id: "id".into(),
+                receipt_handle: handle.to_owned(),
+                ..Default::default()
+            }],
+        })
+    }
+
     fn with_client<T>(m: T) -> Request<T> {
         let mut r = Request::new(m);
         r.metadata_mut()
@@ -1306,6 +1486,215 @@ mod tests {
         assert_eq!(got, vec![b"b0".to_vec()]);
         // Nobody waits any more: no topic entry is left behind.
         assert_eq!(api.arrivals.watched_topics(), 0);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A push consumer's receive of `topic` (`auto_renew`, an attempt id),
+    /// answering within about 1.4 s when nothing comes.
+    fn push_receive(topic: &str, attempt: &str) -> Request<pb::ReceiveMessageRequest> {
+        let mut r = with_client(pb::ReceiveMessageRequest {
+            group: resource("g"),
+            message_queue: Some(pb::MessageQueue {
+                topic: resource(topic),
+                ..Default::default()
+            }),
+            batch_size: 16,
+            auto_renew: true,
+            attempt_id: Some(attempt.into()),
+            long_polling_timeout: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        r.metadata_mut()
+            .insert("grpc-timeout", "1500m".parse().expect("header"));
+        r
+    }
+
+    /// A receive's status code and messages.
+    async fn answer(
+        api: &ClientApi,
+        req: Request<pb::ReceiveMessageRequest>,
+    ) -> (i32, Vec<pb::Message>) {
+        use futures::StreamExt;
+        let frames: Vec<_> = api
+            .receive_message(req)
+            .await
+            .expect("stream")
+            .into_inner()
+            .collect()
+            .await;
+        let mut code = None;
+        let mut messages = Vec::new();
+        for f in frames {
+            match f.expect("frame").content {
+                Some(pb::receive_message_response::Content::Status(s)) => code = Some(s.code),
+                Some(pb::receive_message_response::Content::Message(m)) => messages.push(m),
+                _ => {}
+            }
+        }
+        (code.expect("a status"), messages)
+    }
+
+    fn receipt_handles(messages: &[pb::Message]) -> Vec<String> {
+        messages
+            .iter()
+            .map(|m| {
+                m.system_properties
+                    .as_ref()
+                    .and_then(|p| p.receipt_handle.clone())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// A client API with a FIFO topic `f` holding `bodies` on its queue.
+    fn fifo_api(
+        dir: &std::path::Path,
+        bodies: &[&str],
+    ) -> (ClientApi, Arc<Consumption>, MessageStore) {
+        let (api, consumption, store) = api_over(dir);
+        store
+            .metadata()
+            .ensure_topic(TopicConfig {
+                name: "f".into(),
+                queue_count: 1,
+                message_type: MessageType::Fifo,
+            })
+            .expect("topic");
+        for b in bodies {
+            store
+                .append(crate::store::NewRecord::new("f", 0, b.as_bytes().to_vec()))
+                .expect("append");
+        }
+        (api, consumption, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receive_repeated_under_its_attempt_id_gets_the_same_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, _, store) = fifo_api(dir.path(), &["m1", "m2"]);
+        api.clients.open("host@1#1");
+        // The answer is lost on its way (the client's call failed after the
+        // broker sent it): the client retries under the same attempt id.
+        let (code, first) = answer(&api, push_receive("f", "a1")).await;
+        assert_eq!(code, Code::Ok as i32);
+        assert_eq!(first.len(), 2);
+        let (code, again) = answer(&api, push_receive("f", "a1")).await;
+        assert_eq!(
+            code,
+            Code::Ok as i32,
+            "the FIFO queue is held by the lost batch"
+        );
+        let bodies: Vec<&[u8]> = again.iter().map(|m| &m.body[..]).collect();
+        assert_eq!(bodies, [&b"m1"[..], b"m2"]);
+        assert_eq!(receipt_handles(&again), receipt_handles(&first));
+        // Any other attempt finds the queue held.
+        let (code, _) = answer(&api, push_receive("f", "a2")).await;
+        assert_eq!(code, Code::MessageNotFound as i32);
+        store.shutdown().expect("shutdown");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receive_answer_dropped_unread_gives_its_messages_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, consumption, store) = fifo_api(dir.path(), &["m1", "m2"]);
+        api.clients.open("host@1#1");
+        // The client's call is cancelled before it read the answer.
+        let dropped = api
+            .receive_message(push_receive("f", "a1"))
+            .await
+            .expect("stream");
+        assert_eq!(consumption.in_flight("g", "f", 0), 2);
+        drop(dropped);
+        // Not renewed for a client that never got them...
+        assert_eq!(consumption.renew(now_ms() + 55_000, |_| true).0, 0);
+        // ...and back at once: the retry of the attempt gets them first
+        // time round, under the same deliveries.
+        let (code, again) = answer(&api, push_receive("f", "a1")).await;
+        assert_eq!(code, Code::Ok as i32);
+        let attempts: Vec<Option<i32>> = again
+            .iter()
+            .map(|m| {
+                m.system_properties
+                    .as_ref()
+                    .and_then(|p| p.delivery_attempt)
+            })
+            .collect();
+        assert_eq!(attempts, [Some(1), Some(1)]);
+        // Fully read, they are renewed as usual.
+        assert_eq!(consumption.renew(now_ms() + 55_000, |_| true).0, 2);
+        store.shutdown().expect("shutdown");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn consumer_changes_are_refused_while_a_switchover_holds_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, _, store) = fifo_api(dir.path(), &["m1", "m2"]);
+        api.clients.open("host@1#1");
+        let (code, got) = answer(&api, push_receive("f", "a1")).await;
+        assert_eq!(code, Code::Ok as i32);
+        let handles = receipt_handles(&got);
+        // A switchover stops writes and counts the log's end: nothing a
+        // consumer does may add to the log past it.
+        api.write.replication().set_writable(false);
+        let end = store.max_offset();
+        let ha = Code::HaNotAvailable as i32;
+        let ack = api
+            .ack_message(ack_of(&handles[0]))
+            .await
+            .expect("ack")
+            .into_inner();
+        assert_eq!(ack.status.map(|s| s.code), Some(ha));
+        assert_eq!(ack.entries[0].status.as_ref().map(|s| s.code), Some(ha));
+        let change = api
+            .change_invisible_duration(with_client(pb::ChangeInvisibleDurationRequest {
+                group: resource("g"),
+                topic: resource("f"),
+                receipt_handle: handles[1].clone(),
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+                message_id: "id".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("change")
+            .into_inner();
+        assert_eq!(change.status.map(|s| s.code), Some(ha));
+        let forward = api
+            .forward_message_to_dead_letter_queue(with_client(
+                pb::ForwardMessageToDeadLetterQueueRequest {
+                    group: resource("g"),
+                    topic: resource("f"),
+                    receipt_handle: handles[1].clone(),
+                    message_id: "id".into(),
+                    delivery_attempt: 1,
+                    max_delivery_attempts: 16,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("forward")
+            .into_inner();
+        assert_eq!(forward.status.map(|s| s.code), Some(ha));
+        let (code, _) = answer(&api, push_receive("f", "a1")).await;
+        assert_eq!(code, ha);
+        assert_eq!(
+            store.max_offset(),
+            end,
+            "the log grew while writes were held"
+        );
+        // Writes resume (the switchover failed): the ack goes through.
+        api.write.replication().set_writable(true);
+        let ack = api
+            .ack_message(ack_of(&handles[0]))
+            .await
+            .expect("ack")
+            .into_inner();
+        assert_eq!(ack.status.map(|s| s.code), Some(Code::Ok as i32));
         store.shutdown().expect("shutdown");
     }
 

@@ -71,8 +71,9 @@ impl ClientApi {
                 _ = tokio::time::sleep(CHECK_TICK) => {}
             }
             if self.write.replication().check_writable().is_err() {
-                // Keep up with replicated halves and decisions for a promotion.
-                self.transactions.load();
+                // A slave keeps no transaction state: its log may yet be cut
+                // at a fork point. Once promoted, the state is rebuilt from
+                // the replicated progress and log.
                 continue;
             }
             for due in self.transactions.due_checks(&self.write, now_ms()).await {

@@ -18,6 +18,13 @@
 //! acked ones stay acked, and only deliveries whose record never became
 //! durable are made again (counted as failover redeliveries when the
 //! replicated "handed out up to" mark says a previous master made them).
+//! The log also says which client each `auto_renew` delivery is renewed
+//! for and which receive attempt made it, so renewals go on and a receive
+//! repeated under its `attempt_id` gets its messages again.
+//!
+//! Every change appends to the commit log, so callers make it through the
+//! replication write gate (see [`crate::replication::ReplicationManager::admit`]),
+//! as sends do: the client API does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -139,7 +146,16 @@ pub struct ReceiveRequest<'a> {
     /// The client (id) that asked the server to keep renewing the messages
     /// it is handed (`auto_renew`), if any: see [`Consumption::renew`].
     pub renew_for: Option<&'a str>,
+    /// The asking client's id and the receive's `attempt_id`, if it sent
+    /// one: a receive that repeats an attempt whose messages are still in
+    /// flight under the deliveries it made gets those messages again
+    /// (the client never got the answer), instead of new ones.
+    pub attempt: Option<(&'a str, &'a str)>,
 }
+
+/// Longest `attempt_id` (and client id) a receive is matched by; a longer
+/// one is ignored (the official clients send UUIDs).
+const MAX_ATTEMPT_KEY_LEN: usize = 256;
 
 /// Why an ack or an invisible-time change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -195,11 +211,14 @@ struct InFlight {
     /// The broker that made the delivery (index into [`State::issuers`]).
     issuer: u16,
     /// The client the broker renews this delivery for, as 1 + an index
-    /// into [`State::clients`]; 0: not renewed. Kept in memory only: after
-    /// a restart or failover the delivery just runs out.
+    /// into [`State::clients`]; 0: not renewed. Logged with the entry, so a
+    /// restart or failover keeps renewing it once the client is connected.
     renew_for: u32,
     /// Renewed until then at most (ms since the epoch).
     renew_until_ms: i64,
+    /// The receive attempt that made this delivery, as 1 + an index into
+    /// [`State::claims`]; 0: none (or the consumer changed it since).
+    claim: u32,
 }
 
 type Key = (String, String, u32);
@@ -243,8 +262,48 @@ struct State {
     issuers: Vec<String>,
     /// Clients whose deliveries are renewed (see [`InFlight::renew_for`]).
     clients: Vec<String>,
+    /// Receive attempts that made deliveries (see [`InFlight::claim`]), as
+    /// "client id\nattempt id", and the index of each.
+    claims: Vec<String>,
+    claim_index: HashMap<String, u32>,
+    /// How many receive attempts the last compaction kept.
+    claims_kept: usize,
     /// When idle queue states were last looked for (see [`EVICT_IDLE_MS`]).
     swept_ms: i64,
+}
+
+/// The entries of `table` an in-flight delivery refers to, through the
+/// 1-based index `link` selects (0: none), in their order; the references
+/// are renumbered to match.
+fn keep_referenced(
+    queues: &mut HashMap<Key, QueueState>,
+    table: Vec<String>,
+    link: fn(&mut InFlight) -> &mut u32,
+) -> Vec<String> {
+    let mut used = vec![false; table.len()];
+    for f in queues.values_mut().flat_map(|qs| qs.in_flight.values_mut()) {
+        if let Some(u) = (*link(f) as usize)
+            .checked_sub(1)
+            .and_then(|i| used.get_mut(i))
+        {
+            *u = true;
+        }
+    }
+    let mut remap = vec![0u32; used.len()];
+    let mut kept = Vec::new();
+    for (i, entry) in table.into_iter().enumerate() {
+        if used[i] {
+            kept.push(entry);
+            remap[i] = kept.len() as u32;
+        }
+    }
+    for f in queues.values_mut().flat_map(|qs| qs.in_flight.values_mut()) {
+        let r = link(f);
+        if let Some(i) = (*r as usize).checked_sub(1) {
+            *r = remap.get(i).copied().unwrap_or(0);
+        }
+    }
+    kept
 }
 
 impl State {
@@ -264,32 +323,49 @@ impl State {
         if self.clients.len() <= KEEP_UP_TO {
             return;
         }
-        let mut used = vec![false; self.clients.len()];
-        for f in self.queues.values().flat_map(|qs| qs.in_flight.values()) {
-            if let Some(u) = (f.renew_for as usize)
-                .checked_sub(1)
-                .and_then(|i| used.get_mut(i))
-            {
-                *u = true;
-            }
+        let clients = std::mem::take(&mut self.clients);
+        self.clients = keep_referenced(&mut self.queues, clients, |f| &mut f.renew_for);
+    }
+
+    /// Forgets receive attempts no in-flight entry was made by, once there
+    /// are many (every receive is a new attempt).
+    fn compact_claims(&mut self) {
+        if self.claims.len() <= (2 * self.claims_kept).max(1024) {
+            return;
         }
-        let mut remap = vec![0u32; used.len()];
-        let mut kept = Vec::new();
-        for (i, id) in std::mem::take(&mut self.clients).into_iter().enumerate() {
-            if used[i] {
-                kept.push(id);
-                remap[i] = kept.len() as u32;
-            }
+        let claims = std::mem::take(&mut self.claims);
+        self.claims = keep_referenced(&mut self.queues, claims, |f| &mut f.claim);
+        self.claim_index = (1..)
+            .zip(&self.claims)
+            .map(|(i, key)| (key.clone(), i))
+            .collect();
+        self.claims_kept = self.claims.len();
+    }
+
+    /// [`InFlight::claim`] of a receive attempt, made if new.
+    fn claim_tag(&mut self, client_id: &str, attempt_id: &str) -> u32 {
+        let key = format!("{client_id}\n{attempt_id}");
+        if let Some(i) = self.claim_index.get(&key) {
+            return *i;
         }
-        self.clients = kept;
-        for f in self
-            .queues
-            .values_mut()
-            .flat_map(|qs| qs.in_flight.values_mut())
-        {
-            if let Some(i) = (f.renew_for as usize).checked_sub(1) {
-                f.renew_for = remap.get(i).copied().unwrap_or(0);
-            }
+        self.claims.push(key.clone());
+        let i = self.claims.len() as u32;
+        self.claim_index.insert(key, i);
+        i
+    }
+
+    /// [`InFlight::claim`] of a receive attempt, if known.
+    fn find_claim(&self, client_id: &str, attempt_id: &str) -> Option<u32> {
+        self.claim_index
+            .get(&format!("{client_id}\n{attempt_id}"))
+            .copied()
+    }
+
+    /// The tables log records refer to.
+    fn tables(&self) -> Tables<'_> {
+        Tables {
+            clients: &self.clients,
+            claims: &self.claims,
         }
     }
 
@@ -306,6 +382,49 @@ impl State {
     }
 }
 
+/// The client and receive-attempt tables of a [`State`], which log records
+/// of its entries refer to.
+#[derive(Clone, Copy)]
+struct Tables<'a> {
+    clients: &'a [String],
+    claims: &'a [String],
+}
+
+impl Tables<'_> {
+    /// The set entry that logs `f`, with its client and receive attempt.
+    fn set_entry(
+        self,
+        ops: &mut DeliveryOps,
+        queue_id: u32,
+        queue_offset: u64,
+        f: &InFlight,
+    ) -> SetEntry {
+        let renew_client = (f.renew_for as usize)
+            .checked_sub(1)
+            .and_then(|i| self.clients.get(i))
+            .map_or(0, |c| ops.client_ref(c));
+        let claim = (f.claim as usize)
+            .checked_sub(1)
+            .and_then(|i| self.claims.get(i))
+            .and_then(|k| k.split_once('\n'))
+            .map_or(0, |(c, a)| ops.claim_ref(c, a));
+        set_entry(queue_id, queue_offset, f, renew_client, claim)
+    }
+}
+
+/// What a claim marks the entries it hands out with.
+#[derive(Clone, Copy)]
+struct Tags {
+    /// The broker (see [`InFlight::issuer`]).
+    issuer: u16,
+    /// See [`InFlight::renew_for`] and [`InFlight::claim`].
+    renew: u32,
+    claim: u32,
+    /// The same in the claim's delivery record.
+    renew_ref: u16,
+    claim_ref: u16,
+}
+
 /// A message chosen for a consumer and marked in flight, whose record is
 /// still to be read (see [`Consumption::claim`]).
 #[derive(Clone, Copy, Debug)]
@@ -315,6 +434,17 @@ pub struct Claimed {
     /// Where the record is in the commit log.
     pub location: CqEntry,
     f: InFlight,
+}
+
+impl Claimed {
+    /// The delivery made (for [`Consumption::release`]).
+    pub fn entry(&self) -> RemoveEntry {
+        RemoveEntry {
+            queue_id: self.queue_id,
+            queue_offset: self.queue_offset,
+            delivery: self.f.delivery,
+        }
+    }
 }
 
 /// Where a delivery record ends (`None`: nothing to record), or why it
@@ -444,6 +574,9 @@ impl Consumption {
         let mut dead = Vec::new();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
         self.claims.fetch_add(1, Ordering::Relaxed);
+        let attempt = req
+            .attempt
+            .filter(|(c, a)| !a.is_empty() && c.len().max(a.len()) <= MAX_ATTEMPT_KEY_LEN);
         let durable_at = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -451,6 +584,25 @@ impl Consumption {
             let me = st.issuer(self.store.store_id());
             let renew = req.renew_for.map_or(0, |c| st.client(c));
             let mut ops = DeliveryOps::new(req.group, req.topic, self.store.store_id());
+            // A repeated attempt whose messages are still in flight under
+            // the deliveries it made: those again, nothing else.
+            if let Some(tag) = attempt.and_then(|(c, a)| st.find_claim(c, a)) {
+                let again = self.claim_again(req, st, tag, (me, renew), &mut ops);
+                if !again.is_empty() {
+                    let durable_at = self.log(st, &ops);
+                    if durable_at.is_err() {
+                        self.unclaim(st, req, &again);
+                    }
+                    return Ok(Claim {
+                        items: again,
+                        durable_at: durable_at?,
+                    });
+                }
+            }
+            st.compact_claims();
+            let tag = attempt.map_or(0, |(c, a)| st.claim_tag(c, a));
+            let renew_ref = req.renew_for.map_or(0, |c| ops.client_ref(c));
+            let claim_ref = attempt.map_or(0, |(c, a)| ops.claim_ref(c, a));
             for i in 0..u64::from(req.queue_count) {
                 if out.len() >= req.max_messages {
                     break;
@@ -466,7 +618,13 @@ impl Consumption {
                     q,
                     qs,
                     &mut st.events,
-                    (me, renew),
+                    Tags {
+                        issuer: me,
+                        renew,
+                        claim: tag,
+                        renew_ref,
+                        claim_ref,
+                    },
                     &mut out,
                     &mut dead,
                     &mut ops,
@@ -478,7 +636,11 @@ impl Consumption {
                     ops.nexts.push((q, qs.next.unwrap_or(0)));
                 }
             }
-            self.log(st, &ops)
+            let logged = self.log(st, &ops);
+            if logged.is_err() {
+                self.unclaim(st, req, &out);
+            }
+            logged
         };
         // Messages that used up their attempts are still in flight (hidden
         // for another invisible time): each leaves it only once its dead
@@ -540,6 +702,7 @@ impl Consumption {
     /// keeps only a hash) is settled as consumed instead of handed out. On
     /// a read error the error is returned and the claimed messages stay in
     /// flight: they are offered again when their invisible time runs out.
+    /// Messages left in flight without being handed out are not renewed.
     pub fn complete(
         &self,
         req: &ReceiveRequest<'_>,
@@ -551,13 +714,17 @@ impl Consumption {
         // FIFO queues with an unreadable message: what follows it there
         // stays in flight too, to come back in order behind it.
         let mut held: Vec<u32> = Vec::new();
+        // Claimed messages left in flight without being handed out.
+        let mut left = Vec::new();
         for (c, record) in claimed.into_iter().zip(records) {
             if held.contains(&c.queue_id) {
+                left.push(c.entry());
                 continue;
             }
             match record {
                 Ok(r) => pairs.push((c, r)),
                 Err(e) => {
+                    left.push(c.entry());
                     if req.fifo {
                         held.push(c.queue_id);
                     }
@@ -575,6 +742,14 @@ impl Consumption {
                 }
             }
         }
+        // Their consumer never gets them: renewing them would keep them
+        // (and a FIFO queue behind them) from coming back for hours.
+        if req.renew_for.is_some() && !left.is_empty() {
+            let mut st = self.lock();
+            if let Err(e) = self.stop_renewing(&mut st, req.group, req.topic, &left) {
+                tracing::warn!(error = %e, "recording the end of renewals failed; a restart may renew them again");
+            }
+        }
         // Nothing readable at all: the caller hears why.
         if pairs.is_empty()
             && let Some(e) = unreadable
@@ -588,11 +763,7 @@ impl Consumption {
                 Some(record) if req.filter.matches(&record) => {
                     out.push(self.delivered(record, c.queue_id, c.queue_offset, c.f));
                 }
-                _ => settled.push(RemoveEntry {
-                    queue_id: c.queue_id,
-                    queue_offset: c.queue_offset,
-                    delivery: c.f.delivery,
-                }),
+                _ => settled.push(c.entry()),
             }
         }
         if !settled.is_empty() {
@@ -662,6 +833,86 @@ impl Consumption {
         qs.marked = None;
     }
 
+    /// A claim whose delivery record could not be written hands nothing
+    /// out: its entries show up again now, unrenewed (in memory only, as
+    /// the log cannot be written; a retry of the attempt still finds them).
+    fn unclaim(&self, st: &mut State, req: &ReceiveRequest<'_>, claimed: &[Claimed]) {
+        let entries: Vec<RemoveEntry> = claimed.iter().map(Claimed::entry).collect();
+        let _unlogged = self.unrenew(st, req.group, req.topic, &entries, Some(req.now_ms));
+    }
+
+    /// The in-flight entries of `group` on `topic` that receive attempt
+    /// `tag` made, still under those deliveries, made invisible (and
+    /// renewed) afresh as a new claim of the same messages under the same
+    /// receipt handles. Entries whose message retention removed end here.
+    fn claim_again(
+        &self,
+        req: &ReceiveRequest<'_>,
+        st: &mut State,
+        tag: u32,
+        (me, renew): (u16, u32),
+        ops: &mut DeliveryOps,
+    ) -> Vec<Claimed> {
+        let mut out = Vec::new();
+        let State {
+            queues,
+            events,
+            clients,
+            claims,
+            ..
+        } = st;
+        for q in 0..req.queue_count {
+            let key = (req.group.to_owned(), req.topic.to_owned(), q);
+            let Some(qs) = queues.get_mut(&key) else {
+                continue;
+            };
+            let mine: Vec<u64> = qs
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.claim == tag)
+                .map(|(o, _)| *o)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            for off in mine {
+                let Some(location) = self.store.queue_entry(req.topic, q, off) else {
+                    if let Some(f) = qs.in_flight.remove(&off) {
+                        events.release(f.event);
+                    }
+                    continue;
+                };
+                let Some(f) = qs.in_flight.get_mut(&off) else {
+                    continue;
+                };
+                f.visible_at_ms = req.now_ms + req.invisible_ms;
+                f.issuer = me;
+                f.renew_for = renew;
+                if f.renew_until_ms == 0 {
+                    f.renew_until_ms = req.now_ms.saturating_add(RENEW_MAX_MS);
+                }
+                let e = Tables { clients, claims }.set_entry(ops, q, off, f);
+                ops.sets.push(e);
+                out.push(Claimed {
+                    queue_id: q,
+                    queue_offset: off,
+                    location,
+                    f: *f,
+                });
+            }
+            ops.nexts.push((q, qs.next.unwrap_or(0)));
+        }
+        if !out.is_empty() {
+            tracing::info!(
+                group = req.group,
+                topic = req.topic,
+                messages = out.len(),
+                "a receive repeated its attempt: the messages that attempt was handed are handed out again"
+            );
+        }
+        out
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn claim_queue(
         &self,
@@ -669,7 +920,7 @@ impl Consumption {
         q: u32,
         st: &mut QueueState,
         events: &mut Events,
-        (me, renew): (u16, u32),
+        tags: Tags,
         out: &mut Vec<Claimed>,
         dead: &mut Vec<(RemoveEntry, u32)>,
         ops: &mut DeliveryOps,
@@ -721,9 +972,16 @@ impl Consumption {
             if f.attempt >= req.max_attempts {
                 // Goes to the dead-letter topic once this claim lets go of
                 // the lock, and stays in flight until it is there; hidden
-                // meanwhile (in memory only), so no other receive moves it.
+                // meanwhile, so no other receive moves it. Under a new
+                // delivery number, logged with the claim: the expired
+                // delivery's receipt handle can no longer ack it or change
+                // it while it moves, and the move's record ends it.
                 f.visible_at_ms = req.now_ms + req.invisible_ms;
                 f.renew_for = 0;
+                f.claim = 0;
+                f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
+                f.issuer = tags.issuer;
+                ops.sets.push(set_entry(q, off, f, 0, 0));
                 dead.push((
                     RemoveEntry {
                         queue_id: q,
@@ -738,10 +996,12 @@ impl Consumption {
             bytes += u64::from(location.size);
             f.delivery = self.deliveries.fetch_add(1, Ordering::Relaxed);
             f.visible_at_ms = req.now_ms + req.invisible_ms;
-            f.issuer = me;
-            f.renew_for = renew;
+            f.issuer = tags.issuer;
+            f.renew_for = tags.renew;
             f.renew_until_ms = req.now_ms.saturating_add(RENEW_MAX_MS);
-            ops.sets.push(set_entry(q, off, f));
+            f.claim = tags.claim;
+            ops.sets
+                .push(set_entry(q, off, f, tags.renew_ref, tags.claim_ref));
             out.push(Claimed {
                 queue_id: q,
                 queue_offset: off,
@@ -774,12 +1034,14 @@ impl Consumption {
                 visible_at_ms: req.now_ms + req.invisible_ms,
                 attempt: 1,
                 event: UNLOGGED,
-                issuer: me,
-                renew_for: renew,
+                issuer: tags.issuer,
+                renew_for: tags.renew,
                 renew_until_ms: req.now_ms.saturating_add(RENEW_MAX_MS),
+                claim: tags.claim,
             };
             st.in_flight.insert(off, f);
-            ops.sets.push(set_entry(q, off, &f));
+            ops.sets
+                .push(set_entry(q, off, &f, tags.renew_ref, tags.claim_ref));
             if off < st.redeliver_below {
                 self.failover_redeliveries.fetch_add(1, Ordering::Relaxed);
             }
@@ -891,6 +1153,7 @@ impl Consumption {
         // Each entry keeps the broker that made its delivery, so the
         // consumer's receipt handle stays valid after a replay.
         let mut by_topic: BTreeMap<(String, String, u16), DeliveryOps> = BTreeMap::new();
+        let tables = st.tables();
         for ((group, topic, q), qs) in &st.queues {
             for (off, f) in &qs.in_flight {
                 if f.event < cutoff {
@@ -901,7 +1164,8 @@ impl Consumption {
                     let ops = by_topic
                         .entry((group.clone(), topic.clone(), f.issuer))
                         .or_insert_with(|| DeliveryOps::new(group, topic, issuer));
-                    ops.sets.push(set_entry(*q, *off, f));
+                    let e = tables.set_entry(ops, *q, *off, f);
+                    ops.sets.push(e);
                     if ops.nexts.last().is_none_or(|(last, _)| last != q) {
                         ops.nexts.push((*q, qs.next.unwrap_or(0)));
                     }
@@ -994,6 +1258,9 @@ impl Consumption {
             }
         }
         for s in &ops.sets {
+            // The renewal and the receive attempt go on as they were.
+            let renew_for = ops.renew_client_of(s).map_or(0, |c| st.client(c));
+            let claim = ops.claim_of(s).map_or(0, |(c, a)| st.claim_tag(c, a));
             let key = (ops.group.clone(), ops.topic.clone(), s.queue_id);
             let qs = st.queues.entry(key).or_default();
             self.init_queue(&ops.group, &ops.topic, s.queue_id, qs);
@@ -1003,8 +1270,9 @@ impl Consumption {
                 attempt: s.attempt,
                 event,
                 issuer,
-                renew_for: 0,
-                renew_until_ms: 0,
+                renew_for,
+                renew_until_ms: if renew_for == 0 { 0 } else { s.renew_until_ms },
+                claim,
             };
             if let Some(old) = qs.in_flight.insert(s.queue_offset, f) {
                 st.events.release(old.event);
@@ -1123,12 +1391,15 @@ impl Consumption {
         f.visible_at_ms = now_ms + invisible_ms;
         f.issuer = me;
         // The consumer set the time itself (a push consumer's retry back-off):
-        // renewing would override it.
+        // renewing would override it. It holds the new handle, not the one
+        // its receive attempt was handed.
         f.renew_for = 0;
+        f.claim = 0;
         h.delivery = f.delivery;
         h.store_id = self.store.store_id().to_owned();
         let mut ops = DeliveryOps::new(group, &h.topic, self.store.store_id());
-        ops.sets.push(set_entry(h.queue_id, h.queue_offset, f));
+        ops.sets
+            .push(set_entry(h.queue_id, h.queue_offset, f, 0, 0));
         ops.nexts.push((h.queue_id, qs.next.unwrap_or(0)));
         let end = self.log(st, &ops).map_err(HandleError::Unrecorded)?;
         Ok((h, end))
@@ -1136,7 +1407,11 @@ impl Consumption {
 
     /// Moves one delivery to the dead-letter topic at the consumer's request
     /// (a FIFO consumer that gave up on a message). Returns where the
-    /// records written end.
+    /// records written end. A message whose record is gone (retention) or
+    /// cannot be read has nothing to move: its delivery ends, as a claim
+    /// ends one that used up its attempts. When the dead letter cannot be
+    /// written the delivery stays, no longer renewed, so it shows up again
+    /// by its invisible time even if the consumer gives up on it.
     pub fn forward_to_dead_letter(
         &self,
         group: &str,
@@ -1159,25 +1434,146 @@ impl Consumption {
         if !live {
             return Err(HandleError::Stale);
         }
-        let record = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
-            Ok(Some(r)) => r,
-            _ => return Err(HandleError::Stale),
-        };
-        let moved = self.to_dead_letter(group, record, attempts).map_err(|e| {
-            tracing::error!(error = %e, group, topic = %h.topic, "writing to the dead-letter topic failed; the message stays in flight");
-            HandleError::Unrecorded(e)
-        })?;
         let entry = RemoveEntry {
             queue_id: h.queue_id,
             queue_offset: h.queue_offset,
             delivery: h.delivery,
+        };
+        let moved = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
+            Ok(Some(record)) => match self.to_dead_letter(group, record, attempts) {
+                Ok(end) => Some(end),
+                Err(e) => {
+                    tracing::error!(error = %e, group, topic = %h.topic, queue = h.queue_id, queue_offset = h.queue_offset, "writing to the dead-letter topic failed; the message stays in flight, no longer renewed");
+                    if let Err(e) = self.stop_renewing(st, group, &h.topic, &[entry]) {
+                        tracing::warn!(error = %e, "recording the end of a renewal failed; a restart may renew it again");
+                    }
+                    return Err(HandleError::Unrecorded(e));
+                }
+            },
+            Ok(None) => {
+                tracing::warn!(group, topic = %h.topic, queue = h.queue_id, queue_offset = h.queue_offset, "a message to move to the dead-letter topic is gone (retention); its delivery ends");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, group, topic = %h.topic, queue = h.queue_id, queue_offset = h.queue_offset, "a message to move to the dead-letter topic could not be read; it is dropped instead");
+                None
+            }
         };
         let (found, logged) = self.settle(st, group, &h.topic, &[entry]);
         if found.first() != Some(&true) {
             return Err(HandleError::Stale);
         }
         let acked = logged.map_err(HandleError::Unrecorded)?;
-        Ok(acked.max(Some(moved)))
+        Ok(acked.max(moved))
+    }
+
+    /// Gives back deliveries a consumer never got (the receive failed after
+    /// claiming them, or its answer was dropped): each still under that
+    /// delivery is no longer renewed and shows up again now. Their receive
+    /// attempt still finds them, so a retry of it gets them back (see
+    /// [`ReceiveRequest::attempt`]). Returns where the record ends.
+    pub fn release(
+        &self,
+        group: &str,
+        topic: &str,
+        entries: &[RemoveEntry],
+        now_ms: i64,
+    ) -> Logged {
+        let mut st = self.lock();
+        let changed = self.unrenew(&mut st, group, topic, entries, Some(now_ms));
+        let given_back: usize = changed.iter().map(|ops| ops.sets.len()).sum();
+        if given_back > 0 {
+            tracing::info!(
+                group,
+                topic,
+                messages = given_back,
+                "messages claimed by a receive that did not reach its consumer are given back"
+            );
+        }
+        self.log_all(&mut st, &changed)
+    }
+
+    /// Stops renewing deliveries (each still under that delivery); see
+    /// [`Consumption::unrenew`].
+    fn stop_renewing(
+        &self,
+        st: &mut State,
+        group: &str,
+        topic: &str,
+        entries: &[RemoveEntry],
+    ) -> Logged {
+        let changed = self.unrenew(st, group, topic, entries, None);
+        self.log_all(st, &changed)
+    }
+
+    /// Stops renewing the entries still under the deliveries named, and
+    /// makes them visible at `visible_at_ms` when it is earlier. Returns
+    /// the records that log it, still to be written.
+    fn unrenew(
+        &self,
+        st: &mut State,
+        group: &str,
+        topic: &str,
+        entries: &[RemoveEntry],
+        visible_at_ms: Option<i64>,
+    ) -> Vec<DeliveryOps> {
+        // Each entry keeps the broker that made its delivery (see
+        // [`Consumption::relog_old`]).
+        let mut by_issuer: BTreeMap<u16, DeliveryOps> = BTreeMap::new();
+        let State {
+            queues,
+            clients,
+            claims,
+            issuers,
+            ..
+        } = st;
+        let tables = Tables { clients, claims };
+        let mut key = (group.to_owned(), topic.to_owned(), 0);
+        for r in entries {
+            key.2 = r.queue_id;
+            let Some(qs) = queues.get_mut(&key) else {
+                continue;
+            };
+            let Some(f) = qs.in_flight.get_mut(&r.queue_offset) else {
+                continue;
+            };
+            if f.delivery != r.delivery {
+                continue;
+            }
+            f.renew_for = 0;
+            if let Some(at) = visible_at_ms {
+                f.visible_at_ms = f.visible_at_ms.min(at);
+            }
+            let ops = by_issuer.entry(f.issuer).or_insert_with(|| {
+                let issuer = issuers
+                    .get(usize::from(f.issuer))
+                    .map_or("", String::as_str);
+                DeliveryOps::new(group, topic, issuer)
+            });
+            let e = tables.set_entry(ops, r.queue_id, r.queue_offset, f);
+            ops.sets.push(e);
+            if ops.nexts.last().is_none_or(|(last, _)| *last != r.queue_id) {
+                ops.nexts.push((r.queue_id, qs.next.unwrap_or(0)));
+            }
+        }
+        by_issuer.into_values().collect()
+    }
+
+    /// Logs several records; see [`Consumption::log`].
+    fn log_all<'o>(
+        &self,
+        st: &mut State,
+        all: impl IntoIterator<Item = &'o DeliveryOps>,
+    ) -> Logged {
+        let mut end = Ok(None);
+        for ops in all {
+            let logged = self.log(st, ops);
+            end = match (end, logged) {
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+            };
+        }
+        end
     }
 
     /// Messages of `group` on a queue handed out and not yet acked (0 until
@@ -1195,17 +1591,25 @@ impl Consumption {
     /// `live` says is still connected and whose [`RENEW_MAX_MS`] is not used
     /// up, stays invisible for [`RENEW_INVISIBLE_MS`] more under the same
     /// receipt handle. Returns how many were renewed and where their
-    /// delivery records end. Does nothing before the state is loaded (a
-    /// slave holds none).
+    /// delivery records end. Only for a master taking writes (as every
+    /// change): the state is rebuilt from the delivery log first if need be,
+    /// with the renewals it records.
     pub fn renew(&self, now_ms: i64, live: impl Fn(&str) -> bool) -> (usize, Logged) {
-        let mut guard = self.state.lock();
-        if !guard.loaded {
-            return (0, Ok(None));
-        }
+        let mut guard = self.lock();
         let st = &mut *guard;
-        let mut by_topic: BTreeMap<(String, String), DeliveryOps> = BTreeMap::new();
+        // Each entry keeps the broker that made its delivery (see
+        // [`Consumption::relog_old`]): a failover carries renewals over.
+        let mut by_topic: BTreeMap<(String, String, u16), DeliveryOps> = BTreeMap::new();
         let mut renewed = 0;
-        for ((group, topic, q), qs) in st.queues.iter_mut() {
+        let State {
+            queues,
+            clients,
+            claims,
+            issuers,
+            ..
+        } = st;
+        let tables = Tables { clients, claims };
+        for ((group, topic, q), qs) in queues.iter_mut() {
             let next = qs.next.unwrap_or(0);
             for (off, f) in qs.in_flight.iter_mut() {
                 if f.renew_for == 0
@@ -1214,20 +1618,32 @@ impl Consumption {
                 {
                     continue;
                 }
-                let client = st
+                let client = tables
                     .clients
                     .get(f.renew_for as usize - 1)
                     .map_or("", String::as_str);
-                if now_ms >= f.renew_until_ms || !live(client) {
-                    // Left to run out: the consumer is gone, or had long enough.
+                if now_ms >= f.renew_until_ms {
+                    // Left to run out: the consumer had long enough.
                     f.renew_for = 0;
+                    continue;
+                }
+                if !live(client) {
+                    // Not renewed while the client is not connected (it may
+                    // be reconnecting, as after a failover): the entry runs
+                    // out unless it connects before then.
                     continue;
                 }
                 f.visible_at_ms = (now_ms + RENEW_INVISIBLE_MS).min(f.renew_until_ms);
                 let ops = by_topic
-                    .entry((group.clone(), topic.clone()))
-                    .or_insert_with(|| DeliveryOps::new(group, topic, self.store.store_id()));
-                ops.sets.push(set_entry(*q, *off, f));
+                    .entry((group.clone(), topic.clone(), f.issuer))
+                    .or_insert_with(|| {
+                        let issuer = issuers
+                            .get(usize::from(f.issuer))
+                            .map_or("", String::as_str);
+                        DeliveryOps::new(group, topic, issuer)
+                    });
+                let e = tables.set_entry(ops, *q, *off, f);
+                ops.sets.push(e);
                 if ops.nexts.last().is_none_or(|(last, _)| last != q) {
                     ops.nexts.push((*q, next));
                 }
@@ -1236,14 +1652,7 @@ impl Consumption {
             }
         }
         st.compact_clients();
-        let mut end = Ok(None);
-        for ops in by_topic.values() {
-            let logged = self.log(st, ops);
-            end = match (end, logged) {
-                (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(a), Ok(b)) => Ok(a.max(b)),
-            };
-        }
+        let end = self.log_all(st, by_topic.values());
         (renewed, end)
     }
 
@@ -1288,13 +1697,28 @@ impl Consumption {
     }
 }
 
-fn set_entry(queue_id: u32, queue_offset: u64, f: &InFlight) -> SetEntry {
+/// The set entry that logs `f`, whose client and receive attempt are
+/// `renew_client` and `claim` in the record (see [`State::set_entry`]).
+fn set_entry(
+    queue_id: u32,
+    queue_offset: u64,
+    f: &InFlight,
+    renew_client: u16,
+    claim: u16,
+) -> SetEntry {
     SetEntry {
         queue_id,
         queue_offset,
         delivery: f.delivery,
         attempt: f.attempt,
         visible_at_ms: f.visible_at_ms,
+        renew_client,
+        renew_until_ms: if renew_client == 0 {
+            0
+        } else {
+            f.renew_until_ms
+        },
+        claim,
     }
 }
 
@@ -1363,6 +1787,7 @@ mod tests {
             max_attempts: 3,
             now_ms,
             renew_for: None,
+            attempt: None,
         }
     }
 
@@ -1773,6 +2198,276 @@ mod tests {
         s.shutdown().expect("shutdown");
     }
 
+    /// The bodies of `got`.
+    fn bodies(got: &[Delivered]) -> Vec<String> {
+        got.iter()
+            .map(|d| String::from_utf8_lossy(&d.record.body).into_owned())
+            .collect()
+    }
+
+    /// Their receipt handles.
+    fn handles(got: &[Delivered]) -> Vec<String> {
+        got.iter().map(|d| d.handle.to_string()).collect()
+    }
+
+    #[test]
+    fn a_repeated_receive_attempt_gets_its_batch_again() {
+        let (_dir, s) = filled(3);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let t0 = 1_000_000;
+        // A FIFO push consumer: auto_renew, an attempt id per receive.
+        let push = |client, attempt, now| ReceiveRequest {
+            renew_for: Some(client),
+            attempt: Some((client, attempt)),
+            invisible_ms: RENEW_INVISIBLE_MS,
+            max_messages: 2,
+            max_attempts: 10,
+            ..req(&all, now, true)
+        };
+        let first = c.receive(&push("c1", "a1", t0)).expect("receive");
+        assert_eq!(bodies(&first), ["m0", "m1"]);
+        // The answer was lost: the same attempt gets the same batch, under
+        // the same handles and attempt, while the queue stays held for
+        // every other receive.
+        let again = c.receive(&push("c1", "a1", t0 + 1_000)).expect("receive");
+        assert_eq!(bodies(&again), ["m0", "m1"]);
+        assert_eq!(handles(&again), handles(&first));
+        assert!(again.iter().all(|d| d.attempt == 1));
+        assert_eq!(again[0].invisible_until_ms, t0 + 1_000 + RENEW_INVISIBLE_MS);
+        assert!(
+            c.receive(&push("c1", "a2", t0 + 1_000))
+                .expect("r")
+                .is_empty()
+        );
+        assert!(
+            c.receive(&push("c2", "a1", t0 + 1_000))
+                .expect("r")
+                .is_empty(),
+            "another client's attempt of the same id"
+        );
+        // Once part of it is acked, the attempt gets what is left of it.
+        c.ack("g", "t", &first[0].handle.to_string()).expect("ack");
+        let rest = c.receive(&push("c1", "a1", t0 + 2_000)).expect("receive");
+        assert_eq!(handles(&rest), handles(&first[1..]));
+        // Redelivered to someone else, the attempt has nothing left: it
+        // is a receive as any other (FIFO: m1 again, then m2).
+        let later = t0 + 2_000 + RENEW_INVISIBLE_MS;
+        let other = c.receive(&push("c2", "b1", later)).expect("receive");
+        assert_eq!(bodies(&other), ["m1"]);
+        assert_eq!(other[0].attempt, 2);
+        assert!(c.receive(&push("c1", "a1", later)).expect("r").is_empty());
+        c.ack("g", "t", &other[0].handle.to_string()).expect("ack");
+        let last = c.receive(&push("c1", "a1", later)).expect("receive");
+        assert_eq!(bodies(&last), ["m2"]);
+        // A consumer's own invisible time (a nack) ends the attempt's hold
+        // on it: the handle it was handed is stale.
+        c.change_invisible("g", "t", &last[0].handle.to_string(), 20_000, later)
+            .expect("change");
+        assert!(c.receive(&push("c1", "a1", later)).expect("r").is_empty());
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn deliveries_that_never_reached_the_consumer_are_given_back_unrenewed() {
+        let (_dir, s) = filled(3);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let t0 = 1_000_000;
+        let push = |attempt, now| ReceiveRequest {
+            renew_for: Some("c1"),
+            attempt: Some(("c1", attempt)),
+            invisible_ms: RENEW_INVISIBLE_MS,
+            max_messages: 2,
+            max_attempts: 10,
+            ..req(&all, now, true)
+        };
+        // Claimed, then the receive failed (or its answer was dropped).
+        let claim = c.claim(&push("a1", t0)).expect("claim");
+        assert_eq!(claim.items.len(), 2);
+        let entries: Vec<RemoveEntry> = claim.items.iter().map(Claimed::entry).collect();
+        c.release("g", "t", &entries, t0 + 10).expect("release");
+        assert_eq!(c.renew(t0 + 55_000, |_| true).0, 0, "not renewed");
+        // The same attempt gets them back, renewed again.
+        let again = c.receive(&push("a1", t0 + 20)).expect("receive");
+        assert_eq!(bodies(&again), ["m0", "m1"]);
+        assert_eq!(again[0].handle.delivery, claim.items[0].f.delivery);
+        assert_eq!(c.renew(t0 + 20 + 55_000, |_| true).0, 2);
+        let renewed_until = t0 + 20 + 55_000 + RENEW_INVISIBLE_MS;
+        // Given back again: shown again at once, to any receive.
+        c.release("g", "t", &entries, renewed_until - 1_000)
+            .expect("release");
+        let other = c
+            .receive(&ReceiveRequest {
+                attempt: Some(("c2", "b1")),
+                renew_for: None,
+                ..push("b1", renewed_until - 1_000)
+            })
+            .expect("receive");
+        assert_eq!(bodies(&other), ["m0", "m1"]);
+        assert!(other.iter().all(|d| d.attempt == 2));
+        for d in &other {
+            c.ack("g", "t", &d.handle.to_string()).expect("ack");
+        }
+
+        // A claim whose record cannot be read: left in flight to come back
+        // by its invisible time, but not renewed.
+        let now = renewed_until;
+        let claim = c.claim(&push("a2", now)).expect("claim");
+        assert_eq!(claim.items.len(), 1);
+        let err = c.complete(
+            &push("a2", now),
+            claim.items,
+            vec![Err(StoreError::InvalidArgument("unreadable".into()))],
+        );
+        assert!(err.is_err());
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        assert_eq!(c.renew(now + 55_000, |_| true).0, 0, "not renewed");
+        let back = c.receive(&push("a3", now + RENEW_INVISIBLE_MS)).expect("r");
+        assert_eq!(bodies(&back), ["m2"]);
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn renewals_and_receive_attempts_survive_a_restart() {
+        let (_dir, s) = filled(4);
+        let all = TagFilter::All;
+        let t0 = 1_000_000;
+        let push = |client, attempt, now| ReceiveRequest {
+            renew_for: Some(client),
+            attempt: Some((client, attempt)),
+            invisible_ms: RENEW_INVISIBLE_MS,
+            max_messages: 1,
+            max_attempts: 10,
+            queue_count: 1,
+            ..req(&all, now, false)
+        };
+        let c = Consumption::new(s.clone());
+        let m0 = c.receive(&push("c", "a0", t0)).expect("receive");
+        let m1 = c.receive(&push("c", "a1", t0)).expect("receive");
+        let m2 = c.receive(&push("c", "a2", t0)).expect("receive");
+        assert_eq!(
+            bodies(&[m0.clone(), m1.clone(), m2.clone()].concat()),
+            ["m0", "m1", "m2"]
+        );
+        // m1's consumer sets its own time (not renewed any more); m2 is
+        // renewed once before the restart.
+        c.change_invisible("g", "t", &m1[0].handle.to_string(), 50_000, t0)
+            .expect("change");
+        drop(c);
+        // A restart (or a slave promoted with this log): m0 and m2 are still
+        // renewed for their client, m1 is not.
+        let c = Consumption::new(s.clone());
+        assert_eq!(c.renew(t0 + 55_000, |_| true).0, 2);
+        // A receive attempt is known after the restart too: m2's answer
+        // was lost, and its retry gets m2 under the same handle.
+        let c = Consumption::new(s.clone());
+        let again = c.receive(&push("c", "a2", t0 + 56_000)).expect("receive");
+        assert_eq!(handles(&again), handles(&m2));
+        // A client not connected (yet) is not renewed, but keeps its claim
+        // to renewal until its delivery runs out.
+        let t1 = t0 + 55_000 + RENEW_INVISIBLE_MS - 5_000;
+        assert_eq!(c.renew(t1, |_| false).0, 0);
+        assert_eq!(c.renew(t1 + 2_000, |_| true).0, 2);
+        let c = Consumption::new(s.clone());
+        // Renewal still ends RENEW_MAX_MS after the delivery.
+        let mut renewed = 0;
+        let mut now = t1 + 2_000;
+        while now < t0 + RENEW_MAX_MS + RENEW_INVISIBLE_MS {
+            now += 5_000;
+            renewed += c.renew(now, |_| true).0;
+        }
+        assert!(renewed > 0);
+        assert_eq!(c.renew(now + 5_000, |_| true).0, 0);
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn a_forward_of_a_message_that_is_gone_or_unreadable_ends_its_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path());
+        let a: Vec<_> = (0..2)
+            .map(|i| {
+                s.append(NewRecord::new("t", 0, format!("m{i}").into_bytes()))
+                    .expect("append")
+            })
+            .collect();
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let t0 = 1_000_000;
+        let got = c
+            .receive(&ReceiveRequest {
+                renew_for: Some("c"),
+                invisible_ms: RENEW_INVISIBLE_MS,
+                queue_count: 1,
+                ..req(&all, t0, true)
+            })
+            .expect("receive");
+        assert_eq!(got.len(), 2);
+        // The FIFO consumer gives up on m0, whose record went bad: nothing
+        // to move, and its delivery ends (it would hold the queue).
+        crate::testing::corrupt_on_disk(&s, &a[0]);
+        c.forward_to_dead_letter("g", "t", &got[0].handle.to_string(), 16)
+            .expect("nothing left to move");
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        assert_eq!(s.queue_max_offset("%DLQ%g", 0), 0);
+        assert!(matches!(
+            c.ack("g", "t", &got[0].handle.to_string()),
+            Err(HandleError::Stale)
+        ));
+        // m1's dead letter cannot be written (here: its dead-letter topic's
+        // queue file is not a directory): it stays in flight, no longer
+        // renewed, so it comes back by its invisible time.
+        std::fs::create_dir_all(dir.path().join("consumequeue/%DLQ%g")).expect("mkdir");
+        std::fs::write(dir.path().join("consumequeue/%DLQ%g/0"), b"x").expect("block");
+        assert!(matches!(
+            c.forward_to_dead_letter("g", "t", &got[1].handle.to_string(), 16),
+            Err(HandleError::Unrecorded(_))
+        ));
+        assert_eq!(c.in_flight("g", "t", 0), 1);
+        assert_eq!(c.renew(t0 + 55_000, |_| true).0, 0, "not renewed");
+        // Nor after a restart.
+        let c = Consumption::new(s.clone());
+        assert_eq!(c.renew(t0 + 55_000, |_| true).0, 0, "not renewed");
+        s.shutdown().expect("shutdown");
+    }
+
+    #[test]
+    fn a_message_moving_to_the_dead_letter_topic_is_out_of_its_last_consumers_reach() {
+        let (_dir, s) = filled(2);
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        // "%DLQ%a.b" cannot be written: the move fails and is retried later.
+        let bad = |now| ReceiveRequest {
+            group: "a.b",
+            max_attempts: 1,
+            ..req(&all, now, false)
+        };
+        let got = c.receive(&bad(0)).expect("receive");
+        assert_eq!(got.len(), 2);
+        // Their invisible time ran out: the next receive moves them.
+        assert!(c.receive(&bad(2_000)).expect("receive").is_empty());
+        assert_eq!(c.in_flight("a.b", "t", 0), 2);
+        // The late consumer's handles neither ack nor hide them any more.
+        assert!(matches!(
+            c.ack("a.b", "t", &got[0].handle.to_string()),
+            Err(HandleError::Stale)
+        ));
+        assert!(matches!(
+            c.change_invisible("a.b", "t", &got[1].handle.to_string(), 60_000, 2_000),
+            Err(HandleError::Stale)
+        ));
+        // Nor after a restart.
+        let c = Consumption::new(s.clone());
+        c.load();
+        assert_eq!(c.in_flight("a.b", "t", 0), 2);
+        assert!(matches!(
+            c.ack("a.b", "t", &got[0].handle.to_string()),
+            Err(HandleError::Stale)
+        ));
+        s.shutdown().expect("shutdown");
+    }
+
     #[test]
     fn clients_no_delivery_is_renewed_for_are_forgotten() {
         let mut st = State::default();
@@ -1790,6 +2485,7 @@ mod tests {
                 issuer: 0,
                 renew_for: ids[50],
                 renew_until_ms: 0,
+                claim: 0,
             },
         );
         st.queues.insert(("g".into(), "t".into(), 0), qs);
@@ -2169,6 +2865,7 @@ mod tests {
                     max_attempts,
                     now_ms: now,
                     renew_for: None,
+                    attempt: None,
                 })
                 .expect("receive");
             let keys: Vec<(u32, u64)> = got

@@ -12,23 +12,38 @@
 //! delivery), and the new "next never handed out" offset of each queue.
 //! The body is a small versioned binary layout; anything that does not
 //! decode is skipped with an error log, never trusted.
+//!
+//! Version 2 adds to each entry set the client the broker renews it for
+//! (`auto_renew`) and until when, and the receive attempt (client id and
+//! `attempt_id`) that claimed it, each as an index into a table of the
+//! record; a record with none of these is still written as version 1, so a
+//! broker of an earlier release reads it.
 
 /// The system topic of the delivery log (queue 0).
 pub const DELIVERY_TOPIC: &str = "%SYS_DELIVERY%";
 
-const VERSION: u8 = 1;
+const VERSION_1: u8 = 1;
+const VERSION_2: u8 = 2;
 const SET: u8 = 1;
 const REMOVE: u8 = 2;
 
 /// One message handed out (or handed out again, or given a new invisible
 /// time): it is in flight under `delivery` until `visible_at_ms`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SetEntry {
     pub queue_id: u32,
     pub queue_offset: u64,
     pub delivery: u64,
     pub attempt: u32,
     pub visible_at_ms: i64,
+    /// The client the delivery is renewed for, as 1 + an index into
+    /// [`DeliveryOps::clients`]; 0: not renewed.
+    pub renew_client: u16,
+    /// Renewed until then at most (ms since the epoch; 0 when not renewed).
+    pub renew_until_ms: i64,
+    /// The receive attempt that claimed it, as 1 + an index into
+    /// [`DeliveryOps::claims`]; 0: none.
+    pub claim: u16,
 }
 
 /// One delivery ended (acked, settled or dead-lettered).
@@ -50,6 +65,11 @@ pub struct DeliveryOps {
     pub removes: Vec<RemoveEntry>,
     /// Per queue, the first offset never handed out after these changes.
     pub nexts: Vec<(u32, u64)>,
+    /// Client ids [`SetEntry::renew_client`] refers to.
+    pub clients: Vec<String>,
+    /// Receive attempts (client id, `attempt_id`) [`SetEntry::claim`]
+    /// refers to.
+    pub claims: Vec<(String, String)>,
 }
 
 impl DeliveryOps {
@@ -66,6 +86,59 @@ impl DeliveryOps {
         self.sets.is_empty() && self.removes.is_empty() && self.nexts.is_empty()
     }
 
+    /// The [`SetEntry::renew_client`] of `client_id` in this record (added
+    /// to [`DeliveryOps::clients`] if new); 0 when the table is full.
+    pub fn client_ref(&mut self, client_id: &str) -> u16 {
+        if let Some(i) = self.clients.iter().position(|c| c == client_id) {
+            return i as u16 + 1;
+        }
+        if self.clients.len() >= usize::from(u16::MAX) {
+            return 0;
+        }
+        self.clients.push(client_id.to_owned());
+        self.clients.len() as u16
+    }
+
+    /// The [`SetEntry::claim`] of a receive attempt in this record (added to
+    /// [`DeliveryOps::claims`] if new); 0 when the table is full.
+    pub fn claim_ref(&mut self, client_id: &str, attempt_id: &str) -> u16 {
+        if let Some(i) = self
+            .claims
+            .iter()
+            .position(|(c, a)| c == client_id && a == attempt_id)
+        {
+            return i as u16 + 1;
+        }
+        if self.claims.len() >= usize::from(u16::MAX) {
+            return 0;
+        }
+        self.claims
+            .push((client_id.to_owned(), attempt_id.to_owned()));
+        self.claims.len() as u16
+    }
+
+    /// The client a set entry is renewed for.
+    pub fn renew_client_of(&self, s: &SetEntry) -> Option<&str> {
+        let i = usize::from(s.renew_client).checked_sub(1)?;
+        self.clients.get(i).map(String::as_str)
+    }
+
+    /// The receive attempt that claimed a set entry.
+    pub fn claim_of(&self, s: &SetEntry) -> Option<(&str, &str)> {
+        let i = usize::from(s.claim).checked_sub(1)?;
+        self.claims.get(i).map(|(c, a)| (c.as_str(), a.as_str()))
+    }
+
+    /// Whether the record needs version 2 (renewals or receive attempts).
+    fn extended(&self) -> bool {
+        !self.clients.is_empty()
+            || !self.claims.is_empty()
+            || self
+                .sets
+                .iter()
+                .any(|s| s.renew_client != 0 || s.claim != 0)
+    }
+
     /// The record body.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(
@@ -76,9 +149,21 @@ impl DeliveryOps {
                 + self.removes.len() * 21
                 + self.nexts.len() * 12,
         );
-        b.push(VERSION);
+        let v2 = self.extended();
+        b.push(if v2 { VERSION_2 } else { VERSION_1 });
         for s in [&self.group, &self.topic, &self.issuer] {
             put_str(&mut b, s);
+        }
+        if v2 {
+            b.extend_from_slice(&(self.clients.len() as u16).to_be_bytes());
+            for c in &self.clients {
+                put_str(&mut b, c);
+            }
+            b.extend_from_slice(&(self.claims.len() as u16).to_be_bytes());
+            for (c, a) in &self.claims {
+                put_str(&mut b, c);
+                put_str(&mut b, a);
+            }
         }
         b.extend_from_slice(&(self.sets.len() as u32 + self.removes.len() as u32).to_be_bytes());
         // Removes first: a record never removes an entry it sets itself.
@@ -95,6 +180,11 @@ impl DeliveryOps {
             b.extend_from_slice(&s.delivery.to_be_bytes());
             b.extend_from_slice(&s.attempt.to_be_bytes());
             b.extend_from_slice(&s.visible_at_ms.to_be_bytes());
+            if v2 {
+                b.extend_from_slice(&s.renew_client.to_be_bytes());
+                b.extend_from_slice(&s.renew_until_ms.to_be_bytes());
+                b.extend_from_slice(&s.claim.to_be_bytes());
+            }
         }
         b.extend_from_slice(&(self.nexts.len() as u32).to_be_bytes());
         for (q, next) in &self.nexts {
@@ -107,10 +197,20 @@ impl DeliveryOps {
     /// Reads a record body; `None` when it is not one this version wrote.
     pub fn decode(body: &[u8]) -> Option<Self> {
         let mut r = Reader(body);
-        if r.u8()? != VERSION {
-            return None;
-        }
+        let v2 = match r.u8()? {
+            VERSION_1 => false,
+            VERSION_2 => true,
+            _ => return None,
+        };
         let mut ops = DeliveryOps::new(&r.str()?, &r.str()?, &r.str()?);
+        if v2 {
+            for _ in 0..r.u16()? {
+                ops.clients.push(r.str()?);
+            }
+            for _ in 0..r.u16()? {
+                ops.claims.push((r.str()?, r.str()?));
+            }
+        }
         let n = r.u32()?;
         for _ in 0..n {
             let kind = r.u8()?;
@@ -121,13 +221,28 @@ impl DeliveryOps {
                     queue_offset,
                     delivery,
                 }),
-                SET => ops.sets.push(SetEntry {
-                    queue_id,
-                    queue_offset,
-                    delivery,
-                    attempt: r.u32()?,
-                    visible_at_ms: r.u64()? as i64,
-                }),
+                SET => {
+                    let mut s = SetEntry {
+                        queue_id,
+                        queue_offset,
+                        delivery,
+                        attempt: r.u32()?,
+                        visible_at_ms: r.u64()? as i64,
+                        ..SetEntry::default()
+                    };
+                    if v2 {
+                        s.renew_client = r.u16()?;
+                        s.renew_until_ms = r.u64()? as i64;
+                        s.claim = r.u16()?;
+                        // A reference past its table is malformed.
+                        if (s.renew_client != 0 && ops.renew_client_of(&s).is_none())
+                            || (s.claim != 0 && ops.claim_of(&s).is_none())
+                        {
+                            return None;
+                        }
+                    }
+                    ops.sets.push(s);
+                }
                 _ => return None,
             }
         }
@@ -155,6 +270,9 @@ impl Reader<'_> {
     }
     fn u8(&mut self) -> Option<u8> {
         self.take::<1>().map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take::<2>().map(u16::from_be_bytes)
     }
     fn u32(&mut self) -> Option<u32> {
         self.take::<4>().map(u32::from_be_bytes)
@@ -185,6 +303,7 @@ mod tests {
             delivery: u64::MAX - 1,
             attempt: 2,
             visible_at_ms: 1_790_000_000_000,
+            ..SetEntry::default()
         });
         ops.removes.push(RemoveEntry {
             queue_id: 0,
@@ -195,10 +314,51 @@ mod tests {
         ops
     }
 
+    /// A record with renewals and receive attempts (version 2).
+    fn sample_v2() -> DeliveryOps {
+        let mut ops = sample();
+        let renew_client = ops.client_ref("host@1#2");
+        let claim = ops.claim_ref("host@1#2", "attempt-1");
+        assert_eq!((renew_client, claim), (1, 1));
+        assert_eq!(ops.client_ref("host@1#2"), 1, "deduplicated");
+        ops.sets.push(SetEntry {
+            queue_id: 1,
+            queue_offset: 5,
+            delivery: 77,
+            attempt: 1,
+            visible_at_ms: 1_790_000_060_000,
+            renew_client,
+            renew_until_ms: 1_790_010_800_000,
+            claim,
+        });
+        let claim = ops.claim_ref("host@9#9", "a");
+        ops.sets.push(SetEntry {
+            queue_id: 1,
+            queue_offset: 6,
+            claim,
+            ..SetEntry::default()
+        });
+        ops
+    }
+
     #[test]
     fn round_trip() {
         let ops = sample();
-        assert_eq!(DeliveryOps::decode(&ops.encode()), Some(ops));
+        let body = ops.encode();
+        assert_eq!(body[0], VERSION_1, "nothing of version 2 in it");
+        assert_eq!(DeliveryOps::decode(&body), Some(ops));
+        let ops = sample_v2();
+        let body = ops.encode();
+        assert_eq!(body[0], VERSION_2);
+        let back = DeliveryOps::decode(&body).expect("decodes");
+        assert_eq!(back.renew_client_of(&back.sets[1]), Some("host@1#2"));
+        assert_eq!(
+            back.claim_of(&back.sets[1]),
+            Some(("host@1#2", "attempt-1"))
+        );
+        assert_eq!(back.claim_of(&back.sets[2]), Some(("host@9#9", "a")));
+        assert_eq!(back.renew_client_of(&back.sets[0]), None);
+        assert_eq!(back, ops);
         let empty = DeliveryOps::new("", "", "");
         assert!(empty.is_empty());
         assert_eq!(DeliveryOps::decode(&empty.encode()), Some(empty));
@@ -222,5 +382,19 @@ mod tests {
         assert_eq!(kind[kind_at], REMOVE);
         kind[kind_at] = 7;
         assert_eq!(DeliveryOps::decode(&kind), None);
+
+        let body = sample_v2().encode();
+        for cut in 0..body.len() {
+            assert_eq!(DeliveryOps::decode(&body[..cut]), None, "v2 cut at {cut}");
+        }
+        // A set entry naming a client or attempt past the record's tables.
+        for bad in [
+            |s: &mut SetEntry| s.renew_client = 2,
+            |s: &mut SetEntry| s.claim = 3,
+        ] {
+            let mut ops = sample_v2();
+            bad(&mut ops.sets[1]);
+            assert_eq!(DeliveryOps::decode(&ops.encode()), None);
+        }
     }
 }

@@ -9,3 +9,12 @@ pub mod receipt;
 pub mod slave_reads;
 pub mod timer;
 pub mod transaction;
+
+/// The replication manager's role generation, which changes at every
+/// promotion and every `follow`. State rebuilt from the log (timer,
+/// transactions) is valid for the generation it was built in: a broker
+/// that follows another master may have its log cut at the fork point, or
+/// discarded and started again, before it is promoted again.
+pub(crate) fn role_generation(write: &crate::write_path::WritePath) -> u64 {
+    *write.replication().subscribe_role_changes().borrow()
+}

@@ -11,8 +11,12 @@
 //! back and committed again (at least once), never lost. Half
 //! messages and ops live in the commit log, so they survive restarts and
 //! reach slaves with everything else; the in-memory state below is rebuilt
-//! from them (and kept up to date from them on a slave, so a promoted slave
-//! checks back what its master left open).
+//! from them, for a writable master only: at start, and again after every
+//! role change (a promoted slave then checks back what its master left
+//! open; a broker that followed another master meanwhile may have had its
+//! log cut at the fork point, or discarded and started again, and must not
+//! keep what it had loaded from the part that is gone). A slave keeps no
+//! state and stores no progress.
 //!
 //! A half message left unresolved is *checked back*: after its first-check
 //! delay, then every check interval, the broker asks a live producer of the
@@ -153,6 +157,9 @@ struct Resolved {
 /// from the half and op queues.
 #[derive(Default)]
 struct State {
+    /// Role generation of the replication manager this state was built for
+    /// (`None`: built without one, by `new` or `reset`).
+    basis: Option<u64>,
     /// Next half-queue offset not yet loaded.
     half_loaded_to: u64,
     /// Next op-queue offset not yet loaded.
@@ -286,30 +293,66 @@ pub fn transaction_id(half_offset: u64, message_id: &str) -> String {
 
 impl Transactions {
     pub fn new(store: MessageStore, cfg: TransactionConfig) -> Self {
+        let state = Mutex::new(Self::fresh(&store));
+        Self {
+            store,
+            cfg,
+            state,
+            stats: TransactionStats::default(),
+        }
+    }
+
+    /// Forgets everything loaded; the state is rebuilt from the stored
+    /// progress and the log.
+    pub fn reset(&self) {
+        *self.state.lock() = Self::fresh(&self.store);
+    }
+
+    /// The state to rebuild from: the stored progress marks, no higher than
+    /// the queues' ends (a promotion clamps them so).
+    fn fresh(store: &MessageStore) -> State {
         let min = store.queue_min_offset(HALF_TOPIC, 0);
         let committed = store
             .metadata()
             .get_offset(TXN_GROUP, HALF_TOPIC, 0)
             .unwrap_or(min)
+            .min(store.queue_max_offset(HALF_TOPIC, 0))
             .max(min);
         let op_min = store.queue_min_offset(OP_TOPIC, 0);
         let op_committed = store
             .metadata()
             .get_offset(TXN_GROUP, OP_TOPIC, 0)
-            .unwrap_or(op_min);
+            .unwrap_or(op_min)
+            .min(store.queue_max_offset(OP_TOPIC, 0));
         let op_from = op_committed.saturating_sub(RECENT_CAP as u64).max(op_min);
-        Self {
-            store,
-            cfg,
-            state: Mutex::new(State {
-                half_loaded_to: committed,
-                op_loaded_to: op_from,
-                committed,
-                op_committed,
-                ..State::default()
-            }),
-            stats: TransactionStats::default(),
+        State {
+            half_loaded_to: committed,
+            op_loaded_to: op_from,
+            committed,
+            op_committed,
+            ..State::default()
         }
+    }
+
+    /// Makes the state that of the master behind `write`: refused unless
+    /// that broker is a writable master; rebuilt if the role changed since
+    /// it was built; then brought up to date with the log. Returns the role
+    /// generation it is valid for.
+    fn sync(&self, write: &WritePath) -> Result<u64, WriteError> {
+        // Read before the role: a role change after it rebuilds the state
+        // again next time.
+        let basis = super::role_generation(write);
+        write
+            .replication()
+            .check_writable()
+            .map_err(WriteError::Refused)?;
+        let mut st = self.state.lock();
+        if st.basis != Some(basis) {
+            *st = Self::fresh(&self.store);
+            st.basis = Some(basis);
+        }
+        self.load_into(&mut st);
+        Ok(basis)
     }
 
     pub fn config(&self) -> &TransactionConfig {
@@ -361,6 +404,10 @@ impl Transactions {
     /// (sends, ends, replication, or everything at start).
     pub fn load(&self) {
         let mut st = self.state.lock();
+        self.load_into(&mut st);
+    }
+
+    fn load_into(&self, st: &mut State) {
         let half_max = self.store.queue_max_offset(HALF_TOPIC, 0);
         while st.half_loaded_to < half_max {
             let off = st.half_loaded_to;
@@ -466,7 +513,7 @@ impl Transactions {
                 }
             }
         }
-        self.store_progress(&mut st);
+        self.store_progress(st);
     }
 
     fn store_progress(&self, st: &mut State) {
@@ -512,7 +559,7 @@ impl Transactions {
         topic: &str,
         decision: Decision,
     ) -> Result<(), EndError> {
-        self.load();
+        let basis = self.sync(write)?;
         let (off, named) = {
             let mut st = self.state.lock();
             let check = |t: &str, m: &str| {
@@ -561,10 +608,14 @@ impl Transactions {
         };
         let result = self.write_decision(write, off, decision, named).await;
         let mut st = self.state.lock();
+        // Rebuilt meanwhile (a role change): it read the log instead.
+        let current = st.basis == Some(basis);
         match &result {
             Ok(()) => {
-                st.resolve(off, decision, None);
-                self.store_progress(&mut st);
+                if current {
+                    st.resolve(off, decision, None);
+                    self.store_progress(&mut st);
+                }
                 let counter = match decision {
                     Decision::Commit => &self.stats.committed,
                     Decision::Rollback => &self.stats.rolled_back,
@@ -573,7 +624,7 @@ impl Transactions {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                if let Some(p) = st.pending.get_mut(&off) {
+                if let Some(p) = st.pending.get_mut(&off).filter(|_| current) {
                     p.resolving = None;
                 }
             }
@@ -630,7 +681,9 @@ impl Transactions {
     /// more check and rescheduled one interval later; those that used up
     /// their checks are discarded (an op record each) instead.
     pub async fn due_checks(&self, write: &WritePath, now: i64) -> Vec<DueCheck> {
-        self.load();
+        if self.sync(write).is_err() {
+            return Vec::new();
+        }
         let mut due = Vec::new();
         let mut give_up = Vec::new();
         {
@@ -920,7 +973,8 @@ mod tests {
         let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
         let a = write.write(vec![half("A")]).await.expect("write")[0];
-        tx.load();
+        // Loaded by the master (nothing is due at time 0).
+        assert!(tx.due_checks(&write, 0).await.is_empty());
         // Damaged on disk after it was loaded.
         crate::testing::corrupt_on_disk(&store, &a);
         let now = now_ms() + 1000;

@@ -8,7 +8,7 @@
 //! ```text
 //! slave                                   master
 //!   Hello{id, store, epochs, end, fence} ->
-//!                                      <- Welcome{epoch, epochs, end} | Reject{reason}
+//!                                      <- Welcome{epoch, epochs, start, end} | Reject{reason}
 //!   Start{from}                          ->
 //!                                      <- Data{epoch, offset, bytes} ...
 //!                                      <- Heartbeat{epoch, end, confirmed}
@@ -63,6 +63,10 @@ pub struct Welcome {
     pub epoch: u64,
     pub epochs: Vec<EpochEntry>,
     pub max_offset: u64,
+    /// Where the master's log starts (its oldest segment); 0 from older
+    /// brokers. A slave whose log ends before it starts its log again there.
+    #[serde(default)]
+    pub min_offset: u64,
 }
 
 /// One message of the replication protocol.
@@ -291,6 +295,7 @@ mod tests {
                 epoch: 3,
                 epochs: vec![],
                 max_offset: 7,
+                min_offset: 4096,
             }),
             Frame::Reject {
                 reason: "stale".into(),

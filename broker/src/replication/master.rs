@@ -363,6 +363,7 @@ async fn serve_slave(
             epoch,
             epochs: history.entries().to_vec(),
             max_offset: store.max_offset(),
+            min_offset: store.min_offset(),
         }),
     )
     .await

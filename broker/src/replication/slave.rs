@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use super::epoch::{EpochHistory, fork_point};
 use super::frame::{Frame, FrameError, Hello, holds_whole_frame, read_frame, write_frame};
-use super::{ReplicationError, ReplicationManager};
+use super::{ReplicationError, ReplicationManager, Role, RoleState};
 
 /// A master that sends nothing (not even a heartbeat) for this long is gone.
 const MASTER_SILENCE: Duration = Duration::from_secs(5);
@@ -104,8 +104,20 @@ async fn follow_once(
             discarded_bytes = our_end - fork,
             "this log diverged from the master's; truncating at the fork point"
         );
-        store.truncate_to(fork)?;
-        manager.truncate_history(fork)?;
+        manager.cut_log_at(master_address, fence, fork)?;
+    }
+    if store.max_offset() < welcome.min_offset {
+        // The master's retention deleted what this log needs next: nothing
+        // the master holds can follow it. Start again where the master's
+        // log starts (what is discarded is older than anything the master
+        // still keeps).
+        tracing::warn!(
+            master = %welcome.broker_id,
+            our_end = store.max_offset(),
+            master_start = welcome.min_offset,
+            "this log ends before the master's oldest segment; discarding it to copy the master's log from its start"
+        );
+        manager.restart_log_at(master_address, fence, welcome.min_offset, &theirs)?;
     }
     let mut pos = store.max_offset();
     write_frame(&mut wr, &Frame::Start { from: pos })
@@ -198,13 +210,123 @@ impl ReplicationManager {
         Ok(())
     }
 
-    /// Slave side: the log was truncated to `offset`.
-    pub(super) fn truncate_history(&self, offset: u64) -> Result<(), ReplicationError> {
+    /// Slave side: holds the role state while the log is changed under a
+    /// follow of `master` in `fence`, if that follow is still current. A
+    /// promotion or another follow waits for the change to end, and one
+    /// that came first makes this refuse: the follower task's abort cannot
+    /// interrupt a blocking cut, which could otherwise remove the epoch a
+    /// promotion had just begun at the old end.
+    fn while_following<T>(
+        &self,
+        master: &str,
+        fence: u64,
+        change: impl FnOnce(&mut RoleState) -> Result<T, ReplicationError>,
+    ) -> Result<T, ReplicationError> {
         let mut st = self.state.lock();
-        let mut history = st.history.clone();
-        history.truncate_to(offset);
-        history.save(&self.cfg.data_dir.join("epochs.json"))?;
-        st.history = history;
-        Ok(())
+        if st.role != Role::Slave
+            || st.fence_epoch != fence
+            || st.master_address.as_deref() != Some(master)
+        {
+            return Err(ReplicationError::Io(format!(
+                "no longer following {master} in epoch {fence}; the log is left as it is"
+            )));
+        }
+        change(&mut st)
+    }
+
+    /// Slave side: cuts the log and the epoch history at the fork point.
+    fn cut_log_at(&self, master: &str, fence: u64, fork: u64) -> Result<(), ReplicationError> {
+        self.while_following(master, fence, |st| {
+            self.store.truncate_to(fork)?;
+            let mut history = st.history.clone();
+            history.truncate_to(fork);
+            history.save(&self.cfg.data_dir.join("epochs.json"))?;
+            st.history = history;
+            Ok(())
+        })
+    }
+
+    /// Slave side: the log starts again, empty, at `base`, where the
+    /// master's (history `theirs`) starts. The history goes first: one that
+    /// knows epochs past the log's end is harmless (the next fork point is
+    /// still the log's end), while a log starting at `base` under the old
+    /// history could make a later fork point fall before the log's start.
+    fn restart_log_at(
+        &self,
+        master: &str,
+        fence: u64,
+        base: u64,
+        theirs: &EpochHistory,
+    ) -> Result<(), ReplicationError> {
+        self.while_following(master, fence, |st| {
+            let mut history = theirs.clone();
+            history.truncate_to(base);
+            history.save(&self.cfg.data_dir.join("epochs.json"))?;
+            st.history = history;
+            self.store.restart_at(base)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::replication::{ReplicationMode, StartRole};
+    use crate::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+
+    /// A promotion that lands while a follow's handshake is about to cut
+    /// the log must win: the cut (which an abort cannot interrupt once it
+    /// runs) is refused, so the log and the epoch the promotion began at
+    /// its end stay.
+    #[tokio::test]
+    async fn a_cut_for_a_follow_a_promotion_ended_leaves_the_log_and_the_new_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sc = StoreConfig::new(dir.path());
+        sc.segment_size = 64 * 1024;
+        sc.flush_mode = FlushMode::AsyncFlush;
+        sc.disk_high_watermark = 1.0;
+        sc.disk_full_ratio = 1.0;
+        let store = MessageStore::open(sc).expect("store");
+        for i in 0..20u32 {
+            store
+                .append(NewRecord::new("orders", 0, vec![i as u8; 100]))
+                .expect("append");
+        }
+        let end = store.max_offset();
+        let cfg = crate::testing::replication_config(
+            dir.path(),
+            ReplicationMode::Sync,
+            Duration::from_secs(1),
+            StartRole::Standby,
+        );
+        let manager = ReplicationManager::open(cfg, store.clone()).expect("manager");
+        // Port 9 on loopback refuses: the follow loop just retries.
+        let master = "127.0.0.1:9";
+        manager.follow(master.into(), 3).expect("follow");
+        // While the follow is current a cut goes through (here: to the end).
+        manager
+            .cut_log_at(master, 3, end)
+            .expect("cut while following");
+        manager.promote(4).expect("promote");
+        let err = manager.cut_log_at(master, 3, 0);
+        assert!(err.is_err(), "a cut for an ended follow is refused");
+        assert_eq!(store.max_offset(), end, "the log is not cut");
+        assert_eq!(
+            manager.history().last().map(|e| (e.epoch, e.start_offset)),
+            Some((4, end)),
+            "the promotion's epoch stays"
+        );
+        let theirs = EpochHistory::default();
+        assert!(
+            manager
+                .restart_log_at(master, 3, 64 * 1024, &theirs)
+                .is_err()
+        );
+        assert_eq!(store.max_offset(), end);
+        manager.shutdown();
+        store.shutdown().expect("shutdown");
     }
 }

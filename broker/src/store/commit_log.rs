@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::StoreError;
 use super::consume_queue::{base_name, parse_base_name};
-use super::mapped::{MappedFile, remove_temp_files, sync_dir};
+use super::mapped::{MappedFile, holds_only_zeros, remove_temp_files, sync_dir};
 use super::record::{BLANK_LEN, BLANK_MAGIC};
 use super::staging::Staged;
 
@@ -94,6 +94,10 @@ pub struct GrowthLimits {
     /// Under [`Writes::ThroughFile`], write zeros ahead of small flushes
     /// (see [`CommitLog::zero_ahead`]).
     pub zero_ahead: bool,
+    /// How full the log's filesystem is (see [`StoreConfig::fs_usage`]).
+    ///
+    /// [`StoreConfig::fs_usage`]: super::StoreConfig::fs_usage
+    pub fs_usage: FsUsageFn,
 }
 
 /// The segment files and the published end of the log.
@@ -156,6 +160,7 @@ impl CommitLog {
             }
         }
         bases.sort_unstable();
+        drop_empty_segments_after_a_hole(dir, segment_size, &mut bases)?;
         let mut segments = Vec::with_capacity(bases.len());
         for (i, &base) in bases.iter().enumerate() {
             if !base.is_multiple_of(segment_size) {
@@ -268,8 +273,9 @@ impl CommitLog {
         self.segment_size
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Space on the log's filesystem, through the configured probe.
+    pub fn fs_usage(&self) -> Option<FsUsage> {
+        (self.limits.fs_usage)(&self.dir)
     }
 
     /// First readable offset.
@@ -573,13 +579,19 @@ impl CommitLog {
         if self.max_offset() > end {
             self.set_end(end);
         }
+        // The prepared segment may be for a base we no longer want. It goes
+        // before the directory is synced: left on disk after a crash, it
+        // would stand after a hole where the removed segments were.
+        let prepared = self.preparer.state.lock().ready.take();
+        let prepared_removed =
+            prepared.is_some_and(|seg| std::fs::remove_file(seg.file.path()).is_ok());
         for s in &doomed {
             std::fs::remove_file(s.file.path()).map_err(StoreError::io(format!(
                 "removing {}",
                 s.file.path().display()
             )))?;
         }
-        if !doomed.is_empty() {
+        if !doomed.is_empty() || prepared_removed {
             sync_dir(&self.dir).map_err(StoreError::io("syncing the commit log directory"))?;
         }
         let tail = self.tail_at(end)?;
@@ -595,16 +607,66 @@ impl CommitLog {
                 tail.segment.sealed.store(false, Ordering::Release);
             }
         }
-        // The prepared segment may be for a base we no longer want.
-        if let Some(seg) = self.preparer.state.lock().ready.take() {
-            let _ = std::fs::remove_file(seg.file.path());
-        }
         self.request_next_after(tail.segment.end());
         Ok(tail)
     }
 
+    /// Deletes every segment and starts the log again, empty, at `base` (a
+    /// multiple of the segment size, at or past the end). The caller holds
+    /// the append lock. Segments go oldest first, each removal made durable
+    /// before the next, so a crash leaves a log that is a suffix of this one
+    /// (or, after the last removal, an empty directory: an empty log at 0),
+    /// never one with a hole.
+    pub fn restart_at(&self, base: u64) -> Result<Tail, StoreError> {
+        if !base.is_multiple_of(self.segment_size) {
+            return Err(StoreError::InvalidArgument(format!(
+                "the log cannot start at {base}: not a multiple of this broker's segment size {} \
+                 (master and slaves must use the same segment size)",
+                self.segment_size
+            )));
+        }
+        if base < self.max_offset() {
+            return Err(StoreError::InvalidArgument(format!(
+                "the log cannot start again at {base}, before its end {}",
+                self.max_offset()
+            )));
+        }
+        // Readers keep the old mappings until the new segment replaces them.
+        let old = self.segments();
+        for s in &old {
+            if s.base == base {
+                continue;
+            }
+            std::fs::remove_file(s.file.path()).map_err(StoreError::io(format!(
+                "removing {}",
+                s.file.path().display()
+            )))?;
+            sync_dir(&self.dir).map_err(StoreError::io("syncing the commit log directory"))?;
+        }
+        // The last old segment may already be the one at `base` (an empty
+        // log whose end is that segment's start); otherwise it is taken from
+        // the preparer or created.
+        let seg = match old.into_iter().find(|s| s.base == base) {
+            Some(s) => s,
+            None => self.take_or_create(base)?,
+        };
+        *self.segments.write() = vec![seg.clone()];
+        self.max_offset.store(base, Ordering::Release);
+        self.releaser.released.store(
+            base / POPULATE_GRANULE * POPULATE_GRANULE,
+            Ordering::Release,
+        );
+        self.zeroed.store(base, Ordering::Release);
+        self.request_next_after(base + self.segment_size);
+        self.tail_at(base)
+    }
+
     /// Deletes the oldest segments while `doom(segment, next segment)` says
-    /// so; the newest segment is always kept. Returns how many went.
+    /// so; the segment holding the end is always kept. Returns how many
+    /// went. `doom` runs with the segments lock held for writing: it must
+    /// not call anything that takes that lock (`segments`, `segment_for`,
+    /// `min_offset`, `disk_bytes`, reads of the log...), which would
+    /// deadlock.
     pub fn delete_oldest_while(
         &self,
         mut doom: impl FnMut(&Segment, &Segment) -> bool,
@@ -627,11 +689,15 @@ impl CommitLog {
         Ok(removed.len())
     }
 
-    /// Bytes held in segment files (including a prepared one).
+    /// Bytes held in segment files, including the next one, prepared or
+    /// about to be (requested or being created): it is there or will be,
+    /// and retention must not count on its space.
     pub fn disk_bytes(&self) -> u64 {
-        let n = self.segments.read().len() as u64
-            + u64::from(self.preparer.state.lock().ready.is_some());
-        n * self.segment_size
+        let next = {
+            let st = self.preparer.state.lock();
+            st.ready.is_some() || st.in_progress.is_some() || st.want.is_some()
+        };
+        (self.segments.read().len() as u64 + u64::from(next)) * self.segment_size
     }
 
     fn request_next(&self) {
@@ -662,7 +728,7 @@ impl CommitLog {
                 self.segment_size
             )));
         }
-        if let Some(ratio) = fs_used_ratio(&self.dir)
+        if let Some(ratio) = self.fs_usage().and_then(|u| u.used_ratio())
             && ratio >= self.limits.full_ratio
         {
             return Err(StoreError::DiskFull(format!(
@@ -672,6 +738,14 @@ impl CommitLog {
                 self.limits.full_ratio * 100.0
             )));
         }
+        let seg = self.take_or_create(base)?;
+        self.segments.write().push(seg.clone());
+        self.request_next_after(base + self.segment_size);
+        Ok(seg)
+    }
+
+    /// The segment file starting at `base`: the prepared one, or created now.
+    fn take_or_create(&self, base: u64) -> Result<Arc<Segment>, StoreError> {
         let prepared = {
             let mut st = self.preparer.state.lock();
             // If the thread is creating this very segment, wait for it.
@@ -692,18 +766,50 @@ impl CommitLog {
                 None => None,
             }
         };
-        let seg = match prepared {
+        Ok(match prepared {
             Some(s) => s,
             None => {
                 tracing::debug!(base, "creating a commit log segment on the write path");
                 let file = create_segment(&self.dir, base, self.segment_size)?;
                 Arc::new(Segment::new(base, file))
             }
-        };
-        self.segments.write().push(seg.clone());
-        self.request_next_after(base + self.segment_size);
-        Ok(seg)
+        })
     }
+}
+
+/// Segments after a hole in the log that hold nothing but zeros are
+/// removed (from `bases` and the directory): a cut that removed a segment
+/// and the prepared one after it, with a crash before the directory was
+/// synced, leaves such a file. A segment after a hole that holds anything
+/// else is left for `CommitLog::open` to refuse.
+fn drop_empty_segments_after_a_hole(
+    dir: &Path,
+    segment_size: u64,
+    bases: &mut Vec<u64>,
+) -> Result<(), StoreError> {
+    let Some(hole) = (1..bases.len()).find(|&i| bases[i - 1] + segment_size != bases[i]) else {
+        return Ok(());
+    };
+    for &base in &bases[hole..] {
+        let path = dir.join(base_name(base));
+        let empty = holds_only_zeros(&path)
+            .map_err(StoreError::io(format!("reading {}", path.display())))?;
+        if !empty {
+            return Ok(());
+        }
+    }
+    for &base in bases[hole..].iter().rev() {
+        let path = dir.join(base_name(base));
+        tracing::warn!(
+            segment = %path.display(),
+            "removing an empty commit log segment left after a missing one (an interrupted cut)"
+        );
+        std::fs::remove_file(&path)
+            .map_err(StoreError::io(format!("removing {}", path.display())))?;
+    }
+    sync_dir(dir).map_err(StoreError::io("syncing the commit log directory"))?;
+    bases.truncate(hole);
+    Ok(())
 }
 
 /// Creates, reserves and maps a segment file, and makes its name durable.
@@ -893,8 +999,37 @@ impl Releaser {
     }
 }
 
-/// Fraction of the filesystem holding `dir` that is in use, if known.
-pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
+/// Space on a filesystem, as `df` reports it: blocks reserved for root (or
+/// held back by the storage layer) count neither as used nor as available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsUsage {
+    /// Bytes in use.
+    pub used: u64,
+    /// Bytes available to unprivileged users.
+    pub avail: u64,
+}
+
+impl FsUsage {
+    /// `used / (used + avail)`, if the filesystem has any space.
+    pub fn used_ratio(&self) -> Option<f64> {
+        let total = self.used.saturating_add(self.avail);
+        (total > 0).then(|| self.used as f64 / total as f64)
+    }
+
+    /// Bytes to free to bring use down to `ratio` of the space (0 if it is
+    /// not above it).
+    pub fn excess_over(&self, ratio: f64) -> u64 {
+        let total = self.used.saturating_add(self.avail);
+        let allowed = (ratio * total as f64).ceil() as u64;
+        self.used.saturating_sub(allowed)
+    }
+}
+
+/// Reads how full the filesystem holding a path is.
+pub type FsUsageFn = fn(&Path) -> Option<FsUsage>;
+
+/// Space on the filesystem holding `dir` (statvfs), if known.
+pub fn fs_usage(dir: &Path) -> Option<FsUsage> {
     let c = c_path(dir)?;
     // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -902,15 +1037,16 @@ pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
     if rc != 0 || st.f_blocks == 0 {
         return None;
     }
-    // As `df` reports it: used / (used + available to unprivileged users).
-    // Blocks reserved for root (or held back by the storage layer) count
-    // neither as used nor as available.
-    let used = st.f_blocks.saturating_sub(st.f_bfree) as f64;
-    let avail = st.f_bavail as f64;
-    if used + avail == 0.0 {
-        return None;
-    }
-    Some(used / (used + avail))
+    let unit = st.f_frsize as u64;
+    Some(FsUsage {
+        used: (st.f_blocks.saturating_sub(st.f_bfree) as u64).saturating_mul(unit),
+        avail: (st.f_bavail as u64).saturating_mul(unit),
+    })
+}
+
+/// Fraction of the filesystem holding `dir` that is in use, if known.
+pub fn fs_used_ratio(dir: &Path) -> Option<f64> {
+    fs_usage(dir)?.used_ratio()
 }
 
 /// `path` as a C string for the `stat*fs` calls (`None` if it holds a NUL).

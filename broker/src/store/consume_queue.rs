@@ -28,6 +28,25 @@ pub struct CqEntry {
     pub tag_hash: u64,
 }
 
+/// Size field of a blank entry: one standing for a message whose record
+/// went with a deleted commit-log segment before this queue was built (see
+/// [`ConsumeQueue::start_at`]). It counts as written, so a file's written
+/// entries stay a prefix, and it is never handed to readers.
+const BLANK_SIZE: u32 = u32::MAX;
+
+impl CqEntry {
+    const BLANK: CqEntry = CqEntry {
+        offset: 0,
+        size: BLANK_SIZE,
+        tag_hash: 0,
+    };
+
+    /// Whether this entry stands for a message deleted before the queue was built.
+    pub fn is_blank(&self) -> bool {
+        self.size == BLANK_SIZE
+    }
+}
+
 /// Where one entry of a consume queue is written: its index and the file
 /// holding it (from [`ConsumeQueue::ensure`]).
 pub struct CqSlot {
@@ -87,6 +106,9 @@ pub struct ConsumeQueue {
     released: AtomicU64,
 }
 
+/// File holding the next entry index of a retired queue.
+const RETIRED: &str = "retired";
+
 impl ConsumeQueue {
     /// Opens (or creates) the queue stored in `dir`.
     pub fn open(dir: &Path, entries_per_file: u64) -> io::Result<Self> {
@@ -121,15 +143,61 @@ impl ConsumeQueue {
             None => 0,
             Some(last) => last.base + written_entries(&last.file, entries_per_file),
         };
+        // A retired queue (no file) keeps its length.
+        let next = match files.last() {
+            Some(_) => next,
+            None => match std::fs::read_to_string(dir.join(RETIRED)) {
+                Ok(s) => s.trim().parse::<u64>().map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {e}", dir.join(RETIRED).display()),
+                    )
+                })?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            },
+        };
+        let first = files.first().map_or(next, |f| f.base);
         Ok(Self {
             dir: dir.to_owned(),
             entries_per_file,
             files: RwLock::new(files),
+            // Entries in the page cache when a killed process left them
+            // count as written, not as durable: see `assume_flushed_below`.
+            flushed: AtomicU64::new(first),
             published: AtomicU64::new(next),
             reserved: AtomicU64::new(next),
-            flushed: AtomicU64::new(next),
             released: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the queue has any file (a retired one has none).
+    pub fn holds_files(&self) -> bool {
+        !self.files.read().is_empty()
+    }
+
+    /// Whether entries were handed out that are not published yet (records
+    /// staged for the next group commit). Store append lock held.
+    pub fn has_unpublished(&self) -> bool {
+        self.reserved.load(Ordering::Relaxed) > self.max_index()
+    }
+
+    /// Deletes every file of the queue, keeping only its length in a small
+    /// file (written first, so a crash in between leaves the queue as it
+    /// was, or retired): for a queue whose topic is gone and whose entries
+    /// all point into deleted segments. It reads as holding no entry; the
+    /// next one written goes at its end, in a new file whose entries before
+    /// it are blanks (see [`ConsumeQueue::start_at`]). Store append lock held.
+    pub fn retire(&self) -> io::Result<()> {
+        super::mapped::persist_atomically(
+            &self.dir.join(RETIRED),
+            self.max_index().to_string().as_bytes(),
+        )?;
+        let files: Vec<_> = self.files.write().drain(..).collect();
+        for f in &files {
+            std::fs::remove_file(f.file.path())?;
+        }
+        super::mapped::sync_dir(&self.dir)
     }
 
     /// Index one past the last visible entry.
@@ -171,9 +239,45 @@ impl ConsumeQueue {
         self.reserved.fetch_max(next, Ordering::Relaxed);
     }
 
-    /// Entry `index`, if it is visible and still on disk.
+    /// Entry `index`, if it is visible, still on disk and not a blank.
     pub fn get(&self, index: u64) -> Option<CqEntry> {
-        self.get_stored(index).filter(|e| e.size != 0)
+        self.get_stored(index)
+            .filter(|e| e.size != 0 && !e.is_blank())
+    }
+
+    /// Whether the queue has never held an entry (no file, nothing published).
+    pub fn is_new(&self) -> bool {
+        self.max_index() == 0 && self.files.read().is_empty()
+    }
+
+    /// Starts a new queue at entry `first`: its earlier entries belonged to
+    /// commit-log segments deleted before this queue was built (a consume
+    /// queue rebuilt after retention, or a slave that began its log at its
+    /// master's oldest segment). The entries before `first` in its file are
+    /// written as blanks, so the file reads as written up to `first` when
+    /// opened again, and readers start at `first`
+    /// ([`ConsumeQueue::min_index`]). Store append lock held, or recovery.
+    pub fn start_at(&self, first: u64) -> io::Result<()> {
+        if !self.is_new() {
+            return Err(io::Error::other(format!(
+                "consume queue {} already holds entries; it cannot start at {first}",
+                self.dir.display()
+            )));
+        }
+        if first == 0 {
+            return Ok(());
+        }
+        let file = self.file_for_write(first)?;
+        for index in file.base..first {
+            CqSlot {
+                file: file.clone(),
+                index,
+            }
+            .put(CqEntry::BLANK);
+        }
+        self.flushed.store(file.base, Ordering::Release);
+        self.publish(first);
+        Ok(())
     }
 
     /// Entry `index` as stored, zeros included (a visible entry that reads
@@ -235,6 +339,14 @@ impl ConsumeQueue {
         }
     }
 
+    /// Takes the entries of records below commit-log offset `clog_offset`
+    /// as durable (a checkpoint said so), so that the next
+    /// [`ConsumeQueue::flush`] starts after them. Recovery only.
+    pub fn assume_flushed_below(&self, clog_offset: u64) {
+        self.flushed
+            .store(self.min_index(clog_offset), Ordering::Release);
+    }
+
     /// Makes every written entry durable.
     pub fn flush(&self) -> io::Result<()> {
         let upto = self.max_index();
@@ -258,36 +370,47 @@ impl ConsumeQueue {
 
     /// Drops every entry that points at or past `clog_end` (used after the
     /// commit log was cut). Returns the new entry count.
+    ///
+    /// The end is found walking back from the last entry written, dropping
+    /// entries that read as zeros or point at or past `clog_end`, up to the
+    /// first one that points before it: a damaged (zeroed) entry amid sound
+    /// ones is kept (it is rewritten when read), never taken for the end.
+    /// This looks at the entries past the end only, usually none.
     pub fn truncate_to_log_end(&self, clog_end: u64) -> io::Result<u64> {
-        // Entries are in commit-log order: find the first one at or past the end.
-        let mut lo = self.first_file_index();
-        let mut hi = self.reserved.load(Ordering::Relaxed).max(self.max_index());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.raw_entry(mid) {
-                Some(e) if e.size != 0 && e.offset < clog_end => lo = mid + 1,
-                _ => hi = mid,
+        let first = self.first_file_index();
+        let mut keep = self.reserved.load(Ordering::Relaxed).max(self.max_index());
+        while keep > first {
+            match self.raw_entry(keep - 1) {
+                Some(e) if e.is_blank() || (e.size != 0 && e.offset < clog_end) => break,
+                _ => keep -= 1,
             }
         }
-        let keep = lo;
-        let mut files = self.files.write();
-        let first_base = files.first().map(|f| f.base);
-        let mut kept = Vec::with_capacity(files.len());
-        for f in files.drain(..) {
-            if f.base >= keep && Some(f.base) != first_base {
-                std::fs::remove_file(f.file.path())?;
-            } else {
-                if f.base + self.entries_per_file > keep {
-                    f.file.zero_from((keep.max(f.base) - f.base) * ENTRY_LEN)?;
-                }
-                kept.push(f);
-            }
-        }
-        *files = kept;
-        drop(files);
+        // The in-memory state changes first, so that a failure below never
+        // leaves the queue without the files its entries are in.
+        let (straddling, doomed) = {
+            let mut files = self.files.write();
+            let first_base = files.first().map(|f| f.base);
+            let (kept, doomed): (Vec<_>, Vec<_>) = files
+                .drain(..)
+                .partition(|f| f.base < keep || Some(f.base) == first_base);
+            *files = kept;
+            let straddling = files
+                .last()
+                .filter(|f| f.base + self.entries_per_file > keep)
+                .cloned();
+            (straddling, doomed)
+        };
         self.published.store(keep, Ordering::Release);
         self.reserved.store(keep, Ordering::Relaxed);
         self.flushed.fetch_min(keep, Ordering::AcqRel);
+        if let Some(f) = straddling {
+            f.file.zero_from((keep.max(f.base) - f.base) * ENTRY_LEN)?;
+        }
+        // Newest first: a crash in between leaves a queue that ends earlier,
+        // never one with a hole.
+        for f in doomed.iter().rev() {
+            std::fs::remove_file(f.file.path())?;
+        }
         Ok(keep)
     }
 
@@ -322,18 +445,32 @@ impl ConsumeQueue {
     }
 
     /// First index whose entry points at or past `clog_min`: the first
-    /// message of the queue still readable.
+    /// message of the queue still readable. A damaged (zeroed) entry is
+    /// judged by the nearest sound entry after it.
     pub fn min_index(&self, clog_min: u64) -> u64 {
         let mut lo = self.first_file_index();
         let mut hi = self.max_index();
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.get(mid) {
-                Some(e) if e.offset < clog_min => lo = mid + 1,
+            let sound = (mid..hi)
+                .map(|i| (i, self.get_stored(i)))
+                .find(|(_, e)| e.is_none_or(|e| e.size != 0));
+            match sound {
+                Some((i, Some(e))) if e.is_blank() || e.offset < clog_min => lo = i + 1,
                 _ => hi = mid,
             }
         }
         lo
+    }
+
+    /// Bytes flushed from this queue's files since they were opened.
+    #[cfg(test)]
+    pub fn flushed_bytes(&self) -> u64 {
+        self.files
+            .read()
+            .iter()
+            .map(|f| f.file.flushed_bytes.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Raw bytes of all files (for comparing rebuilt queues in tests and tools).
@@ -384,6 +521,20 @@ impl ConsumeQueue {
         )?;
         let f = Arc::new(CqFile { base, file });
         let mut files = self.files.write();
+        // The first file of a retired queue: the entries before its end
+        // are blanks, so the file reads as written up to there when opened
+        // again, and they are flushed with the next entries.
+        let end = self.max_index().min(base + self.entries_per_file);
+        if files.is_empty() && end > base {
+            for i in base..end {
+                CqSlot {
+                    file: f.clone(),
+                    index: i,
+                }
+                .put(CqEntry::BLANK);
+            }
+            self.flushed.fetch_min(base, Ordering::AcqRel);
+        }
         let at = files.partition_point(|x| x.base < base);
         files.insert(at, f.clone());
         Ok(f)
@@ -491,6 +642,37 @@ mod tests {
         assert_eq!(q.max_index(), 6);
         assert_eq!(q.get(3), None);
         assert_eq!(q.get(4), Some(entry(4)));
+    }
+
+    /// A damaged (zeroed) entry must not move a search for the first
+    /// readable entry, or for the end of the queue after a cut.
+    #[test]
+    fn zeroed_entries_do_not_mislead_the_searches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = ConsumeQueue::open(dir.path(), 16).expect("open");
+        for i in 0..40 {
+            append(&q, i);
+        }
+        let zero = CqEntry {
+            offset: 0,
+            size: 0,
+            tag_hash: 0,
+        };
+        // 20 and 10 are the first points a binary search over [0, 40) looks at.
+        for i in [20, 10] {
+            q.slot(i).expect("slot").put(zero);
+        }
+        assert_eq!(q.min_index(entry(30).offset), 30);
+        assert_eq!(q.min_index(entry(5).offset), 5);
+        assert_eq!(q.min_index(entry(15).offset), 15);
+        assert_eq!(q.min_index(0), 0);
+        assert_eq!(q.min_index(u64::MAX), 40);
+        assert_eq!(q.truncate_to_log_end(entry(35).offset).expect("cut"), 35);
+        assert_eq!(q.get(34), Some(entry(34)));
+        assert_eq!(q.get_stored(20), Some(zero), "damage before the cut stays");
+        drop(q);
+        let q = ConsumeQueue::open(dir.path(), 16).expect("reopen");
+        assert_eq!(q.max_index(), 35);
     }
 
     /// Entries reserved for records staged for the next group commit are

@@ -23,6 +23,10 @@ pub struct MappedFile {
     /// Read through [`MappedFile::slice`] since the last
     /// [`MappedFile::release_behind`].
     read: AtomicBool,
+    /// Bytes flushed through [`MappedFile::flush_range`] (tests check what
+    /// was made durable).
+    #[cfg(test)]
+    pub flushed_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MappedFile {
@@ -84,6 +88,8 @@ impl MappedFile {
             map,
             len,
             read: AtomicBool::new(false),
+            #[cfg(test)]
+            flushed_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -157,6 +163,8 @@ impl MappedFile {
     pub fn flush_range(&self, from: u64, to: u64) -> io::Result<()> {
         if to > from {
             self.map.flush_range(from as usize, (to - from) as usize)?;
+            #[cfg(test)]
+            self.flushed_bytes.fetch_add(to - from, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -312,6 +320,51 @@ impl MappedFile {
         }
         ranges
     }
+}
+
+/// Whether the file at `path` holds nothing but zeros. Only what the
+/// filesystem reports as data is read (`SEEK_DATA`/`SEEK_HOLE`; all of it
+/// where it cannot tell), so a reserved, never written file costs nothing.
+pub fn holds_only_zeros(path: &Path) -> io::Result<bool> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence| {
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if rc >= 0 {
+            Ok((rc as u64).min(len))
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < len {
+        let start = match seek(pos, libc::SEEK_DATA) {
+            Ok(at) => at,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(_) => pos,
+        };
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(len);
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            let got = file.read_at(&mut buf[..n], at)?;
+            if got == 0 {
+                return Ok(true);
+            }
+            if buf[..got].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += got as u64;
+        }
+        if end <= start {
+            break;
+        }
+        pos = end;
+    }
+    Ok(true)
 }
 
 /// Suffix of files being created.

@@ -35,7 +35,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-pub use commit_log::fs_used_ratio;
+pub use commit_log::{FsUsage, FsUsageFn, fs_usage, fs_used_ratio};
 pub use consume_queue::CqEntry;
 pub use mapped::{persist_atomically, sync_dir};
 pub use metadata::{
@@ -93,6 +93,13 @@ pub struct StoreConfig {
     /// and each fdatasync is cheaper (see `CommitLog::zero_ahead`). Default
     /// on; always off on copy-on-write filesystems (btrfs, ZFS, bcachefs).
     pub zero_ahead: bool,
+    /// SYNC_FLUSH: appends are refused with [`StoreError::Busy`] while the
+    /// records staged for the next flush hold more than this many bytes (a
+    /// flush that does not return, a stalled disk); a single append is
+    /// always taken when nothing is staged. The flusher's buffer of the group
+    /// being written is of the same order, so staging holds at most about
+    /// twice this. Default 64 MiB.
+    pub max_staged_bytes: usize,
     /// Entries per consume-queue file. Default 300,000 (6,000,000 bytes).
     pub cq_entries_per_file: u64,
     /// Segments whose newest record is older than this are deleted.
@@ -115,6 +122,10 @@ pub struct StoreConfig {
     /// Operator's permission to discard the log from this offset on when
     /// recovery finds a corrupt record exactly there.
     pub allow_truncate_at: Option<u64>,
+    /// How full the data directory's filesystem is: [`fs_usage`] (statvfs)
+    /// by default. Read by retention and before the log grows; tests put a
+    /// fixed answer here instead of depending on the machine's disk.
+    pub fs_usage: FsUsageFn,
 }
 
 impl StoreConfig {
@@ -127,6 +138,7 @@ impl StoreConfig {
             flush_interval: Duration::from_millis(500),
             flush_timeout: Duration::from_secs(5),
             zero_ahead: true,
+            max_staged_bytes: 64 << 20,
             cq_entries_per_file: 300_000,
             retention: Duration::from_secs(72 * 3600),
             disk_high_watermark: 0.85,
@@ -135,6 +147,7 @@ impl StoreConfig {
             checkpoint_interval: Duration::from_secs(1),
             retention_interval: Duration::from_secs(10),
             allow_truncate_at: None,
+            fs_usage,
         }
     }
 
@@ -146,9 +159,13 @@ impl StoreConfig {
             || self.segment_size > u32::MAX as u64
         {
             return bad(format!(
-                "segment size {} must be a multiple of 4096 between 64 KiB and 4 GiB",
+                "segment size {} must be a multiple of 4096 from 64 KiB to 4 GiB - 4 KiB \
+                 (record lengths are 32-bit)",
                 self.segment_size
             ));
+        }
+        if self.max_staged_bytes == 0 {
+            return bad("the staging limit must be at least one byte".into());
         }
         if self.cq_entries_per_file == 0 {
             return bad("consume queue files must hold at least one entry".into());
@@ -160,6 +177,13 @@ impl StoreConfig {
             if !(v > 0.0 && v <= 1.0) {
                 return bad(format!("{name} {v} must be in (0, 1]"));
             }
+        }
+        if self.disk_high_watermark > self.disk_full_ratio {
+            return bad(format!(
+                "disk_high_watermark {} is above disk_full_ratio {}: writes would be refused \
+                 before early deletion starts freeing space",
+                self.disk_high_watermark, self.disk_full_ratio
+            ));
         }
         if self.flush_interval.is_zero()
             || self.checkpoint_interval.is_zero()
@@ -229,6 +253,14 @@ pub enum StoreError {
     FlushFailed(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(
+        "the commit log was cut while the record at offset {offset} waited for its flush \
+         (this broker now follows another master); the record is gone"
+    )]
+    Truncated { offset: u64 },
+    /// Nothing was written: too much is waiting for the disk; retry later.
+    #[error("store busy: {0}; nothing was written, retry later")]
+    Busy(String),
     #[error("the store is shut down")]
     Closed,
 }
@@ -288,6 +320,13 @@ struct Inner {
     published: Arc<PublishSignal>,
     /// Consume-queue entries of every record below this offset are written.
     dispatched: AtomicU64,
+    /// Consume-queue entries of every record below this offset are durable
+    /// (what the checkpoint's `cq_offset` may claim). Raised only after a
+    /// flush of the queues, to `dispatched` as read before it; lowered by a cut.
+    cq_flushed: Mutex<u64>,
+    /// Times the log was cut ([`MessageStore::truncate_to`],
+    /// [`MessageStore::restart_at`]) since the store opened.
+    cuts: AtomicU64,
     flushed: AtomicU64,
     flush_lock: Mutex<()>,
     flush_watch: tokio::sync::watch::Sender<u64>,
@@ -395,6 +434,7 @@ impl MessageStore {
                     FlushMode::AsyncFlush => Writes::ThroughMapping,
                 },
                 zero_ahead: zero_ahead_enabled(&config),
+                fs_usage: config.fs_usage,
             },
         )?;
         let checkpoint: Option<Checkpoint> = match std::fs::read(dir.join(CHECKPOINT)) {
@@ -423,6 +463,9 @@ impl MessageStore {
             commit_lock: Mutex::new(()),
             published: Arc::new(PublishSignal::default()),
             dispatched: AtomicU64::new(end),
+            // Recovery flushed every queue entry it kept.
+            cq_flushed: Mutex::new(end),
+            cuts: AtomicU64::new(0),
             flushed: AtomicU64::new(end),
             flush_lock: Mutex::new(()),
             flush_watch,
@@ -597,6 +640,14 @@ impl MessageStore {
         let inner = &self.inner;
         let mut tail = inner.tail.lock();
         self.check_writable()?;
+        let staged = tail.staged.byte_len();
+        if staged > 0 && staged + total > inner.config.max_staged_bytes {
+            return Err(StoreError::Busy(format!(
+                "{staged} bytes of SYNC_FLUSH appends are waiting for the disk to flush \
+                 (limit {} bytes)",
+                inner.config.max_staged_bytes
+            )));
+        }
         inner.clog.make_room(&mut tail, total as u64)?;
         // Everything that can fail happens before the first byte is written.
         let mut slots: SmallVec<[(Arc<ConsumeQueue>, CqSlot); 1]> =
@@ -629,6 +680,7 @@ impl MessageStore {
         // publishes and flushes: see the `staging` module); ASYNC_FLUSH
         // straight into the mapped segment, published below.
         let staging = inner.clog.writes() == Writes::ThroughFile;
+        let log_cuts = inner.cuts.load(Ordering::Acquire);
         let Tail {
             segment,
             pos,
@@ -659,6 +711,7 @@ impl MessageStore {
                 end_offset: *pos,
                 queue_offset: qo,
                 store_ms,
+                log_cuts,
             });
         }
         if staging {
@@ -688,11 +741,16 @@ impl MessageStore {
     /// Writes staged records to the log and publishes them (the caller
     /// holds the commit lock). A failed write latches the store failed, as
     /// a failed flush does: the records' appenders were not acknowledged.
-    fn write_staged(&self, staged: &Staged) -> Result<(), StoreError> {
-        if staged.is_empty() {
+    fn write_staged(&self, staged: &mut Staged) -> Result<(), StoreError> {
+        let Some(start) = staged.start() else {
             return Ok(());
-        }
+        };
         let inner = &self.inner;
+        // Everything before the group is durable: say so in its first
+        // record, for recovery (see `record::FLUSHED_BEFORE`).
+        if self.flushed_offset() >= start {
+            staged.mark_first_flushed_before();
+        }
         for (segment, at, bytes) in staged.pieces() {
             // SAFETY: the commit lock is held; the range is past the
             // published end and no appender writes there (they stage).
@@ -776,7 +834,7 @@ impl MessageStore {
     /// Writes and publishes what is staged, with the append lock held (and
     /// the commit lock, taken before it).
     fn drain_staged_locked(&self, tail: &mut Tail) -> Result<(), StoreError> {
-        let written = self.write_staged(&tail.staged);
+        let written = self.write_staged(&mut tail.staged);
         tail.staged.clear();
         written
     }
@@ -826,6 +884,29 @@ impl MessageStore {
             return Ok(());
         }
         self.wait_durable(offset).await
+    }
+
+    /// [`MessageStore::wait_flushed`] for an append: waits until it is
+    /// durable under SYNC_FLUSH, and fails with [`StoreError::Truncated`] if
+    /// the log was cut since it was appended (its offsets may now hold
+    /// another broker's records).
+    pub async fn wait_appended(&self, a: &Appended) -> Result<(), StoreError> {
+        if self.inner.config.flush_mode == FlushMode::AsyncFlush {
+            return Ok(());
+        }
+        self.wait_durable(a.end_offset).await?;
+        self.check_not_cut(a)
+    }
+
+    /// Fails if the log was cut since `a` was appended. Called after its
+    /// end was seen flushed: a cut is counted under the flush lock, before
+    /// any flush after it, so a flush that followed a cut is never seen
+    /// without the cut.
+    fn check_not_cut(&self, a: &Appended) -> Result<(), StoreError> {
+        if self.inner.cuts.load(Ordering::Acquire) != a.log_cuts {
+            return Err(StoreError::Truncated { offset: a.offset });
+        }
+        Ok(())
     }
 
     /// Waits until everything below `offset` is durable, whatever the mode.
@@ -1154,6 +1235,9 @@ impl MessageStore {
         let Some(e) = q.get_stored(queue_offset) else {
             return Ok(None);
         };
+        if e.is_blank() {
+            return Ok(None);
+        }
         if e.size != 0 {
             return Ok(Some(e));
         }
@@ -1320,6 +1404,13 @@ impl MessageStore {
                     reason,
                 })?;
             let cq = self.queue_for_write(topic, qid)?;
+            // A log that starts past offset 0 (its master's oldest
+            // segment, after a resync) meets queues whose first entries
+            // are in segments neither side holds any more.
+            if qo > 0 && cq.is_new() && self.min_offset() > 0 {
+                cq.start_at(qo)
+                    .map_err(StoreError::io("starting a consume queue"))?;
+            }
             if cq.max_index() != qo {
                 return Err(StoreError::Corrupt {
                     offset: tail.pos,
@@ -1395,6 +1486,7 @@ impl MessageStore {
         // The checkpoint goes down first: after a crash during the cut, one
         // still claiming the cut bytes flushed would make recovery take the
         // zeros the cut leaves for a lost write and refuse to start.
+        self.note_cut(offset);
         inner.flushed.fetch_min(offset, Ordering::AcqRel);
         self.write_checkpoint(false)?;
         *tail = inner.clog.truncate(offset)?;
@@ -1413,6 +1505,62 @@ impl MessageStore {
         Ok(())
     }
 
+    /// Discards the whole log and every consume queue, and starts the log
+    /// again, empty, at `base` (a multiple of the segment size, at or past
+    /// the end). For a slave whose log ends before its master's oldest
+    /// segment: retention on the master deleted what it would need next, so
+    /// it can only catch up from where the master's log now starts. Topics
+    /// and consumer offsets are kept.
+    ///
+    /// Crash-safe in every step: the consume queues go first (the next
+    /// open rebuilds them), then the segments oldest first (see
+    /// [`CommitLog::restart_at`]), then the checkpoint is written for the
+    /// new log.
+    pub fn restart_at(&self, base: u64) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let _c = inner.commit_lock.lock();
+        let mut tail = inner.tail.lock();
+        self.drain_staged_locked(&mut tail)?;
+        if base < tail.pos {
+            return Err(StoreError::InvalidArgument(format!(
+                "the log cannot start again at {base}, before its end {}",
+                tail.pos
+            )));
+        }
+        let _f = inner.flush_lock.lock();
+        let old_min = self.min_offset();
+        let old_end = tail.pos;
+        self.note_cut(0);
+        {
+            let mut cqs = inner.cqs.write();
+            cqs.clear();
+            if inner.cq_dir.exists() {
+                std::fs::remove_dir_all(&inner.cq_dir)
+                    .map_err(StoreError::io("removing the consume queues"))?;
+            }
+            std::fs::create_dir_all(&inner.cq_dir)
+                .map_err(StoreError::io("creating the consume queue directory"))?;
+            sync_dir(&inner.config.data_dir)
+                .map_err(StoreError::io("syncing the data directory"))?;
+        }
+        *tail = inner.clog.restart_at(base)?;
+        inner.dispatched.store(base, Ordering::Release);
+        inner.flushed.store(base, Ordering::Release);
+        // No queue holds an entry: nothing to flush below the new start.
+        *inner.cq_flushed.lock() = base;
+        self.write_checkpoint(false)?;
+        inner.flush_watch.send_replace(base);
+        drop(_f);
+        drop(tail);
+        tracing::warn!(
+            discarded_from = old_min,
+            discarded_to = old_end,
+            start = base,
+            "commit log discarded and started again empty"
+        );
+        Ok(())
+    }
+
     /// Deletes segments past the retention time or beyond the disk
     /// watermark; `now_ms` is the current time.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<usize, StoreError> {
@@ -1420,25 +1568,57 @@ impl MessageStore {
         let cfg = &inner.config;
         let horizon = now_ms - cfg.retention.as_millis() as i64;
         let clog = &inner.clog;
-        let mut removed =
-            clog.delete_oldest_while(|_, next| first_store_ms(next).is_some_and(|t| t < horizon))?;
-        let over_watermark = |clog: &CommitLog| {
-            let by_fs = fs_used_ratio(clog.dir()).is_some_and(|r| r >= cfg.disk_high_watermark);
-            let by_cap = cfg
-                .max_store_bytes
-                .is_some_and(|m| clog.disk_bytes() as f64 >= m as f64 * cfg.disk_high_watermark);
-            by_fs || by_cap
-        };
-        if over_watermark(clog) {
-            let forced = clog.delete_oldest_while(|_, _| over_watermark(clog))?;
+        let hw = cfg.disk_high_watermark;
+        // Measured once, before anything is deleted: a deleted segment's
+        // space comes back only when nothing maps it any more, so the
+        // filesystem's use is not measured again (and `doom` below runs
+        // under the segments lock, where nothing may be measured).
+        let fs_excess = clog.fs_usage().map_or(0, |u| u.excess_over(hw));
+        let end = clog.max_offset();
+        let mut unreadable = None;
+        let mut removed = clog.delete_oldest_while(|_, next| match first_store_ms(next) {
+            Some(t) => t < horizon,
+            // An empty segment (the log's end at its start) has no record yet.
+            None => {
+                if next.base < end {
+                    unreadable = Some(next.base);
+                }
+                false
+            }
+        })?;
+        if let Some(base) = unreadable {
+            tracing::error!(
+                segment = base,
+                "the first record of a commit log segment cannot be read: the segment before it \
+                 and all later ones are kept past their retention time"
+            );
+        }
+        // Over a watermark: the bytes to free, less what time already freed.
+        let by_fs = fs_excess.saturating_sub(removed as u64 * clog.segment_size());
+        let by_cap = cfg.max_store_bytes.map_or(0, |m| {
+            clog.disk_bytes()
+                .saturating_sub((hw * m as f64).ceil() as u64)
+        });
+        let need = by_fs.max(by_cap);
+        if need > 0 {
+            let mut freed = 0u64;
+            let forced = clog.delete_oldest_while(|seg, _| {
+                if freed >= need {
+                    return false;
+                }
+                freed += seg.file.len();
+                true
+            })?;
             if forced > 0 {
                 tracing::warn!(
                     segments = forced,
+                    over_by = need,
                     "disk use above the high watermark: deleted the oldest segments before their retention time"
                 );
             }
             removed += forced;
         }
+        self.retire_deleted_topics_queues()?;
         if removed > 0 {
             let min = self.min_offset();
             for qs in inner.cqs.read().values() {
@@ -1449,6 +1629,53 @@ impl MessageStore {
             }
         }
         Ok(removed)
+    }
+
+    /// Retires (see `ConsumeQueue::retire`) the consume queues of deleted
+    /// topics whose messages all went with deleted segments: their files,
+    /// mappings and descriptors are released; the queue keeps its length,
+    /// and a topic created again under the name goes on numbering its
+    /// messages from there. Topics absent from the metadata because they
+    /// are internal, retry or dead-letter topics (`%...`) are left alone.
+    fn retire_deleted_topics_queues(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let deleted = |t: &str| !t.starts_with('%') && inner.metadata.get_topic(t).is_none();
+        let expired = |q: &ConsumeQueue| q.min_index(self.min_offset()) == q.max_index();
+        let candidates: Vec<(String, u32)> = inner
+            .cqs
+            .read()
+            .iter()
+            .filter(|(t, _)| deleted(t))
+            .flat_map(|(t, qs)| {
+                qs.iter()
+                    .enumerate()
+                    .filter(|(_, q)| q.as_ref().is_some_and(|q| q.holds_files() && expired(q)))
+                    .map(move |(i, _)| (t.clone(), i as u32))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        // No record is staged, written or indexed meanwhile.
+        let _c = inner.commit_lock.lock();
+        let _tail = inner.tail.lock();
+        for (topic, queue_id) in candidates {
+            let Some(q) = self.queue(&topic, queue_id) else {
+                continue;
+            };
+            if !deleted(&topic) || !q.holds_files() || q.has_unpublished() || !expired(&q) {
+                continue;
+            }
+            q.retire()
+                .map_err(StoreError::io("retiring a deleted topic's consume queue"))?;
+            tracing::info!(
+                topic,
+                queue_id,
+                next = q.max_index(),
+                "released the consume queue of a deleted topic"
+            );
+        }
+        Ok(())
     }
 
     /// Flushes everything and stops the background threads; the next open
@@ -1471,7 +1698,13 @@ impl MessageStore {
         let mut tail = inner.tail.lock();
         self.drain_staged_locked(&mut tail)?;
         self.flush_to(self.max_offset())?;
+        // Nothing is appended while the append lock is held.
+        let dispatched = inner.dispatched.load(Ordering::Acquire);
         self.flush_queues()?;
+        {
+            let mut cq = inner.cq_flushed.lock();
+            *cq = (*cq).max(dispatched);
+        }
         inner.metadata.flush_offsets()?;
         self.write_checkpoint(true)?;
         inner.lock.lock().take();
@@ -1573,6 +1806,36 @@ impl MessageStore {
         inner.flush_cv.notify_all();
     }
 
+    /// The maintenance thread's checkpoint: flushes the consume queues and
+    /// the offsets, then writes the checkpoint. `between` runs right after
+    /// the queues are flushed (tests append there).
+    fn checkpoint_with(&self, between: impl FnOnce()) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        // Read before the flush: entries published during it may not be
+        // covered, and a cut meanwhile makes this offset mean other records.
+        let cuts = inner.cuts.load(Ordering::Acquire);
+        let dispatched = inner.dispatched.load(Ordering::Acquire);
+        self.flush_queues()?;
+        between();
+        {
+            let mut cq = inner.cq_flushed.lock();
+            if inner.cuts.load(Ordering::Acquire) == cuts {
+                *cq = (*cq).max(dispatched);
+            }
+        }
+        inner.metadata.flush_offsets()?;
+        self.write_checkpoint(false)
+    }
+
+    /// Lowers what the checkpoint may claim of the queues to a cut at
+    /// `offset`, and counts the cut.
+    fn note_cut(&self, offset: u64) {
+        let inner = &self.inner;
+        let mut cq = inner.cq_flushed.lock();
+        inner.cuts.fetch_add(1, Ordering::AcqRel);
+        *cq = (*cq).min(offset);
+    }
+
     fn flush_queues(&self) -> Result<(), StoreError> {
         for q in self.all_queues() {
             q.flush()
@@ -1587,7 +1850,7 @@ impl MessageStore {
         let flushed = self.flushed_offset();
         let cp = Checkpoint {
             flushed_offset: flushed,
-            cq_offset: inner.dispatched.load(Ordering::Acquire).min(flushed),
+            cq_offset: (*inner.cq_flushed.lock()).min(flushed),
             clean,
             written_ms: now_ms(),
         };
@@ -1797,11 +2060,7 @@ fn maintenance_loop(weak: &std::sync::Weak<Inner>) {
         // Pages readers mapped in old segments (the writer's are released
         // as the end moves on), and old pages of the consume queues.
         store.release_mapped_behind();
-        let res = store
-            .flush_queues()
-            .and_then(|()| store.inner.metadata.flush_offsets())
-            .and_then(|()| store.write_checkpoint(false));
-        if let Err(e) = res {
+        if let Err(e) = store.checkpoint_with(|| {}) {
             tracing::error!(error = %e, "store checkpoint failed");
         }
         if last_retention.elapsed() >= store.inner.config.retention_interval {
@@ -1837,8 +2096,14 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
 
 fn load_or_create_store_id(dir: &Path) -> Result<String, StoreError> {
     let path = dir.join("store_id");
+    // Only a missing or empty file means a new disk: any other failure to
+    // read it must not silently give the broker another identity.
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+            context: format!("reading {}", path.display()),
+            source: e,
+        }),
         Ok(_) | Err(_) => {
             let id = format!("{:032x}", rand::random::<u128>());
             persist_atomically(&path, id.as_bytes())

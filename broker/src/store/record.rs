@@ -55,6 +55,17 @@ pub mod flags {
     pub const SYSTEM: u32 = 1 << 3;
 }
 
+/// Flag bits the store keeps for itself: cleared from what is appended,
+/// never shown in a [`StoredRecord`].
+pub const STORE_FLAGS: u32 = FLUSHED_BEFORE;
+
+/// Set by the SYNC_FLUSH flusher on the first record of a group it writes
+/// when the whole log before that group was already durable. Recovery
+/// reads damage followed by such a record as a lost write of flushed data
+/// (corruption), and damage followed by none as what a power loss leaves
+/// of the group whose flush it interrupted (see `recovery::settle`).
+pub const FLUSHED_BEFORE: u32 = 1 << 31;
+
 /// Well-known property keys. User properties use any other key.
 pub mod keys {
     /// The message id assigned by the producer.
@@ -154,6 +165,10 @@ pub struct Appended {
     pub queue_offset: u64,
     /// Store timestamp assigned.
     pub store_ms: i64,
+    /// Cuts of the log (a returning master following another) before this
+    /// append: [`super::MessageStore::wait_appended`] fails if one happened
+    /// since, as the record may be gone.
+    pub log_cuts: u64,
 }
 
 /// A record read back from the commit log.
@@ -234,7 +249,7 @@ pub fn encode_into(dst: &mut [u8], rec: &NewRecord, offset: u64, queue_offset: u
     w.u32(total as u32);
     w.u32(RECORD_MAGIC);
     w.u32(0);
-    w.u32(rec.flags);
+    w.u32(rec.flags & !STORE_FLAGS);
     w.u32(rec.queue_id);
     w.u64(queue_offset);
     w.u64(offset);
@@ -253,6 +268,20 @@ pub fn encode_into(dst: &mut [u8], rec: &NewRecord, offset: u64, queue_offset: u
     w.bytes(&rec.body);
     let crc = crc32c::crc32c(&dst[12..]);
     dst[8..12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Sets [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly one whole
+/// record) and recomputes its checksum.
+pub fn mark_flushed_before(rec: &mut [u8]) {
+    let flags = le_u32(rec, 12) | FLUSHED_BEFORE;
+    rec[12..16].copy_from_slice(&flags.to_le_bytes());
+    let crc = crc32c::crc32c(&rec[12..]);
+    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Whether a checked record carries [`FLUSHED_BEFORE`].
+pub fn is_flushed_before(rec: &[u8]) -> bool {
+    rec.len() >= 16 && le_u32(rec, 12) & FLUSHED_BEFORE != 0
 }
 
 struct Writer<'a> {
@@ -381,7 +410,7 @@ pub fn decode(b: &[u8], offset: u64) -> Result<StoredRecord, StoreError> {
         queue_offset: le_u64(b, 20),
         born_ms: le_u64(b, 36) as i64,
         store_ms: le_u64(b, 44) as i64,
-        flags: le_u32(b, 12),
+        flags: le_u32(b, 12) & !STORE_FLAGS,
         properties,
         body: Bytes::copy_from_slice(body),
     })

@@ -13,14 +13,16 @@
 //! - a bad record past the last checkpointed flush with nothing valid
 //!   after it: a torn tail, cut off with a warning;
 //! - zeros or a bad record before the checkpointed flush, or under
-//!   SYNC_FLUSH with a valid record after them (a write lost in the middle
-//!   of the log, such as a disk returning zeros for a block): corruption.
-//!   The broker refuses to start and names the offset; the operator may
-//!   allow truncation at exactly that offset;
-//! - under ASYNC_FLUSH, zeros or a bad record past the checkpointed flush
-//!   with valid records after them: what a power loss leaves of writes not
-//!   yet flushed (the disk may keep any part of them). Cut off there with a
-//!   warning, as the flush mode allows.
+//!   SYNC_FLUSH with a record after them that the flusher wrote once
+//!   everything before it was durable (a write lost in the middle of the
+//!   log, such as a disk returning zeros for a block): corruption. The
+//!   broker refuses to start and names the offset; the operator may allow
+//!   truncation at exactly that offset;
+//! - zeros or a bad record past the checkpointed flush with valid records
+//!   after them, none of them so marked under SYNC_FLUSH: what a power loss
+//!   leaves of writes not yet flushed, or of the flush it interrupted (the
+//!   disk may keep any part of them; none of it was acknowledged). Cut off
+//!   there with a warning.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -67,7 +69,17 @@ pub(super) fn recover(
             }
             Queues::new()
         } else {
-            load_queues(cq_dir, config.cq_entries_per_file)?
+            let Some(queues) = load_queues(cq_dir, config.cq_entries_per_file)? else {
+                rebuild = true;
+                continue;
+            };
+            // Entries the checkpoint does not cover may still be only in the
+            // page cache (a killed process wrote them): they are flushed below.
+            let durable = checkpoint.map_or(0, |c| c.cq_offset.min(c.flushed_offset));
+            for q in queues.values().flatten().flatten() {
+                q.assume_flushed_below(durable);
+            }
+            queues
         };
         std::fs::create_dir_all(cq_dir)
             .map_err(StoreError::io("creating the consume queue directory"))?;
@@ -85,6 +97,7 @@ pub(super) fn recover(
             config.cq_entries_per_file,
             &mut queues,
             from,
+            rebuild,
             &mut scanned,
         )?;
         let (end, truncated_at) = match stop {
@@ -155,15 +168,27 @@ fn settle(
     zeros: bool,
     flushed_mark: u64,
 ) -> Result<bool, StoreError> {
-    let later = valid_record_after(clog, at);
-    // Under SYNC_FLUSH a valid record after the damage may have been
-    // acknowledged, and the flush that made it durable covered the damaged
-    // bytes too; under ASYNC_FLUSH nothing past the last flush was promised,
-    // and after a power loss the disk may hold any part of it.
+    let later = valid_record_after(clog, at, |_| true);
+    // Flushes cover the log in order, one at a time: if a record after the
+    // damage was acknowledged, a flush that completed covered the damaged
+    // bytes too, and they were lost after being made durable (corruption).
+    // Otherwise the damage and everything after it belong to the flush a
+    // power loss interrupted (the disk may keep any part of it) or to
+    // writes never flushed: nothing there was acknowledged. Under
+    // SYNC_FLUSH, a record the flusher marked as written after everything
+    // before it was durable (`record::FLUSHED_BEFORE`) tells the first case;
+    // under ASYNC_FLUSH nothing past the last flush was promised.
     let sync = config.flush_mode == FlushMode::SyncFlush;
-    if at < flushed_mark || (sync && later.is_some()) {
-        let why = match later {
-            Some(later) => format!("a valid record follows at offset {later}"),
+    let durable_after = match later {
+        Some(_) if sync => valid_record_after(clog, at, record::is_flushed_before),
+        _ => None,
+    };
+    if at < flushed_mark || durable_after.is_some() {
+        let why = match durable_after {
+            Some(d) => format!(
+                "a valid record follows at offset {d}, written once everything before it had \
+                 been flushed"
+            ),
             None => format!(
                 "the last checkpoint recorded everything below offset {flushed_mark} as flushed"
             ),
@@ -172,6 +197,12 @@ fn settle(
         return Ok(true);
     }
     match later {
+        Some(later) if sync => tracing::warn!(
+            offset = at,
+            reason,
+            next_valid_record = later,
+            "SYNC_FLUSH: cutting the commit log where the flush interrupted by the crash did not complete; nothing from there on was acknowledged"
+        ),
         Some(later) => tracing::warn!(
             offset = at,
             reason,
@@ -211,6 +242,7 @@ fn scan(
     per_file: u64,
     queues: &mut Queues,
     from: u64,
+    rebuild: bool,
     scanned: &mut u64,
 ) -> Result<Stop, StoreError> {
     let mut pos = from;
@@ -244,6 +276,12 @@ fn scan(
                         reason,
                     })?;
                 let q = queue(queues, cq_dir, per_file, topic, queue_id)?;
+                if rebuild && queue_offset > 0 && q.is_new() {
+                    // The queue's earlier entries pointed into segments
+                    // retention has deleted.
+                    q.start_at(queue_offset)
+                        .map_err(StoreError::io("starting a rebuilt consume queue"))?;
+                }
                 if queue_offset > q.max_index() {
                     return Ok(Stop::Gap);
                 }
@@ -287,10 +325,13 @@ fn queue(
     Ok(q)
 }
 
-fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Queues, StoreError> {
+/// The consume queues on disk, or `None` if one has files of another size
+/// (`cq_entries_per_file` changed, or a damaged file): they are derived
+/// data, rebuilt from the log.
+fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Option<Queues>, StoreError> {
     let mut queues = Queues::new();
     let Ok(topics) = std::fs::read_dir(cq_dir) else {
-        return Ok(queues);
+        return Ok(Some(queues));
     };
     for t in topics {
         let t = t.map_err(StoreError::io("listing consume queues"))?;
@@ -305,18 +346,31 @@ fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Queues, StoreError> {
             let Some(qid) = id.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            queue(&mut queues, cq_dir, per_file, &topic, qid)?;
+            match queue(&mut queues, cq_dir, per_file, &topic, qid) {
+                Ok(_) => {}
+                Err(StoreError::Io { context, source })
+                    if source.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    tracing::warn!(
+                        error = %source,
+                        queue = context,
+                        "a consume queue does not match this configuration; rebuilding them all"
+                    );
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    Ok(queues)
+    Ok(Some(queues))
 }
 
-/// The first offset after `at` where a complete, valid record starts, read
-/// through the files (not the mappings), in this segment and every later
-/// one. Runs at every start, so it skips what the filesystem knows holds
-/// no data (the reserved, never written rest of a segment) and all-zero
-/// chunks without looking closer.
-fn valid_record_after(clog: &CommitLog, at: u64) -> Option<u64> {
+/// The first offset after `at` where a complete, valid record for which
+/// `wanted` holds starts, read through the files (not the mappings), in
+/// this segment and every later one. Runs at every start, so it skips what
+/// the filesystem knows holds no data (the reserved, never written rest of
+/// a segment) and all-zero chunks without looking closer.
+fn valid_record_after(clog: &CommitLog, at: u64, wanted: impl Fn(&[u8]) -> bool) -> Option<u64> {
     const CHUNK: usize = 1 << 20;
     let max_rec = clog.segment_size() as usize;
     let mut buf = vec![0u8; CHUNK + 8];
@@ -351,6 +405,7 @@ fn valid_record_after(clog: &CommitLog, at: u64) -> Option<u64> {
                     let mut rec = vec![0u8; rlen];
                     if seg.file.pread(&mut rec, cand).is_ok()
                         && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
+                        && wanted(&rec)
                     {
                         return Some(seg.base + cand);
                     }

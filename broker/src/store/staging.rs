@@ -42,6 +42,27 @@ impl Staged {
         self.pieces.is_empty()
     }
 
+    /// Commit-log offset of the first staged record.
+    pub fn start(&self) -> Option<u64> {
+        self.pieces.first().map(|&(_, at, _)| at)
+    }
+
+    /// Sets [`super::record::FLUSHED_BEFORE`] on the first staged record.
+    pub fn mark_first_flushed_before(&mut self) {
+        if self.bytes.len() < 8 {
+            return;
+        }
+        let len = super::record::le_u32(&self.bytes, 0) as usize;
+        if let Some(rec) = self.bytes.get_mut(..len) {
+            super::record::mark_flushed_before(rec);
+        }
+    }
+
+    /// Bytes of the records staged.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// Commit-log offset the staged records end at.
     pub fn end(&self) -> u64 {
         self.end

@@ -15,6 +15,12 @@ fn config(dir: &Path) -> StoreConfig {
     // disk limits are exercised through `max_store_bytes`.
     c.disk_high_watermark = 1.0;
     c.disk_full_ratio = 1.0;
+    c.fs_usage = |_| {
+        Some(FsUsage {
+            used: 0,
+            avail: 1 << 40,
+        })
+    };
     c
 }
 
@@ -1617,4 +1623,586 @@ fn consumer_offsets_past_the_end_of_a_queue_are_brought_back_at_open() {
     assert_eq!(store.metadata().get_offset("h", &t, q), Some(end));
     assert_eq!(store.clamp_consumer_offsets(), 0);
     store.shutdown().expect("shutdown");
+}
+
+/// Opens the store in `dir` on another thread, failing if that takes more
+/// than a minute (recovery that never ends must fail the test, not hang it).
+fn open_bounded(cfg: StoreConfig) -> MessageStore {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(MessageStore::open(cfg));
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the store opens within a minute")
+        .expect("open")
+}
+
+#[test]
+fn consume_queues_rebuilt_after_retention_start_past_the_deleted_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let appended = fill(&store, 0, 400);
+    let far_future = now_ms() + 10 * 365 * 24 * 3600 * 1000;
+    assert!(store.enforce_retention(far_future).expect("retention") >= 2);
+    let min = store.min_offset();
+    let mut kept: Vec<u64> = (0..400)
+        .filter(|&s| appended[s as usize].offset >= min)
+        .collect();
+    let firsts: Vec<u64> = (0..3)
+        .map(|q| store.queue_min_offset("orders", q))
+        .collect();
+    assert!(
+        firsts.iter().all(|&f| f > 0),
+        "every queue lost its first entries: {firsts:?}"
+    );
+    store.shutdown().expect("shutdown");
+    // The consume queues are lost: they are rebuilt from a log whose first
+    // records are far into each queue (this used to loop for ever). The
+    // second round opens the rebuilt, blank-filled queue files as they are.
+    std::fs::remove_dir_all(dir.path().join("consumequeue")).expect("remove queues");
+    for round in 0..2u64 {
+        let store = open_bounded(config(dir.path()));
+        assert_eq!(store.recovery_report().rebuilt_consume_queues, round == 0);
+        for q in 0..3u32 {
+            assert_eq!(
+                store.queue_min_offset("orders", q),
+                firsts[q as usize],
+                "round {round}: first message of queue {q}"
+            );
+            assert!(
+                store
+                    .get("orders", q, firsts[q as usize] - 1)
+                    .expect("read")
+                    .is_none()
+            );
+        }
+        let mut got: Vec<u64> = Vec::new();
+        for q in 0..3u32 {
+            for i in store.queue_min_offset("orders", q)..store.queue_max_offset("orders", q) {
+                let r = store.get("orders", q, i).expect("read").expect("present");
+                assert_eq!(
+                    r.offset,
+                    store.queue_entry("orders", q, i).expect("entry").offset
+                );
+                got.push(r.properties["seq"].parse::<u64>().expect("seq"));
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(got, kept, "round {round}: the kept messages, each once");
+        // Appends go on after the last entry of each queue.
+        let from = 400 + 6 * round;
+        fill(&store, from, 6);
+        kept.extend(from..from + 6);
+        store.shutdown().expect("shutdown");
+    }
+}
+
+/// Appends `n` records in batches of ten, each batch flushed; returns
+/// where each went.
+fn fill_batched(store: &MessageStore, from: u64, n: u64) -> Vec<Appended> {
+    let mut out = Vec::new();
+    let mut s = from;
+    while s < from + n {
+        let upto = (s + 10).min(from + n);
+        let got = store
+            .append_batch((s..upto).map(record).collect())
+            .expect("append");
+        if let Some(last) = got.last() {
+            store
+                .wait_flushed_blocking(last.end_offset)
+                .expect("flushed");
+        }
+        out.extend(got);
+        s = upto;
+    }
+    out
+}
+
+/// Runs retention on another thread, failing if it takes more than 30 s
+/// (a retention pass that deadlocks must fail the test, not hang it).
+fn retention_bounded(store: &MessageStore, now: i64) -> usize {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = store.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.enforce_retention(now));
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("retention finishes within 30 s")
+        .expect("retention")
+}
+
+#[test]
+fn watermark_retention_under_a_store_size_cap_frees_down_to_the_watermark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.max_store_bytes = Some(10 * SEG);
+    cfg.disk_high_watermark = 0.5;
+    let store = MessageStore::open(cfg).expect("open");
+    let mut appended = Vec::new();
+    while store.max_offset() < 6 * SEG + SEG / 2 {
+        let from = appended.len() as u64;
+        appended.extend(fill_batched(&store, from, 10));
+    }
+    let before = store.inner.clog.disk_bytes();
+    assert!(before > 5 * SEG, "{before}");
+    let removed = retention_bounded(&store, now_ms());
+    let after = store.inner.clog.disk_bytes();
+    assert!(after <= 5 * SEG, "at or below the watermark: {after}");
+    assert!(
+        after + SEG > 5 * SEG,
+        "no more than needed: {before} -> {after}, {removed} removed"
+    );
+    assert_eq!(removed as u64, (before - after) / SEG);
+    for (s, a) in appended.iter().enumerate() {
+        if a.offset >= store.min_offset() {
+            assert_eq!(store.read_at(a.offset).expect("kept").body, body(s as u64));
+        }
+    }
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn watermark_retention_frees_what_the_filesystem_is_over_by_and_no_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.disk_high_watermark = 0.85;
+    // 90 % used, each segment 1 % of the disk: five segments must go.
+    cfg.fs_usage = |_| {
+        Some(FsUsage {
+            used: 90 * SEG,
+            avail: 10 * SEG,
+        })
+    };
+    let store = MessageStore::open(cfg).expect("open");
+    let mut n = 0;
+    while store.max_offset() < 8 * SEG + SEG / 2 {
+        fill_batched(&store, n, 10);
+        n += 10;
+    }
+    let min = store.min_offset();
+    assert_eq!(retention_bounded(&store, now_ms()), 5);
+    assert_eq!(store.min_offset(), min + 5 * SEG);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn damaged_entries_at_the_search_points_do_not_end_a_queue_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.cq_entries_per_file = 64;
+    let store = MessageStore::open(cfg.clone()).expect("open");
+    let body = |topic: &str, i: u64| {
+        let mut b = format!("{topic}-{i}-").into_bytes();
+        b.resize(1000, b'.');
+        b
+    };
+    let put = |topic: &str, n: u64| {
+        for i in 0..n {
+            let a = store
+                .append(NewRecord::new(topic, 0, body(topic, i)))
+                .expect("append");
+            store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        }
+    };
+    put("idle", 300);
+    // Later segments hold no record of "idle": recovery does not look at it.
+    put("busy", 200);
+    // 150 and 75 are where a binary search over [0, 300) looks first; 256
+    // starts the queue's last file.
+    let q = store.queue("idle", 0).expect("queue");
+    for i in [150, 75, 256] {
+        q.slot(i).expect("slot").put(CqEntry {
+            offset: 0,
+            size: 0,
+            tag_hash: 0,
+        });
+    }
+    drop(q);
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(cfg).expect("reopen");
+    assert!(store.recovery_report().scanned_from > 300 * 1000);
+    assert_eq!(store.queue_max_offset("idle", 0), 300, "the queue's end");
+    let files = std::fs::read_dir(dir.path().join("consumequeue/idle/0"))
+        .expect("ls")
+        .count();
+    assert_eq!(files, 5, "every file of the queue is kept");
+    let a = store
+        .append(NewRecord::new("idle", 0, body("idle", 300)))
+        .expect("append");
+    store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    assert_eq!(a.queue_offset, 300, "the next append goes after the end");
+    for i in 0..=300 {
+        let r = store.get("idle", 0, i).expect("read").expect("present");
+        assert_eq!(r.body, body("idle", i), "message {i}");
+    }
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn reopening_after_a_kill_flushes_the_queue_entries_past_the_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let store = MessageStore::open(cfg.clone()).expect("open");
+    fill(&store, 0, 30);
+    store.checkpoint_with(|| {}).expect("checkpoint");
+    fill(&store, 30, 30);
+    // Killed: the last 30 entries are in the page cache only, and the
+    // checkpoint does not cover them.
+    crash(store);
+    let store = MessageStore::open(cfg).expect("reopen");
+    for q in 0..3 {
+        let flushed = store.queue("orders", q).expect("queue").flushed_bytes();
+        assert!(
+            flushed >= 10 * consume_queue::ENTRY_LEN,
+            "queue {q}: {flushed} bytes flushed at open"
+        );
+    }
+    let cp: Checkpoint = load_json(&dir.path().join(CHECKPOINT)).expect("checkpoint");
+    assert_eq!(cp.cq_offset, store.max_offset());
+    check_all(&store, 60);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn the_checkpoint_claims_only_queue_entries_flushed_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    // Only the test writes checkpoints.
+    cfg.checkpoint_interval = Duration::from_secs(3600);
+    let store = MessageStore::open(cfg).expect("open");
+    fill(&store, 0, 20);
+    let end = store.max_offset();
+    store
+        .checkpoint_with(|| {
+            // Appended after the queues were flushed: their entries are not
+            // durable when the checkpoint is written.
+            fill(&store, 20, 20);
+        })
+        .expect("checkpoint");
+    let cp = store.inner.last_checkpoint.lock().clone();
+    assert!(store.flushed_offset() > end);
+    assert!(
+        cp.cq_offset <= end,
+        "checkpoint claims queue entries up to {} flushed, only {end} were",
+        cp.cq_offset
+    );
+    store.checkpoint_with(|| {}).expect("checkpoint");
+    let cp = store.inner.last_checkpoint.lock().clone();
+    assert_eq!(cp.cq_offset, store.max_offset());
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_stalled_flush_caps_what_sync_flush_appends_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.max_staged_bytes = 256 << 10;
+    cfg.flush_timeout = Duration::from_secs(30);
+    let store = MessageStore::open(cfg).expect("open");
+    let rec = || NewRecord::new("big", 0, vec![7u8; 8 << 10]);
+    // Another thread holds the flush lock: the flusher writes one group and
+    // then waits in front of its fdatasync, as on a stalled disk.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let _stuck = store.inner.flush_lock.lock();
+            held_tx.send(()).expect("send");
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        })
+    };
+    held_rx.recv().expect("lock held");
+    let mut accepted = Vec::new();
+    let refused = loop {
+        match store.append(rec()) {
+            Ok(a) => accepted.push(a),
+            Err(e) => break e,
+        }
+        let staged = store.inner.tail.lock().staged.byte_len();
+        assert!(staged <= (256 << 10) + (9 << 10), "{staged} bytes staged");
+        assert!(
+            accepted.len() < 512,
+            "4 MiB staged behind a stalled flush and never refused"
+        );
+    };
+    assert!(matches!(refused, StoreError::Busy(_)), "{refused}");
+    assert!(refused.to_string().contains("retry"), "{refused}");
+    release_tx.send(()).expect("release");
+    holder.join().expect("holder");
+    let last = accepted.last().expect("some appends were taken");
+    store
+        .wait_flushed_blocking(last.end_offset)
+        .expect("flushed once the disk answers");
+    let a = store.append(rec()).expect("taken again");
+    store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    for a in &accepted {
+        assert_eq!(
+            store.read_at(a.offset).expect("read").queue_offset,
+            a.queue_offset
+        );
+    }
+    store.shutdown().expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_record_the_log_cut_fails_even_once_the_offset_is_flushed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    fill(&store, 0, 3);
+    let a = store.append(record(3)).expect("append");
+    // A returning master follows another: the record is cut, and the
+    // other master's records take its offsets.
+    store.truncate_to(a.offset).expect("cut");
+    let b = store.append(record(3)).expect("append");
+    assert_eq!((b.offset, b.end_offset), (a.offset, a.end_offset));
+    let waited = tokio::time::timeout(Duration::from_secs(30), store.wait_appended(&a))
+        .await
+        .expect("the wait ends");
+    assert!(
+        matches!(waited, Err(StoreError::Truncated { offset }) if offset == a.offset),
+        "{waited:?}"
+    );
+    store
+        .wait_appended(&b)
+        .await
+        .expect("the new record is durable");
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn an_empty_segment_after_a_hole_is_dropped_at_open() {
+    // A cut removed segment 2 and the prepared segment 3, and a crash came
+    // before the removal of 3 was made durable.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let mut n = 0;
+    while store.max_offset() < SEG + SEG / 2 {
+        fill_batched(&store, n, 10);
+        n += 10;
+    }
+    store.shutdown().expect("shutdown");
+    let clog = dir.path().join("commitlog");
+    let stray = clog.join(consume_queue::base_name(3 * SEG));
+    let _ = std::fs::remove_file(clog.join(consume_queue::base_name(2 * SEG)));
+    std::fs::write(&stray, vec![0u8; SEG as usize]).expect("write");
+    let store = open_bounded(config(dir.path()));
+    assert!(!stray.exists(), "the empty segment after the hole is gone");
+    check_all(&store, n);
+    fill(&store, n, 100);
+    check_all(&store, n + 100);
+    store.shutdown().expect("shutdown");
+    reopen_and_check(dir.path(), n + 100);
+}
+
+#[test]
+fn a_segment_with_records_after_a_hole_still_refuses_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let mut n = 0;
+    while store.max_offset() < 2 * SEG + SEG / 2 {
+        fill_batched(&store, n, 10);
+        n += 10;
+    }
+    store.shutdown().expect("shutdown");
+    std::fs::remove_file(
+        dir.path()
+            .join("commitlog")
+            .join(consume_queue::base_name(SEG)),
+    )
+    .expect("remove segment 1");
+    match MessageStore::open(config(dir.path())) {
+        Err(StoreError::Corrupt { offset, reason }) => {
+            assert_eq!(offset, SEG);
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a log with a missing segment"),
+    }
+}
+
+#[test]
+fn consume_queues_of_deleted_topics_are_released_once_their_messages_expired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let topic = |name: &str| TopicConfig {
+        name: name.into(),
+        queue_count: 1,
+        message_type: MessageType::default(),
+    };
+    for t in ["gone", "kept"] {
+        store.metadata().create_topic(topic(t)).expect("create");
+    }
+    store.metadata().commit_offset("g", "gone", 0, 1);
+    for i in 0..5 {
+        for t in ["gone", "kept"] {
+            let a = store
+                .append(NewRecord::new(t, 0, format!("{t}-{i}")))
+                .expect("append");
+            store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        }
+    }
+    store.metadata().delete_topic("gone").expect("delete");
+    assert_eq!(store.metadata().get_offset("g", "gone", 0), None);
+    // Until their messages expire, the queues stay.
+    store.enforce_retention(now_ms()).expect("retention");
+    assert!(store.queue("gone", 0).expect("queue").holds_files());
+    let mut n = 0;
+    while store.max_offset() < 3 * SEG {
+        fill_batched(&store, n, 10);
+        n += 10;
+    }
+    let far_future = now_ms() + 10 * 365 * 24 * 3600 * 1000;
+    assert!(store.enforce_retention(far_future).expect("retention") > 0);
+    let held = |t: &str| store.queue(t, 0).expect("queue").holds_files();
+    assert!(!held("gone"), "the deleted topic's queue holds no file");
+    assert!(held("kept"));
+    assert_eq!(store.queue_max_offset("gone", 0), 5, "its length is kept");
+    assert!(store.get("gone", 0, 4).expect("read").is_none());
+    let files = |t: &str| {
+        std::fs::read_dir(dir.path().join("consumequeue").join(t).join("0"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(consume_queue::parse_base_name)
+                            .is_some()
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(files("gone"), 0, "its files are removed");
+    assert_eq!(files("kept"), 1);
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(config(dir.path())).expect("reopen");
+    assert_eq!(
+        store.queue_max_offset("gone", 0),
+        5,
+        "kept across a restart"
+    );
+    assert!(!store.queue("gone", 0).expect("queue").holds_files());
+    // A topic created again under the name goes on from the old queue's
+    // end (consumers' positions stay meaningful), across restarts.
+    store
+        .metadata()
+        .create_topic(topic("gone"))
+        .expect("create");
+    let a = store
+        .append(NewRecord::new("gone", 0, "again"))
+        .expect("append");
+    store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    assert_eq!(a.queue_offset, 5);
+    assert_eq!(store.queue_min_offset("gone", 0), 5);
+    store.shutdown().expect("shutdown");
+    let store = MessageStore::open(config(dir.path())).expect("reopen");
+    assert_eq!(store.queue_max_offset("gone", 0), 6);
+    let r = store.get("gone", 0, 5).expect("read").expect("present");
+    assert_eq!(&r.body[..], b"again");
+    assert!(store.get("gone", 0, 4).expect("read").is_none());
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn sync_flush_cuts_the_group_a_power_loss_tore_and_refuses_when_a_later_group_follows() {
+    // One batch is one staged append: one group, written with one write and
+    // made durable by one fdatasync. A power loss during that fdatasync may
+    // keep any of its pages: nothing in it was acknowledged.
+    let setup = |after: bool| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MessageStore::open(config(dir.path())).expect("open");
+        fill(&store, 0, 5);
+        let batch = store
+            .append_batch((5..45).map(record).collect())
+            .expect("batch");
+        let end = batch.last().expect("records").end_offset;
+        store.wait_flushed_blocking(end).expect("flushed");
+        if after {
+            // A group written after that flush returned.
+            fill(&store, 45, 1);
+        }
+        crash(store);
+        save_json(
+            &dir.path().join(CHECKPOINT),
+            &Checkpoint {
+                flushed_offset: batch[0].offset,
+                cq_offset: batch[0].offset,
+                clean: false,
+                written_ms: 1,
+            },
+        )
+        .expect("checkpoint");
+        zero_record_start(dir.path(), batch[10].offset);
+        (dir, batch)
+    };
+    let (dir, batch) = setup(false);
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(
+        store.recovery_report().truncated_bytes_at,
+        Some(batch[10].offset)
+    );
+    assert_eq!(store.max_offset(), batch[10].offset);
+    check_all(&store, 15);
+    assert_eq!(store.read_at(batch[0].offset).expect("read").flags, 0);
+    store.shutdown().expect("shutdown");
+
+    let (dir, batch) = setup(true);
+    match MessageStore::open(config(dir.path())) {
+        Err(StoreError::RefuseToStart { offset, .. }) => assert_eq!(offset, batch[10].offset),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("cut records a later flush had made durable"),
+    }
+}
+
+#[test]
+fn an_unreadable_store_id_is_an_error_not_a_new_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let id = store.store_id().to_owned();
+    store.shutdown().expect("shutdown");
+    let path = dir.path().join("store_id");
+    std::fs::write(&path, [0xff, 0xfe, 0x00]).expect("damage");
+    assert!(MessageStore::open(config(dir.path())).is_err());
+    assert_eq!(std::fs::read(&path).expect("read"), [0xff, 0xfe, 0x00]);
+    std::fs::write(&path, &id).expect("restore");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    assert_eq!(store.store_id(), id);
+    store.shutdown().expect("shutdown");
+    // Missing or empty: a new disk, a new identity.
+    std::fs::write(&path, "").expect("empty");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    assert_ne!(store.store_id(), id);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn consume_queues_of_another_file_size_are_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    fill(&store, 0, 200);
+    store.shutdown().expect("shutdown");
+    let mut cfg = config(dir.path());
+    cfg.cq_entries_per_file = 100;
+    let store = open_bounded(cfg.clone());
+    assert!(store.recovery_report().rebuilt_consume_queues);
+    check_all(&store, 200);
+    fill(&store, 200, 10);
+    store.shutdown().expect("shutdown");
+    let store = open_bounded(cfg);
+    assert!(!store.recovery_report().rebuilt_consume_queues);
+    check_all(&store, 210);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_high_watermark_above_the_full_ratio_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.disk_high_watermark = 0.96;
+    cfg.disk_full_ratio = 0.95;
+    assert!(matches!(cfg.validate(), Err(StoreError::Config(_))));
+    cfg.disk_high_watermark = 0.95;
+    cfg.validate().expect("equal is allowed");
 }

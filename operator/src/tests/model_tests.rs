@@ -270,8 +270,15 @@ fn the_template_hash_follows_every_template_change_and_only_those() {
     };
     assert_eq!(hash(&bg), hash(&bg.clone()), "stable");
     let mut image = bg.clone();
-    image.spec.image = "keelmq/broker:9".into();
+    image.spec.image = Some("keelmq/broker:9".into());
     assert_ne!(hash(&image), hash(&bg));
+    let mut pinned_to_default = bg.clone();
+    pinned_to_default.spec.image = Some(keelmq_crds::default_image());
+    assert_eq!(
+        hash(&pinned_to_default),
+        hash(&bg),
+        "pinning the release the operator would pick restarts nobody"
+    );
     let mut restarted = bg.clone();
     restarted
         .metadata
@@ -323,7 +330,7 @@ fn pod_disruption_budget_allows_one_broker_down() {
 
 #[test]
 fn rendered_objects_have_kind_api_version_owner_and_labels() {
-    let objects = desired_objects(&full()).expect("objects");
+    let objects = desired_objects(&full(), &OperatorPeer::default()).expect("objects");
     let kinds: Vec<&str> = objects
         .iter()
         .map(|o| o["kind"].as_str().unwrap_or(""))
@@ -336,7 +343,8 @@ fn rendered_objects_have_kind_api_version_owner_and_labels() {
             "Service",
             "Service",
             "StatefulSet",
-            "PodDisruptionBudget"
+            "PodDisruptionBudget",
+            "NetworkPolicy"
         ]
     );
     for o in &objects {
@@ -360,4 +368,224 @@ fn an_object_without_namespace_or_uid_is_refused() {
         config_map(&bg),
         Err(Error::MissingObjectKey("metadata.namespace"))
     ));
+}
+
+fn pod_spec(bg: &keelmq_crds::BrokerGroup) -> k8s_openapi::api::core::v1::PodSpec {
+    stateful_set(bg)
+        .expect("sts")
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+}
+
+/// A PVC is mounted over the image's data directory and belongs to whoever
+/// formatted it (often root): without an fsGroup the broker's user cannot
+/// write it. Every pod gets the default context; the spec's fields are
+/// merged over it one by one.
+#[test]
+fn broker_pods_get_a_default_security_context_the_spec_merges_over() {
+    let pod = pod_spec(&group("g", json!({})));
+    let sc = serde_json::to_value(pod.security_context.expect("set")).expect("json");
+    assert_eq!(
+        sc,
+        json!({
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"}
+        })
+    );
+
+    let pod = pod_spec(&group(
+        "g",
+        json!({"podTemplate": {"securityContext": {
+            "runAsUser": 10001,
+            "fsGroup": 10001,
+            "supplementalGroups": [5000],
+            "seccompProfile": {"type": "Localhost", "localhostProfile": "keelmq.json"}
+        }}}),
+    ));
+    let sc = serde_json::to_value(pod.security_context.expect("set")).expect("json");
+    assert_eq!(
+        sc,
+        json!({
+            "runAsNonRoot": true,
+            "runAsUser": 10001,
+            "runAsGroup": 65532,
+            "fsGroup": 10001,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "supplementalGroups": [5000],
+            "seccompProfile": {"type": "Localhost", "localhostProfile": "keelmq.json"}
+        })
+    );
+    // An explicit false is the user's choice, not filled in.
+    let pod = pod_spec(&group(
+        "g",
+        json!({"podTemplate": {"securityContext": {"runAsNonRoot": false, "fsGroupChangePolicy": "Always"}}}),
+    ));
+    let sc = pod.security_context.expect("set");
+    assert_eq!(sc.run_as_non_root, Some(false));
+    assert_eq!(sc.fs_group_change_policy.as_deref(), Some("Always"));
+    assert_eq!(sc.fs_group, Some(65532));
+}
+
+/// What Pod Security "restricted" asks of a container, with a read-only
+/// root filesystem: the broker writes only under its data volume (store,
+/// metadata, generated TLS material in `<data>/tls`) and reads the config
+/// mount.
+#[test]
+fn the_broker_container_runs_restricted() {
+    let c = broker_container(&stateful_set(&group("g", json!({}))).expect("sts"));
+    let sc = serde_json::to_value(c.security_context.expect("set")).expect("json");
+    assert_eq!(
+        sc,
+        json!({
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": true
+        })
+    );
+    let writable: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(
+        writable,
+        [DATA_DIR],
+        "the data volume is the only writable path"
+    );
+}
+
+/// The store is opened (and recovered) before /healthz answers: the
+/// liveness probe alone would restart a broker whose recovery takes more
+/// than a minute, in a loop.
+#[test]
+fn a_startup_probe_gives_recovery_an_hour_before_liveness_counts() {
+    let c = broker_container(&stateful_set(&group("g", json!({}))).expect("sts"));
+    let startup = c.startup_probe.expect("startup probe");
+    assert_eq!(
+        startup.http_get.as_ref().and_then(|h| h.path.as_deref()),
+        Some("/healthz")
+    );
+    let allowed = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+    assert!(allowed >= 3600, "{allowed} s");
+    let liveness = c.liveness_probe.expect("liveness");
+    assert!(
+        allowed > liveness.period_seconds.unwrap_or(10) * liveness.failure_threshold.unwrap_or(3)
+    );
+}
+
+/// With no image in the spec, the broker release matching the operator;
+/// a pinned image stays.
+#[test]
+fn the_image_is_resolved_by_the_operator_unless_pinned() {
+    let c = broker_container(&stateful_set(&group("g", json!({}))).expect("sts"));
+    assert_eq!(c.image, Some(keelmq_crds::default_image()));
+    assert_eq!(
+        c.image.as_deref(),
+        Some(concat!("keelmq/broker:", env!("CARGO_PKG_VERSION")))
+    );
+    let c = broker_container(
+        &stateful_set(&group(
+            "g",
+            json!({"image": "registry.example.com/keelmq/broker:0.0.9"}),
+        ))
+        .expect("sts"),
+    );
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/keelmq/broker:0.0.9")
+    );
+}
+
+/// The admin and replication ports have no authentication: only the
+/// group's own pods and the operator's pods reach them. Client and HTTP
+/// ports stay open.
+#[test]
+fn the_network_policy_guards_admin_and_replication() {
+    let peer = OperatorPeer {
+        namespace: "keelmq-system".into(),
+        pod_labels: parse_labels("app.kubernetes.io/name=keelmq,app.kubernetes.io/instance=keelmq")
+            .expect("labels"),
+    };
+    let bg = full();
+    let np = serde_json::to_value(network_policy(&bg, &peer).expect("np")).expect("json");
+    assert_eq!(np["metadata"]["name"], "payments");
+    assert_eq!(np["metadata"]["ownerReferences"][0]["kind"], "BrokerGroup");
+    let spec = &np["spec"];
+    let group_pods = json!({"matchLabels": {
+        "app.kubernetes.io/component": "broker",
+        "app.kubernetes.io/instance": "payments",
+        "app.kubernetes.io/name": "keelmq"}});
+    assert_eq!(spec["podSelector"], group_pods);
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+    let port = |p: i32| json!({"port": p, "protocol": "TCP"});
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            {"ports": [port(CLIENT_PORT), port(HTTP_PORT)]},
+            {"from": [
+                {"podSelector": group_pods},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keelmq-system"}},
+                 "podSelector": {"matchLabels": {
+                     "app.kubernetes.io/instance": "keelmq",
+                     "app.kubernetes.io/name": "keelmq"}}}
+             ],
+             "ports": [port(ADMIN_PORT), port(REPLICATION_PORT)]}
+        ])
+    );
+    let mut off = bg.clone();
+    off.spec.network_policy.enabled = false;
+    let kinds: Vec<String> = desired_objects(&off, &peer)
+        .expect("objects")
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!kinds.contains(&"NetworkPolicy".to_string()), "{kinds:?}");
+}
+
+#[test]
+fn operator_pod_labels_parse() {
+    assert_eq!(
+        OperatorPeer::default().pod_labels,
+        std::collections::BTreeMap::from([
+            (
+                "app.kubernetes.io/component".to_string(),
+                "operator".to_string()
+            ),
+            ("app.kubernetes.io/name".to_string(), "keelmq".to_string()),
+        ])
+    );
+    assert_eq!(parse_labels(" a=b , c=d ").expect("ok").len(), 2);
+    assert!(parse_labels("").is_err());
+    assert!(parse_labels("a").is_err());
+    assert!(parse_labels("=b").is_err());
+}
+
+/// Sync with no in-sync slave acknowledges like Async and never fails over
+/// safely: the broker refuses it, so the operator reports it as an invalid
+/// spec (for groups stored before the CRD rule refused it).
+#[test]
+fn sync_with_no_in_sync_slave_is_an_invalid_spec() {
+    let bg = group(
+        "g",
+        json!({"replicas": 3, "replication": {"mode": "Sync", "minInSyncReplicas": 0}}),
+    );
+    let e = config_map(&bg).expect_err("refused");
+    assert!(
+        matches!(&e, Error::InvalidSpec(m) if m.contains("min_in_sync_replicas")),
+        "{e}"
+    );
+    let bg = group(
+        "g",
+        json!({"replicas": 3, "replication": {"mode": "Async", "minInSyncReplicas": 0}}),
+    );
+    config_map(&bg).expect("Async with 0 is fine");
 }

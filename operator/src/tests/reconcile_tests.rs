@@ -51,18 +51,32 @@ pub(super) async fn creation() -> FakeApi {
         ("", "services", "orders-read"),
         ("apps", "statefulsets", "orders"),
         ("policy", "poddisruptionbudgets", "orders"),
+        ("networking.k8s.io", "networkpolicies", "orders"),
     ] {
         let obj = api
             .get(g, res, NS, name)
             .unwrap_or_else(|| panic!("{res}/{name} applied"));
         assert_eq!(obj["metadata"]["ownerReferences"][0]["name"], "orders");
     }
+    // No image in the spec: the broker release matching this operator,
+    // resolved now (nothing was stored in the BrokerGroup).
+    let sts = api.get("apps", "statefulsets", NS, "orders").expect("sts");
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        keelmq_crds::default_image()
+    );
+    assert!(
+        api.get("keelmq.io", "brokergroups", NS, "orders")
+            .expect("stored")["spec"]
+            .get("image")
+            .is_none()
+    );
     let applies: Vec<_> = api
         .requests()
         .into_iter()
         .filter(|r| r.content_type.contains("apply-patch"))
         .collect();
-    assert_eq!(applies.len(), 6);
+    assert_eq!(applies.len(), 7);
     assert!(applies.iter().all(
         |r| r.query.contains("fieldManager=keelmq-operator") && r.query.contains("force=true")
     ));
@@ -168,6 +182,170 @@ async fn a_broker_that_refuses_to_follow_makes_the_group_degraded() {
     run(&api, &ctx, "orders").await.expect("reconcile");
     let (status, reason, _) = condition(&stored_group(&api, "orders"), "Ready");
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Serving"));
+}
+
+/// (status, reason) of a condition.
+fn state(bg: &BrokerGroup, type_: &str) -> (String, String) {
+    let (status, reason, _) = condition(bg, type_);
+    (status, reason)
+}
+
+fn is(status: &str, reason: &str) -> (String, String) {
+    (status.to_string(), reason.to_string())
+}
+
+/// Warning events with `reason` published so far.
+fn warnings(api: &FakeApi, reason: &str) -> usize {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter(|r| r.body["type"] == "Warning" && r.body["reason"] == reason)
+        .count()
+}
+
+/// Past the (test) grace a slave gets to connect to the master.
+async fn past_the_grace() {
+    tokio::time::sleep(super::REPLICATION_GRACE + Duration::from_millis(50)).await;
+}
+
+/// `orders` (two brokers, `spec` as given) bootstrapped with `orders-1` as
+/// master and `orders-0` following it, connected and in sync: Ready.
+async fn bootstrapped(spec: Value) -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("orders", 2);
+    api.insert(serde_json::to_value(group("orders", spec)).expect("json"));
+    api.insert(pod("orders", 0, true));
+    api.insert(pod("orders", 1, true));
+    brokers.add("admin-orders-0", "orders-0", 50);
+    brokers.add("admin-orders-1", "orders-1", 100);
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    assert_eq!(state(&bg, "Degraded"), is("False", "Healthy"));
+    (ctx, api, brokers)
+}
+
+/// Under SYNC (the default: one slave must hold a send), the slave still
+/// says it follows the master but the master lists no slave (its
+/// replication port is blocked): no send can be acknowledged, so the group
+/// is not Ready at once; once the slave has had its grace to connect, it is
+/// Degraded too, naming the slave; it is Ready again once the slave is back.
+#[tokio::test]
+async fn sync_group_whose_master_has_no_slave_connected_is_not_ready_and_degraded() {
+    let (ctx, api, brokers) = bootstrap().await;
+    brokers.list_slaves(false);
+    let follows = brokers.with("admin-orders-0", |b| b.status.master_address.clone());
+    assert_eq!(
+        follows, "repl-orders-1",
+        "the slave says it follows the master"
+    );
+
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    let (status, reason, message) = condition(&bg, "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NotEnoughInSyncReplicas"),
+        "{message}"
+    );
+    assert!(
+        message.contains("0 slave(s) connected to master orders-1 and in sync")
+            && message.contains("minInSyncReplicas is 1")
+            && message.contains("orders-0 is not connected"),
+        "{message}"
+    );
+    assert_eq!(
+        state(&bg, "Degraded"),
+        is("False", "Healthy"),
+        "not Degraded within the grace"
+    );
+    assert_eq!(state(&bg, "Progressing"), is("True", "CatchingUp"));
+
+    past_the_grace().await;
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("False", "NotEnoughInSyncReplicas"));
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "ReplicationBroken"),
+        "{message}"
+    );
+    assert!(
+        message.starts_with("orders-0 has not been connected to master orders-1")
+            && message.contains("SYNC sends fail"),
+        "{message}"
+    );
+    assert_eq!(warnings(&api, "ReplicationBroken"), 1, "one Warning event");
+
+    brokers.list_slaves(true);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    assert_eq!(state(&bg, "Degraded"), is("False", "Healthy"));
+    assert_eq!(state(&bg, "Progressing"), is("False", "Stable"));
+}
+
+/// Under ASYNC a send does not wait for a slave, so a slave whose stream is
+/// broken (the master lists it as not connected) leaves the group Ready, but
+/// Degraded once its grace has passed: its data is not being copied.
+#[tokio::test]
+async fn async_group_with_a_slave_not_replicating_stays_ready_but_is_degraded() {
+    let (ctx, api, brokers) = bootstrapped(json!({"replication": {"mode": "Async"}})).await;
+    brokers.set_disconnected("orders-0", true);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    assert_eq!(state(&bg, "Degraded"), is("False", "Healthy"));
+    assert_eq!(state(&bg, "Progressing"), is("True", "CatchingUp"));
+
+    past_the_grace().await;
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "ReplicationBroken"),
+        "{message}"
+    );
+    assert!(
+        message.starts_with("orders-0 has not been connected to master orders-1")
+            && message.contains("ASYNC sends are acknowledged without it"),
+        "{message}"
+    );
+
+    brokers.set_disconnected("orders-0", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    assert_eq!(state(&bg, "Degraded"), is("False", "Healthy"));
+}
+
+/// A slave connected to the master but catching up (after a restart, say)
+/// is progress, not a fault: never Degraded, however long it takes. Under
+/// SYNC with it the only slave, sends wait for it: not Ready meanwhile.
+#[tokio::test]
+async fn a_connected_slave_catching_up_is_progressing_not_degraded() {
+    let (ctx, api, brokers) = bootstrap().await;
+    brokers.set_lagging("orders-0", true);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    past_the_grace().await;
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Degraded"), is("False", "Healthy"));
+    let (status, reason, message) = condition(&bg, "Progressing");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "CatchingUp"));
+    assert!(message.contains("orders-0 is catching up"), "{message}");
+    assert_eq!(state(&bg, "Ready"), is("False", "NotEnoughInSyncReplicas"));
+    assert_eq!(warnings(&api, "ReplicationBroken"), 0);
+
+    brokers.set_lagging("orders-0", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
+    assert_eq!(state(&bg, "Progressing"), is("False", "Stable"));
 }
 
 /// The master's pod vanishes: the slave is promoted in a new epoch, status
@@ -445,6 +623,78 @@ fn ctx_client(api: &FakeApi, _: &Arc<Context>) -> kube::Client {
     api.client.clone()
 }
 
+/// `spec.networkPolicy.enabled: false` removes the NetworkPolicy the
+/// operator made for the group, and only that one; true makes it again.
+pub(super) async fn network_policy_off_and_on() -> FakeApi {
+    let (ctx, api, _) = harness("orders", 2);
+    api.insert(serde_json::to_value(group("orders", json!({}))).expect("json"));
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let np = api
+        .get("networking.k8s.io", "networkpolicies", NS, "orders")
+        .expect("made by default");
+    assert_eq!(np["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    // A policy of the user's with the group's labels, owned by nobody.
+    let mut theirs = np.clone();
+    theirs["metadata"] = json!({"name": "orders-extra", "namespace": NS,
+        "labels": crate::model::labels("orders")});
+    theirs["apiVersion"] = json!("networking.k8s.io/v1");
+    theirs["kind"] = json!("NetworkPolicy");
+    api.insert(theirs);
+
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    bg["spec"]["networkPolicy"] = json!({"enabled": false});
+    bg["metadata"]["generation"] = json!(2);
+    api.insert(bg);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert!(
+        api.get("networking.k8s.io", "networkpolicies", NS, "orders")
+            .is_none(),
+        "the operator's policy is deleted"
+    );
+    assert!(
+        api.get("networking.k8s.io", "networkpolicies", NS, "orders-extra")
+            .is_some(),
+        "a policy the group does not own stays"
+    );
+    let deletes = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == http::Method::DELETE)
+        .count();
+    assert_eq!(deletes, 1);
+    // Reconciled again while off: nothing more to delete, nothing applied.
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert!(
+        api.get("networking.k8s.io", "networkpolicies", NS, "orders")
+            .is_none()
+    );
+    assert_eq!(
+        condition(&stored_group(&api, "orders"), "Ready").1,
+        "WaitingForBrokers",
+        "no problem reported"
+    );
+
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    bg["spec"]["networkPolicy"] = json!({"enabled": true});
+    bg["metadata"]["generation"] = json!(3);
+    api.insert(bg);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert!(
+        api.get("networking.k8s.io", "networkpolicies", NS, "orders")
+            .is_some()
+    );
+    api
+}
+
+#[tokio::test]
+async fn the_network_policy_can_be_turned_off_and_on() {
+    network_policy_off_and_on().await;
+}
+
 /// A Topic: finalizer, creation on the master, growth, deletion.
 pub(super) async fn topic() -> FakeApi {
     let (ctx, api, brokers) = harness("orders", 2);
@@ -536,10 +786,13 @@ pub(super) async fn leader_election() -> FakeApi {
     api
 }
 
-/// The controllers start: they list and watch what they own.
+/// The controllers start: they list and watch what they own, and say they
+/// run (the leader's /readyz waits for it).
 pub(super) async fn controllers_watch() -> FakeApi {
     let (ctx, api, _) = harness("orders", 2);
     let client = api.client.clone();
+    let running = ctx.controllers_running.clone();
+    assert!(!running.load(std::sync::atomic::Ordering::Acquire));
     let run = crate::controller::run(client, Some(NS.into()), ctx);
     let wanted: BTreeSet<&str> = [
         "brokergroups",
@@ -548,6 +801,7 @@ pub(super) async fn controllers_watch() -> FakeApi {
         "services",
         "configmaps",
         "poddisruptionbudgets",
+        "networkpolicies",
         "pods",
     ]
     .into();
@@ -567,6 +821,10 @@ pub(super) async fn controllers_watch() -> FakeApi {
         } => {}
         () = tokio::time::sleep(Duration::from_secs(20)) => panic!("not every watch started: {:?}", watched(&api)),
     }
+    assert!(
+        running.load(std::sync::atomic::Ordering::Acquire),
+        "the controllers say they run"
+    );
     api
 }
 
@@ -882,6 +1140,7 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
         update_and_scale().await,
         topic().await,
         switchover().await,
+        network_policy_off_and_on().await,
         leader_election().await,
         controllers_watch().await,
         super::rollout_tests::template_change().await,
