@@ -519,14 +519,9 @@ impl Timer {
     /// last look, the ops first: an entry an op names is not pending.
     fn load(&self, st: &mut State) {
         let max = self.store.queue_max_offset(DELAY_TOPIC, 0);
-        let op_max = self.store.queue_max_offset(DELAY_OP_TOPIC, 0);
-        st.op_loaded_to = st
-            .op_loaded_to
-            .max(self.store.queue_min_offset(DELAY_OP_TOPIC, 0));
-        while st.op_loaded_to < op_max {
-            let off = st.op_loaded_to;
-            st.op_loaded_to += 1;
-            match self.store.get(DELAY_OP_TOPIC, 0, off) {
+        let mut next_op = st.op_loaded_to;
+        for (off, op) in self.store.read_on(DELAY_OP_TOPIC, 0, &mut next_op) {
+            match op {
                 Ok(Some(r)) => match decode_offsets(&r.body) {
                     Some(offs) => {
                         for d in offs.into_iter().filter(|&d| d < max) {
@@ -546,6 +541,7 @@ impl Timer {
                 }
             }
         }
+        st.op_loaded_to = next_op;
         st.loaded_to = st.loaded_to.max(st.committed);
         while st.loaded_to < max {
             let off = st.loaded_to;

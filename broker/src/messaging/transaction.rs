@@ -464,14 +464,9 @@ impl Transactions {
                 },
             );
         }
-        let op_max = self.store.queue_max_offset(OP_TOPIC, 0);
-        st.op_loaded_to = st
-            .op_loaded_to
-            .max(self.store.queue_min_offset(OP_TOPIC, 0));
-        while st.op_loaded_to < op_max {
-            let off = st.op_loaded_to;
-            st.op_loaded_to += 1;
-            let op = match self.store.get(OP_TOPIC, 0, off) {
+        let mut next_op = st.op_loaded_to;
+        for (off, op) in self.store.read_on(OP_TOPIC, 0, &mut next_op) {
+            let op = match op {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) => {
@@ -513,6 +508,7 @@ impl Transactions {
                 }
             }
         }
+        st.op_loaded_to = next_op;
         self.store_progress(st);
     }
 

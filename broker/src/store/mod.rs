@@ -1262,6 +1262,28 @@ impl MessageStore {
             .map_or(0, |q| q.min_index(self.min_offset()))
     }
 
+    /// The entries of a topic-queue from `*next` (first raised to the
+    /// queue's first readable entry) to its end as it is now, each with its
+    /// queue offset, `*next` moving past each as it is yielded: how the
+    /// broker's own readers of a system queue go on from where they were.
+    /// `Ok(None)` is an entry whose record retention removed.
+    pub fn read_on<'a>(
+        &'a self,
+        topic: &'a str,
+        queue_id: u32,
+        next: &'a mut u64,
+    ) -> impl Iterator<Item = (u64, Result<Option<StoredRecord>, StoreError>)> + 'a {
+        let end = self.queue_max_offset(topic, queue_id);
+        *next = (*next).max(self.queue_min_offset(topic, queue_id));
+        std::iter::from_fn(move || {
+            (*next < end).then(|| {
+                let off = *next;
+                *next += 1;
+                (off, self.get(topic, queue_id, off))
+            })
+        })
+    }
+
     /// One past the last message index of a topic-queue.
     pub fn queue_max_offset(&self, topic: &str, queue_id: u32) -> u64 {
         self.queue(topic, queue_id).map_or(0, |q| q.max_index())
