@@ -267,17 +267,10 @@ impl ConsumeQueue {
         if first == 0 {
             return Ok(());
         }
-        let file = self.file_for_write(first)?;
-        for index in file.base..first {
-            CqSlot {
-                file: file.clone(),
-                index,
-            }
-            .put(CqEntry::BLANK);
-        }
-        self.flushed.store(file.base, Ordering::Release);
+        // A queue of that length with no file, as a retired one is: its
+        // first file is written with blanks up to its end when created.
         self.publish(first);
-        Ok(())
+        self.file_for_write(first).map(|_| ())
     }
 
     /// Entry `index` as stored, zeros included (a visible entry that reads
