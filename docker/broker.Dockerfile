@@ -9,7 +9,9 @@
 #
 # Ports: 8081 client (RocketMQ 5 gRPC, TLS and plaintext), 8082 admin gRPC,
 # 8083 HTTP (GET /healthz: the process is alive; GET /readyz: it serves
-# clients, 503 until then; GET /metrics: Prometheus), 10912 replication.
+# clients, 503 until then, and a slave only while it follows its master in
+# sync; GET /prestop: a stopping master's wait for the operator's hand-over;
+# GET /metrics: Prometheus), 10912 replication.
 # The operator's StatefulSet points its liveness probe at :8083/healthz and
 # its readiness probe at :8083/readyz, mounts the broker's ConfigMap at
 # /etc/keelmq (KEELMQ_CONFIG=/etc/keelmq/broker.toml) and its volume claim at

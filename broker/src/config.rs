@@ -5,10 +5,11 @@
 //! flags. Every setting, its default, its flag and its variable are listed
 //! by `keelmq-broker --help` and in the README's configuration reference.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde::{Deserialize, Serialize};
 
 use crate::messaging::slave_reads::SlaveReadMode;
@@ -232,7 +233,12 @@ impl std::str::FromStr for ByteSize {
 #[command(
     name = "keelmq-broker",
     version,
-    about = "KeelMQ broker: RocketMQ 5 compatible, master/slave replicated"
+    about = "KeelMQ broker: RocketMQ 5 compatible, master/slave replicated",
+    after_help = "The log filter comes from KEELMQ_LOG (then RUST_LOG), default info: \
+                  comma-separated levels (off, error, warn, info, debug, trace) and \
+                  target=level pairs, e.g. info,keelmq_broker::store=debug. A KEELMQ_ \
+                  variable no KeelMQ program reads, or a filter with a mistake, stops \
+                  the broker at start."
 )]
 pub struct BrokerArgs {
     /// TOML configuration file; flags and environment variables override it.
@@ -353,7 +359,231 @@ pub struct BrokerArgs {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+// --------------------------------------------------------------------------
+// `KEELMQ_*` environment variables
+//
+// clap reads only the variables it knows, so a misspelt one (the flush mode
+// without its underscore, say) would leave its setting at the default
+// without a word. The broker, the `keelmq` tool and the operator therefore
+// refuse, at start, any `KEELMQ_` variable that no KeelMQ program, script,
+// test or benchmark reads.
+
+/// The log filter variable (read by [`crate::telemetry`], not by clap).
+pub const LOG_FILTER_VARIABLE: &str = "KEELMQ_LOG";
+
+/// `KEELMQ_` variables read by KeelMQ programs other than the broker, and by
+/// the project's scripts and tests. Accepted (and ignored) by every program,
+/// since one shell or pod may hold variables meant for another program.
+pub const OTHER_KEELMQ_VARIABLES: &[&str] = &[
+    // keelmq (the command-line tool): the admin endpoint.
+    "KEELMQ_ADMIN",
+    // keelmq-operator.
+    "KEELMQ_WATCH_NAMESPACE",
+    "KEELMQ_OPERATOR_POD_LABELS",
+    // scripts/chart-check, scripts/test and charts/tests.
+    "KEELMQ_OPERATOR_BIN",
+    "KEELMQ_CHART_CHECK_WITHOUT_OPERATOR",
+    // crds tests: rewrite the committed CRD YAML.
+    "KEELMQ_BLESS",
+];
+
+/// Prefixes of the variables read by tests and benchmarks
+/// (`KEELMQ_TEST_SEED`, `KEELMQ_TEST_LOG`, `KEELMQ_BENCH_SECONDS`,
+/// `KEELMQ_E2E_KUBECONFIG`, `KEELMQ_CRASH_DIR`, ...). No program setting may
+/// start with one of them.
+pub const TOOL_VARIABLE_PREFIXES: &[&str] = &[
+    "KEELMQ_TEST_",
+    "KEELMQ_BENCH_",
+    "KEELMQ_E2E_",
+    "KEELMQ_CRASH_",
+];
+
+const PREFIX: &str = "KEELMQ_";
+
+/// The `KEELMQ_` variables a clap command (and its subcommands) reads.
+pub fn clap_keelmq_variables(cmd: &clap::Command) -> Vec<String> {
+    let mut out: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .filter(|e| e.starts_with(PREFIX))
+        .collect();
+    for sub in cmd.get_subcommands() {
+        out.extend(clap_keelmq_variables(sub));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every `KEELMQ_` variable the broker reads: its settings and the log filter.
+pub fn broker_variables() -> Vec<String> {
+    let mut v = clap_keelmq_variables(&BrokerArgs::command());
+    v.push(LOG_FILTER_VARIABLE.to_owned());
+    v
+}
+
+/// Refuses the `KEELMQ_` variables among `names` (the names of the
+/// environment, e.g. `std::env::vars_os().map(|(k, _)| k)`) that neither
+/// `program` (whose own variables are `own`) nor any other KeelMQ program,
+/// script, test or benchmark reads. The prefix is matched without regard to
+/// case, since a lower-case name is as ignored as a misspelt one. The error names
+/// each one and, where one is close, the variable probably meant.
+pub fn check_keelmq_variables<I, K>(
+    program: &str,
+    own: &[String],
+    names: I,
+) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = K>,
+    K: AsRef<OsStr>,
+{
+    let broker = broker_variables();
+    let known = |name: &str| {
+        own.iter().any(|o| o == name)
+            || broker.iter().any(|b| b == name)
+            || OTHER_KEELMQ_VARIABLES.contains(&name)
+            || TOOL_VARIABLE_PREFIXES.iter().any(|p| name.starts_with(p))
+    };
+    let names: Vec<String> = names
+        .into_iter()
+        .map(|n| n.as_ref().to_string_lossy().into_owned())
+        .collect();
+    let mut unknown: Vec<String> = names
+        .iter()
+        .filter(|n| {
+            n.get(..PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+                && !known(n)
+                && !is_service_link(n, &names)
+        })
+        .cloned()
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort();
+    // Suggestions: the program's own variables first, then the others.
+    let mut candidates: Vec<&str> = own.iter().map(String::as_str).collect();
+    candidates.extend(broker.iter().map(String::as_str));
+    candidates.extend(OTHER_KEELMQ_VARIABLES.iter().copied());
+    let described: Vec<String> = unknown
+        .iter()
+        .map(|name| match closest_variable(name, &candidates) {
+            Some(s) if s.eq_ignore_ascii_case(name) => {
+                format!("{name} (did you mean {s}? variable names are case-sensitive)")
+            }
+            Some(s) => format!("{name} (did you mean {s}?)"),
+            None => name.clone(),
+        })
+        .collect();
+    let (noun, pronoun, setting) = if unknown.len() == 1 {
+        ("variable", "it", "its setting")
+    } else {
+        ("variables", "them", "their settings")
+    };
+    Err(ConfigError(format!(
+        "unknown environment {noun} {}: no KeelMQ program reads {pronoun}, so {setting} would \
+         be silently ignored; rename or unset {pronoun} (`{program} --help` lists the \
+         variables {program} reads)",
+        described.join(", ")
+    )))
+}
+
+/// Whether `name` is one of the variables Kubernetes puts in every pod for
+/// each Service of its namespace (unless the pod turns service links off):
+/// with `<S>` the Service's name in capitals and `_` for `-`,
+/// `<S>_SERVICE_HOST`, `<S>_SERVICE_PORT[_<port name>]`, `<S>_PORT` and
+/// `<S>_PORT_<port>_<protocol>[_PROTO|_PORT|_ADDR]`. A Service
+/// whose name starts with `keelmq` (a BrokerGroup named so, the chart's
+/// metrics Service) would otherwise stop every KeelMQ program in the
+/// namespace. The bare `<S>_PORT` counts only next to its `<S>_SERVICE_HOST`,
+/// which Kubernetes always sets with it.
+fn is_service_link(name: &str, all: &[String]) -> bool {
+    if name.ends_with("_SERVICE_HOST") || name.ends_with("_SERVICE_PORT") {
+        return true;
+    }
+    if let Some((service, _)) = name.split_once("_SERVICE_PORT_") {
+        return all
+            .iter()
+            .any(|n| n.strip_suffix("_SERVICE_HOST") == Some(service));
+    }
+    if let Some(service) = name.strip_suffix("_PORT")
+        && all
+            .iter()
+            .any(|n| n.strip_suffix("_SERVICE_HOST") == Some(service))
+    {
+        return true;
+    }
+    // <S>_PORT_<number>_<PROTOCOL>, optionally _PROTO, _PORT or _ADDR.
+    let Some((_, tail)) = name.rsplit_once("_PORT_").filter(|(_, t)| !t.is_empty()) else {
+        return false;
+    };
+    let (port, rest) = tail.split_once('_').unwrap_or((tail, ""));
+    let (protocol, field) = rest.split_once('_').unwrap_or((rest, ""));
+    !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && matches!(protocol, "TCP" | "UDP" | "SCTP")
+        && matches!(field, "" | "PROTO" | "PORT" | "ADDR")
+}
+
+/// The candidate closest to `name` (ignoring case), if it is close enough
+/// to be a likely typo: at most a fifth of the part after `KEELMQ_` (and at
+/// least 2) edits away, the first of equally close candidates winning; else
+/// the longest candidate that `name` extends or shortens by whole words
+/// (a `_FILE` too many, a `_BYTES` too few).
+fn closest_variable<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let upper = name.to_ascii_uppercase();
+    let suffix_len = upper.len().saturating_sub(PREFIX.len());
+    let limit = (suffix_len / 5).max(2);
+    let mut best: Option<(usize, &'a str)> = None;
+    for c in candidates {
+        let d = edit_distance(&upper, c);
+        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    let extends = |long: &str, short: &str| {
+        long.strip_prefix(short)
+            .is_some_and(|rest| rest.starts_with('_'))
+    };
+    best.map(|(_, c)| c).or_else(|| {
+        candidates
+            .iter()
+            .copied()
+            .filter(|c| extends(&upper, c) || extends(c, &upper))
+            .max_by_key(|c| c.len())
+    })
+}
+
+/// Levenshtein distance between two strings, by characters.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
 impl BrokerArgs {
+    /// What the broker does at start: refuses unknown `KEELMQ_` variables
+    /// among `env_names` (the names of its environment), then resolves.
+    pub fn resolve_at_start<I, K>(&self, env_names: I) -> Result<BrokerConfig, ConfigError>
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<OsStr>,
+    {
+        check_keelmq_variables("keelmq-broker", &broker_variables(), env_names)?;
+        self.resolve()
+    }
+
     /// Resolves file, environment and flags into one configuration.
     pub fn resolve(&self) -> Result<BrokerConfig, ConfigError> {
         let mut c = match &self.config {
@@ -748,6 +978,265 @@ mod tests {
         assert!(warnings("0.0.0.0", Some("broker-0.example")).is_empty());
         assert!(warnings("0.0.0.0", Some("10.1.2.3")).is_empty());
         assert!(warnings("10.1.2.3", None).is_empty());
+    }
+
+    /// A variable name built at run time, so that the repository scan in
+    /// `every_keelmq_variable_in_the_repository_is_known` does not find
+    /// this module's deliberate typos.
+    fn var(suffix: &str) -> String {
+        format!("KEELMQ_{suffix}")
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_not_taken_for_typos() {
+        // What a pod gets for Services `keelmq` (a BrokerGroup so named) and
+        // `keelmq-metrics` (the chart's, for release `keelmq`).
+        let mut env: Vec<String> = Vec::new();
+        for s in ["", "_METRICS"] {
+            for v in [
+                "_SERVICE_HOST",
+                "_SERVICE_PORT",
+                "_SERVICE_PORT_HTTP_METRICS",
+                "_PORT",
+                "_PORT_8080_TCP",
+                "_PORT_8080_TCP_PROTO",
+                "_PORT_8080_TCP_PORT",
+                "_PORT_8080_TCP_ADDR",
+                "_PORT_53_UDP",
+            ] {
+                env.push(
+                    var(&format!("{}{v}", s.trim_start_matches('_')))
+                        .replace("KEELMQ__", "KEELMQ_"),
+                );
+            }
+        }
+        env.push("KEELMQ_FLUSH_MODE".into());
+        assert!(
+            check_keelmq_variables("keelmq-broker", &broker_variables(), &env).is_ok(),
+            "{env:?}"
+        );
+        // Without its Service's host variable a bare `_PORT` name is not a
+        // service link, and near-misses of the patterns are still refused.
+        for bad in [
+            "ADMN_PORT",
+            "PORT_80_HTTP",
+            "PORT_X_TCP",
+            "X_PORT_80_TCP_HOST",
+        ] {
+            let names = ["PATH".to_owned(), var(bad)];
+            assert!(
+                check_keelmq_variables("keelmq-broker", &broker_variables(), &names).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelt_setting_variable_is_refused_with_the_likely_name() {
+        // The broker's start-up path: `KEELMQ_FLUSHMODE=SYNC_FLUSH` used to
+        // leave ASYNC_FLUSH in force without a word.
+        let args = BrokerArgs::parse_from(["keelmq-broker"]);
+        let err = args
+            .resolve_at_start(["PATH".to_owned(), var("FLUSHMODE"), "HOME".to_owned()])
+            .expect_err("an unknown KEELMQ_ variable stops the broker");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "unknown environment variable {}",
+                var("FLUSHMODE")
+            )) && msg.contains("did you mean KEELMQ_FLUSH_MODE?")
+                && msg.contains("keelmq-broker --help"),
+            "{msg}"
+        );
+        args.resolve_at_start(["PATH", "KEELMQ_FLUSH_MODE"])
+            .expect("the right name is accepted");
+
+        let check = |names: &[String]| {
+            check_keelmq_variables("keelmq-broker", &broker_variables(), names)
+                .map_err(|e| e.to_string())
+        };
+        for (typo, meant) in [
+            ("DATADIR", "KEELMQ_DATA_DIR"),
+            ("SEGMENT_SIZ", "KEELMQ_SEGMENT_SIZE"),
+            ("REPLICATON_MODE", "KEELMQ_REPLICATION_MODE"),
+            (
+                "TRANSACTION_CHECK_INTERVAL",
+                "KEELMQ_TRANSACTION_CHECK_INTERVAL_MS",
+            ),
+            ("LGO", "KEELMQ_LOG"),
+            ("CONFIG_FILE", "KEELMQ_CONFIG"),
+            ("SLAVE_READ_LAG", "KEELMQ_SLAVE_READ_LAG_BYTES"),
+            ("TLS", "KEELMQ_TLS_CERT"),
+        ] {
+            let msg = check(&[var(typo)]).expect_err(typo);
+            assert!(msg.contains(&format!("did you mean {meant}?")), "{msg}");
+        }
+        // Names are case-sensitive: a lower-case one is not read either.
+        let msg = check(&["keelmq_flush_mode".to_owned()]).expect_err("lower case");
+        assert!(
+            msg.contains("keelmq_flush_mode (did you mean KEELMQ_FLUSH_MODE? variable names are case-sensitive)"),
+            "{msg}"
+        );
+        // Nothing close: named, with no suggestion.
+        let msg = check(&[var("COLOUR_SCHEME")]).expect_err("unknown");
+        assert!(
+            msg.contains(&var("COLOUR_SCHEME")) && !msg.contains("did you mean"),
+            "{msg}"
+        );
+        // Several: all of them, in one message.
+        let msg = check(&[var("ROLL"), var("ZERO_AHEAD_"), "KEELMQ_ROLE".into()])
+            .expect_err("two unknown");
+        assert!(
+            msg.starts_with("unknown environment variables ")
+                && msg.contains(&format!("{} (did you mean KEELMQ_ROLE?)", var("ROLL")))
+                && msg.contains(&format!(
+                    "{} (did you mean KEELMQ_ZERO_AHEAD?)",
+                    var("ZERO_AHEAD_")
+                )),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn variables_of_other_programs_scripts_and_tests_are_accepted() {
+        let mut names = broker_variables();
+        names.extend(OTHER_KEELMQ_VARIABLES.iter().map(|v| v.to_string()));
+        names.extend(
+            [
+                "KEELMQ_TEST_SEED",
+                "KEELMQ_TEST_LOG",
+                "KEELMQ_BENCH_SECONDS",
+                "KEELMQ_BENCH_ONLY",
+                "KEELMQ_E2E_KUBECONFIG",
+                "KEELMQ_CRASH_DIR",
+                "RUST_LOG",
+                "PATH",
+                "KEELMQ",
+                "MY_KEELMQ_THING",
+            ]
+            .map(String::from),
+        );
+        check_keelmq_variables("keelmq-broker", &broker_variables(), &names)
+            .expect("every one is read by some KeelMQ program, script or test");
+        // `--help` names the one variable clap does not list.
+        let help = BrokerArgs::command().render_long_help().to_string();
+        assert!(help.contains("KEELMQ_LOG"), "{help}");
+        // The list is clap's: every setting, and the log filter.
+        let vars = broker_variables();
+        for v in [
+            "KEELMQ_CONFIG",
+            "KEELMQ_FLUSH_MODE",
+            "KEELMQ_SLAVE_READ_LAG_BYTES",
+            "KEELMQ_LOG",
+        ] {
+            assert!(vars.iter().any(|x| x == v), "{v} missing from {vars:?}");
+        }
+        // A setting under a tool prefix would let its typos through.
+        for v in &vars {
+            assert!(
+                !TOOL_VARIABLE_PREFIXES.iter().any(|p| v.starts_with(p)),
+                "{v} starts with a prefix reserved for tests and benchmarks"
+            );
+        }
+    }
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("", ""), 0);
+        assert_eq!(edit_distance("FLUSHMODE", "FLUSH_MODE"), 1);
+        assert_eq!(edit_distance("ROLE", "ROEL"), 2);
+        assert_eq!(edit_distance("KITTEN", "SITTING"), 3);
+        assert_eq!(edit_distance("ABC", ""), 3);
+    }
+
+    /// Every `KEELMQ_` name the repository's code, scripts, chart, Dockerfiles
+    /// and documentation use is one some KeelMQ program, script or test
+    /// reads, so that nothing the project itself sets or documents is
+    /// refused at start. Test modules (from the first `#[cfg(test)]` of a
+    /// source file) and the chart checks' sample values files are left out:
+    /// they hold deliberate unknowns.
+    #[test]
+    fn every_keelmq_variable_in_the_repository_is_known() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let mut files = Vec::new();
+        for dir in [
+            "broker", "operator", "failover", "crds", "proto", "tests", "docker", "scripts",
+            "charts",
+        ] {
+            collect_files(&root.join(dir), &mut files);
+        }
+        files.push(root.join("README.md"));
+        let mut known = broker_variables();
+        known.extend(OTHER_KEELMQ_VARIABLES.iter().map(|v| v.to_string()));
+        let mut unknown = Vec::new();
+        let mut seen = 0;
+        for path in files {
+            let rel = path.strip_prefix(&root).unwrap_or(&path).to_path_buf();
+            if rel.starts_with("charts/tests/values") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue; // binary
+            };
+            let text: &str = if rel.extension().is_some_and(|e| e == "rs") {
+                text.split("#[cfg(test)]").next().unwrap_or_default()
+            } else {
+                &text
+            };
+            for name in keelmq_names(text) {
+                seen += 1;
+                // A prefix of a known name (`starts_with("KEELMQ_TLS")`)
+                // sets nothing.
+                let a_prefix = known.iter().any(|k| k.starts_with(&name));
+                if !a_prefix
+                    && check_keelmq_variables("keelmq-broker", &broker_variables(), [&name])
+                        .is_err()
+                {
+                    unknown.push(format!("{}: {name}", rel.display()));
+                }
+            }
+        }
+        assert!(seen > 50, "the scan found only {seen} names");
+        assert!(unknown.is_empty(), "unknown KEELMQ_ variables: {unknown:?}");
+    }
+
+    fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name();
+            if name == "target" || name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                collect_files(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Every word `KEELMQ_[A-Z0-9_]+` in `text` (not inside a longer
+    /// identifier such as `OTHER_KEELMQ_VARIABLES`).
+    fn keelmq_names(text: &str) -> Vec<String> {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some(i) = text[from..].find("KEELMQ_").map(|i| i + from) {
+            let tail = &text[i..];
+            let end = tail.find(|c: char| !word(c)).unwrap_or(tail.len());
+            let inside_a_word = text[..i].chars().next_back().is_some_and(word);
+            if !inside_a_word && end > "KEELMQ_".len() {
+                out.push(tail[..end].to_owned());
+            }
+            from = i + end;
+        }
+        out
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The broker's HTTP port: `/healthz` (the process is alive), `/readyz`
-//! (it serves clients) and `/metrics` (Prometheus text format). Kubernetes
-//! probes and Prometheus scrape it.
+//! (it serves clients; a slave, only while it follows its master and is in
+//! sync), `/prestop` (a master being stopped waits here for the operator to
+//! hand its role over) and `/metrics` (Prometheus text format). Kubernetes
+//! probes and hooks and Prometheus call it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -31,7 +34,19 @@ pub struct HttpState {
     pub transactions: Option<Arc<crate::messaging::transaction::Transactions>>,
     /// Slave-read counters, when the client API runs.
     pub slave_reads: Option<Arc<crate::messaging::slave_reads::SlaveReadStats>>,
+    /// Client-port counters, when the client API runs.
+    pub client: Option<Arc<crate::client_api::ClientMetrics>>,
+    /// How long `/prestop` holds a master's shutdown for a hand-over
+    /// ([`PRESTOP_HAND_OVER_WAIT`] in the broker).
+    pub prestop_wait: Duration,
 }
+
+/// How long a master being stopped waits in `/prestop` for the operator's
+/// hand-over. The pod's termination grace period (60 s, set by the
+/// operator) covers it, then the 10 s the broker gives its listeners to
+/// stop, with room to spare; the operator's hand-over needs its reaction to
+/// the pod's deletion plus at most 10 s for the slave to catch up.
+pub const PRESTOP_HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves the HTTP port until `shutdown` resolves.
 pub async fn serve(
@@ -42,22 +57,77 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/prestop", get(prestop))
         .route("/metrics", get(metrics))
         .with_state(state);
-    tracing::info!(address = ?listener.local_addr().ok(), "http listener ready (/healthz, /readyz, /metrics)");
+    tracing::info!(address = ?listener.local_addr().ok(), "http listener ready (/healthz, /readyz, /prestop, /metrics)");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
+/// 200 once every listener is up, for a master or a standby; for a slave
+/// that follows a master, only while it is connected to it and in sync
+/// (see [`ReplicationManager::readiness`]). The body says why, either way.
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (
-            StatusCode::OK,
-            format!("ready ({})\n", s.replication.role()),
-        )
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
+    }
+    let r = s.replication.readiness();
+    if r.ready {
+        (StatusCode::OK, format!("ready ({})\n", r.reason))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", r.reason),
+        )
+    }
+}
+
+/// The broker container's preStop hook: the kubelet calls it when the pod
+/// is deleted (a node drain, an eviction, `kubectl delete pod`), before it
+/// sends SIGTERM. A master with a slave connected and in sync holds its
+/// shutdown here until the operator, which sees the pod being deleted, has
+/// handed the master role to a slave (a planned switchover: nothing
+/// acknowledged is lost and writes pause only for the hand-over), or until
+/// no slave is in sync any more, or `prestop_wait` has passed; then the
+/// broker stops as before. Any other broker answers at once. Always 200:
+/// the body says what happened.
+async fn prestop(State(s): State<HttpState>) -> impl IntoResponse {
+    let outcome = hold_for_hand_over(&s.replication, s.prestop_wait).await;
+    tracing::info!("preStop: {outcome}");
+    (StatusCode::OK, format!("{outcome}\n"))
+}
+
+/// Waits, as `/prestop` does, until this broker is no longer master, no
+/// slave is connected and in sync, or `wait` has passed; says which.
+pub async fn hold_for_hand_over(repl: &ReplicationManager, wait: Duration) -> String {
+    if repl.role() != Role::Master {
+        return "not the master: nothing to hand over".into();
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = repl.subscribe_role_changes();
+    tracing::info!(
+        "stopping while master: waiting up to {wait:?} for the operator to hand the master role to an in-sync slave"
+    );
+    loop {
+        if repl.role() != Role::Master {
+            let master = repl.status().master_address.unwrap_or_default();
+            return format!("handed the master role over; now a slave of {master}");
+        }
+        if repl.in_sync_slaves() == 0 {
+            return "no slave is connected and in sync to take over; stopping as master".into();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return format!("no hand-over within {wait:?}; stopping as master");
+        }
+        // Role changes wake at once; the in-sync count is looked at again
+        // every 200 ms.
+        let tick = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(tick) => {}
+        }
     }
 }
 
@@ -71,6 +141,41 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     let c: Counter = Counter::default();
     c.inc_by(value);
     registry.register(name, help, c);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct GroupTopic {
+    group: String,
+    topic: String,
+}
+
+/// Consumer lag: per consumer group and topic, the messages stored past
+/// the group's committed offsets, summed over the topic's queues (what
+/// `keelmq group describe` shows per queue). Only groups that committed an
+/// offset appear (the broker's own `%SYS_` records do not).
+fn consumer_lag(store: &MessageStore, r: &mut Registry) {
+    use prometheus_client::metrics::family::Family;
+    let lag: Family<GroupTopic, Gauge> = Family::default();
+    for o in store.metadata().list_offsets() {
+        // The broker's own progress records (timer, transactions, delivery
+        // log) are kept as offsets of `%SYS_` groups: not consumers.
+        if o.group.starts_with("%SYS_") {
+            continue;
+        }
+        let behind = store
+            .queue_max_offset(&o.topic, o.queue_id)
+            .saturating_sub(o.offset);
+        lag.get_or_create(&GroupTopic {
+            group: o.group,
+            topic: o.topic,
+        })
+        .inc_by(i64::try_from(behind).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "consumer_lag_messages",
+        "Messages stored past a consumer group's committed offsets, by group and topic (summed over the topic's queues)",
+        lag,
+    );
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
@@ -224,6 +329,10 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             counter(&mut r, name, help, v.load(Relaxed));
         }
     }
+    if let Some(c) = &s.client {
+        c.register(&mut r);
+    }
+    consumer_lag(&s.store, &mut r);
     let mut body = String::new();
     match encode(&mut body, &r) {
         Ok(()) => (

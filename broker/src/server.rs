@@ -38,19 +38,26 @@ pub enum ServerError {
     Other(String),
 }
 
+/// Binds `host:port`. `::` (every address, IPv4 too on Linux: what the
+/// operator sets) falls back to `0.0.0.0` where the host has no IPv6.
 async fn bind(what: &'static str, host: &str, port: u16) -> Result<TcpListener, ServerError> {
     let address = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    TcpListener::bind(&address)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what,
-            address,
-            source,
-        })
+    let bound = match TcpListener::bind(&address).await {
+        Err(e) if host == "::" && e.kind() != std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(error = %e, what, port, "cannot listen on IPv6 ([::]); listening on IPv4 (0.0.0.0) only");
+            TcpListener::bind(("0.0.0.0", port)).await
+        }
+        bound => bound,
+    };
+    bound.map_err(|source| ServerError::Bind {
+        what,
+        address,
+        source,
+    })
 }
 
 fn local(l: &TcpListener) -> Result<SocketAddr, ServerError> {
@@ -118,6 +125,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
     let consumption = Arc::new(Consumption::new(store.clone()));
     let arrivals = consumption.arrivals();
     let transactions;
+    let client_metrics;
     let slave_read_stats = Arc::new(SlaveReadStats::default());
     {
         let slave_reads = Arc::new(SlaveReads::new(
@@ -143,6 +151,7 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
         .with_slave_reads(slave_reads);
         // Transactions: check back unresolved half messages.
         transactions = api.transactions();
+        client_metrics = api.metrics();
         let (checker, stop) = (api.clone(), stopped(stop_rx.clone()));
         tasks.spawn(async move {
             checker.run_transaction_checks(stop).await;
@@ -262,6 +271,8 @@ async fn serve(config: &BrokerConfig, store: MessageStore) -> Result<(), ServerE
             groups: Some(consumption.clone()),
             transactions: Some(transactions.clone()),
             slave_reads: Some(slave_read_stats.clone()),
+            client: Some(client_metrics.clone()),
+            prestop_wait: crate::http::PRESTOP_HAND_OVER_WAIT,
         };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {

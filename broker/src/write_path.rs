@@ -51,47 +51,67 @@ impl WritePath {
     /// Writes `records` contiguously and returns once they are as durable as
     /// the flush and replication modes promise.
     pub async fn write(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, WriteError> {
+        let appended = self.append(records)?;
+        // One append: contiguous, the last record ends it.
+        if let Some(last) = appended.last() {
+            self.confirm(last).await?;
+        }
+        Ok(appended)
+    }
+
+    /// The first half of [`WritePath::write`]: appends `records`
+    /// contiguously through the write gate and returns where they went,
+    /// not yet confirmed. For a writer that must know where its records are
+    /// even when the wait for them fails (they are in the log, and may yet
+    /// become durable): it then calls [`WritePath::confirm`].
+    pub fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, WriteError> {
         let gate = self.replication.admit().map_err(WriteError::Refused)?;
         let appended = self
             .store
             .append_batch(records)
             .map_err(WriteError::Store)?;
         drop(gate);
-        // One append: contiguous, the last record ends it.
-        let Some(last) = appended.last() else {
-            return Ok(appended);
-        };
-        let end = last.end_offset;
+        Ok(appended)
+    }
+
+    /// The second half of [`WritePath::write`]: waits until the append
+    /// ending with `last` is as durable as the flush and replication modes
+    /// promise. Fails with [`StoreError::Truncated`] if the log was cut
+    /// under it meanwhile. May be called again after a timeout.
+    pub async fn confirm(&self, last: &Appended) -> Result<(), WriteError> {
         self.store
             .wait_appended(last)
             .await
             .map_err(Self::flush_error)?;
         self.replication
-            .wait_replicated(end)
+            .wait_replicated(last.end_offset)
             .await
-            .map_err(WriteError::ReplicationTimeout)?;
-        Ok(appended)
+            .map_err(WriteError::ReplicationTimeout)
     }
 
-    /// Waits for a consumer's delivery record (ending at `end`): always for
-    /// the local flush the flush mode promises, for the slaves only when
-    /// enough of them are in sync to confirm it, and at most the replication
-    /// timeout. Consumers keep being served when the slaves cannot confirm
-    /// (as RocketMQ's POP does with its checkpoints); `Ok(false)` says so:
-    /// a failover may then make such a delivery again.
-    pub async fn wait_delivery_record(&self, end: u64) -> Result<bool, WriteError> {
-        self.wait_flushed(end).await?;
+    /// Waits for a consumer's delivery records (`recorded`: one append, or
+    /// the span of several, with the log's cut count before the first):
+    /// always for the local flush the flush mode promises, failing with
+    /// [`StoreError::Truncated`] if the log was cut under them meanwhile
+    /// (this broker followed another master: the records are gone, and a
+    /// later flush past their end says nothing about them); for the slaves
+    /// only when enough of them are in sync to confirm it, and at most the
+    /// replication timeout. Consumers keep being served when the slaves
+    /// cannot confirm (as RocketMQ's POP does with its checkpoints);
+    /// `Ok(false)` says so: a failover may then make such a delivery again.
+    pub async fn wait_delivery_record(&self, recorded: &Appended) -> Result<bool, WriteError> {
+        self.store
+            .wait_appended(recorded)
+            .await
+            .map_err(Self::flush_error)?;
         if !self.replication.can_confirm() {
             return Ok(false);
         }
-        Ok(self.replication.wait_replicated(end).await.is_ok())
-    }
-
-    async fn wait_flushed(&self, end: u64) -> Result<(), WriteError> {
-        self.store
-            .wait_flushed(end)
+        Ok(self
+            .replication
+            .wait_replicated(recorded.end_offset)
             .await
-            .map_err(Self::flush_error)
+            .is_ok())
     }
 
     fn flush_error(e: StoreError) -> WriteError {

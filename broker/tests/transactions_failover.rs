@@ -6,7 +6,10 @@
 //! open. An old master that wrote on after the failover, then follows the
 //! new master (its log cut at the fork point, or discarded when it ends
 //! before the new master's oldest segment), rebuilds both when it is
-//! master again.
+//! master again. A slave whose stored transaction progress (metadata,
+//! replicated apart from the log) counts decisions its log never got still
+//! checks those transactions back once promoted; and under SYNC
+//! replication a repeated decision answers as its one write is confirmed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +24,7 @@ use keelmq_broker::replication::{
     ReplicationConfig, ReplicationManager, ReplicationMode, StartRole,
 };
 use keelmq_broker::store::{MessageStore, NewRecord, StoreConfig, keys, now_ms};
-use keelmq_broker::write_path::WritePath;
+use keelmq_broker::write_path::{WriteError, WritePath};
 
 struct Broker {
     store: MessageStore,
@@ -31,6 +34,10 @@ struct Broker {
 }
 
 async fn start(dir: &Path, id: &str, role: StartRole) -> Broker {
+    start_with(dir, id, role, ReplicationMode::Async).await
+}
+
+async fn start_with(dir: &Path, id: &str, role: StartRole, mode: ReplicationMode) -> Broker {
     let mut sc = StoreConfig::new(dir);
     sc.segment_size = 256 * 1024;
     let store = MessageStore::open(sc).expect("store");
@@ -40,7 +47,7 @@ async fn start(dir: &Path, id: &str, role: StartRole) -> Broker {
     let addr = listener.local_addr().expect("addr").to_string();
     let cfg = ReplicationConfig {
         broker_id: id.into(),
-        mode: ReplicationMode::Async,
+        mode,
         min_in_sync_replicas: 1,
         sync_timeout: Duration::from_secs(2),
         in_sync_max_lag_bytes: 1 << 20,
@@ -319,4 +326,145 @@ async fn an_old_master_cut_at_the_fork_rebuilds_its_transactions_and_timer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_master_that_discards_its_log_rebuilds_its_transactions_and_timer() {
     an_old_master_follows_the_new_one_then_takes_over(true).await;
+}
+
+/// Bodies of the messages in queue 0 of `orders`.
+fn orders(store: &MessageStore) -> Vec<String> {
+    store
+        .get_range("orders", 0, 0, usize::MAX, usize::MAX)
+        .expect("read")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect()
+}
+
+/// Metadata, the stored transaction progress with it, replicates apart
+/// from the log: a slave may hold its master's progress marks, which count
+/// decisions, without the log records of those decisions. Promoted, it
+/// must check those transactions back (and apply the producers' answers),
+/// not count them as resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_slave_checks_back_decisions_its_stored_progress_counts_but_its_log_lacks() {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
+    let s = start(dirs[1].path(), "b1", StartRole::Standby).await;
+    s.repl.follow(m.addr.clone(), 1).expect("follow");
+    let on_master = Transactions::new(m.store.clone(), config());
+    let appended = m
+        .write
+        .write(vec![half("A"), half("B")])
+        .await
+        .expect("halves");
+    let ids: Vec<String> = ["A", "B"]
+        .iter()
+        .zip(&appended)
+        .map(|(id, a)| transaction_id(a.queue_offset, id))
+        .collect();
+    wait_for("s to catch up", || {
+        s.store.indexed_offset() >= m.store.max_offset()
+    })
+    .await;
+
+    // The log stream stops (s follows an address nothing listens on)...
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = gone.local_addr().expect("addr").to_string();
+    drop(gone);
+    s.repl.follow(nowhere, 1).expect("follow nothing");
+    on_master
+        .end(&m.write, &ids[0], "A", "orders", Decision::Commit)
+        .await
+        .expect("commit A");
+    on_master
+        .end(&m.write, &ids[1], "B", "orders", Decision::Rollback)
+        .await
+        .expect("roll back B");
+    on_master.load();
+    assert_eq!(on_master.pending_count(), 0);
+    // ...while the master's metadata still reaches s.
+    s.store
+        .metadata()
+        .apply_snapshot(m.store.metadata().snapshot())
+        .expect("metadata");
+
+    s.repl.promote(2).expect("promote");
+    let on_slave = Transactions::new(s.store.clone(), config());
+    let due = on_slave.due_checks(&s.write, now_ms() + 1_000).await;
+    let asked: Vec<&str> = due.iter().map(|d| d.tx_id.as_str()).collect();
+    assert_eq!(
+        asked,
+        [ids[0].as_str(), ids[1].as_str()],
+        "both checked back"
+    );
+    on_slave
+        .end(&s.write, &ids[0], "A", "orders", Decision::Commit)
+        .await
+        .expect("commit A on the new master");
+    on_slave
+        .end(&s.write, &ids[1], "B", "orders", Decision::Rollback)
+        .await
+        .expect("roll back B on the new master");
+    assert_eq!(orders(&s.store), ["A"]);
+    assert_eq!(on_slave.pending_count(), 0);
+}
+
+/// SYNC replication: a commit made while the slave is away is appended but
+/// not confirmed, and the producer is told so. Its repeats never write it
+/// again: they fail while no slave holds it, and answer OK once the slave
+/// is back and has it. Either way the message is in the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_sync_replication_a_repeated_commit_is_answered_once_a_slave_holds_it() {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let m = start_with(
+        dirs[0].path(),
+        "b0",
+        StartRole::Master,
+        ReplicationMode::Sync,
+    )
+    .await;
+    let on_master = Transactions::new(m.store.clone(), config());
+    let a = m.store.append(half("A")).expect("half");
+    let id = transaction_id(a.queue_offset, "A");
+    for attempt in 0..2 {
+        let got = on_master
+            .end(&m.write, &id, "A", "orders", Decision::Commit)
+            .await;
+        assert!(
+            matches!(got, Err(EndError::Write(WriteError::ReplicationTimeout(_)))),
+            "attempt {attempt}: {got:?}"
+        );
+    }
+    let s = start_with(
+        dirs[1].path(),
+        "b1",
+        StartRole::Standby,
+        ReplicationMode::Sync,
+    )
+    .await;
+    s.repl.follow(m.addr.clone(), 1).expect("follow");
+    // Each repeat waits up to the replication timeout (2 s) for the slave.
+    let mut answered = None;
+    for _ in 0..10 {
+        match on_master
+            .end(&m.write, &id, "A", "orders", Decision::Commit)
+            .await
+        {
+            Ok(()) => {
+                answered = Some(());
+                break;
+            }
+            Err(EndError::Write(WriteError::ReplicationTimeout(_))) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(answered.is_some(), "confirmed once the slave holds it");
+    assert_eq!(orders(&m.store), ["A"]);
+    wait_for("s to catch up", || {
+        s.store.indexed_offset() >= m.store.max_offset()
+    })
+    .await;
+    assert_eq!(orders(&s.store), ["A"]);
 }

@@ -177,6 +177,16 @@ SERVICE_MONITOR_SCHEMA: dict = {
 }
 
 
+# The same for a PodMonitor (monitoring.coreos.com/v1), which the chart makes
+# for the brokers: its endpoints are `podMetricsEndpoints`, the rest as a
+# ServiceMonitor's subset above.
+POD_MONITOR_SCHEMA: dict = json.loads(json.dumps(SERVICE_MONITOR_SCHEMA))
+POD_MONITOR_SCHEMA["properties"]["kind"] = {"const": "PodMonitor"}
+_pm_spec = POD_MONITOR_SCHEMA["properties"]["spec"]
+_pm_spec["required"] = ["selector", "podMetricsEndpoints"]
+_pm_spec["properties"]["podMetricsEndpoints"] = _pm_spec["properties"].pop("endpoints")
+
+
 def validate_builtin(obj: dict) -> None:
     """A built-in Kubernetes object against the OpenAPI schema of KUBE_VERSION,
     strict: unknown fields are errors. Raises on any problem, including a
@@ -330,7 +340,8 @@ def object_errors(obj: dict, crds: Iterable[dict]) -> list[str]:
     if group == "keelmq.io":
         return custom_resource_errors(obj, crds)
     if group == "monitoring.coreos.com":
-        validator = jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA)
+        schema = POD_MONITOR_SCHEMA if obj.get("kind") == "PodMonitor" else SERVICE_MONITOR_SCHEMA
+        validator = jsonschema.Draft202012Validator(schema)
         return [
             f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
             for e in validator.iter_errors(obj)

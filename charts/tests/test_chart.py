@@ -253,6 +253,30 @@ def test_metrics_values(rendered):
     assert not find(rendered["default"].objects, "ServiceMonitor")
 
 
+def test_broker_pod_monitor(rendered, operator_bin, examples, tmp_path):
+    (pm,) = find(rendered["metrics"].objects, "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "prometheus"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["messaging", "payments"]}
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["path"] == "/metrics" and ep["interval"] == "15s"
+    # It selects the broker pods the operator makes, by a port they have.
+    group = next(d for d in examples["brokergroup-quickstart.yaml"] if d["kind"] == "BrokerGroup")
+    path = tmp_path / "group.yaml"
+    path.write_text(yaml.safe_dump(group))
+    objects = checks.load_yaml_docs(checks.run_operator("render", "--file", str(path)))
+    (sts,) = find(objects, "StatefulSet")
+    pod = sts["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items()), labels
+    ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert ep["port"] in ports, ports
+    # Off by default; all namespaces when none are named.
+    assert not find(rendered["default"].objects, "PodMonitor")
+    every = checks.render_chart({"metrics": {"brokerPodMonitor": {"enabled": True}}})
+    (pm,) = find(every.objects, "PodMonitor")
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+
+
 def test_custom_image_and_resources(rendered):
     values = checks.load_values("custom")
     (dep,) = find(rendered["custom"].objects, "Deployment")

@@ -124,6 +124,13 @@ pub struct BrokerGroupSpec {
     /// The NetworkPolicy the operator keeps for the group's pods.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+    /// The certificate the brokers serve TLS with on the client port.
+    /// Unset: each broker makes its own CA and certificate at first start
+    /// (per pod, naming only the pod; for trying things out). Either way
+    /// the client port also accepts plaintext: there is no switch to turn
+    /// TLS off or to require it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 impl BrokerGroupSpec {
@@ -149,6 +156,7 @@ impl Default for BrokerGroupSpec {
             config: BTreeMap::new(),
             pod_template: PodTemplateSpec::default(),
             network_policy: NetworkPolicySpec::default(),
+            tls: None,
         }
     }
 }
@@ -388,6 +396,36 @@ impl Default for NetworkPolicySpec {
     }
 }
 
+/// The client port's certificate, from a Secret the user keeps (made with
+/// cert-manager or `kubectl create secret tls`). The operator mounts it
+/// read-only in every broker pod and points the broker's `tls_cert` and
+/// `tls_key` at it; it never reads the Secret itself. A missing Secret or
+/// key keeps the pods in ContainerCreating (the kubelet's events name
+/// it). The brokers read the files at start only: a renewed certificate is
+/// served after the next restart (`keelmq.io/restart`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret in the group's namespace, of type kubernetes.io/tls: `tls.crt`
+    /// (the server certificate, then any intermediates, PEM) and `tls.key`
+    /// (its private key, PEM). A `ca.crt` key is allowed and not used by the
+    /// brokers (it is what clients trust). The certificate must name what
+    /// clients dial: `<group>.<namespace>.svc`, `<group>-read.<namespace>.svc`
+    /// and `*.<group>-headless.<namespace>.svc` (routes send clients to the
+    /// master pod by that name). Changing it restarts the brokers, one at a
+    /// time.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')"
+    ).message("tls.secretName must be a Secret name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"))]
+    pub secret_name: String,
+}
+
+/// The key of the certificate chain in a kubernetes.io/tls Secret.
+pub const TLS_SECRET_CERT_KEY: &str = "tls.crt";
+/// The key of the private key in a kubernetes.io/tls Secret.
+pub const TLS_SECRET_KEY_KEY: &str = "tls.key";
+
 /// What the operator last saw of a group and did with it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -407,7 +445,7 @@ pub struct BrokerGroupStatus {
     /// Store id the master had when it became master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_store_id: Option<String>,
-    /// Brokers whose pods are ready.
+    /// Brokers that serve (see replicas[].ready).
     #[serde(default)]
     pub ready_replicas: i32,
     /// Each broker as last observed, sorted by name.
@@ -479,7 +517,9 @@ pub struct ReplicaStatus {
     pub name: String,
     /// master, slave or unknown (not reachable).
     pub role: String,
-    /// Its pod is ready.
+    /// It serves: its pod is ready or, for a slave following the master, it
+    /// answers (a slave's pod is ready only while it is connected and in
+    /// sync; see inSync).
     pub ready: bool,
     /// Its admin API answered.
     pub reachable: bool,

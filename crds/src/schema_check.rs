@@ -1,5 +1,5 @@
 //! A structural check of a JSON value against a CRD's OpenAPI v3 schema:
-//! types, required fields, enums, numeric bounds, unknown fields (which the
+//! types, required fields, enums, numeric bounds, string lengths, unknown fields (which the
 //! apiserver would silently prune, so they are almost always a typo), maps
 //! and arrays. It exists so that sample resources and the objects the
 //! operator writes can be checked against the generated CRD schema in plain
@@ -76,6 +76,20 @@ fn check(schema: &Value, value: &Value, path: &str, root: bool, errors: &mut Vec
             errors.push(format!("{here}: {n} is above the maximum {max}"));
         }
     }
+    if let Some(text) = value.as_str() {
+        // The API server counts characters, not bytes.
+        let len = text.chars().count() as u64;
+        if let Some(min) = schema["minLength"].as_u64()
+            && len < min
+        {
+            errors.push(format!("{here}: shorter than {min} characters"));
+        }
+        if let Some(max) = schema["maxLength"].as_u64()
+            && len > max
+        {
+            errors.push(format!("{here}: longer than {max} characters"));
+        }
+    }
     match value {
         Value::Object(map) => {
             let preserve = schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true);
@@ -134,7 +148,8 @@ mod tests {
                 "b": {"type": "string", "enum": ["X", "Y"]},
                 "m": {"type": "object", "additionalProperties": {"type": "string"}},
                 "l": {"type": "array", "items": {"type": "boolean"}},
-                "o": {"type": "string", "nullable": true}
+                "o": {"type": "string", "nullable": true},
+                "s": {"type": "string", "minLength": 2, "maxLength": 3}
             }
         });
         assert!(validate(&schema, &json!({"a": 2, "b": "X", "o": null})).is_empty());
@@ -155,6 +170,15 @@ mod tests {
         assert_eq!(
             validate(&schema, &json!({"a": 0})),
             ["a: 0 is below the minimum 1"]
+        );
+        assert!(validate(&schema, &json!({"a": 1, "s": "éé"})).is_empty());
+        assert_eq!(
+            validate(&schema, &json!({"a": 1, "s": "x"})),
+            ["s: shorter than 2 characters"]
+        );
+        assert_eq!(
+            validate(&schema, &json!({"a": 1, "s": "wxyz"})),
+            ["s: longer than 3 characters"]
         );
     }
 }

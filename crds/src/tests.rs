@@ -244,6 +244,93 @@ fn cel_rules_accept_and_refuse_what_they_say() {
     assert!(err.contains("messageType is immutable"), "{err}");
 }
 
+/// `spec.tls.secretName` must be a Secret name: the CEL rule refuses what
+/// the API server would not accept as one, with a message naming the
+/// field; the schema requires the name once `tls` is given and bounds its
+/// length. Unset, `tls` stays out of the stored spec.
+#[test]
+fn tls_takes_a_valid_secret_name() {
+    use kube::core::cel::Validator;
+    let v = Validator::new();
+    let schema = schema_of(&BrokerGroup::crd());
+    let bg = |tls: serde_json::Value| {
+        let mut spec = serde_json::to_value(BrokerGroupSpec::default()).expect("json");
+        spec["tls"] = tls;
+        serde_json::json!({"apiVersion": "keelmq.io/v1alpha1", "kind": "BrokerGroup",
+            "metadata": {"name": "orders"}, "spec": spec})
+    };
+    for good in ["orders-tls", "orders.tls", "a", "0", "tls-2026.example"] {
+        let obj = bg(serde_json::json!({"secretName": good}));
+        v.validate(&schema, &obj, None)
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        assert!(validate(&schema, &obj).is_empty(), "{good}");
+        let parsed: BrokerGroup = serde_json::from_value(obj).expect("parse");
+        assert_eq!(
+            parsed.spec.tls,
+            Some(TlsSpec {
+                secret_name: good.into()
+            })
+        );
+    }
+    for bad in [
+        "",
+        "Orders-TLS",
+        "orders_tls",
+        "-orders",
+        "orders-",
+        "orders..tls",
+        ".orders",
+        "orders/tls",
+        "orders tls",
+    ] {
+        let err = v
+            .validate(&schema, &bg(serde_json::json!({"secretName": bad})), None)
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            err.contains("tls.secretName must be a Secret name"),
+            "{bad:?}: {err}"
+        );
+    }
+    let errors = validate(&schema, &bg(serde_json::json!({}))).join("\n");
+    assert!(
+        errors.contains("spec.tls.secretName: required field is missing"),
+        "{errors}"
+    );
+    let errors = validate(
+        &schema,
+        &bg(serde_json::json!({"secretName": "a".repeat(254)})),
+    )
+    .join("\n");
+    assert!(
+        errors.contains("spec.tls.secretName: longer than 253 characters"),
+        "{errors}"
+    );
+    assert!(
+        validate(
+            &schema,
+            &bg(serde_json::json!({"secretName": "a".repeat(253)}))
+        )
+        .is_empty()
+    );
+    let errors = validate(
+        &schema,
+        &bg(serde_json::json!({"secretName": "t", "enabled": false})),
+    )
+    .join("\n");
+    assert!(
+        errors.contains("spec.tls.enabled: unknown field"),
+        "there is no switch to turn TLS off: {errors}"
+    );
+    // Unset: no `tls` in the spec the operator reads or in the defaults.
+    let round_trip = serde_json::to_value(BrokerGroupSpec::default()).expect("json");
+    assert!(round_trip.get("tls").is_none(), "{round_trip}");
+    let crd = serde_json::to_value(BrokerGroup::crd()).expect("json");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert!(spec["default"].get("tls").is_none(), "{}", spec["default"]);
+    assert!(spec["properties"]["tls"].get("default").is_none());
+}
+
 /// JSON merge of `patch` into `target` (objects merged, the rest replaced).
 fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
     match (target.as_object_mut(), patch.as_object()) {

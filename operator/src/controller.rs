@@ -409,6 +409,14 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         &mut status,
     )
     .await?;
+    // A master whose pod is being deleted hands over before it stops.
+    if outcome == Outcome::Healthy
+        && let Some(done) =
+            failover::hand_over_from_terminating(&ctx, &mut bg, &names, &observed, &mut status)
+                .await?
+    {
+        outcome = done;
+    }
     let switchover_to = bg
         .annotations()
         .get(keelmq_crds::ANNOTATION_SWITCHOVER_TO)
@@ -462,6 +470,10 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         .map(|s| s.replicas.clone())
         .unwrap_or_default();
     status.replicas = failover::replica_statuses(&observed, status.master.as_deref(), &previous);
+    // Brokers that serve (`failover::serving`): a following slave counts
+    // while it answers, in sync or not, as it did before its pod's
+    // readiness came to need it in sync; the Ready condition reads the
+    // master's view of its slaves for that (`replication::judge`).
     status.ready_replicas = i32::try_from(
         observed
             .observation

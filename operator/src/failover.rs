@@ -77,6 +77,29 @@ pub fn pod_ready(pod: &Pod) -> bool {
     pod_condition(pod, "Ready").as_deref() == Some("True")
 }
 
+/// Whether a member counts as ready where the operator reads readiness
+/// (the failover decision's `ready`, the replication verdict, the roll, the
+/// hand-over checks, `readyReplicas`): its pod is Ready, or it is a slave
+/// that follows a master, answered its admin call (`status`), and its pod
+/// is neither being deleted nor on a node that stopped reporting.
+///
+/// A following slave's own readiness (`/readyz`, hence its pod's Ready and
+/// the PodDisruptionBudget) is stricter: connected to its master and in
+/// sync, so that a drain counts only slaves that can stand in for the
+/// master. A slave unready only by that rule still serves: one whose master
+/// died must stay a promotion candidate (and count towards the safe
+/// promotion rule), and one cut off from a live master must still be judged
+/// broken replication after the grace. Whether a slave is connected and in
+/// sync is read from the master's own view (its `slaves`), as before.
+pub fn serving(pod: &Pod, status: Option<&pb::StatusResponse>) -> bool {
+    if pod_ready(pod) {
+        return true;
+    }
+    let following =
+        status.is_some_and(|s| role_of(s) == Role::Slave && !s.master_address.is_empty());
+    following && !pod_gone(pod)
+}
+
 /// The pod is being deleted, or its node stopped reporting (Ready Unknown).
 fn pod_gone(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
@@ -156,17 +179,17 @@ pub async fn observe(
     let mut brokers = Vec::new();
     for (m, answer) in members.iter().zip(answers) {
         let pod = pods.get(m);
-        let ready = pod.is_some_and(pod_ready);
-        let st = match answer {
-            Ok(s) => {
-                statuses.insert(m.clone(), s.clone());
-                Some(broker_status(&s, &replication_to_pod))
-            }
-            Err(e) => {
-                tracing::debug!(broker = %m, error = %e, "broker admin API did not answer");
-                None
-            }
-        };
+        let answer = answer
+            .map_err(
+                |e| tracing::debug!(broker = %m, error = %e, "broker admin API did not answer"),
+            )
+            .ok();
+        let ready = pod.is_some_and(|p| serving(p, answer.as_ref()));
+        let st = answer.map(|s| {
+            let reduced = broker_status(&s, &replication_to_pod);
+            statuses.insert(m.clone(), s);
+            reduced
+        });
         brokers.push(BrokerObservation {
             name: m.clone(),
             reachable: st.is_some(),
@@ -804,6 +827,65 @@ pub async fn hand_over(
         master: target.to_string(),
         epoch: new_epoch,
     }))
+}
+
+/// Whether the recorded master's pod is being deleted.
+pub fn master_terminating(observed: &Observed, status: &BrokerGroupStatus) -> bool {
+    status
+        .master
+        .as_ref()
+        .and_then(|m| observed.pods.get(m))
+        .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+}
+
+/// The slave to hand the master role to when the master's pod goes: one
+/// that [`can_take_over`] and whose own pod is not being deleted, the one
+/// holding the most first (the hand-over waits least for it), then by name.
+pub fn successor(observed: &Observed, status: &BrokerGroupStatus) -> Option<String> {
+    let master = status.master.as_deref();
+    replica_statuses(observed, master, &status.replicas)
+        .into_iter()
+        .filter(|r| Some(r.name.as_str()) != master)
+        .filter(|r| can_take_over(observed, status, &r.name))
+        .filter(|r| {
+            observed
+                .pods
+                .get(&r.name)
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+        })
+        .max_by(|a, b| a.offset.cmp(&b.offset).then_with(|| b.name.cmp(&a.name)))
+        .map(|r| r.name)
+}
+
+/// The recorded master's pod is being deleted (a node drain, an eviction,
+/// `kubectl delete pod`) while the master still serves: the broker's
+/// preStop hook (`/prestop`) holds its shutdown while it has a slave in
+/// sync, so the role is handed to that slave now, a planned switchover (no
+/// acknowledged message lost, writes paused only for the hand-over) instead
+/// of a failover once it has stopped. Call only when the failover decision
+/// is `Healthy`. `Ok(None)`: the master is not terminating, or no slave can
+/// take over (then it fails over once it stops, as any lost master).
+pub async fn hand_over_from_terminating(
+    ctx: &Context,
+    bg: &mut BrokerGroup,
+    names: &GroupNames,
+    observed: &Observed,
+    status: &mut BrokerGroupStatus,
+) -> Result<Option<Outcome>> {
+    if !master_terminating(observed, status) {
+        return Ok(None);
+    }
+    let master = status.master.clone().unwrap_or_default();
+    let Some(target) = successor(observed, status) else {
+        info!(
+            "master {master}'s pod is being deleted and no slave can take over (reachable, ready, in sync and staying): it fails over once it stops"
+        );
+        return Ok(None);
+    };
+    let reason = format!(
+        "planned switchover: master {master}'s pod is being deleted (node drain, eviction or delete)"
+    );
+    hand_over(ctx, bg, names, observed, &target, &reason, status).await
 }
 
 /// Tells `broker` to follow the master at `master_repl` in `epoch`; whether

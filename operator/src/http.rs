@@ -70,9 +70,23 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 
 /// Serves until the process ends.
 pub async fn serve(port: u16, state: HttpState) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
-    tracing::info!(port, "serving /healthz, /readyz and /metrics");
+    let listener = bind_any(port).await?;
+    tracing::info!(address = ?listener.local_addr().ok(), "serving /healthz, /readyz and /metrics");
     serve_on(listener, state).await
+}
+
+/// Binds `port` on every address: `[::]`, which on Linux also takes IPv4
+/// (so IPv4, IPv6 and dual-stack clusters can all probe and scrape), or
+/// `0.0.0.0` where the pod has no IPv6.
+pub async fn bind_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match tokio::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            tracing::info!(error = %e, port, "no IPv6 listener; listening on IPv4 only");
+            tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await
+        }
+    }
 }
 
 /// Serves on a bound listener until the process ends.
@@ -165,6 +179,35 @@ mod tests {
             "application/openmetrics-text; version=1.0.0; charset=utf-8"
         );
         assert!(r.trim_end().ends_with("# EOF"), "OpenMetrics text: {r}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_listener_takes_ipv4_and_where_the_host_has_it_ipv6() {
+        let listener = bind_any(0).await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(serve_on(
+            listener,
+            HttpState {
+                metrics: Arc::new(Metrics::default()),
+                controllers_running: Arc::new(AtomicBool::new(true)),
+            },
+        ));
+        let v4 = get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            "/healthz",
+        )
+        .await;
+        assert!(v4.starts_with("HTTP/1.1 200"), "{v4}");
+        // Loopback IPv6 only where this host has it (a test host may not).
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            let v6 = get(
+                std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                "/healthz",
+            )
+            .await;
+            assert!(v6.starts_with("HTTP/1.1 200"), "{v6}");
+        }
         server.abort();
     }
 }

@@ -31,6 +31,8 @@ pub mod topic;
 mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 /// Everything that can go wrong in a reconcile, typed so that the error
 /// policy and metrics can tell them apart.

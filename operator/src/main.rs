@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 use keelmq_crds::BrokerGroup;
 use keelmq_operator::controller::{self, Context};
 use keelmq_operator::http::{self, HttpState};
@@ -94,6 +94,7 @@ struct RunArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let env_names = || std::env::vars_os().map(|(name, _)| name);
     let result = match cli.command {
         Some(Command::Crds) => keelmq_crds::crds_yaml()
             .map(|y| print!("{y}"))
@@ -102,9 +103,12 @@ fn main() -> std::process::ExitCode {
             println!("{}", rbac::to_json());
             Ok(())
         }
-        Some(Command::Render { file, peer }) => render(&file, &peer),
-        Some(Command::Run(args)) => run(args),
-        None => run(cli.run),
+        // The commands that read KEELMQ_ variables refuse misspelt ones.
+        Some(Command::Render { file, peer }) => {
+            check_environment(env_names()).and_then(|()| render(&file, &peer))
+        }
+        Some(Command::Run(args)) => check_environment(env_names()).and_then(|()| run(args)),
+        None => check_environment(env_names()).and_then(|()| run(cli.run)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -113,6 +117,19 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Refuses `KEELMQ_` variables no KeelMQ program reads: a misspelt
+/// `KEELMQ_WATCH_NAMESPACE` would silently widen the operator to every
+/// namespace.
+fn check_environment<I, K>(env_names: I) -> Result<(), String>
+where
+    I: IntoIterator<Item = K>,
+    K: AsRef<std::ffi::OsStr>,
+{
+    let own = keelmq_broker::config::clap_keelmq_variables(&Cli::command());
+    keelmq_broker::config::check_keelmq_variables("keelmq-operator", &own, env_names)
+        .map_err(|e| e.to_string())
 }
 
 fn render(file: &PathBuf, peer: &PeerArgs) -> Result<(), String> {
@@ -131,7 +148,7 @@ fn render(file: &PathBuf, peer: &PeerArgs) -> Result<(), String> {
 
 fn run(args: RunArgs) -> Result<(), String> {
     let peer = args.peer.peer()?;
-    telemetry::init(args.log_format);
+    telemetry::try_init(args.log_format)?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let client = kube::Client::try_default()
@@ -177,4 +194,54 @@ fn run(args: RunArgs) -> Result<(), String> {
             controller::run(client, namespace, ctx).await.map_err(|e| e.to_string())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_variable_stops_the_operator() {
+        let err = check_environment([format!("KEELMQ_{}", "WATCH_NAMESPACES")])
+            .expect_err("would watch every namespace");
+        assert!(
+            err.contains("(did you mean KEELMQ_WATCH_NAMESPACE?)")
+                && err.contains("`keelmq-operator --help`"),
+            "{err}"
+        );
+        let err =
+            check_environment([format!("KEELMQ_{}", "OPERATOR_POD_LABEL")]).expect_err("typo");
+        assert!(
+            err.contains("(did you mean KEELMQ_OPERATOR_POD_LABELS?)"),
+            "{err}"
+        );
+        // What the chart and the tests set.
+        check_environment([
+            "KEELMQ_WATCH_NAMESPACE",
+            "KEELMQ_OPERATOR_POD_LABELS",
+            "POD_NAMESPACE",
+            "POD_NAME",
+            "RUST_LOG",
+            "KEELMQ_TEST_LOG",
+            "KEELMQ_E2E_KUBECONFIG",
+            "KEELMQ_OPERATOR_BIN",
+        ])
+        .expect("known");
+    }
+
+    /// The broker and the `keelmq` tool accept the operator's variables.
+    #[test]
+    fn the_operators_variables_are_known_to_the_other_programs() {
+        let own = keelmq_broker::config::clap_keelmq_variables(&Cli::command());
+        assert_eq!(
+            own,
+            ["KEELMQ_OPERATOR_POD_LABELS", "KEELMQ_WATCH_NAMESPACE"]
+        );
+        for v in &own {
+            assert!(
+                keelmq_broker::config::OTHER_KEELMQ_VARIABLES.contains(&v.as_str()),
+                "{v} is missing from keelmq_broker::config::OTHER_KEELMQ_VARIABLES"
+            );
+        }
+    }
 }

@@ -12,9 +12,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -23,7 +24,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use keelmq_crds::{ANNOTATION_RESTART, BrokerGroup};
+use keelmq_crds::{ANNOTATION_RESTART, BrokerGroup, TLS_SECRET_CERT_KEY, TLS_SECRET_KEY_KEY};
 use kube::{Resource, ResourceExt};
 
 use crate::Error;
@@ -61,6 +62,18 @@ pub const DATA_DIR: &str = "/var/lib/keelmq";
 pub const CONFIG_DIR: &str = "/etc/keelmq";
 /// The configuration file inside [`CONFIG_DIR`] (and key in the ConfigMap).
 pub const CONFIG_FILE: &str = "broker.toml";
+/// Name of the pod volume holding the `spec.tls` Secret.
+pub const TLS_VOLUME: &str = "tls";
+/// Directory the `spec.tls` Secret is mounted at. Not under [`CONFIG_DIR`]:
+/// the kubelet cannot make a mount point inside a ConfigMap volume.
+pub const TLS_DIR: &str = "/etc/keelmq-tls";
+/// The certificate chain inside [`TLS_DIR`] (the broker's `tls_cert`).
+pub const TLS_CERT_FILE: &str = "tls.crt";
+/// The private key inside [`TLS_DIR`] (the broker's `tls_key`).
+pub const TLS_KEY_FILE: &str = "tls.key";
+/// Mode of the mounted certificate files: readable by their owner and by
+/// the pod's fsGroup (the broker's group), by no one else.
+pub const TLS_FILE_MODE: i32 = 0o440;
 /// The broker image's user and group (docker/broker.Dockerfile `USER`),
 /// also the default fsGroup, so the data volume is writable for it.
 pub const BROKER_UID: i64 = 65532;
@@ -114,6 +127,10 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
     }
     Ok(out)
 }
+
+/// Broker settings the operator decides when the spec has a `tls` Secret;
+/// a spec's `config` may then not set them.
+pub const TLS_CONFIG_KEYS: &[&str] = &["tls_cert", "tls_key"];
 
 /// Broker settings the operator decides; a spec's `config` may not set them.
 pub const RESERVED_CONFIG_KEYS: &[&str] = &[
@@ -253,7 +270,9 @@ pub fn broker_config(bg: &BrokerGroup) -> Result<String, Error> {
     };
     set("broker_name", bg.name_any().into());
     set("data_dir", DATA_DIR.into());
-    set("listen_address", "0.0.0.0".into());
+    // Every address, IPv6 and IPv4 (the broker listens on IPv4 alone where
+    // the pod has no IPv6).
+    set("listen_address", "::".into());
     set("client_port", i64::from(CLIENT_PORT).into());
     set("admin_port", i64::from(ADMIN_PORT).into());
     set("http_port", i64::from(HTTP_PORT).into());
@@ -271,11 +290,21 @@ pub fn broker_config(bg: &BrokerGroup) -> Result<String, Error> {
     if !spec.read_from_slaves && !spec.config.contains_key("slave_read") {
         set("slave_read", "off".into());
     }
+    if spec.tls.is_some() {
+        set("tls_cert", format!("{TLS_DIR}/{TLS_CERT_FILE}").into());
+        set("tls_key", format!("{TLS_DIR}/{TLS_KEY_FILE}").into());
+    }
     let mut extra = toml::Table::new();
     for (key, value) in &spec.config {
         if RESERVED_CONFIG_KEYS.contains(&key.as_str()) {
             return Err(Error::InvalidSpec(format!(
                 "config.{key} is set by the operator and cannot be overridden"
+            )));
+        }
+        if spec.tls.is_some() && TLS_CONFIG_KEYS.contains(&key.as_str()) {
+            return Err(Error::InvalidSpec(format!(
+                "config.{key} cannot be set together with tls.secretName: the operator points \
+                 it at the mounted Secret"
             )));
         }
         let v = toml::Value::try_from(value)
@@ -441,7 +470,8 @@ pub fn pod_security_context(bg: &BrokerGroup) -> PodSecurityContext {
 
 /// The broker container's security context: no privilege escalation, no
 /// capabilities, a read-only root filesystem (the broker writes only to its
-/// data volume, TLS material included, and reads its config mount).
+/// data volume, generated TLS material included, and reads its config and
+/// `spec.tls` Secret mounts).
 pub fn container_security_context() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -467,6 +497,40 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The `spec.tls` Secret as a read-only volume at [`TLS_DIR`], with only
+/// the certificate and key projected (a Secret lacking either is not
+/// mounted: the kubelet reports it on the pod). The kubelet reads the
+/// Secret; the operator never does. The Secret's name is in the pod
+/// template, so a new name rolls the brokers.
+fn tls_volume(secret_name: &str) -> (VolumeMount, Volume) {
+    let item = |key: &str, path: &str| KeyToPath {
+        key: key.into(),
+        path: path.into(),
+        ..Default::default()
+    };
+    (
+        VolumeMount {
+            name: TLS_VOLUME.into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        Volume {
+            name: TLS_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name.into()),
+                items: Some(vec![
+                    item(TLS_SECRET_CERT_KEY, TLS_CERT_FILE),
+                    item(TLS_SECRET_KEY_KEY, TLS_KEY_FILE),
+                ]),
+                default_mode: Some(TLS_FILE_MODE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+}
+
 /// StatefulSet `<group>`: the brokers. Pods start in standby; the operator
 /// promotes one and moves the role label. `OnDelete` updates so that the
 /// operator, not the StatefulSet controller, decides the order of restarts
@@ -483,6 +547,33 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
     pod_annotations.insert(ANNOTATION_CONFIG_HASH.into(), config_hash(&config));
     if let Some(restart) = bg.annotations().get(ANNOTATION_RESTART) {
         pod_annotations.insert(ANNOTATION_RESTART.into(), restart.clone());
+    }
+
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names.config_map(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if let Some(tls) = &spec.tls {
+        let (mount, volume) = tls_volume(&tls.secret_name);
+        volume_mounts.push(mount);
+        volumes.push(volume);
     }
 
     let container = Container {
@@ -534,40 +625,35 @@ pub fn stateful_set(bg: &BrokerGroup) -> Result<StatefulSet, Error> {
         )),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        // A master being stopped (a drain, a deletion) first waits, up to
+        // 30 s, for the operator's planned hand-over to an in-sync slave;
+        // within the 60 s grace period below.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                http_get: http_probe("/prestop", 0, 0).http_get,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         resources: spec.resources.clone(),
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "data".into(),
-                mount_path: DATA_DIR.into(),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts),
         ..Default::default()
     };
 
     let pod_spec = PodSpec {
         containers: vec![container],
-        volumes: Some(vec![Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names.config_map(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        volumes: Some(volumes),
         affinity: pt.affinity.clone(),
         tolerations: (!pt.tolerations.is_empty()).then(|| pt.tolerations.clone()),
         node_selector: (!pt.node_selector.is_empty()).then(|| pt.node_selector.clone()),
         security_context: Some(pod_security_context(bg)),
         priority_class_name: pt.priority_class_name.clone(),
         termination_grace_period_seconds: Some(60),
+        // No `<SERVICE>_SERVICE_HOST`-style variables from the namespace's
+        // Services: brokers find each other by DNS, and the variables of a
+        // Service named `keelmq...` would look like broker settings.
+        enable_service_links: Some(false),
         ..Default::default()
     };
 

@@ -17,8 +17,10 @@
 //!   that: the master cannot acknowledge a send, whatever the cause, so the
 //!   group is not Ready ([`REASON_NOT_ENOUGH_IN_SYNC`]). No grace: Ready
 //!   promises that sends succeed.
-//! - A slave whose pod is ready and that has not been connected for the
-//!   grace ([`REPLICATION_GRACE`]) or longer is *broken*: Degraded
+//! - A slave that serves (its pod is ready, or it follows the master and
+//!   answers: [`crate::failover::serving`], since a following slave's pod is
+//!   ready only while it is connected and in sync) and that has not been
+//!   connected for the grace ([`REPLICATION_GRACE`]) or longer is *broken*: Degraded
 //!   ([`REASON_REPLICATION_BROKEN`]) in both modes, since its data is not
 //!   being copied; under `ASYNC` (or with enough other slaves in sync) the
 //!   group stays Ready.
@@ -43,7 +45,7 @@ use keelmq_failover::{Policy, ReplicationMode};
 
 use crate::failover::Observed;
 
-/// How long a slave whose pod is ready may stay unconnected to the master
+/// How long a slave that serves may stay unconnected to the master
 /// before the group is Degraded: well above the slave's reconnect backoff
 /// (at most 2 s), equal to the silence after which the master drops a slave.
 pub const REPLICATION_GRACE: Duration = Duration::from_secs(10);
@@ -77,7 +79,9 @@ pub enum Link {
 pub struct SlaveLink {
     /// Pod name (the broker id the slave announces to the master).
     pub name: String,
-    /// Its pod is Ready.
+    /// It serves ([`crate::failover::serving`]): its pod is Ready, or it
+    /// follows a master and answers (its pod's readiness then also needs it
+    /// connected and in sync, which is what is judged here).
     pub ready: bool,
     /// How the master sees it.
     pub link: Link,
@@ -168,8 +172,9 @@ pub fn judge(
                 let what = format!("{} is not connected", l.name);
                 lagging.push(what);
                 if !l.ready {
-                    // Its pod is not ready: counted as a broker not ready,
-                    // not as broken replication.
+                    // It does not serve (starting, stopping, its pod
+                    // going): counted as a broker not ready, not as broken
+                    // replication.
                 } else if for_ >= grace {
                     broken.push(l.name.as_str());
                 } else {

@@ -59,7 +59,9 @@ pub struct Member {
     pub uid: Option<String>,
     /// Its pod is being deleted.
     pub terminating: bool,
-    /// Its pod is Ready.
+    /// It serves ([`failover::serving`]): its pod is Ready, or it follows a
+    /// master and answers. Whether a slave is connected and in sync is
+    /// `follows` and `in_sync`, from the master's view.
     pub ready: bool,
     /// Its admin API answered.
     pub reachable: bool,

@@ -1,10 +1,12 @@
 //! Tests of the operator: the objects it builds, reconciles through the
 //! mock API server (creation, update and scale, status, pause, bootstrap,
 //! failover, waiting, a lost status race, topics, rolling restarts,
-//! scale-down, the persisted detection delay), the RBAC table against
-//! the requests those reconciles make, and a failover with real brokers.
+//! scale-down, the persisted detection delay, brokers' readiness and a
+//! master's pod being deleted), the RBAC table against the requests those
+//! reconciles make, and a failover with real brokers.
 
 mod model_tests;
+mod readiness_tests;
 mod real_failover;
 mod reconcile_tests;
 mod rollout_tests;

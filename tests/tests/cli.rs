@@ -119,6 +119,29 @@ fn topics_status_health_and_clean_restart() {
         "200",
     ]);
     assert!(consumed.contains("200 messages"), "{consumed}");
+    // What the client port counted, and the group's lag, in /metrics.
+    let metrics = http_get(b.http_port, "/metrics").expect("metrics");
+    for line in [
+        r#"keelmq_messages_in_total{topic="bench"} 200"#,
+        r#"keelmq_messages_acked_total{group="bench-consumer",topic="bench"} 200"#,
+        r#"keelmq_consumer_lag_messages{group="bench-consumer",topic="bench"} 0"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from {metrics}"
+        );
+    }
+    for prefix in [
+        r#"keelmq_message_bytes_in_total{topic="bench"} "#,
+        r#"keelmq_client_requests_total{method="SendMessage",code="OK"} "#,
+        r#"keelmq_client_requests_total{method="ReceiveMessage",code="OK"} "#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(prefix)),
+            "{prefix} missing from {metrics}"
+        );
+    }
+    assert!(!metrics.contains("%SYS_"), "{metrics}");
     // Consumer groups are listed; the broker's own progress records are not.
     let groups = b.cli_ok(&["group", "list"]);
     assert!(groups.contains("bench-consumer"), "{groups}");

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keelmq_broker::config::BrokerArgs;
+use keelmq_broker::telemetry::LogFilter;
 
 // mimalloc rather than the system allocator: glibc's malloc and free were
 // about 11 % of the broker's CPU per message (`perf`, unbatched sends), and
@@ -14,8 +15,17 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = BrokerArgs::parse();
-    let config = match args.resolve() {
+    // An unknown KEELMQ_ variable (a misspelt setting) and a log filter
+    // with a mistake stop the broker here, like any other bad setting.
+    let config = match args.resolve_at_start(std::env::vars_os().map(|(name, _)| name)) {
         Ok(c) => c,
+        Err(e) => {
+            eprintln!("keelmq-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log_filter = match LogFilter::from_env() {
+        Ok(f) => f,
         Err(e) => {
             eprintln!("keelmq-broker: {e}");
             return ExitCode::from(2);
@@ -33,7 +43,7 @@ async fn main() -> ExitCode {
             }
         }
     }
-    keelmq_broker::telemetry::init(config.log_format);
+    keelmq_broker::telemetry::install(config.log_format, log_filter);
     for warning in config.startup_warnings() {
         tracing::warn!("{warning}");
     }

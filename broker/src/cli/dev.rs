@@ -198,7 +198,7 @@ fn write_group(dir: &Path, procs: &[Proc]) {
 /// Runs the local group until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> Result<()> {
     args.validate()?;
-    crate::telemetry::init(crate::config::LogFormat::Text);
+    crate::telemetry::init(crate::config::LogFormat::Text).map_err(anyhow::Error::msg)?;
     let bin = broker_bin(&args)?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;

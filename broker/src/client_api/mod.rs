@@ -4,10 +4,13 @@
 //! gRPC errors are kept for RPCs the broker does not implement.
 
 mod convert;
+mod metered;
 mod producers;
 mod settings;
 pub mod tls;
 mod txn;
+
+pub use metered::{ClientMetrics, Metered};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::messaging::arrivals::Arrivals;
 use crate::messaging::consumer::{
-    Claimed, Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, TagFilter,
+    Claimed, Consumption, HandleError, RENEW_INVISIBLE_MS, ReceiveRequest, Recorded, TagFilter,
 };
 use crate::messaging::delivery_log::RemoveEntry;
 use crate::messaging::slave_reads::SlaveReads;
@@ -104,6 +107,8 @@ pub struct ClientApi {
     /// How often a waiting receive looks again without being woken (for
     /// in-flight messages whose invisible time ran out).
     recheck: Duration,
+    /// What the client port answered (see [`Metered`]).
+    metrics: Arc<ClientMetrics>,
 }
 
 /// See [`ClientApi::recheck`].
@@ -128,6 +133,7 @@ impl ClientApi {
             slave_reads: None,
             unconfirmed_warned_ms: Arc::default(),
             recheck: RECHECK,
+            metrics: Arc::default(),
         }
     }
 
@@ -163,14 +169,15 @@ impl ClientApi {
         Ok(change())
     }
 
-    /// OK once a consumer's change, whose delivery record ends at `end`, is
-    /// flushed as the flush mode promises and, when enough slaves are in
-    /// sync, replicated; the write status when the flush failed.
-    async fn confirm(&self, end: Option<u64>) -> pb::Status {
-        let Some(end) = end else {
+    /// OK once a consumer's change, whose delivery records are `recorded`,
+    /// is flushed as the flush mode promises and, when enough slaves are in
+    /// sync, replicated; the write status when the flush failed or the log
+    /// was cut under the records.
+    async fn confirm(&self, recorded: Option<Recorded>) -> pb::Status {
+        let Some(recorded) = recorded else {
             return ok();
         };
-        match self.write.wait_delivery_record(end).await {
+        match self.write.wait_delivery_record(recorded.span()).await {
             Ok(true) => ok(),
             Ok(false) => {
                 let now = now_ms();
@@ -224,10 +231,17 @@ impl ClientApi {
         self.transactions.clone()
     }
 
-    /// The tonic service, accepting messages up to 130 MiB (batches of
-    /// maximum-size bodies), as the RocketMQ proxy does.
-    pub fn into_server(self) -> MessagingServiceServer<Self> {
-        MessagingServiceServer::new(self)
+    /// The client port's counters (for metrics).
+    pub fn metrics(&self) -> Arc<ClientMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The tonic service, its calls counted in [`ClientApi::metrics`],
+    /// accepting messages up to 130 MiB (batches of maximum-size bodies), as
+    /// the RocketMQ proxy does.
+    pub fn into_server(self) -> MessagingServiceServer<Metered> {
+        let metrics = self.metrics.clone();
+        MessagingServiceServer::new(Metered::new(self, metrics))
             .max_decoding_message_size(130 << 20)
             .max_encoding_message_size(130 << 20)
     }
@@ -1713,5 +1727,110 @@ mod tests {
             let s = consumer_group(bad).expect_err(bad);
             assert_eq!(s.code, Code::IllegalConsumerGroup as i32, "{bad:?}");
         }
+    }
+
+    fn message_to(topic: &str, body: &str) -> pb::Message {
+        pb::Message {
+            topic: resource(topic),
+            user_properties: Default::default(),
+            system_properties: Some(pb::SystemProperties {
+                message_id: format!("id-{body}"),
+                ..Default::default()
+            }),
+            body: body.as_bytes().to_vec().into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_port_counts_calls_messages_in_out_and_acked() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, _, _) = api_over(dir.path());
+        let metrics = api.metrics();
+        let svc = Metered::new(api, metrics.clone());
+        let send = |messages: Vec<pb::Message>| {
+            svc.send_message(with_client(pb::SendMessageRequest { messages }))
+        };
+        send(vec![message_to("a", "one"), message_to("a", "two")])
+            .await
+            .expect("send");
+        send(vec![message_to("a", "three")]).await.expect("send");
+        // Refused: counted by method and code only, no series for the name.
+        let refused = send(vec![message_to("nope", "x")])
+            .await
+            .expect("send")
+            .into_inner();
+        assert_eq!(
+            refused.status.map(|s| s.code),
+            Some(Code::TopicNotFound as i32)
+        );
+        let frames: Vec<_> = svc
+            .receive_message(with_client(pb::ReceiveMessageRequest {
+                group: resource("g"),
+                message_queue: Some(pb::MessageQueue {
+                    topic: resource("a"),
+                    ..Default::default()
+                }),
+                batch_size: 16,
+                invisible_duration: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                long_polling_timeout: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }))
+            .await
+            .expect("stream")
+            .into_inner()
+            .collect()
+            .await;
+        let handles: Vec<String> = frames
+            .into_iter()
+            .filter_map(|f| match f.expect("frame").content {
+                Some(pb::receive_message_response::Content::Message(m)) => {
+                    m.system_properties.and_then(|p| p.receipt_handle)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handles.len(), 3);
+        let acked = svc
+            .ack_message(with_client(pb::AckMessageRequest {
+                group: resource("g"),
+                topic: resource("a"),
+                entries: handles[..2]
+                    .iter()
+                    .map(|h| pb::AckMessageEntry {
+                        message_id: "id".into(),
+                        receipt_handle: h.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }))
+            .await
+            .expect("ack")
+            .into_inner();
+        assert_eq!(acked.status.map(|s| s.code), Some(Code::Ok as i32));
+
+        let mut registry = prometheus_client::registry::Registry::with_prefix("keelmq");
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            r#"keelmq_client_requests_total{method="SendMessage",code="OK"} 2"#,
+            r#"keelmq_client_requests_total{method="SendMessage",code="TOPIC_NOT_FOUND"} 1"#,
+            r#"keelmq_client_requests_total{method="ReceiveMessage",code="OK"} 1"#,
+            r#"keelmq_client_requests_total{method="AckMessage",code="OK"} 1"#,
+            r#"keelmq_messages_in_total{topic="a"} 3"#,
+            r#"keelmq_message_bytes_in_total{topic="a"} 11"#,
+            r#"keelmq_messages_out_total{group="g",topic="a"} 3"#,
+            r#"keelmq_messages_acked_total{group="g",topic="a"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains("nope"), "{text}");
     }
 }

@@ -6,12 +6,14 @@
 //! Without a configured certificate the broker makes its own at first
 //! start: a CA and a server certificate for `localhost`, `127.0.0.1`,
 //! `::1` and the advertised host, kept in `<data dir>/tls/` so clients can
-//! trust `ca.pem` across restarts.
+//! trust `ca.pem` across restarts. A configured certificate is read again
+//! when its files change (see [`ReloadingCert`]).
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::coalesce::Coalescing;
 use futures::Stream;
@@ -19,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Where the certificate and key come from.
@@ -51,21 +56,134 @@ pub fn acceptor(
             (files, Some(ca))
         }
     };
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let resolver = ReloadingCert::open(files, provider.clone(), CERT_RECHECK)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(cfg)), ca))
+}
+
+/// How often, at most, a handshake looks whether the certificate files
+/// changed (see [`ReloadingCert`]).
+const CERT_RECHECK: Duration = Duration::from_secs(10);
+
+/// What identifies a file's content without reading it: a replaced file
+/// (a renewed Kubernetes Secret is a new file behind the same path) has
+/// another inode, a rewritten one another length or modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        inode: m.ino(),
+        len: m.len(),
+        modified: m.modified().ok(),
+    })
+}
+
+/// The served certificate, read again from its files when they change, so
+/// a renewed certificate (cert-manager, a re-created Secret, a replaced
+/// file) is served without a restart: a handshake looks at the files' stamps
+/// at most every `recheck`, and loads them when either changed. A pair that
+/// does not load (half written, a key that does not match) is logged and
+/// the previous certificate stays in service until the files change again.
+#[derive(Debug)]
+struct ReloadingCert {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    recheck: Duration,
+    state: parking_lot::Mutex<Served>,
+}
+
+#[derive(Debug)]
+struct Served {
+    key: Arc<CertifiedKey>,
+    stamps: [Option<FileStamp>; 2],
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    /// Loads the files; an error if they do not hold a usable pair.
+    fn open(
+        files: TlsFiles,
+        provider: Arc<CryptoProvider>,
+        recheck: Duration,
+    ) -> Result<Self, String> {
+        let stamps = [stamp(&files.cert), stamp(&files.key)];
+        let key = load_pair(&files, &provider)?;
+        Ok(Self {
+            files,
+            provider,
+            recheck,
+            state: parking_lot::Mutex::new(Served {
+                key,
+                stamps,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The certificate to serve now, loaded again first if its files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut s = self.state.lock();
+        if s.checked.elapsed() >= self.recheck {
+            s.checked = Instant::now();
+            let stamps = [stamp(&self.files.cert), stamp(&self.files.key)];
+            if stamps != s.stamps {
+                // Tried once per change: a bad pair is not read again on
+                // every handshake.
+                s.stamps = stamps;
+                match load_pair(&self.files, &self.provider) {
+                    Ok(key) => {
+                        s.key = key;
+                        tracing::info!(cert = %self.files.cert.display(), "the client port's certificate changed on disk and is now served");
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "the client port's certificate files changed but do not load; still serving the previous certificate"
+                    ),
+                }
+            }
+        }
+        s.key.clone()
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// Reads a certificate chain and its private key, and checks they match.
+fn load_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| format!("reading certificate {}: {e}", files.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", files.cert.display()));
+    }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("reading key {}: {e}", files.key.display()))?;
-    let mut cfg = ServerConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| format!("certificate {}: {e}", files.cert.display()))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((TlsAcceptor::from(Arc::new(cfg)), ca))
+    CertifiedKey::from_der(certs, key, provider)
+        .map(Arc::new)
+        .map_err(|e| {
+            format!(
+                "certificate {} with key {}: {e}",
+                files.cert.display(),
+                files.key.display()
+            )
+        })
 }
 
 fn generate(dir: &Path, host: &str) -> Result<(), String> {
@@ -331,6 +449,88 @@ mod tests {
         assert_eq!(
             sockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
             TCP_KEEPALIVE_PROBES
+        );
+    }
+
+    fn der_of(pem: &Path) -> Vec<u8> {
+        CertificateDer::pem_file_iter(pem)
+            .expect("pem")
+            .next()
+            .expect("a certificate")
+            .expect("parsed")
+            .to_vec()
+    }
+
+    /// Puts `cert` and `key` at the served paths as a Secret update does:
+    /// new files renamed over the old ones.
+    fn install(cert: &Path, key: &Path, files: &TlsFiles) {
+        for (from, to) in [(cert, &files.cert), (key, &files.key)] {
+            let tmp = to.with_extension("new");
+            std::fs::copy(from, &tmp).expect("copy");
+            std::fs::rename(&tmp, to).expect("rename");
+        }
+    }
+
+    #[test]
+    fn a_changed_certificate_is_served_and_a_bad_pair_keeps_the_last_good_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        generate(&a, "broker-0.example").expect("a");
+        generate(&b, "broker-0.example").expect("b");
+        let live = dir.path().join("live");
+        std::fs::create_dir_all(&live).expect("mkdir");
+        let files = TlsFiles {
+            cert: live.join("tls.crt"),
+            key: live.join("tls.key"),
+        };
+        install(&a.join("server.pem"), &a.join("server.key"), &files);
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let served =
+            ReloadingCert::open(files.clone(), provider.clone(), Duration::ZERO).expect("loads");
+        let cert_now = || served.current().cert[0].to_vec();
+        assert_eq!(cert_now(), der_of(&a.join("server.pem")));
+
+        // Renewed: the new pair is served from the next handshake on.
+        install(&b.join("server.pem"), &b.join("server.key"), &files);
+        assert_eq!(cert_now(), der_of(&b.join("server.pem")));
+
+        // A certificate with another's key, or a truncated file, does not
+        // load: the last good pair stays in service.
+        install(&a.join("server.pem"), &b.join("server.key"), &files);
+        assert_eq!(cert_now(), der_of(&b.join("server.pem")));
+        std::fs::write(&files.cert, "-----BEGIN CERTIFICATE-----\nMII").expect("write");
+        assert_eq!(cert_now(), der_of(&b.join("server.pem")));
+
+        // Fixed again: served.
+        install(&a.join("server.pem"), &a.join("server.key"), &files);
+        assert_eq!(cert_now(), der_of(&a.join("server.pem")));
+
+        // Files that never held a usable pair refuse the start.
+        let bad = TlsFiles {
+            cert: a.join("server.pem"),
+            key: b.join("server.key"),
+        };
+        assert!(ReloadingCert::open(bad, provider, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn the_certificate_files_are_not_looked_at_more_often_than_the_recheck_period() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        generate(&a, "localhost").expect("a");
+        generate(&b, "localhost").expect("b");
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        install(&a.join("server.pem"), &a.join("server.key"), &files);
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let served =
+            ReloadingCert::open(files.clone(), provider, Duration::from_secs(3600)).expect("loads");
+        install(&b.join("server.pem"), &b.join("server.key"), &files);
+        assert_eq!(
+            served.current().cert[0].to_vec(),
+            der_of(&a.join("server.pem"))
         );
     }
 }

@@ -18,6 +18,10 @@
 //! acked ones stay acked, and only deliveries whose record never became
 //! durable are made again (counted as failover redeliveries when the
 //! replicated "handed out up to" mark says a previous master made them).
+//! A receive hands its messages out only once their delivery record is as
+//! durable as the flush mode promises and still in the log: one that a cut
+//! removed meanwhile (this broker followed another master) fails the
+//! receive, however far the log is flushed by then.
 //! The log also says which client each `auto_renew` delivery is renewed
 //! for and which receive attempt made it, so renewals go on and a receive
 //! repeated under its `attempt_id` gets its messages again.
@@ -447,18 +451,60 @@ impl Claimed {
     }
 }
 
-/// Where a delivery record ends (`None`: nothing to record), or why it
-/// could not be written.
-pub type Logged = Result<Option<u64>, StoreError>;
+/// Where the records a consumer's change appended are in the commit log
+/// (delivery records, dead letters), as one span: from the start of the
+/// first to the end of the last, with the log's cut count before the
+/// first was appended. Waiting on it with
+/// [`MessageStore::wait_appended`] (through
+/// [`crate::write_path::WritePath::wait_delivery_record`]) tells both that
+/// they are durable and that no cut removed any of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded(Appended);
+
+impl Recorded {
+    /// One append.
+    pub fn of(a: &Appended) -> Self {
+        Self(*a)
+    }
+
+    /// The span of `a` and `b`; either may be `None` (nothing recorded).
+    pub fn join(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(Self(a)), Some(Self(b))) => {
+                let (first, last) = if a.offset <= b.offset { (a, b) } else { (b, a) };
+                Some(Self(Appended {
+                    end_offset: first.end_offset.max(last.end_offset),
+                    log_cuts: first.log_cuts.min(last.log_cuts),
+                    ..first
+                }))
+            }
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Commit-log offset the span ends at.
+    pub fn end_offset(&self) -> u64 {
+        self.0.end_offset
+    }
+
+    /// The span as one append (its queue offset and store time are the
+    /// first record's), to wait on.
+    pub fn span(&self) -> &Appended {
+        &self.0
+    }
+}
+
+/// Where a change's delivery records are (`None`: nothing to record), or
+/// why they could not be written.
+pub type Logged = Result<Option<Recorded>, StoreError>;
 
 /// What [`Consumption::claim`] chose.
 #[derive(Debug, Default)]
 pub struct Claim {
     pub items: Vec<Claimed>,
-    /// Commit-log offset the delivery record ends at: hand the messages out
-    /// only once it is durable (see
-    /// [`crate::write_path::WritePath::wait_delivery_record`]).
-    pub durable_at: Option<u64>,
+    /// Where the delivery record is: hand the messages out only once it is
+    /// durable (see [`crate::write_path::WritePath::wait_delivery_record`]).
+    pub durable_at: Option<Recorded>,
 }
 
 /// Consumption state of every group on this broker.
@@ -667,8 +713,8 @@ impl Consumption {
                     None
                 }
             };
-            let moved = record.map_or(Ok(0), |r| self.to_dead_letter(req.group, r, attempts));
-            match moved {
+            let moved = record.map(|r| self.to_dead_letter(req.group, r, attempts));
+            match moved.transpose() {
                 Ok(_) => moved_out.push(entry),
                 Err(e) => tracing::error!(
                     error = %e,
@@ -1125,7 +1171,7 @@ impl Consumption {
         let a = self.append_ops(st, ops)?;
         self.relog_old(st, a.store_ms);
         self.store_progress(st);
-        Ok(Some(a.end_offset))
+        Ok(Some(Recorded::of(&a)))
     }
 
     /// Appends one delivery record and ties the entries it set to it.
@@ -1303,7 +1349,12 @@ impl Consumption {
     }
 
     /// Acknowledges one delivery; see [`Consumption::ack_many`].
-    pub fn ack(&self, group: &str, topic: &str, handle: &str) -> Result<Option<u64>, HandleError> {
+    pub fn ack(
+        &self,
+        group: &str,
+        topic: &str,
+        handle: &str,
+    ) -> Result<Option<Recorded>, HandleError> {
         let (mut results, logged) = self.ack_many(group, topic, &[handle]);
         let result = results.pop().unwrap_or(Err(HandleError::Stale));
         result?;
@@ -1355,7 +1406,7 @@ impl Consumption {
             }
             end = match (end, logged) {
                 (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(a), Ok(b)) => Ok(a.max(b)),
+                (Ok(a), Ok(b)) => Ok(Recorded::join(a, b)),
             };
         }
         (results, end)
@@ -1371,7 +1422,7 @@ impl Consumption {
         handle: &str,
         invisible_ms: i64,
         now_ms: i64,
-    ) -> Result<(ReceiptHandle, Option<u64>), HandleError> {
+    ) -> Result<(ReceiptHandle, Option<Recorded>), HandleError> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut h = self.parse(st, topic, handle)?;
@@ -1418,7 +1469,7 @@ impl Consumption {
         topic: &str,
         handle: &str,
         attempts: u32,
-    ) -> Result<Option<u64>, HandleError> {
+    ) -> Result<Option<Recorded>, HandleError> {
         // Under the lock throughout, so nothing acks or redelivers the
         // message between the check, the dead letter and the ack. The dead
         // letter is written first: if that fails, the delivery stays in
@@ -1441,7 +1492,7 @@ impl Consumption {
         };
         let moved = match self.store.get(&h.topic, h.queue_id, h.queue_offset) {
             Ok(Some(record)) => match self.to_dead_letter(group, record, attempts) {
-                Ok(end) => Some(end),
+                Ok(a) => Some(Recorded::of(&a)),
                 Err(e) => {
                     tracing::error!(error = %e, group, topic = %h.topic, queue = h.queue_id, queue_offset = h.queue_offset, "writing to the dead-letter topic failed; the message stays in flight, no longer renewed");
                     if let Err(e) = self.stop_renewing(st, group, &h.topic, &[entry]) {
@@ -1464,7 +1515,7 @@ impl Consumption {
             return Err(HandleError::Stale);
         }
         let acked = logged.map_err(HandleError::Unrecorded)?;
-        Ok(acked.max(moved))
+        Ok(Recorded::join(moved, acked))
     }
 
     /// Gives back deliveries a consumer never got (the receive failed after
@@ -1570,7 +1621,7 @@ impl Consumption {
             let logged = self.log(st, ops);
             end = match (end, logged) {
                 (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(a), Ok(b)) => Ok(a.max(b)),
+                (Ok(a), Ok(b)) => Ok(Recorded::join(a, b)),
             };
         }
         end
@@ -1666,13 +1717,13 @@ impl Consumption {
     }
 
     /// Appends a copy of `record` to the group's dead-letter topic; returns
-    /// where it ends.
+    /// where it went.
     fn to_dead_letter(
         &self,
         group: &str,
         record: StoredRecord,
         attempts: u32,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Appended, StoreError> {
         let dlq = format!("{DLQ_PREFIX}{group}");
         // A topic of one queue, so consumers can read (and re-drive) it.
         self.store.metadata().ensure_topic(TopicConfig {
@@ -1693,7 +1744,7 @@ impl Consumption {
         })?;
         self.arrivals.notify(&dlq);
         tracing::info!(group, topic = %record.topic, queue = record.queue_id, offset = record.queue_offset, attempts, dead_letter_topic = %dlq, "message moved to the dead-letter topic");
-        Ok(a.end_offset)
+        Ok(a)
     }
 }
 
@@ -1804,6 +1855,81 @@ mod tests {
     fn put(s: &MessageStore, q: u32, tag: &str, body: &str) {
         s.append(NewRecord::new("t", q, body.as_bytes().to_vec()).with_property(keys::TAG, tag))
             .expect("append");
+    }
+
+    /// A delivery record that a cut of the log removed (this broker
+    /// followed another master whose log forked before it) must not be
+    /// taken for durable when the records written there since are flushed
+    /// past where it ended: the receive would hand out messages that the
+    /// new master's consumption state knows nothing of.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_record_a_cut_removed_is_not_taken_for_durable() {
+        use crate::replication::{ReplicationManager, ReplicationMode, StartRole};
+        use crate::write_path::{WriteError, WritePath};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = StoreConfig::new(dir.path());
+        cfg.segment_size = 1 << 20;
+        cfg.flush_mode = FlushMode::SyncFlush;
+        let s = MessageStore::open(cfg).expect("open");
+        let repl = ReplicationManager::open(
+            crate::testing::replication_config(
+                dir.path(),
+                ReplicationMode::Async,
+                std::time::Duration::from_secs(1),
+                StartRole::Master,
+            ),
+            s.clone(),
+        )
+        .expect("replication");
+        let write = WritePath::new(s.clone(), repl);
+        let bounded = |f| tokio::time::timeout(std::time::Duration::from_secs(30), f);
+        for i in 0..2 {
+            write
+                .write_one(NewRecord::new("t", 0, format!("m{i}")))
+                .await
+                .expect("send");
+        }
+        let c = Consumption::new(s.clone());
+        let all = TagFilter::All;
+        let mut r = req(&all, 0, false);
+        r.queue_count = 1;
+        r.max_messages = 1;
+        let claim = c.claim(&r).expect("claim");
+        assert_eq!(claim.items.len(), 1);
+        let first = claim.durable_at.expect("a delivery record");
+        let waited = bounded(write.wait_delivery_record(first.span()))
+            .await
+            .expect("bounded");
+        assert!(matches!(waited, Ok(true)), "{waited:?}");
+        let claim = c.claim(&r).expect("claim");
+        assert_eq!(claim.items.len(), 1);
+        let second = claim.durable_at.expect("a delivery record");
+        // The log is cut under the second record, and the other master's
+        // records fill it past where that one ended, and are flushed.
+        s.truncate_to(second.span().offset).expect("cut");
+        while s.max_offset() < second.end_offset() {
+            s.append(NewRecord::new("other", 0, vec![0u8; 64]))
+                .expect("append");
+        }
+        s.flush().expect("flush");
+        assert!(s.flushed_offset() >= second.end_offset());
+        let waited = bounded(write.wait_delivery_record(second.span()))
+            .await
+            .expect("bounded");
+        assert!(
+            matches!(waited, Err(WriteError::Store(StoreError::Truncated { .. }))),
+            "{waited:?}"
+        );
+        // A span starting before the cut and ending after it is cut too.
+        let both = Recorded::join(Some(first), Some(second)).expect("span");
+        let waited = bounded(write.wait_delivery_record(both.span()))
+            .await
+            .expect("bounded");
+        assert!(
+            matches!(waited, Err(WriteError::Store(StoreError::Truncated { .. }))),
+            "{waited:?}"
+        );
+        s.shutdown().expect("shutdown");
     }
 
     #[test]

@@ -18,36 +18,70 @@
 //! keep what it had loaded from the part that is gone). A slave keeps no
 //! state and stores no progress.
 //!
+//! A decision is appended, then waited for as a send is (flush and
+//! replication). When that wait fails (a timeout), the decision is still in
+//! the log and may yet become durable: it stays the half message's decision,
+//! so neither a check-back nor a repeated EndTransaction writes it again (a
+//! second commit would deliver the message twice). A repeat waits for it
+//! instead: for the first request, if that one still waits, then for the
+//! decision's own record, and answers OK once that is as durable as a write
+//! must be, the write's error otherwise.
+//!
 //! A half message left unresolved is *checked back*: after its first-check
 //! delay, then every check interval, the broker asks a live producer of the
 //! topic (see the client API) for the outcome; after the maximum number of
 //! checks it is discarded (a DISCARD op, logged and counted). Defaults are
 //! RocketMQ's (`transactionTimeOut` 6 s, `transactionCheckInterval` 30 s,
-//! `transactionCheckMax` 15). Check counts are kept in memory: a restart
-//! starts them again from zero (RocketMQ keeps them by re-appending the half
-//! message; the decision records are what must not be lost).
+//! `transactionCheckMax` 15). Each check-back is recorded by an op record
+//! with its count, so a restart or a promoted slave continues the count
+//! (RocketMQ keeps it by re-appending the half message).
 //!
-//! The lowest unresolved half offset is kept like a consumer group's offset
-//! so a restart does not reload half messages resolved long ago, and so is
-//! the lowest op record about a half message at or above it; a restart
-//! re-reads the ops from there, plus the `RECENT_CAP` before it so recent
-//! decisions are still answered idempotently.
+//! Two progress marks say where a rebuild starts: the lowest unresolved
+//! half offset (so a restart does not reload half messages resolved long
+//! ago), and the lowest op record about a half message at or above it; a
+//! rebuild reads the ops from the second, plus the `RECENT_CAP` before it
+//! so recent decisions are still answered idempotently. Every op record
+//! carries the marks as of its append, which count only decisions already
+//! in the log before it, and a rebuild takes them from the last op record
+//! in the log: whatever a power loss (the unflushed tail under
+//! ASYNC_FLUSH), a cut at a fork or a promotion of a slave behind its
+//! master took from the log, the marks left never claim a decision that is
+//! gone. A log with no op record holds no decision: the rebuild starts at
+//! its first half message. The marks are also kept like a consumer group's
+//! offsets, which are saved and replicated apart from the log and may be
+//! ahead of it; a store written before op records carried marks has only
+//! those, and they are read from there, as they always were.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
-use crate::store::{MessageStore, NewRecord, StoredRecord, keys, record::flags};
+use crate::store::{
+    Appended, MessageStore, NewRecord, StoreError, StoredRecord, keys, record::flags,
+};
 use crate::write_path::{WriteError, WritePath};
 
 /// System topic holding half messages until they are resolved.
 pub const HALF_TOPIC: &str = "%SYS_HALF%";
 /// System topic holding the decisions (op records) about half messages.
 pub const OP_TOPIC: &str = "%SYS_HALF_OP%";
-/// The lowest unresolved half offset is stored as this group's offset.
+/// The progress marks are also stored as this group's offsets on
+/// [`HALF_TOPIC`] and [`OP_TOPIC`] (what a store from before the op records
+/// carried them has).
 const TXN_GROUP: &str = "%SYS_TXN%";
+/// Op record property: every half message below this half-queue offset was
+/// resolved (by an op record before this one in the log, or removed by
+/// retention) when this op record was appended.
+const HALF_FROM: &str = "__TX_HALF_FROM";
+/// Op record property: every op record about a half message at or above
+/// [`HALF_FROM`] is at this op-queue offset or later.
+const OPS_FROM: &str = "__TX_OPS_FROM";
+/// Most looks an EndTransaction takes when it keeps finding another request
+/// writing the same decision (each look after the first waits for one).
+const MAX_LOOKS: usize = 8;
 /// Resolved transactions remembered for idempotent repeats of EndTransaction.
 const RECENT_CAP: usize = 65_536;
 /// Longest check-back delay a producer may ask for (RocketMQ's proxy caps
@@ -141,8 +175,20 @@ struct Pending {
     topic: String,
     next_check_ms: i64,
     checks: u32,
-    /// A decision is being written; no check-back, no second writer.
-    resolving: Option<Decision>,
+    /// A decision is in the log, not yet confirmed: no check-back, no
+    /// second writer.
+    resolving: Option<Resolving>,
+}
+
+/// A decision appended for a half message and not confirmed yet.
+#[derive(Clone, Debug)]
+struct Resolving {
+    decision: Decision,
+    /// The decision's op record (the last record of its append).
+    op: Appended,
+    /// Open while the request that appended it waits for it; closed when
+    /// that request returns or is dropped.
+    writer: watch::Receiver<()>,
 }
 
 /// A resolved transaction, remembered for idempotent repeats.
@@ -151,6 +197,27 @@ struct Resolved {
     decision: Decision,
     topic: String,
     message_id: String,
+    /// The decision's op record, when it was appended here and is not yet
+    /// known to be durable (its write is still waiting, or timed out): a
+    /// repeat waits for it before answering.
+    unconfirmed: Option<Appended>,
+}
+
+/// What an EndTransaction does next (see [`Transactions::end`]).
+enum Step {
+    /// The same decision is already durable: answer OK.
+    Done,
+    /// Another request is writing the same decision: wait for it to return,
+    /// then look again.
+    Wait(watch::Receiver<()>),
+    /// The same decision is in the log, not confirmed: wait for its record.
+    Confirm(Appended),
+    /// This request appended the decision (its op record `op`); `writer`
+    /// is closed when it returns.
+    Written {
+        op: Appended,
+        writer: watch::Sender<()>,
+    },
 }
 
 /// Everything known about open and recently resolved transactions, rebuilt
@@ -231,12 +298,16 @@ impl State {
     /// before a restart) are still remembered.
     fn resolve(&mut self, off: u64, decision: Decision, named: Option<(String, String)>) {
         if let Some(p) = self.take(off) {
+            // Its record read back before its write was confirmed: a
+            // repeat still waits for it.
+            let unconfirmed = p.resolving.filter(|r| r.decision == decision).map(|r| r.op);
             self.remember(
                 p.tx_id,
                 Resolved {
                     decision,
                     topic: p.topic,
                     message_id: p.message_id,
+                    unconfirmed,
                 },
             );
         } else if off >= self.half_loaded_to {
@@ -248,10 +319,43 @@ impl State {
                     decision,
                     topic,
                     message_id,
+                    unconfirmed: None,
                 },
             );
         }
     }
+
+    /// The decision of transaction `tx_id` whose op record is `op` is as
+    /// durable as a write must be: the half message is resolved. Returns
+    /// whether that is news (not known confirmed before).
+    fn confirmed(&mut self, tx_id: &str, decision: Decision, op: Appended) -> bool {
+        if let Some(&off) = self.by_tx.get(tx_id)
+            && self
+                .pending
+                .get(&off)
+                .and_then(|p| p.resolving.as_ref())
+                .is_some_and(|r| r.op == op)
+        {
+            self.resolve(off, decision, None);
+        }
+        match self.recent.get_mut(tx_id) {
+            Some(r) if r.unconfirmed == Some(op) => {
+                r.unconfirmed = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What the last op record in the log says of the progress.
+enum LastOp {
+    /// Its marks: the lowest unresolved half offset, the lowest op needed.
+    Marks(u64, u64),
+    /// It has none (written before op records carried them).
+    Unmarked,
+    /// There is no readable op record.
+    None,
 }
 
 /// A half message due for a check-back.
@@ -308,22 +412,34 @@ impl Transactions {
         *self.state.lock() = Self::fresh(&self.store);
     }
 
-    /// The state to rebuild from: the stored progress marks, no higher than
-    /// the queues' ends (a promotion clamps them so).
+    /// The state to rebuild from: the progress marks of the last op record
+    /// in the log (see the module doc), within the queues.
     fn fresh(store: &MessageStore) -> State {
-        let min = store.queue_min_offset(HALF_TOPIC, 0);
-        let committed = store
-            .metadata()
-            .get_offset(TXN_GROUP, HALF_TOPIC, 0)
-            .unwrap_or(min)
-            .min(store.queue_max_offset(HALF_TOPIC, 0))
-            .max(min);
-        let op_min = store.queue_min_offset(OP_TOPIC, 0);
-        let op_committed = store
-            .metadata()
-            .get_offset(TXN_GROUP, OP_TOPIC, 0)
-            .unwrap_or(op_min)
-            .min(store.queue_max_offset(OP_TOPIC, 0));
+        let (min, max) = (
+            store.queue_min_offset(HALF_TOPIC, 0),
+            store.queue_max_offset(HALF_TOPIC, 0),
+        );
+        let (op_min, op_max) = (
+            store.queue_min_offset(OP_TOPIC, 0),
+            store.queue_max_offset(OP_TOPIC, 0),
+        );
+        let (committed, op_committed) = match Self::last_op_marks(store, op_min, op_max) {
+            LastOp::Marks(half, ops) => (half, ops),
+            // No decision in the log (none made, or every one gone with a
+            // power loss or a cut): nothing is resolved but what retention
+            // removed, whatever the stored marks say.
+            LastOp::None => (min, op_min),
+            // Written before op records carried the marks: the stored ones.
+            LastOp::Unmarked => {
+                let meta = store.metadata();
+                (
+                    meta.get_offset(TXN_GROUP, HALF_TOPIC, 0).unwrap_or(min),
+                    meta.get_offset(TXN_GROUP, OP_TOPIC, 0).unwrap_or(op_min),
+                )
+            }
+        };
+        let committed = committed.min(max).max(min);
+        let op_committed = op_committed.min(op_max).max(op_min);
         let op_from = op_committed.saturating_sub(RECENT_CAP as u64).max(op_min);
         State {
             half_loaded_to: committed,
@@ -332,6 +448,29 @@ impl Transactions {
             op_committed,
             ..State::default()
         }
+    }
+
+    /// The progress marks the last readable op record in the log carries
+    /// (those of the log up to it, whatever became of the log after it).
+    fn last_op_marks(store: &MessageStore, op_min: u64, op_max: u64) -> LastOp {
+        for off in (op_min..op_max).rev() {
+            let op = match store.get(OP_TOPIC, 0, off) {
+                Ok(Some(op)) => op,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Its marks are lost, not those before it: they hold
+                    // for the log up to there, and the ops after are read.
+                    tracing::error!(error = %e, offset = off, "transaction op record unreadable; taking the progress from the one before it");
+                    continue;
+                }
+            };
+            let mark = |k: &str| op.properties.get(k).and_then(|v| v.parse::<u64>().ok());
+            return match (mark(HALF_FROM), mark(OPS_FROM)) {
+                (Some(half), Some(ops)) => LastOp::Marks(half, ops),
+                _ => LastOp::Unmarked,
+            };
+        }
+        LastOp::None
     }
 
     /// Makes the state that of the master behind `write`: refused unless
@@ -438,6 +577,7 @@ impl Transactions {
                         decision,
                         topic,
                         message_id,
+                        unconfirmed: None,
                     },
                 );
                 continue;
@@ -546,7 +686,9 @@ impl Transactions {
 
     /// Applies a producer's decision about transaction `tx_id` (message
     /// `message_id` of `topic`): a commit writes the message to its topic.
-    /// Repeating a decision already applied is a success.
+    /// Repeating a decision already applied is a success once that decision
+    /// is as durable as a write must be; a repeat of one still being
+    /// confirmed waits for it and never writes it again.
     pub async fn end(
         &self,
         write: &WritePath,
@@ -555,91 +697,138 @@ impl Transactions {
         topic: &str,
         decision: Decision,
     ) -> Result<(), EndError> {
-        let basis = self.sync(write)?;
-        let (off, named) = {
-            let mut st = self.state.lock();
-            let check = |t: &str, m: &str| {
-                if t != topic || (!message_id.is_empty() && m != message_id) {
-                    Err(EndError::Mismatch {
-                        tx: tx_id.to_owned(),
-                        topic: t.to_owned(),
-                        message_id: m.to_owned(),
-                    })
-                } else {
-                    Ok(())
+        for _ in 0..MAX_LOOKS {
+            let basis = self.sync(write)?;
+            match self.next_step(write, tx_id, message_id, topic, decision)? {
+                Step::Done => return Ok(()),
+                Step::Wait(mut writer) => {
+                    // Returns once the writer returned (or was dropped).
+                    let _ = writer.changed().await;
                 }
-            };
-            if let Some(r) = st.recent.get(tx_id) {
-                check(&r.topic, &r.message_id)?;
-                return if r.decision == decision {
-                    Ok(())
-                } else {
-                    Err(EndError::Conflict {
-                        tx: tx_id.to_owned(),
-                        previous: r.decision,
-                    })
-                };
-            }
-            let Some(off) = st.by_tx.get(tx_id).copied() else {
-                return Err(EndError::Unknown(tx_id.to_owned()));
-            };
-            let Some(p) = st.pending.get_mut(&off) else {
-                return Err(EndError::Unknown(tx_id.to_owned()));
-            };
-            check(&p.topic, &p.message_id)?;
-            let named = (p.topic.clone(), p.message_id.clone());
-            match p.resolving {
-                // Another request is writing the same decision; if that
-                // write fails the half message stays and is checked back.
-                Some(d) if d == decision => return Ok(()),
-                Some(d) => {
-                    return Err(EndError::Conflict {
-                        tx: tx_id.to_owned(),
-                        previous: d,
-                    });
+                Step::Confirm(op) => {
+                    return self.confirm(write, basis, tx_id, decision, op).await;
                 }
-                None => p.resolving = Some(decision),
-            }
-            (off, named)
-        };
-        let result = self.write_decision(write, off, decision, named).await;
-        let mut st = self.state.lock();
-        // Rebuilt meanwhile (a role change): it read the log instead.
-        let current = st.basis == Some(basis);
-        match &result {
-            Ok(()) => {
-                if current {
-                    st.resolve(off, decision, None);
-                    self.store_progress(&mut st);
-                }
-                let counter = match decision {
-                    Decision::Commit => &self.stats.committed,
-                    Decision::Rollback => &self.stats.rolled_back,
-                    Decision::Discard => &self.stats.discarded,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                if let Some(p) = st.pending.get_mut(&off).filter(|_| current) {
-                    p.resolving = None;
+                Step::Written { op, writer } => {
+                    let confirmed = self.confirm(write, basis, tx_id, decision, op).await;
+                    drop(writer);
+                    return confirmed;
                 }
             }
         }
-        result
+        // Every look found another request writing this decision, and each
+        // of those wrote nothing.
+        Err(EndError::Write(WriteError::Store(StoreError::Busy(
+            format!("transaction {tx_id}: other requests kept failing to write the same decision"),
+        ))))
     }
 
-    /// Appends the op record (and on commit the real message, in the same
-    /// append) for the half message at `off`, whose topic and message id
-    /// are `named` (as the transaction state holds them). Only a commit
-    /// reads the half message: a rollback or discard needs nothing from it,
-    /// so one that can no longer be read is still resolved.
-    async fn write_decision(
+    /// Looks at transaction `tx_id` and decides what [`Transactions::end`]
+    /// does next; when no decision is in the log yet, appends this one
+    /// (under the state lock, so no other request or check-back can write
+    /// another in between, and the progress marks it carries are exact).
+    fn next_step(
         &self,
         write: &WritePath,
+        tx_id: &str,
+        message_id: &str,
+        topic: &str,
+        decision: Decision,
+    ) -> Result<Step, EndError> {
+        let mut st = self.state.lock();
+        let check = |t: &str, m: &str| {
+            if t != topic || (!message_id.is_empty() && m != message_id) {
+                Err(EndError::Mismatch {
+                    tx: tx_id.to_owned(),
+                    topic: t.to_owned(),
+                    message_id: m.to_owned(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let conflict = |previous| EndError::Conflict {
+            tx: tx_id.to_owned(),
+            previous,
+        };
+        if let Some(r) = st.recent.get(tx_id) {
+            check(&r.topic, &r.message_id)?;
+            if r.decision != decision {
+                return Err(conflict(r.decision));
+            }
+            return Ok(r.unconfirmed.map_or(Step::Done, Step::Confirm));
+        }
+        let Some(off) = st.by_tx.get(tx_id).copied() else {
+            return Err(EndError::Unknown(tx_id.to_owned()));
+        };
+        let Some(p) = st.pending.get(&off) else {
+            return Err(EndError::Unknown(tx_id.to_owned()));
+        };
+        check(&p.topic, &p.message_id)?;
+        match &p.resolving {
+            Some(r) if r.decision != decision => return Err(conflict(r.decision)),
+            // The request that appended it still waits for it.
+            Some(r) if r.writer.has_changed().is_ok() => return Ok(Step::Wait(r.writer.clone())),
+            Some(r) => return Ok(Step::Confirm(r.op)),
+            None => {}
+        }
+        let named = (p.topic.clone(), p.message_id.clone());
+        let records = self.decision_records(&mut st, off, decision, named)?;
+        let appended = write.append(records)?;
+        let op = *appended.last().ok_or_else(|| {
+            EndError::Write(WriteError::Store(StoreError::InvalidArgument(
+                "empty append".into(),
+            )))
+        })?;
+        let (writer, watching) = watch::channel(());
+        if let Some(p) = st.pending.get_mut(&off) {
+            p.resolving = Some(Resolving {
+                decision,
+                op,
+                writer: watching,
+            });
+        }
+        Ok(Step::Written { op, writer })
+    }
+
+    /// Waits until the decision of `tx_id` whose op record is `op` is as
+    /// durable as a write must be, then counts the transaction resolved
+    /// (unless the state was rebuilt since `basis`: it read the log
+    /// instead). On failure the decision stays in the log, unconfirmed.
+    async fn confirm(
+        &self,
+        write: &WritePath,
+        basis: u64,
+        tx_id: &str,
+        decision: Decision,
+        op: Appended,
+    ) -> Result<(), EndError> {
+        write.confirm(&op).await?;
+        let mut st = self.state.lock();
+        if st.basis == Some(basis) && st.confirmed(tx_id, decision, op) {
+            self.store_progress(&mut st);
+            let counter = match decision {
+                Decision::Commit => &self.stats.committed,
+                Decision::Rollback => &self.stats.rolled_back,
+                Decision::Discard => &self.stats.discarded,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The records that apply `decision` to the half message at `off`,
+    /// whose topic and message id are `named` (as the state holds them):
+    /// on commit the real message, then the op record, to append together.
+    /// Only a commit reads the half message: a rollback or discard needs
+    /// nothing from it, so one that can no longer be read is still
+    /// resolved.
+    fn decision_records(
+        &self,
+        st: &mut State,
         off: u64,
         decision: Decision,
         (topic, message_id): (String, String),
-    ) -> Result<(), EndError> {
+    ) -> Result<Vec<NewRecord>, EndError> {
         let mut records = Vec::with_capacity(2);
         if decision == Decision::Commit {
             let half = self
@@ -659,18 +848,27 @@ impl Transactions {
                 body: real.body,
             });
         }
-        records.push(
-            NewRecord::new(OP_TOPIC, 0, off.to_string())
-                .with_property(keys::HALF_OFFSET, off.to_string())
-                .with_property(keys::TRANSACTION_STATE, decision.as_str())
-                .with_property(keys::ORIGIN_TOPIC, topic)
-                .with_property(keys::MESSAGE_ID, message_id),
-        );
-        if let Some(op) = records.last_mut() {
-            op.flags = flags::TRANSACTION_END | flags::SYSTEM;
-        }
-        write.write(records).await?;
-        Ok(())
+        let mut op = self
+            .op_record(st, off)
+            .with_property(keys::TRANSACTION_STATE, decision.as_str())
+            .with_property(keys::ORIGIN_TOPIC, topic)
+            .with_property(keys::MESSAGE_ID, message_id);
+        op.flags = flags::TRANSACTION_END | flags::SYSTEM;
+        records.push(op);
+        Ok(records)
+    }
+
+    /// An op record about the half message at `off`, carrying the progress
+    /// marks as they are now (stored first, so they are current): to be
+    /// appended before the state lock is released, or at least before
+    /// anything the marks do not count is appended, as they count only
+    /// what is in the log already.
+    fn op_record(&self, st: &mut State, off: u64) -> NewRecord {
+        self.store_progress(st);
+        NewRecord::new(OP_TOPIC, 0, off.to_string())
+            .with_property(keys::HALF_OFFSET, off.to_string())
+            .with_property(HALF_FROM, st.committed.to_string())
+            .with_property(OPS_FROM, st.op_committed.to_string())
     }
 
     /// Half messages due for a check-back at `now`, each counted as one
@@ -682,6 +880,7 @@ impl Transactions {
         }
         let mut due = Vec::new();
         let mut give_up = Vec::new();
+        let mut recorded = None;
         {
             let mut st = self.state.lock();
             let offs: Vec<(i64, u64)> = st
@@ -697,7 +896,8 @@ impl Transactions {
                     continue;
                 };
                 if p.resolving.is_some() {
-                    // Looked at again after the write, if it failed.
+                    // Its decision is in the log, being confirmed: resolved
+                    // once confirmed or read back.
                     p.next_check_ms = now + interval;
                     st.schedule.insert((now + interval, off));
                     continue;
@@ -728,23 +928,32 @@ impl Transactions {
                 }
             }
             self.store_progress(&mut st);
-        }
-        if !due.is_empty() {
-            // One op record per check-back, so a restart or a promoted
-            // slave continues the count instead of starting over.
-            let ops = due
-                .iter()
-                .map(|d| {
-                    let mut op = NewRecord::new(OP_TOPIC, 0, d.half_offset.to_string())
-                        .with_property(keys::HALF_OFFSET, d.half_offset.to_string())
-                        .with_property(keys::TRANSACTION_CHECKS, d.check.to_string());
-                    op.flags = flags::SYSTEM;
-                    op
-                })
-                .collect();
-            if let Err(e) = write.write(ops).await {
-                tracing::warn!(error = %e, "recording check-backs failed; a restart may check these half messages again");
+            if !due.is_empty() {
+                // One op record per check-back, so a restart or a promoted
+                // slave continues the count instead of starting over;
+                // appended under the lock, as the marks they carry require.
+                let ops = due
+                    .iter()
+                    .map(|d| {
+                        let mut op = self
+                            .op_record(&mut st, d.half_offset)
+                            .with_property(keys::TRANSACTION_CHECKS, d.check.to_string());
+                        op.flags = flags::SYSTEM;
+                        op
+                    })
+                    .collect();
+                match write.append(ops) {
+                    Ok(appended) => recorded = appended.last().copied(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recording check-backs failed; a restart may check these half messages again");
+                    }
+                }
             }
+        }
+        if let Some(last) = recorded
+            && let Err(e) = write.confirm(&last).await
+        {
+            tracing::warn!(error = %e, "check-backs recorded but not confirmed; a restart may check these half messages again");
         }
         for (off, tx_id, topic) in give_up {
             let (message_id, checks) = {
@@ -866,6 +1075,378 @@ mod tests {
             .expect("commit after restart");
         assert_eq!(store.queue_max_offset("orders", 1), 2);
         assert_eq!(tx.pending_count(), 0);
+    }
+
+    /// A power loss: the store in `dir` loses everything from commit-log
+    /// offset `keep` on, as when the last flush under ASYNC_FLUSH reached
+    /// only there, while the metadata (the stored progress marks with it),
+    /// saved on its own schedule, was saved after. Returns the store and
+    /// write path as they reopen.
+    fn power_loss(
+        dir: &std::path::Path,
+        store: &MessageStore,
+        keep: u64,
+    ) -> (MessageStore, WritePath) {
+        use std::os::unix::fs::FileExt;
+        let (end, seg) = (store.max_offset(), store.config().segment_size);
+        assert_eq!(
+            keep / seg,
+            (end - 1) / seg,
+            "the lost tail is in one segment"
+        );
+        // Saves the metadata, as the checkpoint thread would have.
+        store.shutdown().expect("shutdown");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(crate::store::segment_path(dir, seg, keep))
+            .expect("segment");
+        f.write_all_at(&vec![0u8; (end - keep) as usize], keep % seg)
+            .expect("lose the tail");
+        // The last checkpoint saw the log flushed to `keep`, and the broker
+        // never stopped cleanly (the store's checkpoint file).
+        let cp = crate::store::Checkpoint {
+            flushed_offset: keep,
+            cq_offset: keep,
+            clean: false,
+            written_ms: now_ms(),
+        };
+        crate::store::save_json(&dir.join("checkpoint.json"), &cp).expect("checkpoint");
+        let reopened = crate::testing::lone_master(dir);
+        assert_eq!(reopened.0.max_offset(), keep, "the tail is gone");
+        reopened
+    }
+
+    /// Bodies of the messages in queue 1 of `orders`.
+    fn orders(store: &MessageStore) -> Vec<String> {
+        store
+            .get_range("orders", 1, 0, usize::MAX, usize::MAX)
+            .expect("read")
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_power_loss_that_takes_decisions_leaves_their_transactions_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = write
+            .write(vec![half("A"), half("B"), half("C")])
+            .await
+            .expect("halves");
+        let ids: Vec<String> = ["A", "B", "C"]
+            .iter()
+            .zip(&a)
+            .map(|(m, a)| transaction_id(a.queue_offset, m))
+            .collect();
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("commit A");
+        // The last flush before the power loss reaches here.
+        let keep = store.max_offset();
+        tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
+            .await
+            .expect("commit B");
+        tx.end(&write, &ids[2], "C", "orders", Decision::Rollback)
+            .await
+            .expect("roll back C");
+        tx.load();
+        let meta = store.metadata();
+        assert_eq!(meta.get_offset(TXN_GROUP, HALF_TOPIC, 0), Some(3));
+        assert_eq!(meta.get_offset(TXN_GROUP, OP_TOPIC, 0), Some(3));
+        drop(tx);
+
+        let (store, write) = power_loss(dir.path(), &store, keep);
+        assert_eq!(
+            store.queue_max_offset(HALF_TOPIC, 0),
+            3,
+            "the halves are kept"
+        );
+        assert_eq!(store.queue_max_offset(OP_TOPIC, 0), 1, "only A's commit is");
+        assert_eq!(orders(&store), ["A"]);
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 2, "B and C are open again");
+        let due = tx.due_checks(&write, now_ms() + 1000).await;
+        let asked: Vec<&str> = due.iter().map(|d| d.tx_id.as_str()).collect();
+        assert_eq!(asked, [ids[1].as_str(), ids[2].as_str()], "checked back");
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("A's commit is still answered");
+        assert!(matches!(
+            tx.end(&write, &ids[0], "A", "orders", Decision::Rollback)
+                .await,
+            Err(EndError::Conflict { .. })
+        ));
+        // The producers' repeats of the lost decisions apply them again.
+        tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
+            .await
+            .expect("commit B again");
+        tx.end(&write, &ids[2], "C", "orders", Decision::Rollback)
+            .await
+            .expect("roll back C again");
+        assert_eq!(orders(&store), ["A", "B"]);
+        assert_eq!(tx.pending_count(), 0);
+
+        // Another power loss, this time losing nothing: the marks the last
+        // op record carries rebuild the same state.
+        let (store, write) = power_loss(dir.path(), &store, store.max_offset());
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 0);
+        tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
+            .await
+            .expect("idempotent");
+        assert_eq!(orders(&store), ["A", "B"]);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A store written before op records carried the progress marks: its
+    /// ops have none, and its progress is only in the stored offsets.
+    #[tokio::test]
+    async fn a_store_from_before_the_marks_is_rebuilt_from_its_stored_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        write
+            .write(vec![half("A"), half("B"), half("C")])
+            .await
+            .expect("halves");
+        // A committed and B rolled back as earlier releases recorded it.
+        let old_op = |off: u64, m: &str, d: Decision| {
+            let mut op = NewRecord::new(OP_TOPIC, 0, off.to_string())
+                .with_property(keys::HALF_OFFSET, off.to_string())
+                .with_property(keys::TRANSACTION_STATE, d.as_str())
+                .with_property(keys::ORIGIN_TOPIC, "orders")
+                .with_property(keys::MESSAGE_ID, m);
+            op.flags = flags::TRANSACTION_END | flags::SYSTEM;
+            op
+        };
+        write
+            .write(vec![
+                NewRecord::new("orders", 1, "A").with_property(keys::MESSAGE_ID, "A"),
+                old_op(0, "A", Decision::Commit),
+            ])
+            .await
+            .expect("commit A");
+        write
+            .write(vec![old_op(1, "B", Decision::Rollback)])
+            .await
+            .expect("roll back B");
+        let meta = store.metadata();
+        meta.commit_offset(TXN_GROUP, HALF_TOPIC, 0, 2);
+        meta.commit_offset(TXN_GROUP, OP_TOPIC, 0, 2);
+        store.shutdown().expect("shutdown");
+
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 1, "C");
+        let id = |off: u64, m: &str| transaction_id(off, m);
+        tx.end(&write, &id(0, "A"), "A", "orders", Decision::Commit)
+            .await
+            .expect("a recent decision is answered");
+        tx.end(&write, &id(1, "B"), "B", "orders", Decision::Rollback)
+            .await
+            .expect("a recent decision is answered");
+        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+            .await
+            .expect("commit C");
+        assert_eq!(orders(&store), ["A", "C"]);
+        // C's commit carries the marks: from now on they come from there.
+        store.shutdown().expect("shutdown");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 0);
+        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+            .await
+            .expect("idempotent");
+        assert_eq!(orders(&store), ["A", "C"]);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A SYNC_FLUSH store whose flush times out after 200 ms, and the
+    /// write path of a lone master over it.
+    fn sync_flush_master(dir: &std::path::Path) -> (MessageStore, WritePath) {
+        use crate::replication::{ReplicationManager, ReplicationMode, StartRole};
+        let mut c = crate::store::StoreConfig::new(dir);
+        c.segment_size = 1 << 20;
+        c.flush_mode = crate::store::FlushMode::SyncFlush;
+        c.flush_timeout = Duration::from_millis(200);
+        let store = MessageStore::open(c).expect("store");
+        let repl = ReplicationManager::open(
+            crate::testing::replication_config(
+                dir,
+                ReplicationMode::Async,
+                Duration::from_secs(1),
+                StartRole::Master,
+            ),
+            store.clone(),
+        )
+        .expect("replication");
+        (store.clone(), WritePath::new(store, repl))
+    }
+
+    /// Keeps `store`'s flushes stalled (see [`MessageStore::stall_flushes`])
+    /// from another thread until dropped (at most 60 s).
+    struct Stall {
+        release: Option<std::sync::mpsc::Sender<()>>,
+        holder: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Stall {
+        fn new(store: &MessageStore) -> Self {
+            let (held_tx, held_rx) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel::<()>();
+            let store = store.clone();
+            let holder = std::thread::spawn(move || {
+                let _stalled = store.stall_flushes();
+                let _ = held_tx.send(());
+                let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            });
+            held_rx.recv().expect("flushes stalled");
+            Self {
+                release: Some(release),
+                holder: Some(holder),
+            }
+        }
+    }
+
+    impl Drop for Stall {
+        fn drop(&mut self) {
+            self.release.take();
+            if let Some(h) = self.holder.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Waits (at most 10 s) until `done`.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 10 s: {what}");
+    }
+
+    /// A commit whose flush timed out is in the log although the producer
+    /// was told it failed; under SYNC_FLUSH it may not even be readable yet
+    /// (written behind a flush that has not returned). The producer's
+    /// repeat must not write a second commit (the message would be
+    /// delivered twice): it waits for the first, and answers OK once that
+    /// is durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeated_decision_whose_flush_timed_out_is_not_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = sync_flush_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = write.write_one(half("A")).await.expect("half");
+        let id = transaction_id(a.queue_offset, "A");
+        tx.load();
+        let stall = Stall::new(&store);
+        // The flusher writes this and stops in front of its flush; what is
+        // appended after it waits, not written.
+        store
+            .append(NewRecord::new("other", 0, "x"))
+            .expect("append");
+        wait_until("the flusher took the first record", || {
+            store.queue_max_offset("other", 0) == 1
+        })
+        .await;
+        let first = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(
+            matches!(first, Err(EndError::Write(WriteError::FlushTimeout(_)))),
+            "{first:?}"
+        );
+        assert_eq!(store.queue_max_offset("orders", 1), 0, "not readable yet");
+        let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(
+            matches!(repeat, Err(EndError::Write(WriteError::FlushTimeout(_)))),
+            "not durable yet: {repeat:?}"
+        );
+        let other = tx.end(&write, &id, "A", "orders", Decision::Rollback).await;
+        assert!(
+            matches!(
+                other,
+                Err(EndError::Conflict {
+                    previous: Decision::Commit,
+                    ..
+                })
+            ),
+            "the commit is in the log: {other:?}"
+        );
+        assert!(
+            tx.due_checks(&write, now_ms() + 60_000).await.is_empty(),
+            "not checked back while its decision is in the log"
+        );
+        drop(stall);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("durable now");
+        assert_eq!(orders(&store), ["A"], "committed once");
+        assert_eq!(tx.stats.committed.load(Ordering::Relaxed), 1);
+        tx.load();
+        assert_eq!(tx.pending_count(), 0);
+        store.shutdown().expect("shutdown");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 0);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("idempotent after a restart");
+        assert_eq!(orders(&store), ["A"]);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// SYNC replication with no slave: every decision is appended, then not
+    /// confirmed. A repeat arriving while the first request still waits
+    /// must not answer OK (the decision is not as durable as promised): it
+    /// waits for that request, then for the decision itself, and fails as
+    /// it does; so does a later one. The decision is written once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_answers_as_the_decision_it_repeats_is_confirmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master_with(
+            dir.path(),
+            crate::replication::ReplicationMode::Sync,
+            Duration::from_millis(300),
+        );
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = store.append(half("A")).expect("half");
+        let id = transaction_id(a.queue_offset, "A");
+        tx.load();
+        let (first, repeat) = tokio::join!(
+            tx.end(&write, &id, "A", "orders", Decision::Commit),
+            async {
+                wait_until("the first request appended the commit", || {
+                    store.queue_max_offset("orders", 1) == 1
+                })
+                .await;
+                tx.end(&write, &id, "A", "orders", Decision::Commit).await
+            }
+        );
+        for (what, got) in [("first", first), ("repeat", repeat)] {
+            assert!(
+                matches!(got, Err(EndError::Write(WriteError::ReplicationTimeout(_)))),
+                "{what}: {got:?}"
+            );
+        }
+        let later = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(
+            matches!(
+                later,
+                Err(EndError::Write(WriteError::ReplicationTimeout(_)))
+            ),
+            "{later:?}"
+        );
+        assert_eq!(orders(&store), ["A"], "written once");
+        assert_eq!(tx.stats.committed.load(Ordering::Relaxed), 0);
+        store.shutdown().expect("shutdown");
     }
 
     #[tokio::test]
@@ -1026,6 +1607,7 @@ mod tests {
     }
 
     /// What the model knows of one transaction.
+    #[derive(Clone)]
     struct Modeled {
         tx_id: String,
         message_id: String,
@@ -1046,8 +1628,10 @@ mod tests {
 
     /// Random sends of transactional messages, decisions (repeated,
     /// conflicting, for the wrong topic, unknown), check-back rounds at
-    /// random times, and restarts of the transaction state and of the
-    /// store. After every step: EndTransaction answers as the model says,
+    /// random times, restarts of the transaction state and of the store,
+    /// and power losses that take the log back to where it ended after an
+    /// earlier step (the stored progress marks stay as they were, ahead of
+    /// it): the model goes back to that step. After every step: EndTransaction answers as the model says,
     /// check-backs are never early, never late, count up by one and stop at
     /// the maximum, after which the half message is discarded; the pending
     /// count is the model's; and the real topic holds each committed
@@ -1068,6 +1652,9 @@ mod tests {
         let mut txs: Vec<Modeled> = Vec::new();
         // Virtual time: ahead of the real clock by a growing skew.
         let mut skew = 0i64;
+        // The end of the log after each step, and the model then.
+        let mut history: Vec<(u64, Vec<Modeled>)> = Vec::new();
+        let mut power_losses = 0;
         for step in 0..400 {
             match rng.random_range(0..100) {
                 0..30 => {
@@ -1205,6 +1792,23 @@ mod tests {
                         t.due_hi = t.first_due.max(t.last_check_real.1 + interval);
                     }
                 }
+                92..96 if !history.is_empty() => {
+                    let back = rng.random_range(0..history.len().min(20));
+                    let (keep, before) = history[history.len() - 1 - back].clone();
+                    let (end, seg) = (store.max_offset(), store.config().segment_size);
+                    if keep > 0 && keep / seg == end.saturating_sub(1) / seg {
+                        (store, write) = power_loss(dir.path(), &store, keep);
+                        history.truncate(history.len() - back);
+                        txs = before;
+                        power_losses += 1;
+                        tx = Transactions::new(store.clone(), cfg.clone());
+                        tx.load();
+                        for t in txs.iter_mut().filter(|t| t.fate.is_none() && t.checks > 0) {
+                            t.due_lo = t.first_due.max(t.last_check_real.0 + interval);
+                            t.due_hi = t.first_due.max(t.last_check_real.1 + interval);
+                        }
+                    }
+                }
                 _ => {}
             }
             tx.load();
@@ -1233,10 +1837,11 @@ mod tests {
             }
             real.sort_unstable();
             assert_eq!(real, committed, "step {step}: the real topic");
+            history.push((store.max_offset(), txs.clone()));
         }
         let fates = |d| txs.iter().filter(|t| t.fate == Some(d)).count();
         eprintln!(
-            "{} transactions: {} committed, {} rolled back, {} discarded, {} open",
+            "{} transactions: {} committed, {} rolled back, {} discarded, {} open; {power_losses} power losses",
             txs.len(),
             fates(Decision::Commit),
             fates(Decision::Rollback),

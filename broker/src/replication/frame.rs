@@ -91,7 +91,10 @@ pub enum Frame {
     Ack {
         offset: u64,
     },
-    /// Sent by the master when there is nothing to stream.
+    /// Sent by the master when there is nothing to stream, and between
+    /// `Data` frames at the same pace while it streams a backlog: `max_offset`
+    /// is where the master's log ends, which tells a slave how far behind it
+    /// is (its readiness).
     Heartbeat {
         epoch: u64,
         max_offset: u64,

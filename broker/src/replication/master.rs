@@ -18,11 +18,22 @@ use super::{ReplicationError, ReplicationManager, ReplicationMode, Role};
 const MAX_BATCH: usize = 1024 * 1024;
 /// A slave that sent nothing for this long is considered gone.
 const SLAVE_SILENCE: Duration = Duration::from_secs(10);
-/// How often an idle stream sends a heartbeat.
+/// How often an idle stream sends a heartbeat, and how often a busy one
+/// interleaves one with its data: the heartbeat carries the master's log
+/// end, from which a slave catching up tells how far behind it is.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// How often the master looks for metadata changes to send (consumer
 /// progress changes with every receive; this bounds the frame rate).
 const METADATA_EVERY: Duration = Duration::from_millis(200);
+
+/// The one notion of "in sync" (with the stream connected): the slave has
+/// acknowledged all but at most `max_lag` bytes of the master's log, which
+/// ends at `master_end`. The master counts its slaves by it (SYNC sends,
+/// status), and a slave judges its own readiness by it, from the end its
+/// master last announced (see [`super::readiness`]).
+pub(super) fn within_in_sync_lag(master_end: u64, acked: u64, max_lag: u64) -> bool {
+    master_end.saturating_sub(acked) <= max_lag
+}
 
 /// What the master knows of one slave, as reported in status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,7 +238,7 @@ impl SlaveTable {
 
     /// Whether a slave is connected and within the in-sync lag of `master_end`.
     fn in_sync(&self, s: &SlaveEntry, master_end: u64) -> bool {
-        s.connected && master_end.saturating_sub(s.acked) <= self.in_sync_max_lag
+        s.connected && within_in_sync_lag(master_end, s.acked, self.in_sync_max_lag)
     }
 
     /// Slaves connected and within the in-sync lag of `master_end`.
@@ -427,6 +438,9 @@ async fn serve_slave(
             .map_err(io)?;
         let mut last_metadata = tokio::time::Instant::now();
         let mut last_sent = tokio::time::Instant::now();
+        // When the slave was last told where this log ends (the Welcome
+        // told it first).
+        let mut end_told = tokio::time::Instant::now();
         loop {
             let notified = manager.appended.notified();
             tokio::pin!(notified);
@@ -443,6 +457,14 @@ async fn serve_slave(
                 }
             }
             let end = store.max_offset();
+            if pos < end && end_told.elapsed() >= HEARTBEAT_EVERY {
+                // A slave streaming a backlog hears where the log ends now,
+                // not only where it ended when it connected.
+                write_frame(&mut wr, &Frame::Heartbeat { epoch, max_offset: end })
+                    .await
+                    .map_err(io)?;
+                end_told = tokio::time::Instant::now();
+            }
             if pos < end {
                 let limit = history.next_epoch_start_after(pos).unwrap_or(u64::MAX);
                 let max = (limit - pos).min(MAX_BATCH as u64) as usize;
@@ -475,6 +497,7 @@ async fn serve_slave(
                     if tokio::time::Instant::now() >= heartbeat_due {
                         write_frame(&mut wr, &Frame::Heartbeat { epoch, max_offset: end }).await.map_err(io)?;
                         last_sent = tokio::time::Instant::now();
+                        end_told = last_sent;
                     }
                 }
                 _ = generation.changed() => {

@@ -23,11 +23,13 @@ pub mod epoch;
 mod fork_model_tests;
 pub mod frame;
 mod master;
+mod readiness;
 mod slave;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -38,6 +40,8 @@ use tokio::task::JoinHandle;
 use crate::store::{MessageStore, PublishSignal, StoreError};
 use epoch::{EpochEntry, EpochError, EpochHistory};
 pub use master::SlaveSnapshot;
+pub use readiness::Readiness;
+use readiness::StreamProgress;
 
 /// How a master acknowledges writes with respect to its slaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -171,6 +175,8 @@ struct RoleState {
     /// The client endpoint the followed master announced.
     master_client: Option<String>,
     follower: Option<JoinHandle<()>>,
+    /// The number of the current follow (see `StreamProgress::session`).
+    follow_session: u64,
 }
 
 /// Owner of this broker's role, epoch history and replication connections.
@@ -184,6 +190,11 @@ pub struct ReplicationManager {
     appended: Arc<PublishSignal>,
     /// Slave side: whether the stream to the master is up.
     follower_connected: watch::Sender<bool>,
+    /// Slave side: what the current stream from the master says, for
+    /// [`ReplicationManager::readiness`].
+    stream: Mutex<Option<StreamProgress>>,
+    /// Numbers the follows.
+    follow_sessions: AtomicU64,
     role_changed: watch::Sender<u64>,
     /// Held shared by a client write from the writability check until its
     /// records are in the store (see [`ReplicationManager::admit`]), and
@@ -251,9 +262,12 @@ impl ReplicationManager {
                 master_address: None,
                 master_client: None,
                 follower: None,
+                follow_session: 0,
             }),
             appended: store.published_notify(),
             follower_connected: watch::channel(false).0,
+            stream: Mutex::new(None),
+            follow_sessions: AtomicU64::new(0),
             role_changed: watch::channel(0).0,
             write_gate: RwLock::new(()),
             cfg,
@@ -367,6 +381,16 @@ impl ReplicationManager {
             || self.slaves.in_sync_count(self.store.max_offset()) >= self.cfg.min_in_sync_replicas
     }
 
+    /// For a master: how many slaves are connected and in sync now (those
+    /// a planned switchover could hand over to); 0 for a slave.
+    pub fn in_sync_slaves(&self) -> u32 {
+        if self.role() == Role::Master {
+            self.slaves.in_sync_count(self.store.max_offset())
+        } else {
+            0
+        }
+    }
+
     /// Offset acknowledged under the replication mode in force.
     pub fn confirmed_offset(&self) -> u64 {
         match self.cfg.mode {
@@ -400,6 +424,39 @@ impl ReplicationManager {
         }
     }
 
+    /// Whether this broker counts as ready, and why (see [`readiness`]): a
+    /// master or a standby once it serves, a slave only while it is
+    /// connected to the master it follows and in sync by the master's rule.
+    pub fn readiness(&self) -> Readiness {
+        let st = self.state.lock();
+        let me = readiness::Following {
+            role: st.role,
+            epoch: st.history.last_epoch(),
+            master: st.master_address.as_deref(),
+            fence: st.fence_epoch,
+            session: st.follow_session,
+        };
+        let stream = self.stream.lock().clone();
+        readiness::judge(&me, stream.as_ref(), self.cfg.in_sync_max_lag_bytes)
+    }
+
+    /// Slave side: records what the stream of follow `session` says, unless
+    /// a newer follow replaced it (or a promotion ended it).
+    fn stream_progress(&self, session: u64, update: impl FnOnce(&mut StreamProgress)) {
+        let mut stream = self.stream.lock();
+        let current = stream.get_or_insert_with(StreamProgress::default);
+        if current.session != session {
+            if session < current.session {
+                return;
+            }
+            *current = StreamProgress {
+                session,
+                ..StreamProgress::default()
+            };
+        }
+        update(current);
+    }
+
     /// Makes this broker the master of `epoch`, which must be newer than
     /// every epoch it knows. The new epoch starts at the end of its log.
     pub fn promote(&self, epoch: u64) -> Result<EpochEntry, ReplicationError> {
@@ -426,6 +483,8 @@ impl ReplicationManager {
         st.writable = true;
         st.master_address = None;
         st.master_client = None;
+        // No stream counts any more: one of a follow before it is stale.
+        st.follow_session = self.follow_sessions.fetch_add(1, Ordering::Relaxed) + 1;
         drop(st);
         self.follower_connected.send_replace(false);
         self.slaves.reset();
@@ -460,9 +519,11 @@ impl ReplicationManager {
         st.role = Role::Slave;
         st.writable = false;
         st.master_address = Some(master_address.clone());
+        let session = self.follow_sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        st.follow_session = session;
         let me = self.clone();
         st.follower = Some(tokio::spawn(async move {
-            slave::follow_loop(me, master_address, epoch).await;
+            slave::follow_loop(me, master_address, epoch, session).await;
         }));
         drop(st);
         self.slaves.disconnect_all();

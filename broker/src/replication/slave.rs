@@ -24,20 +24,23 @@ fn io(e: FrameError) -> ReplicationError {
 
 /// Follows `master_address` in `epoch` until the task is aborted
 /// (promotion, another follow, shutdown), reconnecting with back-off.
+/// `session` numbers this follow, for the slave's readiness.
 pub(super) async fn follow_loop(
     manager: Arc<ReplicationManager>,
     master_address: String,
     epoch: u64,
+    session: u64,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match follow_once(&manager, &master_address, epoch, &mut backoff).await {
+        match follow_once(&manager, &master_address, epoch, session, &mut backoff).await {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(master = %master_address, error = %e, "replication stream interrupted; retrying");
             }
         }
         manager.follower_connected.send_replace(false);
+        manager.stream_progress(session, |p| p.connected = false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
@@ -47,6 +50,7 @@ async fn follow_once(
     manager: &Arc<ReplicationManager>,
     master_address: &str,
     fence: u64,
+    session: u64,
     backoff: &mut Duration,
 ) -> Result<(), ReplicationError> {
     let conn = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(master_address))
@@ -127,6 +131,12 @@ async fn follow_once(
         (!welcome.client_endpoint.is_empty()).then(|| welcome.client_endpoint.clone()),
     );
     manager.follower_connected.send_replace(true);
+    manager.stream_progress(session, |p| {
+        p.connected = true;
+        p.master_epoch = welcome.epoch;
+        p.master_end = welcome.max_offset;
+        p.acked = pos;
+    });
     *backoff = Duration::from_millis(100);
     tracing::info!(master = %welcome.broker_id, epoch = welcome.epoch, from = pos, "following");
 
@@ -166,13 +176,17 @@ async fn follow_once(
                 pos = store.append_raw(offset, &bytes)?;
                 unacked = true;
             }
-            Frame::Heartbeat { epoch, .. } => {
+            Frame::Heartbeat { epoch, max_offset } => {
                 if epoch < fence {
                     return Err(ReplicationError::StaleEpoch {
                         requested: epoch,
                         known: fence,
                     });
                 }
+                manager.stream_progress(session, |p| {
+                    p.master_epoch = epoch;
+                    p.master_end = max_offset;
+                });
                 unacked = true;
             }
             Frame::Metadata(snapshot) => {
@@ -194,6 +208,7 @@ async fn follow_once(
             write_frame(&mut wr, &Frame::Ack { offset: pos })
                 .await
                 .map_err(io)?;
+            manager.stream_progress(session, |p| p.acked = pos);
             unacked = false;
         }
     }

@@ -1955,6 +1955,18 @@ pub(crate) fn segment_path(data_dir: &Path, segment_size: u64, offset: u64) -> P
     ))
 }
 
+/// Stops the flusher in front of its next fdatasync for as long as the
+/// guard lives, as if the disk did not answer: under SYNC_FLUSH it writes
+/// (and publishes) what is staged, then waits; what is appended after that
+/// is not even written, and waits for durability time out. For tests
+/// outside this module of what waits for durability.
+#[cfg(test)]
+impl MessageStore {
+    pub(crate) fn stall_flushes(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.inner.flush_lock.lock()
+    }
+}
+
 fn queue_dir(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
     cq_dir.join(topic).join(queue_id.to_string())
 }

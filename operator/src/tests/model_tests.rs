@@ -1,6 +1,7 @@
 //! Every object the model builds, checked field by field.
 
 use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
 use super::group;
@@ -480,6 +481,34 @@ fn a_startup_probe_gives_recovery_an_hour_before_liveness_counts() {
     assert!(
         allowed > liveness.period_seconds.unwrap_or(10) * liveness.failure_threshold.unwrap_or(3)
     );
+}
+
+/// A master being stopped asks to hand over first (the broker's
+/// `/prestop`), within a grace period longer than its 30 s wait; the pods
+/// get no service-link variables; brokers listen on every address.
+#[test]
+fn broker_pods_hand_over_before_stopping_and_listen_everywhere() {
+    let bg = group("g", json!({}));
+    let sts = stateful_set(&bg).expect("sts");
+    let c = broker_container(&sts);
+    let hook = c
+        .lifecycle
+        .and_then(|l| l.pre_stop)
+        .and_then(|h| h.http_get)
+        .expect("a preStop HTTP hook");
+    assert_eq!(hook.path.as_deref(), Some("/prestop"));
+    assert_eq!(hook.port, IntOrString::Int(HTTP_PORT));
+    let pod = pod_spec(&bg);
+    let grace = pod.termination_grace_period_seconds.expect("grace period");
+    assert!(
+        grace > keelmq_broker::http::PRESTOP_HAND_OVER_WAIT.as_secs() as i64 + 10,
+        "{grace} s"
+    );
+    assert_eq!(pod.enable_service_links, Some(false));
+    let cm = config_map(&bg).expect("cm");
+    let parsed: keelmq_broker::config::BrokerConfig =
+        toml::from_str(&cm.data.as_ref().expect("data")[CONFIG_FILE]).expect("parses");
+    assert_eq!(parsed.listen_address, "::");
 }
 
 /// With no image in the spec, the broker release matching the operator;

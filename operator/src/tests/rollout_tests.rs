@@ -617,3 +617,131 @@ async fn a_restarted_operator_resumes_the_roll_from_status() {
 async fn scale_down_hands_the_master_over_before_removing_its_pod() {
     scale_down_moves_the_master().await;
 }
+
+/// Sets every pod's Ready condition as its broker's `/readyz` would: a
+/// master or a standby once it answers, a slave following a master only
+/// while that master is up and lists it connected and in sync.
+fn mirror_broker_readiness(api: &FakeApi, brokers: &FakeBrokers) {
+    use keelmq_proto::admin::Role;
+    for i in 0..3 {
+        let name = format!("orders-{i}");
+        let Some(mut p) = api.get("", "pods", NS, &name) else {
+            continue;
+        };
+        let ready = {
+            let all = brokers.brokers.lock().expect("brokers");
+            let repl = brokers.replication.lock().expect("replication");
+            let master_up = |addr: &str| {
+                all.values().any(|m| {
+                    m.up && m.status.role == Role::Master as i32
+                        && format!("repl-{}", m.status.broker_id) == addr
+                })
+            };
+            match all.get(&format!("admin-{name}")) {
+                Some(b) if b.up => {
+                    let s = &b.status;
+                    s.role == Role::Master as i32
+                        || s.master_address.is_empty()
+                        || (master_up(&s.master_address)
+                            && !repl.lagging.contains(&name)
+                            && !repl.disconnected.contains(&name))
+                }
+                _ => false,
+            }
+        };
+        let want = json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+        if p["status"]["conditions"] != want {
+            p["status"]["conditions"] = want;
+            api.insert(p);
+        }
+    }
+}
+
+/// A roll where the brokers' pods are Ready as their `/readyz` says: each
+/// restarted broker comes back in standby (ready), is told to follow, and is
+/// then unready while it catches up. The roll waits for it each time, the
+/// master's switchover included, and never deadlocks: it goes on once the
+/// broker is in sync, and ends.
+#[tokio::test]
+async fn a_roll_waits_for_each_restarted_broker_to_catch_up_and_ends() {
+    let (ctx, api, brokers) = healthy_group().await;
+    mirror_broker_readiness(&api, &brokers);
+    edit(&api, |bg| {
+        bg["spec"]["image"] = json!("keelmq/broker:0.2.0")
+    });
+    let mut held = Vec::new();
+    let mut done = false;
+    for _ in 0..60 {
+        run(&api, &ctx, "orders").await.expect("reconcile");
+        mirror_broker_readiness(&api, &brokers);
+        if let Some(i) = (0..3).find(|i| api.get("", "pods", NS, &format!("orders-{i}")).is_none())
+        {
+            // The StatefulSet recreates the pod; the broker restarts far
+            // behind the master.
+            api.pod_from_stateful_set(NS, "orders", i, false);
+            brokers.restart(&format!("admin-orders-{i}"));
+            brokers.set_lagging(&format!("orders-{i}"), true);
+            mirror_broker_readiness(&api, &brokers);
+            continue;
+        }
+        let catching_up: Vec<String> = (0..3)
+            .map(|i| format!("orders-{i}"))
+            .filter(|n| brokers.replication.lock().expect("r").lagging.contains(n))
+            .filter(|n| {
+                brokers.with(&format!("admin-{n}"), |b| {
+                    !b.status.master_address.is_empty()
+                })
+            })
+            .collect();
+        for name in catching_up {
+            let pod = api.get("", "pods", NS, &name).expect("pod");
+            assert_eq!(
+                pod["status"]["conditions"][0]["status"], "False",
+                "{name} is not ready while it catches up"
+            );
+            let before = steps(&brokers);
+            run(&api, &ctx, "orders").await.expect("reconcile");
+            assert_eq!(
+                steps(&brokers),
+                before,
+                "nothing is restarted or handed over while {name} catches up"
+            );
+            let (_, reason, message) = condition(&stored_group(&api, "orders"), "Progressing");
+            assert!(
+                reason == "WaitingForSync" || reason == "CatchingUp",
+                "{reason}: {message}"
+            );
+            held.push(name.clone());
+            brokers.set_lagging(&name, false);
+            mirror_broker_readiness(&api, &brokers);
+        }
+        let bg = stored_group(&api, "orders");
+        let hash = template_hash(&api);
+        let all_new = (0..3).all(|i| pod_hash(&api, &format!("orders-{i}")) == Some(hash.clone()));
+        if all_new && bg.status.as_ref().is_some_and(|s| s.rollout.is_none()) {
+            done = true;
+            break;
+        }
+    }
+    assert!(
+        done,
+        "the roll did not end: {:?}",
+        stored_group(&api, "orders").status
+    );
+    assert_eq!(
+        steps(&brokers),
+        [
+            "delete pods orders-2",
+            "delete pods orders-1",
+            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
+            "delete pods orders-0",
+        ]
+    );
+    assert_eq!(held, ["orders-2", "orders-1", "orders-0"]);
+    let bg = stored_group(&api, "orders");
+    assert_eq!(condition(&bg, "Ready").0, "True");
+    assert_eq!(
+        bg.status.and_then(|s| s.master),
+        Some("orders-1".to_string())
+    );
+}

@@ -1,0 +1,309 @@
+//! What the operator makes of a broker's readiness, now that a slave
+//! following a master reports ready (`/readyz`, its pod's Ready) only while
+//! it is connected and in sync: a slave unready because its master died is
+//! still promoted, one cut off from a live master is still judged broken
+//! replication, and a master whose pod is being deleted (a drain) hands its
+//! role over to an in-sync slave before it stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use keelmq_proto::admin as pb;
+use serde_json::{Value, json};
+
+use super::{NS, condition, group, harness, pod, run, stored_group};
+use crate::controller::Context;
+use crate::failover::serving;
+use crate::testing::{FakeApi, FakeBrokers};
+
+fn timeline(brokers: &FakeBrokers) -> Vec<String> {
+    brokers.timeline.lock().expect("timeline").clone()
+}
+
+fn position(t: &[String], entry: &str) -> usize {
+    t.iter()
+        .position(|e| e == entry)
+        .unwrap_or_else(|| panic!("no {entry:?} in {t:?}"))
+}
+
+fn label(api: &FakeApi, pod: &str) -> Option<String> {
+    api.get("", "pods", NS, pod)?["metadata"]["labels"]["keelmq.io/role"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Changes the stored pod `name` (keeping what the operator wrote on it).
+fn edit_pod(api: &FakeApi, name: &str, f: impl FnOnce(&mut Value)) {
+    let mut p = api.get("", "pods", NS, name).expect("pod");
+    f(&mut p);
+    api.insert(p);
+}
+
+/// Sets the stored pod's Ready condition, as the kubelet does from `/readyz`.
+fn set_pod_ready(api: &FakeApi, name: &str, ready: bool) {
+    edit_pod(api, name, |p| {
+        p["status"]["conditions"] =
+            json!([{"type": "Ready", "status": if ready { "True" } else { "False" }}]);
+    });
+}
+
+/// Marks the stored pod as being deleted (a drain's eviction, `kubectl
+/// delete pod`): the kubelet runs its preStop hook and the broker still
+/// answers meanwhile.
+fn delete_pod_gracefully(api: &FakeApi, name: &str) {
+    edit_pod(api, name, |p| {
+        p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    });
+}
+
+/// Warning events with `reason` published so far.
+fn warnings(api: &FakeApi, reason: &str) -> usize {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter(|r| r.body["type"] == "Warning" && r.body["reason"] == reason)
+        .count()
+}
+
+fn pod_object(ready: Option<&str>, deleting: bool) -> Pod {
+    let mut p = json!({"metadata": {"name": "g-1"}});
+    if let Some(r) = ready {
+        p["status"] = json!({"conditions": [{"type": "Ready", "status": r}]});
+    }
+    if deleting {
+        p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    serde_json::from_value(p).expect("pod")
+}
+
+fn answer(role: pb::Role, master_address: &str) -> pb::StatusResponse {
+    pb::StatusResponse {
+        role: role as i32,
+        master_address: master_address.into(),
+        ..Default::default()
+    }
+}
+
+/// A pod that is Ready serves; otherwise only a slave following a master
+/// that answered, on a pod neither being deleted nor on a lost node (its
+/// `/readyz` says no only because it is not connected or not in sync).
+#[test]
+fn a_following_slave_serves_by_its_answer_whatever_its_pods_readiness() {
+    let following = answer(pb::Role::Slave, "repl-g-0");
+    let standby = answer(pb::Role::Slave, "");
+    let master = answer(pb::Role::Master, "");
+    let unready = pod_object(Some("False"), false);
+    assert!(serving(&pod_object(Some("True"), false), None));
+    assert!(serving(&unready, Some(&following)));
+    assert!(serving(&pod_object(None, false), Some(&following)));
+    assert!(!serving(&unready, None), "it did not answer");
+    assert!(
+        !serving(&unready, Some(&standby)),
+        "a standby's readiness is its own"
+    );
+    assert!(
+        !serving(&unready, Some(&master)),
+        "a master's readiness is its own"
+    );
+    assert!(
+        !serving(&pod_object(Some("False"), true), Some(&following)),
+        "its pod is being deleted"
+    );
+    assert!(
+        !serving(&pod_object(Some("Unknown"), false), Some(&following)),
+        "its node stopped reporting"
+    );
+}
+
+/// `pay` (three brokers, SYNC, one in-sync slave) whose master `pay-0` has
+/// just gone (pod deleted, admin silent): `pay-1` (offset 100) and `pay-2`
+/// (offset 90) still say they follow it, and their pods are not Ready, as
+/// their `/readyz` says with the master gone ("not connected").
+fn master_gone_slaves_unready() -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("pay", 3);
+    let mut bg = serde_json::to_value(group("pay", json!({"replicas": 3}))).expect("json");
+    bg["status"] = json!({"master": "pay-0", "epoch": 1, "masterStoreId": "store-pay-0"});
+    api.insert(bg);
+    for (i, offset) in [(1, 100), (2, 90)] {
+        api.insert(pod("pay", i, false));
+        brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), offset);
+        brokers.with(&format!("admin-pay-{i}"), |b| {
+            b.status.epoch = 1;
+            b.status.master_address = "repl-pay-0".into();
+        });
+    }
+    (ctx, api, brokers)
+}
+
+/// The slaves' pods are unready only because their master died: they are
+/// still the candidates, and the safe promotion rule counts them; `pay-1`
+/// is promoted after `pay-2` is fenced.
+#[tokio::test]
+async fn slaves_unready_because_their_master_died_are_still_promoted() {
+    let (ctx, api, brokers) = master_gone_slaves_unready();
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let st = stored_group(&api, "pay").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 2));
+    let t = timeline(&brokers);
+    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 2");
+    let promote = position(&t, "promote admin-pay-1 epoch 2");
+    assert!(fence < promote, "{t:?}");
+    assert_eq!(
+        st.last_failover.map(|f| f.possible_loss),
+        Some("no acknowledged message is lost".to_string())
+    );
+    assert_eq!(label(&api, "pay-1").as_deref(), Some("master"));
+}
+
+/// A following slave whose pod is being deleted does not serve: with the
+/// master gone too, `pay-2` alone is not enough to know that nothing
+/// acknowledged is lost (two of two slaves needed), so the group waits.
+#[tokio::test]
+async fn a_following_slave_being_deleted_is_not_a_candidate() {
+    let (ctx, api, brokers) = master_gone_slaves_unready();
+    delete_pod_gracefully(&api, "pay-1");
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(!t.iter().any(|e| e.starts_with("promote")), "{t:?}");
+    let bg = stored_group(&api, "pay");
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "FailoverBlocked"),
+        "{message}"
+    );
+    assert!(
+        message.contains("1 of 2 slaves are reachable and ready"),
+        "{message}"
+    );
+}
+
+/// Under ASYNC a slave whose stream from the (live) master is cut reports
+/// unready, as its `/readyz` does: it still counts as a broker that serves
+/// (readyReplicas, the group stays Ready), and once its grace has passed
+/// the group is Degraded naming it, as before.
+#[tokio::test]
+async fn a_slave_cut_off_from_a_live_master_is_still_judged_broken() {
+    let (ctx, api, brokers) = harness("orders", 2);
+    api.insert(
+        serde_json::to_value(group("orders", json!({"replication": {"mode": "Async"}})))
+            .expect("json"),
+    );
+    api.insert(pod("orders", 0, true));
+    api.insert(pod("orders", 1, true));
+    brokers.add("admin-orders-0", "orders-0", 50);
+    brokers.add("admin-orders-1", "orders-1", 100);
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_eq!(condition(&stored_group(&api, "orders"), "Ready").0, "True");
+
+    brokers.set_disconnected("orders-0", true);
+    set_pod_ready(&api, "orders-0", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    tokio::time::sleep(super::REPLICATION_GRACE + Duration::from_millis(50)).await;
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let bg = stored_group(&api, "orders");
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "ReplicationBroken"),
+        "{message}"
+    );
+    assert!(
+        message.starts_with("orders-0 has not been connected to master orders-1"),
+        "{message}"
+    );
+    assert_eq!(condition(&bg, "Ready").0, "True", "ASYNC sends go on");
+    assert_eq!(bg.status.map(|s| s.ready_replicas), Some(2));
+}
+
+/// `orders` (three brokers, SYNC) bootstrapped with `orders-0` (offset 300)
+/// as master; `orders-1` (200) and `orders-2` (100) follow it in sync.
+async fn three_brokers() -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    for i in 0..3 {
+        api.insert(pod("orders", i, true));
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            300 - 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    let bg = stored_group(&api, "orders");
+    assert_eq!(
+        bg.status.as_ref().and_then(|s| s.master.as_deref()),
+        Some("orders-0")
+    );
+    assert_eq!(condition(&bg, "Ready").0, "True");
+    brokers.timeline.lock().expect("timeline").clear();
+    (ctx, api, brokers)
+}
+
+/// The master's pod is being deleted (a drain evicts it) while it still
+/// serves, held by its preStop hook: the operator hands the master role to
+/// the in-sync slave holding the most, recorded in status first (a planned
+/// switchover, nothing lost), and the labels move; no failover follows.
+#[tokio::test]
+async fn a_master_whose_pod_is_being_deleted_hands_over_to_an_in_sync_slave() {
+    let (ctx, api, brokers) = three_brokers().await;
+    delete_pod_gracefully(&api, "orders-0");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    let record = position(&t, "update brokergroups/status orders");
+    let hand = position(&t, "switchover admin-orders-0 -> admin-orders-1 epoch 2");
+    assert!(record < hand, "{t:?}");
+    let bg = stored_group(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-1"), 2));
+    let last = st.last_failover.expect("recorded");
+    assert_eq!(
+        last.reason,
+        "planned switchover: master orders-0's pod is being deleted (node drain, eviction or delete)"
+    );
+    assert_eq!(last.possible_loss, "no acknowledged message is lost");
+    assert_eq!(label(&api, "orders-1").as_deref(), Some("master"));
+    assert_eq!(label(&api, "orders-0").as_deref(), Some("slave"));
+    assert_eq!(condition(&bg, "Progressing").1, "MasterChanged");
+
+    // The old master, a slave now, stops; nothing else is done meanwhile.
+    brokers.timeline.lock().expect("timeline").clear();
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(
+        !t.iter()
+            .any(|e| e.starts_with("switchover") || e.starts_with("promote")),
+        "{t:?}"
+    );
+}
+
+/// A terminating master hands over only to a slave that can take over:
+/// connected and in sync, and not on its way out itself. With none, nothing
+/// is done (no refusal event either): it fails over once it stops. Once one
+/// is in sync, it gets the role.
+#[tokio::test]
+async fn a_terminating_master_hands_over_only_to_a_slave_that_stays_in_sync() {
+    let (ctx, api, brokers) = three_brokers().await;
+    brokers.set_lagging("orders-1", true);
+    delete_pod_gracefully(&api, "orders-2");
+    delete_pod_gracefully(&api, "orders-0");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(!t.iter().any(|e| e.starts_with("switchover")), "{t:?}");
+    let st = stored_group(&api, "orders").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 1));
+    assert_eq!(warnings(&api, "SwitchoverRefused"), 0);
+
+    brokers.set_lagging("orders-1", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(
+        t.contains(&"switchover admin-orders-0 -> admin-orders-1 epoch 2".to_string()),
+        "{t:?}"
+    );
+}
