@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{Extension, Router};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
 use crate::replication::{ReplicationManager, Role};
 use crate::store::MessageStore;
@@ -48,23 +49,37 @@ pub struct HttpState {
 /// the pod's deletion plus at most 10 s for the slave to catch up.
 pub const PRESTOP_HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
-/// Serves the HTTP port until `shutdown` resolves.
+/// Serves the HTTP port until `shutdown` resolves. A `/prestop` still
+/// held then answers at once: the server's graceful stop waits for the
+/// requests in flight, and a hold (of the kubelet's hook cut short by a
+/// short grace period, or of anyone else who called it) must not keep the
+/// broker from stopping.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let (stopping_tx, stopping) = watch::channel(false);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/prestop", get(prestop))
         .route("/metrics", get(metrics))
+        .layer(Extension(Stopping(stopping)))
         .with_state(state);
     tracing::info!(address = ?listener.local_addr().ok(), "http listener ready (/healthz, /readyz, /prestop, /metrics)");
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping_tx.send_replace(true);
+        })
         .await
 }
+
+/// Turns true when the HTTP server starts to stop (the broker is shutting
+/// down): what ends a `/prestop` hold early.
+#[derive(Clone)]
+struct Stopping(watch::Receiver<bool>);
 
 /// 200 once every listener is up, for a master or a standby; for a slave
 /// that follows a master, only while it is connected to it and in sync
@@ -93,39 +108,62 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 /// no slave is in sync any more, or `prestop_wait` has passed; then the
 /// broker stops as before. Any other broker answers at once. Always 200:
 /// the body says what happened.
-async fn prestop(State(s): State<HttpState>) -> impl IntoResponse {
-    let outcome = hold_for_hand_over(&s.replication, s.prestop_wait).await;
+///
+/// Anyone who reaches the port may call it: it only waits (never longer
+/// than `prestop_wait`, and not once the broker stops), it pauses no write
+/// and starts nothing; the hand-over is the operator's, started by the
+/// pod's deletion, not by this call.
+async fn prestop(
+    State(s): State<HttpState>,
+    Extension(Stopping(stopping)): Extension<Stopping>,
+) -> impl IntoResponse {
+    let outcome = hold_for_hand_over(&s.replication, s.prestop_wait, stopping).await;
     tracing::info!("preStop: {outcome}");
     (StatusCode::OK, format!("{outcome}\n"))
 }
 
 /// Waits, as `/prestop` does, until this broker is no longer master, no
-/// slave is connected and in sync, or `wait` has passed; says which.
-pub async fn hold_for_hand_over(repl: &ReplicationManager, wait: Duration) -> String {
+/// slave is connected and in sync (and no hand-over is under way), `wait`
+/// has passed, or `stopping` turns true (or its sender is gone); says which.
+pub async fn hold_for_hand_over(
+    repl: &ReplicationManager,
+    wait: Duration,
+    mut stopping: watch::Receiver<bool>,
+) -> String {
+    const STOPPING: &str = "the broker is stopping: no longer waiting for a hand-over";
     if repl.role() != Role::Master {
         return "not the master: nothing to hand over".into();
     }
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = repl.subscribe_role_changes();
     tracing::info!(
-        "stopping while master: waiting up to {wait:?} for the operator to hand the master role to an in-sync slave"
+        "preStop while master: waiting up to {wait:?} for the operator to hand the master role to an in-sync slave"
     );
     loop {
+        if *stopping.borrow_and_update() {
+            return STOPPING.into();
+        }
         if repl.role() != Role::Master {
             let master = repl.status().master_address.unwrap_or_default();
             return format!("handed the master role over; now a slave of {master}");
         }
-        if repl.in_sync_slaves() == 0 {
+        // A switchover under way pauses writes until the target took over,
+        // and its target drops this master's stream as it is promoted,
+        // before this broker follows it: not a master left without a slave.
+        if repl.in_sync_slaves() == 0 && !repl.writes_paused() {
             return "no slave is connected and in sync to take over; stopping as master".into();
         }
         if tokio::time::Instant::now() >= deadline {
             return format!("no hand-over within {wait:?}; stopping as master");
         }
-        // Role changes wake at once; the in-sync count is looked at again
-        // every 200 ms.
+        // Role changes and the broker stopping wake at once; the in-sync
+        // count is looked at again every 200 ms.
         let tick = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
         tokio::select! {
             _ = changes.changed() => {}
+            changed = stopping.changed() => if changed.is_err() {
+                return STOPPING.into();
+            },
             _ = tokio::time::sleep_until(tick) => {}
         }
     }

@@ -2,6 +2,7 @@
 //! integration); not part of the broker's interface.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::SeedableRng;
@@ -70,6 +71,28 @@ pub fn replication_config(
     }
 }
 
+/// The replication side of a broker in a group run inside one test
+/// process: binds an ephemeral loopback port, opens `store`'s replication
+/// with `cfg` listening on and advertising that port (see
+/// [`replication_config`] for the rest), and serves slaves there until
+/// `shutdown`. Returns the manager and its replication address.
+pub async fn serve_replication(
+    store: &MessageStore,
+    mut cfg: ReplicationConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Arc<ReplicationManager>, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let listen = listener.local_addr().expect("addr");
+    cfg.listen = listen;
+    cfg.advertised_replication = listen.to_string();
+    let repl = ReplicationManager::open(cfg, store.clone()).expect("replication");
+    let r = repl.clone();
+    tokio::spawn(async move { r.serve_listener(listener, shutdown).await });
+    (repl, listen.to_string())
+}
+
 /// Flips the last byte of record `a` (its body's last byte) in its segment
 /// file on disk, as a bad disk would: its checksum then fails.
 #[cfg(test)]
@@ -86,4 +109,40 @@ pub fn corrupt_on_disk(store: &MessageStore, a: &crate::store::Appended) {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).expect("read");
     f.write_all_at(&[b[0] ^ 0xff], at).expect("damage");
+}
+
+/// A power loss: the store in `dir` loses everything from commit-log
+/// offset `keep` on, as when the last flush under ASYNC_FLUSH reached only
+/// there, while the metadata (the stored progress marks with it), saved on
+/// its own schedule, was saved after. Returns the store and the write path
+/// of a lone master as they reopen.
+#[cfg(test)]
+pub fn power_loss(dir: &Path, store: &MessageStore, keep: u64) -> (MessageStore, WritePath) {
+    use std::os::unix::fs::FileExt;
+    let (end, seg) = (store.max_offset(), store.config().segment_size);
+    assert_eq!(
+        keep / seg,
+        (end - 1) / seg,
+        "the lost tail is in one segment"
+    );
+    // Saves the metadata, as the checkpoint thread would have.
+    store.shutdown().expect("shutdown");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(crate::store::segment_path(dir, seg, keep))
+        .expect("segment");
+    f.write_all_at(&vec![0u8; (end - keep) as usize], keep % seg)
+        .expect("lose the tail");
+    // The last checkpoint saw the log flushed to `keep`, and the broker
+    // never stopped cleanly (the store's checkpoint file).
+    let cp = crate::store::Checkpoint {
+        flushed_offset: keep,
+        cq_offset: keep,
+        clean: false,
+        written_ms: crate::store::now_ms(),
+    };
+    crate::store::save_json(&dir.join("checkpoint.json"), &cp).expect("checkpoint");
+    let reopened = lone_master(dir);
+    assert_eq!(reopened.0.max_offset(), keep, "the tail is gone");
+    reopened
 }

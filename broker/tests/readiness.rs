@@ -17,6 +17,7 @@ use keelmq_broker::replication::{
     ReplicationConfig, ReplicationManager, ReplicationMode, Role, StartRole,
 };
 use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+use keelmq_broker::testing::{replication_config, serve_replication};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 /// The in-sync lag of these brokers (64 MiB in a real broker).
@@ -31,6 +32,10 @@ struct Broker {
     addr: String,
     /// HTTP address.
     http: String,
+    /// Stops the HTTP server, as the broker does on SIGTERM.
+    stop_http: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The HTTP server; ends once it has stopped.
+    http_served: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 async fn start(dir: &Path, id: &str, role: StartRole, prestop_wait: Duration) -> Broker {
@@ -40,30 +45,12 @@ async fn start(dir: &Path, id: &str, role: StartRole, prestop_wait: Duration) ->
     sc.disk_high_watermark = 1.0;
     sc.disk_full_ratio = 1.0;
     let store = MessageStore::open(sc).expect("store");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let repl = ReplicationManager::open(
-        ReplicationConfig {
-            broker_id: id.into(),
-            mode: ReplicationMode::Sync,
-            min_in_sync_replicas: 1,
-            sync_timeout: Duration::from_secs(5),
-            in_sync_max_lag_bytes: IN_SYNC_LAG,
-            listen: listener.local_addr().expect("addr"),
-            advertised_replication: addr.clone(),
-            advertised_admin: String::new(),
-            advertised_client: String::new(),
-            data_dir: dir.to_owned(),
-            start_role: role,
-            slave_flush_before_ack: false,
-        },
-        store.clone(),
-    )
-    .expect("replication");
-    let r = repl.clone();
-    tokio::spawn(async move { r.serve_listener(listener, std::future::pending()).await });
+    let cfg = ReplicationConfig {
+        broker_id: id.into(),
+        in_sync_max_lag_bytes: IN_SYNC_LAG,
+        ..replication_config(dir, ReplicationMode::Sync, Duration::from_secs(5), role)
+    };
+    let (repl, addr) = serve_replication(&store, cfg, std::future::pending()).await;
     let http_l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind http");
@@ -78,16 +65,17 @@ async fn start(dir: &Path, id: &str, role: StartRole, prestop_wait: Duration) ->
         client: None,
         prestop_wait,
     };
-    tokio::spawn(keelmq_broker::http::serve(
-        http_l,
-        state,
-        std::future::pending(),
-    ));
+    let (stop_http, stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_served = tokio::spawn(keelmq_broker::http::serve(http_l, state, async move {
+        let _ = stopped.await;
+    }));
     Broker {
         store,
         repl,
         addr,
         http,
+        stop_http: Some(stop_http),
+        http_served,
     }
 }
 
@@ -396,11 +384,7 @@ async fn prestop_holds_a_master_until_its_role_is_handed_over() {
 
     slave.repl.follow(master.addr.clone(), 1).expect("follow");
     readyz_until(&slave, "the slave to be in sync", |c, _| c == 200).await;
-    let http = master.http.clone();
-    let hook = tokio::spawn(async move { get(&http, "/prestop").await });
-    // The hook is held while the role is still the master's.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!hook.is_finished(), "the hook waits for the hand-over");
+    let hook = held_prestop(&master).await;
     assert_eq!(master.repl.role(), Role::Master);
 
     let target = slave.repl.clone();
@@ -411,10 +395,7 @@ async fn prestop_holds_a_master_until_its_role_is_handed_over() {
         })
         .await
         .expect("switchover");
-    let (code, body) = tokio::time::timeout(Duration::from_secs(10), hook)
-        .await
-        .expect("the hook answers once the role is handed over")
-        .expect("join");
+    let (code, body) = answer(hook).await;
     assert_eq!(code, 200);
     assert_eq!(
         body,
@@ -430,21 +411,132 @@ async fn prestop_holds_a_master_until_its_role_is_handed_over() {
 /// A master whose hand-over does not come stops waiting at its bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prestop_waits_no_longer_than_its_bound() {
-    let (d0, d1) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let wait = Duration::from_millis(300);
-    let master = start(d0.path(), "m", StartRole::Master, wait).await;
-    let slave = start(d1.path(), "s", StartRole::Standby, wait).await;
-    slave.repl.follow(master.addr.clone(), 1).expect("follow");
-    readyz_until(&slave, "the slave to be in sync", |c, _| c == 200).await;
+    let dirs = two_dirs();
+    let (master, slave) = master_and_slave_in_sync(&dirs, Duration::from_millis(300)).await;
     let (code, body) = get(&master.http, "/prestop").await;
     assert_eq!(
         (code, body.as_str()),
         (200, "no hand-over within 300ms; stopping as master\n")
     );
     assert_eq!(master.repl.role(), Role::Master);
+    master.repl.shutdown();
+    slave.repl.shutdown();
+}
+
+/// Calls `/prestop` of `master` and checks that it is held (not answered
+/// after 300 ms): the call, to be answered later.
+async fn held_prestop(master: &Broker) -> tokio::task::JoinHandle<(u16, String)> {
+    let http = master.http.clone();
+    let hook = tokio::spawn(async move { get(&http, "/prestop").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!hook.is_finished(), "the hook waits for a hand-over");
+    assert_eq!(master.repl.role(), Role::Master);
+    hook
+}
+
+/// The answer to a held `/prestop` call, once it comes (10 s bound).
+async fn answer(hook: tokio::task::JoinHandle<(u16, String)>) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(10), hook)
+        .await
+        .expect("the held hook answers")
+        .expect("join")
+}
+
+/// A master and a slave in sync (following it, `/readyz` 200), brokers of
+/// this process whose `/prestop` holds for at most `wait`.
+async fn master_and_slave_in_sync(
+    dirs: &(tempfile::TempDir, tempfile::TempDir),
+    wait: Duration,
+) -> (Broker, Broker) {
+    let master = start(dirs.0.path(), "m", StartRole::Master, wait).await;
+    let slave = start(dirs.1.path(), "s", StartRole::Standby, wait).await;
+    append(&master.store, 50, 1000);
+    slave.repl.follow(master.addr.clone(), 1).expect("follow");
+    readyz_until(&slave, "the slave to be in sync", |c, _| c == 200).await;
+    (master, slave)
+}
+
+fn two_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    )
+}
+
+/// A `/prestop` held when the broker starts to stop (SIGTERM: the kubelet's
+/// hook cut short by a grace period under the hold's bound, or a call by
+/// anyone else on the network) answers at once, and the HTTP server stops
+/// instead of waiting for the hold, which would keep the broker from
+/// stopping cleanly within its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_prestop_lets_the_broker_stop() {
+    let dirs = two_dirs();
+    let (mut master, slave) = master_and_slave_in_sync(&dirs, Duration::from_secs(600)).await;
+    let hook = held_prestop(&master).await;
+
+    let _ = master.stop_http.take().expect("stop").send(());
+    tokio::time::timeout(Duration::from_secs(20), &mut master.http_served)
+        .await
+        .expect("the HTTP server stops without waiting out the hold")
+        .expect("join")
+        .expect("served");
+    let (code, body) = answer(hook).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            200,
+            "the broker is stopping: no longer waiting for a hand-over\n"
+        )
+    );
+    assert_eq!(master.repl.role(), Role::Master);
+    master.repl.shutdown();
+    slave.repl.shutdown();
+}
+
+/// The hand-over's target drops its stream from the master as it is
+/// promoted, before the master follows it: the master has no slave in sync
+/// for that moment, but its hand-over is under way (writes paused), so
+/// `/prestop` holds on and says the role was handed over, instead of
+/// letting the kubelet stop a master in the middle of its switchover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prestop_holds_through_a_hand_over_under_way() {
+    let dirs = two_dirs();
+    let (master, slave) = master_and_slave_in_sync(&dirs, Duration::from_secs(60)).await;
+    let hook = held_prestop(&master).await;
+
+    let (target, old) = (slave.repl.clone(), master.repl.clone());
+    master
+        .repl
+        .switchover("s", 2, Duration::from_secs(10), move |epoch| async move {
+            target.promote(epoch).map_err(|e| e.to_string())?;
+            // The promoted target's stream from the master is gone ...
+            let start = Instant::now();
+            while old.in_sync_slaves() > 0 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the master saw its slave go"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // ... for longer than the hold takes to look again (200 ms)
+            // before the answer reaches the master.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(())
+        })
+        .await
+        .expect("switchover");
+    let (code, body) = answer(hook).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (
+            200,
+            format!(
+                "handed the master role over; now a slave of {}\n",
+                slave.addr
+            )
+            .as_str()
+        )
+    );
     master.repl.shutdown();
     slave.repl.shutdown();
 }

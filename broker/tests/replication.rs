@@ -11,6 +11,7 @@ use keelmq_broker::replication::{
     ReplicationConfig, ReplicationError, ReplicationManager, ReplicationMode, Role, StartRole,
 };
 use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+use keelmq_broker::testing::{replication_config, serve_replication};
 
 struct Broker {
     store: MessageStore,
@@ -30,33 +31,16 @@ async fn start_with(dir: &Path, id: &str, role: StartRole, sync_timeout: Duratio
     sc.cq_entries_per_file = 1000;
     sc.flush_mode = FlushMode::SyncFlush;
     let store = MessageStore::open(sc).expect("store");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
     let cfg = ReplicationConfig {
         broker_id: id.into(),
-        mode: ReplicationMode::Sync,
-        min_in_sync_replicas: 1,
-        sync_timeout,
-        in_sync_max_lag_bytes: 1 << 20,
-        listen: listener.local_addr().expect("addr"),
-        advertised_replication: addr.clone(),
-        advertised_admin: String::new(),
-        advertised_client: String::new(),
-        data_dir: dir.to_owned(),
-        start_role: role,
         slave_flush_before_ack: true,
+        ..replication_config(dir, ReplicationMode::Sync, sync_timeout, role)
     };
-    let repl = ReplicationManager::open(cfg, store.clone()).expect("replication");
-    let r = repl.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        r.serve_listener(listener, async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let (repl, addr) = serve_replication(&store, cfg, async move {
+        let _ = stopped.await;
+    })
+    .await;
     Broker {
         store,
         repl,

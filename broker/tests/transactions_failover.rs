@@ -8,7 +8,8 @@
 //! before the new master's oldest segment), rebuilds both when it is
 //! master again. A slave whose stored transaction progress (metadata,
 //! replicated apart from the log) counts decisions its log never got still
-//! checks those transactions back once promoted; and under SYNC
+//! checks those transactions back once promoted (and delivers the delayed
+//! messages whose deliveries its stored timer progress counts); and under SYNC
 //! replication a repeated decision answers as its one write is confirmed.
 
 use std::collections::HashMap;
@@ -86,26 +87,53 @@ fn half(id: &str) -> NewRecord {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promoted_slave_carries_on_with_open_transactions() {
+/// A master and a slave following it, and their directories.
+async fn master_and_slave() -> (Vec<tempfile::TempDir>, Broker, Broker) {
     let dirs: Vec<_> = (0..2)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let m = start(dirs[0].path(), "b0", StartRole::Master).await;
     let s = start(dirs[1].path(), "b1", StartRole::Standby).await;
     s.repl.follow(m.addr.clone(), 1).expect("follow");
+    (dirs, m, s)
+}
 
-    let on_master = Transactions::new(m.store.clone(), config());
+/// Waits (at most 20 s) until slave `s` has indexed master `m`'s whole log.
+async fn caught_up(s: &Broker, m: &Broker) {
+    wait_for("s to catch up", || {
+        s.store.indexed_offset() >= m.store.max_offset()
+    })
+    .await;
+}
+
+/// Stops the log stream to slave `s`: it follows an address nothing
+/// listens on (its metadata can still be given to it by hand).
+fn stop_log_stream(s: &Broker) {
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = gone.local_addr().expect("addr").to_string();
+    drop(gone);
+    s.repl.follow(nowhere, 1).expect("follow nothing");
+}
+
+/// Writes a half message per id on `m`, in one append; their transaction ids.
+async fn halves(m: &Broker, ids: &[&str]) -> Vec<String> {
     let appended = m
         .write
-        .write(vec![half("A"), half("B"), half("C")])
+        .write(ids.iter().map(|id| half(id)).collect())
         .await
         .expect("halves");
-    let ids: Vec<String> = ["A", "B", "C"]
-        .iter()
+    ids.iter()
         .zip(&appended)
         .map(|(id, a)| transaction_id(a.queue_offset, id))
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_slave_carries_on_with_open_transactions() {
+    let (_dirs, m, s) = master_and_slave().await;
+
+    let on_master = Transactions::new(m.store.clone(), config());
+    let ids = halves(&m, &["A", "B", "C"]).await;
     on_master
         .end(&m.write, &ids[0], "A", "orders", Decision::Commit)
         .await
@@ -113,11 +141,7 @@ async fn a_promoted_slave_carries_on_with_open_transactions() {
 
     // The slave follows along from the replicated log.
     let on_slave = Transactions::new(s.store.clone(), config());
-    let start = Instant::now();
-    while s.store.indexed_offset() < m.store.max_offset() {
-        assert!(start.elapsed() < Duration::from_secs(20), "slave caught up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    caught_up(&s, &m).await;
     on_slave.load();
     assert_eq!(on_slave.pending_count(), 2, "B and C are open");
 
@@ -187,12 +211,7 @@ fn copies(store: &MessageStore, topic: &str) -> HashMap<String, u32> {
 /// promoted again. Its transactions and timer must be s's, not what it had
 /// loaded from the part of its log that is gone.
 async fn an_old_master_follows_the_new_one_then_takes_over(restart_log: bool) {
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
-    let s = start(dirs[1].path(), "b1", StartRole::Standby).await;
-    s.repl.follow(m.addr.clone(), 1).expect("follow");
+    let (_dirs, m, s) = master_and_slave().await;
     let on_master = Transactions::new(m.store.clone(), config());
     let m_timer = Timer::new(m.store.clone());
     let now = now_ms();
@@ -205,10 +224,7 @@ async fn an_old_master_follows_the_new_one_then_takes_over(restart_log: bool) {
         .await
         .expect("hold");
     assert_eq!(m_timer.deliver_due(&m.write, now + 1_000).await, Ok(1));
-    wait_for("s to catch up", || {
-        s.store.indexed_offset() >= m.store.max_offset()
-    })
-    .await;
+    caught_up(&s, &m).await;
 
     // The failover, m not told.
     s.repl.promote(2).expect("promote s");
@@ -345,33 +361,13 @@ fn orders(store: &MessageStore) -> Vec<String> {
 /// not count them as resolved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_slave_checks_back_decisions_its_stored_progress_counts_but_its_log_lacks() {
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let m = start(dirs[0].path(), "b0", StartRole::Master).await;
-    let s = start(dirs[1].path(), "b1", StartRole::Standby).await;
-    s.repl.follow(m.addr.clone(), 1).expect("follow");
+    let (_dirs, m, s) = master_and_slave().await;
     let on_master = Transactions::new(m.store.clone(), config());
-    let appended = m
-        .write
-        .write(vec![half("A"), half("B")])
-        .await
-        .expect("halves");
-    let ids: Vec<String> = ["A", "B"]
-        .iter()
-        .zip(&appended)
-        .map(|(id, a)| transaction_id(a.queue_offset, id))
-        .collect();
-    wait_for("s to catch up", || {
-        s.store.indexed_offset() >= m.store.max_offset()
-    })
-    .await;
+    let ids = halves(&m, &["A", "B"]).await;
+    caught_up(&s, &m).await;
 
-    // The log stream stops (s follows an address nothing listens on)...
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let nowhere = gone.local_addr().expect("addr").to_string();
-    drop(gone);
-    s.repl.follow(nowhere, 1).expect("follow nothing");
+    // The log stream stops...
+    stop_log_stream(&s);
     on_master
         .end(&m.write, &ids[0], "A", "orders", Decision::Commit)
         .await
@@ -462,9 +458,40 @@ async fn under_sync_replication_a_repeated_commit_is_answered_once_a_slave_holds
     }
     assert!(answered.is_some(), "confirmed once the slave holds it");
     assert_eq!(orders(&m.store), ["A"]);
-    wait_for("s to catch up", || {
-        s.store.indexed_offset() >= m.store.max_offset()
-    })
-    .await;
+    caught_up(&s, &m).await;
     assert_eq!(orders(&s.store), ["A"]);
+}
+
+/// The timer's stored progress replicates apart from the log too: a slave
+/// may hold its master's marks, which count deliveries, without those
+/// deliveries or their op records (here, the first ever made). Promoted,
+/// it must deliver those messages, not count them as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_slave_delivers_delayed_messages_its_stored_progress_counts_but_its_log_lacks() {
+    let (_dirs, m, s) = master_and_slave().await;
+    let past = now_ms() - 1_000;
+    m.write
+        .write(vec![held("a", past), held("b", past)])
+        .await
+        .expect("hold");
+    caught_up(&s, &m).await;
+    stop_log_stream(&s);
+    let m_timer = Timer::new(m.store.clone());
+    assert_eq!(m_timer.deliver_due(&m.write, now_ms()).await, Ok(2));
+    assert_eq!(copies(&m.store, "t").len(), 2);
+    s.store
+        .metadata()
+        .apply_snapshot(m.store.metadata().snapshot())
+        .expect("metadata");
+
+    s.repl.promote(2).expect("promote");
+    let s_timer = Timer::new(s.store.clone());
+    assert_eq!(
+        s_timer.deliver_due(&s.write, now_ms()).await,
+        Ok(2),
+        "delivered on the new master"
+    );
+    assert_eq!(s_timer.deliver_due(&s.write, now_ms()).await, Ok(0));
+    let seen = copies(&s.store, "t");
+    assert_eq!((seen.get("a"), seen.get("b")), (Some(&1), Some(&1)));
 }

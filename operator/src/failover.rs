@@ -95,9 +95,12 @@ pub fn serving(pod: &Pod, status: Option<&pb::StatusResponse>) -> bool {
     if pod_ready(pod) {
         return true;
     }
-    let following =
-        status.is_some_and(|s| role_of(s) == Role::Slave && !s.master_address.is_empty());
-    following && !pod_gone(pod)
+    status.is_some_and(following) && !pod_gone(pod)
+}
+
+/// The broker says it is a slave following a master (not a standby).
+fn following(s: &pb::StatusResponse) -> bool {
+    role_of(s) == Role::Slave && !s.master_address.is_empty()
 }
 
 /// The pod is being deleted, or its node stopped reporting (Ready Unknown).
@@ -813,6 +816,18 @@ pub async fn hand_over(
         r.epoch,
         r.write_pause_ms
     );
+    // The old master follows the new one (it did that itself); the other
+    // slaves, whose streams broke as it stepped down, are pointed at the new
+    // master now, as after a promotion, not a reconcile later: the old
+    // master may be about to stop (a drained master's preStop hook lets it
+    // go once it has handed over), and under SYNC the new master
+    // acknowledges sends only with a slave in sync.
+    let target_repl = ctx.addresses.replication(names, target);
+    for (name, s) in &observed.statuses {
+        if name != target && *name != master && following(s) {
+            follow(ctx, names, name, &target_repl, new_epoch).await;
+        }
+    }
     label_roles(ctx, names, observed, target).await?;
     publish(
         ctx,
@@ -839,10 +854,18 @@ pub fn master_terminating(observed: &Observed, status: &BrokerGroupStatus) -> bo
 }
 
 /// The slave to hand the master role to when the master's pod goes: one
-/// that [`can_take_over`] and whose own pod is not being deleted, the one
-/// holding the most first (the hand-over waits least for it), then by name.
-pub fn successor(observed: &Observed, status: &BrokerGroupStatus) -> Option<String> {
+/// that [`can_take_over`] and whose own pod is not being deleted; first one
+/// that stays (an ordinal below `replicas`: during a scale-down, a slave on
+/// an ordinal being removed would have to hand the role on again), then the
+/// one holding the most (the hand-over waits least for it), then by name.
+pub fn successor(
+    observed: &Observed,
+    status: &BrokerGroupStatus,
+    names: &GroupNames,
+    replicas: i32,
+) -> Option<String> {
     let master = status.master.as_deref();
+    let stays = |name: &str| names.ordinal(name).is_some_and(|o| o < replicas.max(1));
     replica_statuses(observed, master, &status.replicas)
         .into_iter()
         .filter(|r| Some(r.name.as_str()) != master)
@@ -853,7 +876,12 @@ pub fn successor(observed: &Observed, status: &BrokerGroupStatus) -> Option<Stri
                 .get(&r.name)
                 .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
         })
-        .max_by(|a, b| a.offset.cmp(&b.offset).then_with(|| b.name.cmp(&a.name)))
+        .max_by(|a, b| {
+            stays(&a.name)
+                .cmp(&stays(&b.name))
+                .then(a.offset.cmp(&b.offset))
+                .then_with(|| b.name.cmp(&a.name))
+        })
         .map(|r| r.name)
 }
 
@@ -876,7 +904,7 @@ pub async fn hand_over_from_terminating(
         return Ok(None);
     }
     let master = status.master.clone().unwrap_or_default();
-    let Some(target) = successor(observed, status) else {
+    let Some(target) = successor(observed, status, names, bg.spec.replicas) else {
         info!(
             "master {master}'s pod is being deleted and no slave can take over (reachable, ready, in sync and staying): it fails over once it stops"
         );

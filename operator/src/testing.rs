@@ -917,3 +917,24 @@ impl BrokerAdmin for FakeBrokers {
         })
     }
 }
+
+/// The pod spec of the StatefulSet the model builds for `bg`.
+pub fn pod_spec(bg: &keelmq_crds::BrokerGroup) -> k8s_openapi::api::core::v1::PodSpec {
+    crate::model::stateful_set(bg)
+        .expect("sts")
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+}
+
+/// The paths `c` mounts writable (not read-only).
+pub fn writable_mounts(c: &k8s_openapi::api::core::v1::Container) -> Vec<&str> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect()
+}

@@ -115,3 +115,95 @@ fn harness(group: &str, replicas: i32) -> (Arc<Context>, FakeApi, FakeBrokers) {
     ctx.replication_grace = REPLICATION_GRACE;
     (Arc::new(ctx), api, brokers)
 }
+
+/// Where `entry` is in a broker timeline; panics, showing it, if absent.
+fn position(t: &[String], entry: &str) -> usize {
+    t.iter()
+        .position(|e| e == entry)
+        .unwrap_or_else(|| panic!("no {entry:?} in {t:?}"))
+}
+
+/// A three-broker group `pay` whose master `pay-0` has just gone (pod
+/// deleted, admin API silent) while `pay-1` (offset 100) and `pay-2`
+/// (offset 90), slaves of epoch 1, still say they follow it; their pods are
+/// Ready as `slaves_ready` says (a following slave's `/readyz` says no once
+/// its master is gone). Ready or not, the decision is to promote `pay-1` in
+/// epoch 2 with `pay-2` as its follower.
+fn master_gone(replication: Value, slaves_ready: bool) -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("pay", 3);
+    let mut bg = serde_json::to_value(group(
+        "pay",
+        json!({"replicas": 3, "replication": replication}),
+    ))
+    .expect("json");
+    bg["status"] = json!({"master": "pay-0", "epoch": 1, "masterStoreId": "store-pay-0"});
+    api.insert(bg);
+    for (i, offset) in [(1, 100), (2, 90)] {
+        api.insert(pod("pay", i, slaves_ready));
+        brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), offset);
+        brokers.with(&format!("admin-pay-{i}"), |b| {
+            b.status.epoch = 1;
+            b.status.master_address = "repl-pay-0".into();
+        });
+    }
+    (ctx, api, brokers)
+}
+
+/// `orders` (three brokers, SYNC) with its objects applied, its pods made
+/// from the StatefulSet and Ready, and bootstrapped: `orders-0` (offset 300)
+/// is master of epoch 1, `orders-1` (200) and `orders-2` (100) follow it in
+/// sync (the fake master lists its followers), and the group is Ready.
+async fn healthy_group() -> (Arc<Context>, FakeApi, FakeBrokers) {
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    run(&api, &ctx, "orders")
+        .await
+        .expect("creates the objects");
+    for i in 0..3 {
+        api.pod_from_stateful_set(NS, "orders", i, true);
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            300 - 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    let bg = stored_group(&api, "orders");
+    let st = bg.status.clone().expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 1));
+    assert_eq!(
+        condition(&bg, "Ready").0,
+        "True",
+        "{:?}",
+        condition(&bg, "Ready")
+    );
+    assert!(st.rollout.is_none());
+    brokers.timeline.lock().expect("timeline").clear();
+    (ctx, api, brokers)
+}
+
+/// One reconcile of [`master_gone`] (SYNC), checked: `pay-1` is recorded
+/// as master of epoch 2 first, then `pay-2`, the only reachable follower,
+/// is fenced (told to follow `pay-1` in epoch 2), then `pay-1` is promoted.
+/// Returns the fake API server and the stored status.
+async fn fail_over_pay(slaves_ready: bool) -> (FakeApi, keelmq_crds::BrokerGroupStatus) {
+    let (ctx, api, brokers) = master_gone(json!({}), slaves_ready);
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let st = stored_group(&api, "pay").status.expect("status");
+    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 2));
+    let t = brokers.timeline.lock().expect("timeline").clone();
+    let record = position(&t, "update brokergroups/status pay");
+    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 2");
+    let promote = position(&t, "promote admin-pay-1 epoch 2");
+    assert!(record < fence && fence < promote, "{t:?}");
+    let follows: Vec<&String> = t.iter().filter(|e| e.starts_with("follow")).collect();
+    assert!(
+        follows
+            .iter()
+            .all(|e| *e == "follow admin-pay-2 -> repl-pay-1 epoch 2"),
+        "only pay-2 is a reachable follower: {t:?}"
+    );
+    (api, st)
+}

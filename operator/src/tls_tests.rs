@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::Error;
 use crate::model::*;
+use crate::testing::{pod_spec, writable_mounts};
 
 /// A BrokerGroup as stored, from its spec.
 fn group(spec: Value) -> BrokerGroup {
@@ -22,16 +23,6 @@ fn group(spec: Value) -> BrokerGroup {
 
 fn with_tls(secret: &str) -> BrokerGroup {
     group(json!({"replicas": 3, "tls": {"secretName": secret}}))
-}
-
-fn pod_spec(bg: &BrokerGroup) -> PodSpec {
-    stateful_set(bg)
-        .expect("sts")
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod")
 }
 
 fn broker(pod: &PodSpec) -> &Container {
@@ -129,15 +120,8 @@ fn a_tls_secret_keeps_the_pod_restricted() {
             .and_then(|s| s.read_only_root_filesystem),
         Some(true)
     );
-    let writable: Vec<&str> = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .filter(|m| m.read_only != Some(true))
-        .map(|m| m.mount_path.as_str())
-        .collect();
     assert_eq!(
-        writable,
+        writable_mounts(c),
         [DATA_DIR],
         "the data volume stays the only writable path"
     );

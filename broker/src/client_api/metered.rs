@@ -169,7 +169,40 @@ impl Metered {
     }
 }
 
+type Frames<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
 impl Metered {
+    /// Counts a streamed answer as its frames pass: the call by the code of
+    /// the status frame `see` names (or of a gRPC error), anything else by
+    /// what `see` does with it.
+    fn frames<T: Send + 'static>(
+        &self,
+        answer: Result<Response<Frames<T>>, Status>,
+        method: &'static str,
+        see: impl Fn(&ClientMetrics, &T) -> Option<&'static str> + Send + 'static,
+    ) -> Result<Response<Frames<T>>, Status> {
+        let stream = match answer {
+            Ok(stream) => stream.into_inner(),
+            Err(e) => {
+                self.metrics.call(method, grpc_code_name(e.code()));
+                return Err(e);
+            }
+        };
+        let metrics = self.metrics.clone();
+        let counted = stream.map(move |frame| {
+            match &frame {
+                Ok(f) => {
+                    if let Some(code) = see(&metrics, f) {
+                        metrics.call(method, code);
+                    }
+                }
+                Err(e) => metrics.call(method, grpc_code_name(e.code())),
+            }
+            frame
+        });
+        Ok(Response::new(Box::pin(counted)))
+    }
+
     /// Runs a call whose counting is only by method and code.
     async fn unary<T: Answer>(
         &self,
@@ -182,107 +215,40 @@ impl Metered {
     }
 }
 
-#[tonic::async_trait]
-impl MessagingService for Metered {
-    async fn query_route(
-        &self,
-        req: Request<pb::QueryRouteRequest>,
-    ) -> Result<Response<pb::QueryRouteResponse>, Status> {
-        self.unary("QueryRoute", self.api.query_route(req)).await
-    }
+/// The service impl: calls whose counting is only by method and code are
+/// listed in `unary` (each passes its request on and counts the answer's
+/// code); the others are written out after them.
+macro_rules! metered_service {
+    (unary { $($method:ident($req:ident) -> $resp:ident = $name:literal;)* } $($rest:tt)*) => {
+        #[tonic::async_trait]
+        impl MessagingService for Metered {
+            $(
+                async fn $method(
+                    &self,
+                    req: Request<pb::$req>,
+                ) -> Result<Response<pb::$resp>, Status> {
+                    self.unary($name, self.api.$method(req)).await
+                }
+            )*
+            $($rest)*
+        }
+    };
+}
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.unary("Heartbeat", self.api.heartbeat(req)).await
-    }
-
-    async fn query_assignment(
-        &self,
-        req: Request<pb::QueryAssignmentRequest>,
-    ) -> Result<Response<pb::QueryAssignmentResponse>, Status> {
-        self.unary("QueryAssignment", self.api.query_assignment(req))
-            .await
-    }
-
-    async fn forward_message_to_dead_letter_queue(
-        &self,
-        req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
-    ) -> Result<Response<pb::ForwardMessageToDeadLetterQueueResponse>, Status> {
-        self.unary(
-            "ForwardMessageToDeadLetterQueue",
-            self.api.forward_message_to_dead_letter_queue(req),
-        )
-        .await
-    }
-
-    async fn update_offset(
-        &self,
-        req: Request<pb::UpdateOffsetRequest>,
-    ) -> Result<Response<pb::UpdateOffsetResponse>, Status> {
-        self.unary("UpdateOffset", self.api.update_offset(req))
-            .await
-    }
-
-    async fn get_offset(
-        &self,
-        req: Request<pb::GetOffsetRequest>,
-    ) -> Result<Response<pb::GetOffsetResponse>, Status> {
-        self.unary("GetOffset", self.api.get_offset(req)).await
-    }
-
-    async fn query_offset(
-        &self,
-        req: Request<pb::QueryOffsetRequest>,
-    ) -> Result<Response<pb::QueryOffsetResponse>, Status> {
-        self.unary("QueryOffset", self.api.query_offset(req)).await
-    }
-
-    async fn end_transaction(
-        &self,
-        req: Request<pb::EndTransactionRequest>,
-    ) -> Result<Response<pb::EndTransactionResponse>, Status> {
-        self.unary("EndTransaction", self.api.end_transaction(req))
-            .await
-    }
-
-    async fn notify_client_termination(
-        &self,
-        req: Request<pb::NotifyClientTerminationRequest>,
-    ) -> Result<Response<pb::NotifyClientTerminationResponse>, Status> {
-        self.unary(
-            "NotifyClientTermination",
-            self.api.notify_client_termination(req),
-        )
-        .await
-    }
-
-    async fn change_invisible_duration(
-        &self,
-        req: Request<pb::ChangeInvisibleDurationRequest>,
-    ) -> Result<Response<pb::ChangeInvisibleDurationResponse>, Status> {
-        self.unary(
-            "ChangeInvisibleDuration",
-            self.api.change_invisible_duration(req),
-        )
-        .await
-    }
-
-    async fn recall_message(
-        &self,
-        req: Request<pb::RecallMessageRequest>,
-    ) -> Result<Response<pb::RecallMessageResponse>, Status> {
-        self.unary("RecallMessage", self.api.recall_message(req))
-            .await
-    }
-
-    async fn sync_lite_subscription(
-        &self,
-        req: Request<pb::SyncLiteSubscriptionRequest>,
-    ) -> Result<Response<pb::SyncLiteSubscriptionResponse>, Status> {
-        self.unary("SyncLiteSubscription", self.api.sync_lite_subscription(req))
-            .await
+metered_service! {
+    unary {
+        query_route(QueryRouteRequest) -> QueryRouteResponse = "QueryRoute";
+        heartbeat(HeartbeatRequest) -> HeartbeatResponse = "Heartbeat";
+        query_assignment(QueryAssignmentRequest) -> QueryAssignmentResponse = "QueryAssignment";
+        forward_message_to_dead_letter_queue(ForwardMessageToDeadLetterQueueRequest) -> ForwardMessageToDeadLetterQueueResponse = "ForwardMessageToDeadLetterQueue";
+        update_offset(UpdateOffsetRequest) -> UpdateOffsetResponse = "UpdateOffset";
+        get_offset(GetOffsetRequest) -> GetOffsetResponse = "GetOffset";
+        query_offset(QueryOffsetRequest) -> QueryOffsetResponse = "QueryOffset";
+        end_transaction(EndTransactionRequest) -> EndTransactionResponse = "EndTransaction";
+        notify_client_termination(NotifyClientTerminationRequest) -> NotifyClientTerminationResponse = "NotifyClientTermination";
+        change_invisible_duration(ChangeInvisibleDurationRequest) -> ChangeInvisibleDurationResponse = "ChangeInvisibleDuration";
+        recall_message(RecallMessageRequest) -> RecallMessageResponse = "RecallMessage";
+        sync_lite_subscription(SyncLiteSubscriptionRequest) -> SyncLiteSubscriptionResponse = "SyncLiteSubscription";
     }
 
     async fn send_message(
@@ -320,37 +286,22 @@ impl MessagingService for Metered {
     ) -> Result<Response<ReceiveStream>, Status> {
         let group = resource_name(&req.get_ref().group).to_owned();
         let answer = self.api.receive_message(req).await;
-        let stream = match answer {
-            Ok(stream) => stream.into_inner(),
-            Err(e) => {
-                self.metrics
-                    .call("ReceiveMessage", grpc_code_name(e.code()));
-                return Err(e);
-            }
-        };
         // The answer's status is a frame of the stream (after the messages).
-        let metrics = self.metrics.clone();
-        let counted = stream.map(move |frame| {
+        self.frames(answer, "ReceiveMessage", move |metrics, frame| {
             use pb::receive_message_response::Content;
-            match &frame {
-                Ok(pb::ReceiveMessageResponse {
-                    content: Some(Content::Status(s)),
-                }) => metrics.call("ReceiveMessage", code_name(s)),
-                Ok(pb::ReceiveMessageResponse {
-                    content: Some(Content::Message(m)),
-                }) => {
+            match &frame.content {
+                Some(Content::Status(s)) => Some(code_name(s)),
+                Some(Content::Message(m)) => {
                     let labels = GroupLabels {
                         group: group.clone(),
                         topic: resource_name(&m.topic).to_owned(),
                     };
                     metrics.messages_out.get_or_create(&labels).inc();
+                    None
                 }
-                Ok(_) => {}
-                Err(e) => metrics.call("ReceiveMessage", grpc_code_name(e.code())),
+                _ => None,
             }
-            frame
-        });
-        Ok(Response::new(Box::pin(counted)))
+        })
     }
 
     async fn ack_message(
@@ -387,26 +338,13 @@ impl MessagingService for Metered {
         req: Request<pb::PullMessageRequest>,
     ) -> Result<Response<PullStream>, Status> {
         let answer = self.api.pull_message(req).await;
-        let stream = match answer {
-            Ok(stream) => stream.into_inner(),
-            Err(e) => {
-                self.metrics.call("PullMessage", grpc_code_name(e.code()));
-                return Err(e);
-            }
-        };
-        let metrics = self.metrics.clone();
-        let counted = stream.map(move |frame| {
+        self.frames(answer, "PullMessage", |_, frame| {
             use pb::pull_message_response::Content;
-            match &frame {
-                Ok(pb::PullMessageResponse {
-                    content: Some(Content::Status(s)),
-                }) => metrics.call("PullMessage", code_name(s)),
-                Err(e) => metrics.call("PullMessage", grpc_code_name(e.code())),
-                Ok(_) => {}
+            match &frame.content {
+                Some(Content::Status(s)) => Some(code_name(s)),
+                _ => None,
             }
-            frame
-        });
-        Ok(Response::new(Box::pin(counted)))
+        })
     }
 
     type TelemetryStream = TelemetryStream;

@@ -1411,15 +1411,7 @@ mod tests {
     }
 
     async fn send_to(api: &ClientApi, topic: &str, body: &str) {
-        let m = pb::Message {
-            topic: resource(topic),
-            user_properties: Default::default(),
-            system_properties: Some(pb::SystemProperties {
-                message_id: format!("id-{body}"),
-                ..Default::default()
-            }),
-            body: body.as_bytes().to_vec().into(),
-        };
+        let m = message_to(topic, body);
         let resp = api
             .send_message(with_client(pb::SendMessageRequest { messages: vec![m] }))
             .await

@@ -471,8 +471,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_changed_certificate_is_served_and_a_bad_pair_keeps_the_last_good_one() {
+    /// Two generated certificate pairs (in `a/` and `b/`) and the served
+    /// files, holding pair `a`.
+    fn two_pairs_serving_the_first() -> (tempfile::TempDir, PathBuf, PathBuf, TlsFiles) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         generate(&a, "broker-0.example").expect("a");
@@ -484,6 +485,12 @@ mod tests {
             key: live.join("tls.key"),
         };
         install(&a.join("server.pem"), &a.join("server.key"), &files);
+        (dir, a, b, files)
+    }
+
+    #[test]
+    fn a_changed_certificate_is_served_and_a_bad_pair_keeps_the_last_good_one() {
+        let (_dir, a, b, files) = two_pairs_serving_the_first();
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let served =
             ReloadingCert::open(files.clone(), provider.clone(), Duration::ZERO).expect("loads");
@@ -515,15 +522,7 @@ mod tests {
 
     #[test]
     fn the_certificate_files_are_not_looked_at_more_often_than_the_recheck_period() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        generate(&a, "localhost").expect("a");
-        generate(&b, "localhost").expect("b");
-        let files = TlsFiles {
-            cert: dir.path().join("tls.crt"),
-            key: dir.path().join("tls.key"),
-        };
-        install(&a.join("server.pem"), &a.join("server.key"), &files);
+        let (_dir, a, b, files) = two_pairs_serving_the_first();
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let served =
             ReloadingCert::open(files.clone(), provider, Duration::from_secs(3600)).expect("loads");

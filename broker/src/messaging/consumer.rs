@@ -1842,6 +1842,15 @@ mod tests {
         }
     }
 
+    /// [`req`] at time 0 for queue 0 of `t` only, up to `max_messages`.
+    fn one_queue(filter: &TagFilter, max_messages: usize) -> ReceiveRequest<'_> {
+        ReceiveRequest {
+            queue_count: 1,
+            max_messages,
+            ..req(filter, 0, false)
+        }
+    }
+
     /// A store with `n` messages `m0`, `m1`, ... tagged `a` on queue 0 of `t`.
     fn filled(n: usize) -> (tempfile::TempDir, MessageStore) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1864,12 +1873,23 @@ mod tests {
     /// new master's consumption state knows nothing of.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_delivery_record_a_cut_removed_is_not_taken_for_durable() {
+        a_cut_delivery_record_is_reported(FlushMode::SyncFlush).await;
+    }
+
+    /// The same under ASYNC_FLUSH, where nothing is waited for: the cut is
+    /// still reported.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_async_flush_a_delivery_record_a_cut_removed_is_reported() {
+        a_cut_delivery_record_is_reported(FlushMode::AsyncFlush).await;
+    }
+
+    async fn a_cut_delivery_record_is_reported(mode: FlushMode) {
         use crate::replication::{ReplicationManager, ReplicationMode, StartRole};
         use crate::write_path::{WriteError, WritePath};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = StoreConfig::new(dir.path());
         cfg.segment_size = 1 << 20;
-        cfg.flush_mode = FlushMode::SyncFlush;
+        cfg.flush_mode = mode;
         let s = MessageStore::open(cfg).expect("open");
         let repl = ReplicationManager::open(
             crate::testing::replication_config(
@@ -1891,9 +1911,7 @@ mod tests {
         }
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
-        r.max_messages = 1;
+        let r = one_queue(&all, 1);
         let claim = c.claim(&r).expect("claim");
         assert_eq!(claim.items.len(), 1);
         let first = claim.durable_at.expect("a delivery record");
@@ -1913,22 +1931,20 @@ mod tests {
         }
         s.flush().expect("flush");
         assert!(s.flushed_offset() >= second.end_offset());
-        let waited = bounded(write.wait_delivery_record(second.span()))
-            .await
-            .expect("bounded");
-        assert!(
-            matches!(waited, Err(WriteError::Store(StoreError::Truncated { .. }))),
-            "{waited:?}"
-        );
         // A span starting before the cut and ending after it is cut too.
         let both = Recorded::join(Some(first), Some(second)).expect("span");
-        let waited = bounded(write.wait_delivery_record(both.span()))
+        for cut in [second, both] {
+            let waited = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                write.wait_delivery_record(cut.span()),
+            )
             .await
             .expect("bounded");
-        assert!(
-            matches!(waited, Err(WriteError::Store(StoreError::Truncated { .. }))),
-            "{waited:?}"
-        );
+            assert!(
+                matches!(waited, Err(WriteError::Store(StoreError::Truncated { .. }))),
+                "{waited:?}"
+            );
+        }
         s.shutdown().expect("shutdown");
     }
 
@@ -1983,9 +1999,7 @@ mod tests {
         }
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
-        r.max_messages = 1024;
+        let mut r = one_queue(&all, 1024);
         for i in 0..3u8 {
             let got = c.receive(&r).expect("receive");
             assert_eq!(got.len(), 1, "receive {i}");
@@ -2696,8 +2710,7 @@ mod tests {
         let (_dir, s) = filled(3);
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
+        let mut r = one_queue(&all, 10);
         let claimed = c.claim(&r).expect("claim").items;
         assert_eq!(claimed.len(), 3);
         assert_eq!(c.in_flight("g", "t", 0), 3);
@@ -2768,8 +2781,7 @@ mod tests {
     fn in_flight_state_survives_a_restart_under_the_same_handles() {
         let (_dir, s) = filled(4);
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
+        let r = one_queue(&all, 10);
         let c = Consumption::new(s.clone());
         let got = c.receive(&r).expect("receive");
         assert_eq!(got.len(), 4);
@@ -2842,9 +2854,7 @@ mod tests {
     fn old_in_flight_entries_are_logged_again_so_the_replay_stays_short() {
         let (_dir, s) = filled(40);
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
-        r.max_messages = 1;
+        let mut r = one_queue(&all, 1);
         r.invisible_ms = 3_600_000;
         let mut c = Consumption::new(s.clone());
         c.relog_records = 8;
@@ -2877,8 +2887,7 @@ mod tests {
     fn a_lost_delivery_log_falls_back_to_the_committed_offset() {
         let (_dir, s) = filled(3);
         let all = TagFilter::All;
-        let mut r = req(&all, 0, false);
-        r.queue_count = 1;
+        let r = one_queue(&all, 10);
         let c = Consumption::new(s.clone());
         let got = c.receive(&r).expect("receive");
         c.ack("g", "t", &got[0].handle.to_string()).expect("ack");

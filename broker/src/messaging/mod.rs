@@ -18,3 +18,12 @@ pub mod transaction;
 pub(crate) fn role_generation(write: &crate::write_path::WritePath) -> u64 {
     *write.replication().subscribe_role_changes().borrow()
 }
+
+/// The first readable offset and the end of queue 0 of `topic` (the
+/// broker's own topics: delay, half and op queues).
+pub(crate) fn queue_bounds(store: &crate::store::MessageStore, topic: &str) -> (u64, u64) {
+    (
+        store.queue_min_offset(topic, 0),
+        store.queue_max_offset(topic, 0),
+    )
+}

@@ -24,6 +24,20 @@
 //! before the op records existed has alone: it is read from there, as it
 //! always was.
 //!
+//! Those stored marks are saved and replicated apart from the log, so they
+//! may count deliveries the log no longer holds (the unflushed tail lost in
+//! a power loss under ASYNC_FLUSH; a promoted slave that got its master's
+//! metadata but not the deliveries). Where the log still holds an op record
+//! its marks are used, but where every op record is gone the stored marks
+//! cannot be told from an old store's. So before its first op record a
+//! master flags the store, in the same stored offsets (one atomic file, one
+//! replicated snapshot, so no copy holds marks advanced by op records
+//! without the flag): the offset of [`OPS_SINCE_GROUP`] on [`DELAY_TOPIC`]
+//! is the delay-queue offset below which everything was delivered without
+//! op records (by an earlier release). A flagged store with no readable op
+//! record starts from there: what its lost op records delivered is
+//! delivered again (at least once), never skipped.
+//!
 //! The timer works only on a writable master, with a state built for the
 //! current role: after every role change (promotion, following another
 //! master, whose stream may cut this log at the fork point or discard it)
@@ -46,6 +60,10 @@ pub const DELAY_OP_TOPIC: &str = "%SYS_DELAY_OP%";
 /// The timer's progress is stored as this group's offsets on [`DELAY_TOPIC`]
 /// and [`DELAY_OP_TOPIC`].
 const TIMER_GROUP: &str = "%SYS_TIMER%";
+/// Set before the first op record: this group's offset on [`DELAY_TOPIC`]
+/// (queue 0) is the delay-queue offset below which every message was
+/// delivered before op records were written (see the module doc).
+const OPS_SINCE_GROUP: &str = "%SYS_TIMER_OPS_SINCE%";
 /// How often the timer looks for due messages (delivery within this of due).
 pub const TICK: Duration = Duration::from_millis(100);
 /// Most messages delivered in one append.
@@ -190,8 +208,6 @@ struct State {
     committed: u64,
     /// Next op-queue offset not yet loaded.
     op_loaded_to: u64,
-    /// Last op-queue progress stored.
-    op_committed: u64,
 }
 
 /// A batch of due messages being delivered in one append.
@@ -229,53 +245,79 @@ impl Timer {
     }
 
     fn initial_state(store: &MessageStore) -> State {
-        let (min, max) = (
-            store.queue_min_offset(DELAY_TOPIC, 0),
-            store.queue_max_offset(DELAY_TOPIC, 0),
-        );
-        let (op_min, op_max) = (
-            store.queue_min_offset(DELAY_OP_TOPIC, 0),
-            store.queue_max_offset(DELAY_OP_TOPIC, 0),
-        );
-        let (committed, op_committed) =
-            Self::last_op_marks(store, op_min, op_max).unwrap_or_else(|| {
-                // No op record: a store from before they existed (or whose
-                // last one is unreadable). Its stored marks; without an op
-                // progress, the op queue from its start.
-                let meta = store.metadata();
-                (
-                    meta.get_offset(TIMER_GROUP, DELAY_TOPIC, 0).unwrap_or(min),
-                    meta.get_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0)
-                        .unwrap_or(op_min),
-                )
-            });
+        let (min, max) = super::queue_bounds(store, DELAY_TOPIC);
+        let (op_min, op_max) = super::queue_bounds(store, DELAY_OP_TOPIC);
+        let meta = store.metadata();
+        let (committed, op_committed) = match (
+            Self::last_op_marks(store, op_min, op_max),
+            meta.get_offset(OPS_SINCE_GROUP, DELAY_TOPIC, 0),
+        ) {
+            (Some(marks), _) => marks,
+            // Op records were written here, and none is left (lost with
+            // the tail, cut, never replicated here): the stored marks may
+            // count their deliveries. Everything after what was delivered
+            // without op records is read again.
+            (None, Some(since)) => (since, op_min),
+            // A store from before the op records: its stored marks (without
+            // an op progress, the op queue from its start).
+            (None, None) => (
+                meta.get_offset(TIMER_GROUP, DELAY_TOPIC, 0).unwrap_or(min),
+                meta.get_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0)
+                    .unwrap_or(op_min),
+            ),
+        };
         let committed = committed.min(max).max(min);
         let op_committed = op_committed.min(op_max).max(op_min);
         State {
             loaded_to: committed,
             committed,
             op_loaded_to: op_committed,
-            op_committed,
             ..State::default()
         }
     }
 
-    /// The progress marks the last op record in the log carries: those of
-    /// the log up to it, whatever became of the log after it (cut at a
-    /// fork, lost in a crash) and of the stored marks.
+    /// The progress marks the last readable op record in the log carries:
+    /// those of the log up to it, whatever became of the log after it (cut
+    /// at a fork, lost in a crash) and of the stored marks. An unreadable
+    /// op record loses its own marks only: the ones before it hold for the
+    /// log up to there, and the ops after them are read again.
     fn last_op_marks(store: &MessageStore, op_min: u64, op_max: u64) -> Option<(u64, u64)> {
-        if op_max <= op_min {
-            return None;
-        }
-        let op = match store.get(DELAY_OP_TOPIC, 0, op_max - 1) {
+        (op_min..op_max)
+            .rev()
+            .find_map(|off| Self::op_marks(store, off))
+    }
+
+    /// The marks of the op record at `off`, if it is readable and has them.
+    fn op_marks(store: &MessageStore, off: u64) -> Option<(u64, u64)> {
+        let op = match store.get(DELAY_OP_TOPIC, 0, off) {
             Ok(op) => op?,
             Err(e) => {
-                tracing::error!(error = %e, offset = op_max - 1, "last delay op record unreadable; starting from the stored timer progress");
+                tracing::error!(error = %e, offset = off, "delay op record unreadable; taking the timer progress from the one before it");
                 return None;
             }
         };
         let mark = |k: &str| op.properties.get(k).and_then(|v| v.parse::<u64>().ok());
         Some((mark(DONE_BELOW)?, mark(OPS_FROM)?))
+    }
+
+    /// Flags the store as one whose timer writes op records, unless it is
+    /// already (see the module doc). Called on a writable master before it
+    /// delivers anything, with `st` just rebuilt from the log.
+    fn flag_op_records(&self, st: &State) {
+        let meta = self.store.metadata();
+        if meta.get_offset(OPS_SINCE_GROUP, DELAY_TOPIC, 0).is_some() {
+            return;
+        }
+        // With op records in the log (written by a release that set no
+        // flag), the first one's delay mark: everything below it was
+        // delivered before it, and what it or a later op delivered is
+        // above. Without: the marks were stored without op records, the
+        // state starts from them, and they are the old deliveries.
+        let (op_min, op_max) = super::queue_bounds(&self.store, DELAY_OP_TOPIC);
+        let since = (op_min..op_max)
+            .find_map(|off| Self::op_marks(&self.store, off))
+            .map_or(st.committed, |(done_below, _)| done_below);
+        meta.commit_offset(OPS_SINCE_GROUP, DELAY_TOPIC, 0, since);
     }
 
     /// The record to store for `rec`, due at `due_ms`: held in the delay topic.
@@ -343,6 +385,7 @@ impl Timer {
             if st.basis != Some(basis) {
                 *st = Self::initial_state(&self.store);
                 st.basis = Some(basis);
+                self.flag_op_records(&st);
             }
             self.load(&mut st);
             st.pending
@@ -500,7 +543,8 @@ impl Timer {
         }
     }
 
-    /// Stores the progress marks that changed: the delay-queue one first,
+    /// Stores the progress marks that differ from the stored ones (which
+    /// may be those of a log since cut or lost): the delay-queue one first,
     /// so a metadata snapshot taken in between holds an op progress low
     /// enough for the delay progress it holds.
     fn store_progress(&self, st: &mut State) {
@@ -509,8 +553,7 @@ impl Timer {
             meta.commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, st.committed);
         }
         let op_low = st.done.op_floor().unwrap_or(st.op_loaded_to);
-        if op_low != st.op_committed {
-            st.op_committed = op_low;
+        if meta.get_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0) != Some(op_low) {
             meta.commit_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0, op_low);
         }
     }
@@ -633,11 +676,14 @@ mod tests {
         run.await.expect("timer task");
     }
 
+    /// Random due times, delivery rounds, restarts, and power losses that
+    /// take the log back to where it ended after one of the last rounds
+    /// (the stored marks, saved apart from the log, staying ahead).
     #[tokio::test]
     async fn delayed_messages_come_due_never_early_and_survive_restarts() {
         let mut rng = crate::testing::seeded_rng();
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = crate::testing::lone_master(dir.path());
+        let (mut store, mut write) = crate::testing::lone_master(dir.path());
         let base = now_ms();
         let mut due: HashMap<String, i64> = HashMap::new();
         for i in 0..80 {
@@ -648,14 +694,27 @@ mod tests {
             write.write(vec![Timer::hold(rec, at)]).await.expect("hold");
             due.insert(id, at);
         }
+        // Where the log ended after each round (the holds first): where a
+        // power loss may take it back to, the stored marks staying ahead.
+        let mut ends = vec![store.max_offset()];
+        let mut power_losses = 0;
         let mut timer = Timer::new(store.clone());
         let mut now = base - 1_000;
         while now < base + 12_000 {
             now += rng.random_range(0..700);
-            if rng.random_range(0..10) == 0 {
-                timer = Timer::new(store.clone());
+            match rng.random_range(0..10) {
+                0 => timer = Timer::new(store.clone()),
+                1 => {
+                    let keep = ends[rng.random_range(ends.len().saturating_sub(6)..ends.len())];
+                    ends.retain(|&e| e <= keep);
+                    (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
+                    timer = Timer::new(store.clone());
+                    power_losses += 1;
+                }
+                _ => {}
             }
             timer.deliver_due(&write, now).await.expect("deliver");
+            ends.push(store.max_offset());
             let seen = delivered(&store, "t");
             for (id, &at) in &due {
                 let copies = seen.get(id).copied().unwrap_or(0);
@@ -664,12 +723,20 @@ mod tests {
                 } else {
                     assert_eq!(copies, 0, "{id} due at {at} delivered by {now}");
                 }
-                // Once, restarts or not: the op records say what was.
+                // Once, restarts or not: the op records say what was, and
+                // a power loss takes a delivery with its op record.
                 assert!(copies <= 1, "{id} delivered twice");
             }
         }
-        // Everything delivered: the progress covers the delay queue (and
-        // the op queue), and a restart delivers nothing again.
+        eprintln!("{power_losses} power losses");
+        // Everything delivered: a restart delivers nothing again, and the
+        // progress covers the delay queue (and the op queue, once the last
+        // op record was read back).
+        let before = delivered(&store, "t");
+        let timer = Timer::new(store.clone());
+        assert_eq!(timer.deliver_due(&write, now).await.expect("deliver"), 0);
+        assert_eq!(delivered(&store, "t"), before);
+        assert_eq!(before.len(), 80, "every message delivered");
         assert_eq!(
             store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
             Some(80)
@@ -678,11 +745,6 @@ mod tests {
             store.metadata().get_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0),
             Some(store.queue_max_offset(DELAY_OP_TOPIC, 0))
         );
-        let before = delivered(&store, "t");
-        let timer = Timer::new(store.clone());
-        assert_eq!(timer.deliver_due(&write, now).await.expect("deliver"), 0);
-        assert_eq!(delivered(&store, "t"), before);
-        assert_eq!(before.len(), 80, "every message delivered");
     }
 
     #[tokio::test]
@@ -783,6 +845,20 @@ mod tests {
         )
     }
 
+    /// The delivery round, at the current time, of a timer started afresh
+    /// on `store` (as after a restart or at the first start).
+    async fn fresh_round(store: &MessageStore, write: &WritePath) -> Result<usize, String> {
+        Timer::new(store.clone()).deliver_due(write, now_ms()).await
+    }
+
+    /// Holds a message per id in `t`, each in its own append, all due.
+    async fn hold_due(write: &WritePath, ids: &[&str]) {
+        let past = now_ms() - 1_000;
+        for id in ids {
+            write.write(vec![held(id, past)]).await.expect("hold");
+        }
+    }
+
     fn held(id: &str, due: i64) -> NewRecord {
         Timer::hold(
             NewRecord::new("t", 0, id.as_bytes().to_vec()).with_property(keys::MESSAGE_ID, id),
@@ -867,9 +943,7 @@ mod tests {
             );
         }
         // Nor after a restart: the op record went with the messages.
-        let _ = Timer::new(store.clone())
-            .deliver_due(&write, now_ms())
-            .await;
+        let _ = fresh_round(&store, &write).await;
         let seen = delivered(&store, "t");
         assert_eq!((seen.get("a"), seen.get("b")), (Some(&1), Some(&1)));
     }
@@ -902,12 +976,7 @@ mod tests {
         let seen = delivered(&store, "t");
         assert_eq!((seen.get("a"), seen.get("b")), (Some(&1), Some(&1)));
         // And a restart agrees.
-        assert_eq!(
-            Timer::new(store.clone())
-                .deliver_due(&write, now_ms())
-                .await,
-            Ok(0)
-        );
+        assert_eq!(fresh_round(&store, &write).await, Ok(0));
     }
 
     /// A store from before the op records has only the stored progress: it
@@ -917,29 +986,113 @@ mod tests {
     async fn a_store_with_only_the_old_progress_mark_delivers_from_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
-        let past = now_ms() - 1_000;
-        for id in ["a", "b", "c"] {
-            write.write(vec![held(id, past)]).await.expect("hold");
-        }
+        hold_due(&write, &["a", "b", "c"]).await;
         // As an old broker leaves it after delivering a and b.
         store
             .metadata()
             .commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, 2);
-        assert_eq!(
-            Timer::new(store.clone())
-                .deliver_due(&write, now_ms())
-                .await,
-            Ok(1)
-        );
-        assert_eq!(
-            Timer::new(store.clone())
-                .deliver_due(&write, now_ms())
-                .await,
-            Ok(0)
-        );
+        assert_eq!(fresh_round(&store, &write).await, Ok(1));
+        assert_eq!(fresh_round(&store, &write).await, Ok(0));
         let seen = delivered(&store, "t");
         assert_eq!(seen.len(), 1);
         assert_eq!(seen.get("c"), Some(&1));
+    }
+
+    /// A power loss under ASYNC_FLUSH takes the first deliveries ever made
+    /// here with their op record, while the stored marks, saved on their
+    /// own schedule, count them. With no op record left they used to be
+    /// read as an old store's marks, and the messages were never delivered.
+    #[tokio::test]
+    async fn deliveries_lost_with_every_op_record_are_made_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let past = now_ms() - 1_000;
+        write
+            .write(vec![held("a", past), held("b", past)])
+            .await
+            .expect("hold");
+        // The last flush before the power loss reaches here.
+        let keep = store.max_offset();
+        assert_eq!(fresh_round(&store, &write).await, Ok(2));
+        assert_eq!(
+            store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
+            Some(2)
+        );
+
+        let (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
+        assert_eq!(store.queue_max_offset(DELAY_OP_TOPIC, 0), 0, "op lost");
+        assert!(delivered(&store, "t").is_empty(), "deliveries lost");
+        assert_eq!(fresh_round(&store, &write).await, Ok(2), "delivered again");
+        // Once: a restart reads the new op record.
+        assert_eq!(fresh_round(&store, &write).await, Ok(0));
+        let seen = delivered(&store, "t");
+        assert_eq!((seen.get("a"), seen.get("b")), (Some(&1), Some(&1)));
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A store an earlier release left with only the stored mark (a and b
+    /// delivered), whose first op record, this release's delivery of c, is
+    /// lost in a power loss: c is delivered again, a and b are not.
+    #[tokio::test]
+    async fn an_old_store_whose_first_op_record_is_lost_delivers_from_its_old_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        hold_due(&write, &["a", "b", "c"]).await;
+        store
+            .metadata()
+            .commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, 2);
+        let keep = store.max_offset();
+        assert_eq!(fresh_round(&store, &write).await, Ok(1));
+
+        let (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
+        assert_eq!(
+            store.metadata().get_offset(TIMER_GROUP, DELAY_TOPIC, 0),
+            Some(3),
+            "the stored mark counts c"
+        );
+        assert_eq!(fresh_round(&store, &write).await, Ok(1));
+        let seen = delivered(&store, "t");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen.get("c"), Some(&1));
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A store whose op records were written before the store was flagged
+    /// (the previous release): flagged from its first op record, so once
+    /// every op record is lost it delivers again what they delivered, and
+    /// not what was delivered before them.
+    #[tokio::test]
+    async fn a_store_with_unflagged_op_records_is_flagged_from_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        hold_due(&write, &["a", "b", "c"]).await;
+        let keep = store.max_offset();
+        // As the previous release leaves it: a delivered without op records,
+        // b with one, and its stored marks.
+        let rec = store.get(DELAY_TOPIC, 0, 1).expect("read").expect("b");
+        let mut op = NewRecord::new(DELAY_OP_TOPIC, 0, "1")
+            .with_property(DONE_BELOW, "1")
+            .with_property(OPS_FROM, "0");
+        op.flags = flags::SYSTEM;
+        write
+            .write(vec![
+                NewRecord::new("t", 0, rec.body.clone()).with_property(keys::MESSAGE_ID, "b"),
+                op,
+            ])
+            .await
+            .expect("deliver b");
+        let meta = store.metadata();
+        meta.commit_offset(TIMER_GROUP, DELAY_TOPIC, 0, 2);
+        meta.commit_offset(TIMER_GROUP, DELAY_OP_TOPIC, 0, 1);
+        assert_eq!(fresh_round(&store, &write).await, Ok(1), "c");
+        assert_eq!(meta.get_offset(OPS_SINCE_GROUP, DELAY_TOPIC, 0), Some(1));
+
+        let (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
+        assert_eq!(fresh_round(&store, &write).await, Ok(2), "b and c");
+        let seen = delivered(&store, "t");
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!((seen.get("b"), seen.get("c")), (Some(&1), Some(&1)));
+        store.shutdown().expect("shutdown");
     }
 
     #[test]

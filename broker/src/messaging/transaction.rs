@@ -415,14 +415,8 @@ impl Transactions {
     /// The state to rebuild from: the progress marks of the last op record
     /// in the log (see the module doc), within the queues.
     fn fresh(store: &MessageStore) -> State {
-        let (min, max) = (
-            store.queue_min_offset(HALF_TOPIC, 0),
-            store.queue_max_offset(HALF_TOPIC, 0),
-        );
-        let (op_min, op_max) = (
-            store.queue_min_offset(OP_TOPIC, 0),
-            store.queue_max_offset(OP_TOPIC, 0),
-        );
+        let (min, max) = super::queue_bounds(store, HALF_TOPIC);
+        let (op_min, op_max) = super::queue_bounds(store, OP_TOPIC);
         let (committed, op_committed) = match Self::last_op_marks(store, op_min, op_max) {
             LastOp::Marks(half, ops) => (half, ops),
             // No decision in the log (none made, or every one gone with a
@@ -1000,6 +994,31 @@ mod tests {
         )
     }
 
+    /// Writes a half message per id through `write`, in one append; their
+    /// transaction ids.
+    async fn halves(write: &WritePath, ids: &[&str]) -> Vec<String> {
+        let appended = write
+            .write(ids.iter().map(|id| half(id)).collect())
+            .await
+            .expect("halves");
+        ids.iter()
+            .zip(&appended)
+            .map(|(m, a)| transaction_id(a.queue_offset, m))
+            .collect()
+    }
+
+    /// Checks that transaction `id` of message `m` in `orders` is committed:
+    /// a repeat of the commit is answered, a rollback is a conflict.
+    async fn committed(tx: &Transactions, write: &WritePath, id: &str, m: &str) {
+        tx.end(write, id, m, "orders", Decision::Commit)
+            .await
+            .expect("a repeat of the commit is answered");
+        assert!(matches!(
+            tx.end(write, id, m, "orders", Decision::Rollback).await,
+            Err(EndError::Conflict { .. })
+        ));
+    }
+
     fn cfg() -> TransactionConfig {
         TransactionConfig {
             first_check: Duration::from_millis(0),
@@ -1013,15 +1032,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
-        let a = write
-            .write(vec![half("A"), half("B"), half("C")])
-            .await
-            .expect("write");
-        let ids: Vec<String> = ["A", "B", "C"]
-            .iter()
-            .zip(&a)
-            .map(|(m, a)| transaction_id(a.queue_offset, m))
-            .collect();
+        let ids = halves(&write, &["A", "B", "C"]).await;
         assert_eq!(
             store.queue_max_offset("orders", 1),
             0,
@@ -1031,14 +1042,7 @@ mod tests {
         tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
             .await
             .expect("commit");
-        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
-            .await
-            .expect("repeat is fine");
-        assert!(matches!(
-            tx.end(&write, &ids[0], "A", "orders", Decision::Rollback)
-                .await,
-            Err(EndError::Conflict { .. })
-        ));
+        committed(&tx, &write, &ids[0], "A").await;
         tx.end(&write, &ids[1], "B", "orders", Decision::Rollback)
             .await
             .expect("rollback");
@@ -1077,45 +1081,6 @@ mod tests {
         assert_eq!(tx.pending_count(), 0);
     }
 
-    /// A power loss: the store in `dir` loses everything from commit-log
-    /// offset `keep` on, as when the last flush under ASYNC_FLUSH reached
-    /// only there, while the metadata (the stored progress marks with it),
-    /// saved on its own schedule, was saved after. Returns the store and
-    /// write path as they reopen.
-    fn power_loss(
-        dir: &std::path::Path,
-        store: &MessageStore,
-        keep: u64,
-    ) -> (MessageStore, WritePath) {
-        use std::os::unix::fs::FileExt;
-        let (end, seg) = (store.max_offset(), store.config().segment_size);
-        assert_eq!(
-            keep / seg,
-            (end - 1) / seg,
-            "the lost tail is in one segment"
-        );
-        // Saves the metadata, as the checkpoint thread would have.
-        store.shutdown().expect("shutdown");
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(crate::store::segment_path(dir, seg, keep))
-            .expect("segment");
-        f.write_all_at(&vec![0u8; (end - keep) as usize], keep % seg)
-            .expect("lose the tail");
-        // The last checkpoint saw the log flushed to `keep`, and the broker
-        // never stopped cleanly (the store's checkpoint file).
-        let cp = crate::store::Checkpoint {
-            flushed_offset: keep,
-            cq_offset: keep,
-            clean: false,
-            written_ms: now_ms(),
-        };
-        crate::store::save_json(&dir.join("checkpoint.json"), &cp).expect("checkpoint");
-        let reopened = crate::testing::lone_master(dir);
-        assert_eq!(reopened.0.max_offset(), keep, "the tail is gone");
-        reopened
-    }
-
     /// Bodies of the messages in queue 1 of `orders`.
     fn orders(store: &MessageStore) -> Vec<String> {
         store
@@ -1131,15 +1096,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
-        let a = write
-            .write(vec![half("A"), half("B"), half("C")])
-            .await
-            .expect("halves");
-        let ids: Vec<String> = ["A", "B", "C"]
-            .iter()
-            .zip(&a)
-            .map(|(m, a)| transaction_id(a.queue_offset, m))
-            .collect();
+        let ids = halves(&write, &["A", "B", "C"]).await;
         tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
             .await
             .expect("commit A");
@@ -1157,7 +1114,7 @@ mod tests {
         assert_eq!(meta.get_offset(TXN_GROUP, OP_TOPIC, 0), Some(3));
         drop(tx);
 
-        let (store, write) = power_loss(dir.path(), &store, keep);
+        let (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
         assert_eq!(
             store.queue_max_offset(HALF_TOPIC, 0),
             3,
@@ -1171,14 +1128,7 @@ mod tests {
         let due = tx.due_checks(&write, now_ms() + 1000).await;
         let asked: Vec<&str> = due.iter().map(|d| d.tx_id.as_str()).collect();
         assert_eq!(asked, [ids[1].as_str(), ids[2].as_str()], "checked back");
-        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
-            .await
-            .expect("A's commit is still answered");
-        assert!(matches!(
-            tx.end(&write, &ids[0], "A", "orders", Decision::Rollback)
-                .await,
-            Err(EndError::Conflict { .. })
-        ));
+        committed(&tx, &write, &ids[0], "A").await;
         // The producers' repeats of the lost decisions apply them again.
         tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
             .await
@@ -1191,7 +1141,7 @@ mod tests {
 
         // Another power loss, this time losing nothing: the marks the last
         // op record carries rebuild the same state.
-        let (store, write) = power_loss(dir.path(), &store, store.max_offset());
+        let (store, write) = crate::testing::power_loss(dir.path(), &store, store.max_offset());
         let tx = Transactions::new(store.clone(), cfg());
         tx.load();
         assert_eq!(tx.pending_count(), 0);
@@ -1208,10 +1158,7 @@ mod tests {
     async fn a_store_from_before_the_marks_is_rebuilt_from_its_stored_progress() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
-        write
-            .write(vec![half("A"), half("B"), half("C")])
-            .await
-            .expect("halves");
+        let ids = halves(&write, &["A", "B", "C"]).await;
         // A committed and B rolled back as earlier releases recorded it.
         let old_op = |off: u64, m: &str, d: Decision| {
             let mut op = NewRecord::new(OP_TOPIC, 0, off.to_string())
@@ -1242,14 +1189,13 @@ mod tests {
         let tx = Transactions::new(store.clone(), cfg());
         tx.load();
         assert_eq!(tx.pending_count(), 1, "C");
-        let id = |off: u64, m: &str| transaction_id(off, m);
-        tx.end(&write, &id(0, "A"), "A", "orders", Decision::Commit)
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
             .await
             .expect("a recent decision is answered");
-        tx.end(&write, &id(1, "B"), "B", "orders", Decision::Rollback)
+        tx.end(&write, &ids[1], "B", "orders", Decision::Rollback)
             .await
             .expect("a recent decision is answered");
-        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+        tx.end(&write, &ids[2], "C", "orders", Decision::Commit)
             .await
             .expect("commit C");
         assert_eq!(orders(&store), ["A", "C"]);
@@ -1259,7 +1205,7 @@ mod tests {
         let tx = Transactions::new(store.clone(), cfg());
         tx.load();
         assert_eq!(tx.pending_count(), 0);
-        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+        tx.end(&write, &ids[2], "C", "orders", Decision::Commit)
             .await
             .expect("idempotent");
         assert_eq!(orders(&store), ["A", "C"]);
@@ -1454,15 +1400,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write) = crate::testing::lone_master(dir.path());
         let tx = Transactions::new(store.clone(), cfg());
-        write
-            .write(vec![half("A"), half("B"), half("C")])
-            .await
-            .expect("write");
-        let id = |off: u64, m: &str| transaction_id(off, m);
-        tx.end(&write, &id(1, "B"), "B", "orders", Decision::Commit)
+        let ids = halves(&write, &["A", "B", "C"]).await;
+        tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
             .await
             .expect("commit");
-        tx.end(&write, &id(2, "C"), "C", "orders", Decision::Commit)
+        tx.end(&write, &ids[2], "C", "orders", Decision::Commit)
             .await
             .expect("commit");
         tx.load();
@@ -1474,7 +1416,7 @@ mod tests {
                 "B's and C's ops are needed after a restart"
             );
         }
-        tx.end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+        tx.end(&write, &ids[0], "A", "orders", Decision::Rollback)
             .await
             .expect("rollback");
         tx.load();
@@ -1484,7 +1426,7 @@ mod tests {
         // A restart still answers repeats of recent decisions.
         let again = Transactions::new(store.clone(), cfg());
         again
-            .end(&write, &id(0, "A"), "A", "orders", Decision::Rollback)
+            .end(&write, &ids[0], "A", "orders", Decision::Rollback)
             .await
             .expect("idempotent after a restart");
         assert_eq!(again.pending_count(), 0);
@@ -1797,7 +1739,7 @@ mod tests {
                     let (keep, before) = history[history.len() - 1 - back].clone();
                     let (end, seg) = (store.max_offset(), store.config().segment_size);
                     if keep > 0 && keep / seg == end.saturating_sub(1) / seg {
-                        (store, write) = power_loss(dir.path(), &store, keep);
+                        (store, write) = crate::testing::power_loss(dir.path(), &store, keep);
                         history.truncate(history.len() - back);
                         txs = before;
                         power_losses += 1;

@@ -391,6 +391,14 @@ impl ReplicationManager {
         }
     }
 
+    /// For a master: whether it refuses writes for a switchover under way
+    /// (from when it stops writes until it follows the target, or puts
+    /// writes back on after a failed one).
+    pub fn writes_paused(&self) -> bool {
+        let st = self.state.lock();
+        st.role == Role::Master && !st.writable
+    }
+
     /// Offset acknowledged under the replication mode in force.
     pub fn confirmed_offset(&self) -> u64 {
         match self.cfg.mode {

@@ -889,12 +889,11 @@ impl MessageStore {
     /// [`MessageStore::wait_flushed`] for an append: waits until it is
     /// durable under SYNC_FLUSH, and fails with [`StoreError::Truncated`] if
     /// the log was cut since it was appended (its offsets may now hold
-    /// another broker's records).
+    /// another broker's records), in either mode.
     pub async fn wait_appended(&self, a: &Appended) -> Result<(), StoreError> {
-        if self.inner.config.flush_mode == FlushMode::AsyncFlush {
-            return Ok(());
+        if self.inner.config.flush_mode != FlushMode::AsyncFlush {
+            self.wait_durable(a.end_offset).await?;
         }
-        self.wait_durable(a.end_offset).await?;
         self.check_not_cut(a)
     }
 

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::group;
 use crate::Error;
 use crate::model::*;
+use crate::testing::{pod_spec, writable_mounts};
 
 fn full() -> keelmq_crds::BrokerGroup {
     let text = std::fs::read_to_string(concat!(
@@ -371,16 +372,6 @@ fn an_object_without_namespace_or_uid_is_refused() {
     ));
 }
 
-fn pod_spec(bg: &keelmq_crds::BrokerGroup) -> k8s_openapi::api::core::v1::PodSpec {
-    stateful_set(bg)
-        .expect("sts")
-        .spec
-        .expect("spec")
-        .template
-        .spec
-        .expect("pod")
-}
-
 /// A PVC is mounted over the image's data directory and belongs to whoever
 /// formatted it (often root): without an fsGroup the broker's user cannot
 /// write it. Every pod gets the default context; the spec's fields are
@@ -441,7 +432,7 @@ fn broker_pods_get_a_default_security_context_the_spec_merges_over() {
 #[test]
 fn the_broker_container_runs_restricted() {
     let c = broker_container(&stateful_set(&group("g", json!({}))).expect("sts"));
-    let sc = serde_json::to_value(c.security_context.expect("set")).expect("json");
+    let sc = serde_json::to_value(c.security_context.as_ref().expect("set")).expect("json");
     assert_eq!(
         sc,
         json!({
@@ -450,15 +441,8 @@ fn the_broker_container_runs_restricted() {
             "readOnlyRootFilesystem": true
         })
     );
-    let writable: Vec<&str> = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .filter(|m| m.read_only != Some(true))
-        .map(|m| m.mount_path.as_str())
-        .collect();
     assert_eq!(
-        writable,
+        writable_mounts(&c),
         [DATA_DIR],
         "the data volume is the only writable path"
     );

@@ -5,26 +5,21 @@
 //! replication, and a master whose pod is being deleted (a drain) hands its
 //! role over to an in-sync slave before it stops.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use keelmq_proto::admin as pb;
 use serde_json::{Value, json};
 
-use super::{NS, condition, group, harness, pod, run, stored_group};
-use crate::controller::Context;
+use super::{
+    NS, condition, fail_over_pay, group, harness, healthy_group, master_gone, pod, position, run,
+    stored_group,
+};
 use crate::failover::serving;
 use crate::testing::{FakeApi, FakeBrokers};
 
 fn timeline(brokers: &FakeBrokers) -> Vec<String> {
     brokers.timeline.lock().expect("timeline").clone()
-}
-
-fn position(t: &[String], entry: &str) -> usize {
-    t.iter()
-        .position(|e| e == entry)
-        .unwrap_or_else(|| panic!("no {entry:?} in {t:?}"))
 }
 
 fn label(api: &FakeApi, pod: &str) -> Option<String> {
@@ -55,6 +50,18 @@ fn delete_pod_gracefully(api: &FakeApi, name: &str) {
     edit_pod(api, name, |p| {
         p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     });
+}
+
+/// The message of the group's Degraded condition, which must be True for
+/// `reason`.
+fn degraded_because(bg: &keelmq_crds::BrokerGroup, reason: &str) -> String {
+    let (status, why, message) = condition(bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), why.as_str()),
+        ("True", reason),
+        "{message}"
+    );
+    message
 }
 
 /// Warning events with `reason` published so far.
@@ -116,39 +123,12 @@ fn a_following_slave_serves_by_its_answer_whatever_its_pods_readiness() {
     );
 }
 
-/// `pay` (three brokers, SYNC, one in-sync slave) whose master `pay-0` has
-/// just gone (pod deleted, admin silent): `pay-1` (offset 100) and `pay-2`
-/// (offset 90) still say they follow it, and their pods are not Ready, as
-/// their `/readyz` says with the master gone ("not connected").
-fn master_gone_slaves_unready() -> (Arc<Context>, FakeApi, FakeBrokers) {
-    let (ctx, api, brokers) = harness("pay", 3);
-    let mut bg = serde_json::to_value(group("pay", json!({"replicas": 3}))).expect("json");
-    bg["status"] = json!({"master": "pay-0", "epoch": 1, "masterStoreId": "store-pay-0"});
-    api.insert(bg);
-    for (i, offset) in [(1, 100), (2, 90)] {
-        api.insert(pod("pay", i, false));
-        brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), offset);
-        brokers.with(&format!("admin-pay-{i}"), |b| {
-            b.status.epoch = 1;
-            b.status.master_address = "repl-pay-0".into();
-        });
-    }
-    (ctx, api, brokers)
-}
-
 /// The slaves' pods are unready only because their master died: they are
 /// still the candidates, and the safe promotion rule counts them; `pay-1`
 /// is promoted after `pay-2` is fenced.
 #[tokio::test]
 async fn slaves_unready_because_their_master_died_are_still_promoted() {
-    let (ctx, api, brokers) = master_gone_slaves_unready();
-    run(&api, &ctx, "pay").await.expect("reconcile");
-    let st = stored_group(&api, "pay").status.expect("status");
-    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 2));
-    let t = timeline(&brokers);
-    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 2");
-    let promote = position(&t, "promote admin-pay-1 epoch 2");
-    assert!(fence < promote, "{t:?}");
+    let (api, st) = fail_over_pay(false).await;
     assert_eq!(
         st.last_failover.map(|f| f.possible_loss),
         Some("no acknowledged message is lost".to_string())
@@ -161,18 +141,12 @@ async fn slaves_unready_because_their_master_died_are_still_promoted() {
 /// acknowledged is lost (two of two slaves needed), so the group waits.
 #[tokio::test]
 async fn a_following_slave_being_deleted_is_not_a_candidate() {
-    let (ctx, api, brokers) = master_gone_slaves_unready();
+    let (ctx, api, brokers) = master_gone(json!({}), false);
     delete_pod_gracefully(&api, "pay-1");
     run(&api, &ctx, "pay").await.expect("reconcile");
     let t = timeline(&brokers);
     assert!(!t.iter().any(|e| e.starts_with("promote")), "{t:?}");
-    let bg = stored_group(&api, "pay");
-    let (status, reason, message) = condition(&bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "FailoverBlocked"),
-        "{message}"
-    );
+    let message = degraded_because(&stored_group(&api, "pay"), "FailoverBlocked");
     assert!(
         message.contains("1 of 2 slaves are reachable and ready"),
         "{message}"
@@ -204,12 +178,7 @@ async fn a_slave_cut_off_from_a_live_master_is_still_judged_broken() {
     tokio::time::sleep(super::REPLICATION_GRACE + Duration::from_millis(50)).await;
     run(&api, &ctx, "orders").await.expect("reconcile");
     let bg = stored_group(&api, "orders");
-    let (status, reason, message) = condition(&bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "ReplicationBroken"),
-        "{message}"
-    );
+    let message = degraded_because(&bg, "ReplicationBroken");
     assert!(
         message.starts_with("orders-0 has not been connected to master orders-1"),
         "{message}"
@@ -218,39 +187,13 @@ async fn a_slave_cut_off_from_a_live_master_is_still_judged_broken() {
     assert_eq!(bg.status.map(|s| s.ready_replicas), Some(2));
 }
 
-/// `orders` (three brokers, SYNC) bootstrapped with `orders-0` (offset 300)
-/// as master; `orders-1` (200) and `orders-2` (100) follow it in sync.
-async fn three_brokers() -> (Arc<Context>, FakeApi, FakeBrokers) {
-    let (ctx, api, brokers) = harness("orders", 3);
-    brokers.track_replication();
-    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
-    for i in 0..3 {
-        api.insert(pod("orders", i, true));
-        brokers.add(
-            &format!("admin-orders-{i}"),
-            &format!("orders-{i}"),
-            300 - 100 * i as u64,
-        );
-    }
-    run(&api, &ctx, "orders").await.expect("bootstrap");
-    run(&api, &ctx, "orders").await.expect("healthy");
-    let bg = stored_group(&api, "orders");
-    assert_eq!(
-        bg.status.as_ref().and_then(|s| s.master.as_deref()),
-        Some("orders-0")
-    );
-    assert_eq!(condition(&bg, "Ready").0, "True");
-    brokers.timeline.lock().expect("timeline").clear();
-    (ctx, api, brokers)
-}
-
 /// The master's pod is being deleted (a drain evicts it) while it still
 /// serves, held by its preStop hook: the operator hands the master role to
 /// the in-sync slave holding the most, recorded in status first (a planned
 /// switchover, nothing lost), and the labels move; no failover follows.
 #[tokio::test]
 async fn a_master_whose_pod_is_being_deleted_hands_over_to_an_in_sync_slave() {
-    let (ctx, api, brokers) = three_brokers().await;
+    let (ctx, api, brokers) = healthy_group().await;
     delete_pod_gracefully(&api, "orders-0");
     run(&api, &ctx, "orders").await.expect("reconcile");
     let t = timeline(&brokers);
@@ -287,7 +230,7 @@ async fn a_master_whose_pod_is_being_deleted_hands_over_to_an_in_sync_slave() {
 /// is in sync, it gets the role.
 #[tokio::test]
 async fn a_terminating_master_hands_over_only_to_a_slave_that_stays_in_sync() {
-    let (ctx, api, brokers) = three_brokers().await;
+    let (ctx, api, brokers) = healthy_group().await;
     brokers.set_lagging("orders-1", true);
     delete_pod_gracefully(&api, "orders-2");
     delete_pod_gracefully(&api, "orders-0");
@@ -300,6 +243,49 @@ async fn a_terminating_master_hands_over_only_to_a_slave_that_stays_in_sync() {
     assert_eq!(warnings(&api, "SwitchoverRefused"), 0);
 
     brokers.set_lagging("orders-1", false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    assert!(
+        t.contains(&"switchover admin-orders-0 -> admin-orders-1 epoch 2".to_string()),
+        "{t:?}"
+    );
+}
+
+/// The hand-over points the other slaves at the new master in the same
+/// reconcile: their streams broke as the old master stepped down, and the
+/// old master, for now the new master's only slave, stops as soon as its
+/// preStop hook returns, so under SYNC the new master would otherwise have
+/// no slave in sync to acknowledge sends until a later reconcile.
+#[tokio::test]
+async fn a_hand_over_points_the_other_slaves_at_the_new_master() {
+    let (ctx, api, brokers) = healthy_group().await;
+    delete_pod_gracefully(&api, "orders-0");
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let t = timeline(&brokers);
+    let hand = position(&t, "switchover admin-orders-0 -> admin-orders-1 epoch 2");
+    let follow = position(&t, "follow admin-orders-2 -> repl-orders-1 epoch 2");
+    assert!(hand < follow, "{t:?}");
+    assert!(
+        !t.iter().any(|e| e.starts_with("follow admin-orders-0")),
+        "the old master follows the new one by itself: {t:?}"
+    );
+}
+
+/// A master drained while a scale-down is held (the spec asks for two
+/// brokers, the StatefulSet still has three) hands over to a slave that
+/// stays, even one holding less than the slave on the ordinal being
+/// removed: that one would have to hand the role on again at once.
+#[tokio::test]
+async fn a_terminating_master_hands_over_to_a_slave_that_the_scale_down_keeps() {
+    let (ctx, api, brokers) = healthy_group().await;
+    brokers.with("admin-orders-2", |b| b.status.max_offset = 250);
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "orders")
+        .expect("stored");
+    bg["spec"]["replicas"] = json!(2);
+    bg["metadata"]["generation"] = json!(2);
+    api.insert(bg);
+    delete_pod_gracefully(&api, "orders-0");
     run(&api, &ctx, "orders").await.expect("reconcile");
     let t = timeline(&brokers);
     assert!(

@@ -11,7 +11,9 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
-use super::{NS, condition, group, harness, pod, run, stored_group};
+use super::{
+    NS, condition, fail_over_pay, group, harness, master_gone, pod, position, run, stored_group,
+};
 use crate::Error;
 use crate::controller::{Context, error_policy};
 use crate::testing::{FakeApi, FakeBrokers};
@@ -1177,58 +1179,13 @@ async fn rbac_table_is_exactly_what_the_code_uses() {
     }
 }
 
-/// A three-broker group `pay` whose master `pay-0` has just gone (pod
-/// deleted, admin API silent) while `pay-1` (offset 100) and `pay-2`
-/// (offset 90) are ready slaves of epoch 1: the decision is to promote
-/// `pay-1` in epoch 2 with `pay-2` as its follower.
-fn master_gone(replication: Value) -> (Arc<Context>, FakeApi, FakeBrokers) {
-    let (ctx, api, brokers) = harness("pay", 3);
-    let mut bg = serde_json::to_value(group(
-        "pay",
-        json!({"replicas": 3, "replication": replication}),
-    ))
-    .expect("json");
-    bg["status"] = json!({"master": "pay-0", "epoch": 1, "masterStoreId": "store-pay-0"});
-    api.insert(bg);
-    for (i, offset) in [(1, 100), (2, 90)] {
-        api.insert(pod("pay", i, true));
-        brokers.add(&format!("admin-pay-{i}"), &format!("pay-{i}"), offset);
-        brokers.with(&format!("admin-pay-{i}"), |b| {
-            b.status.epoch = 1;
-            b.status.master_address = "repl-pay-0".into();
-        });
-    }
-    (ctx, api, brokers)
-}
-
-fn position(t: &[String], entry: &str) -> usize {
-    t.iter()
-        .position(|e| e == entry)
-        .unwrap_or_else(|| panic!("no {entry:?} in {t:?}"))
-}
-
 /// Fence first, then measure, then promote: every reachable follower is
 /// told to follow the chosen broker in the new epoch (it stops streaming
 /// from the old master, which may still be alive and acknowledging writes)
 /// after the status records it and before it is promoted.
 #[tokio::test]
 async fn failover_fences_every_reachable_follower_before_promoting() {
-    let (ctx, api, brokers) = master_gone(json!({}));
-    run(&api, &ctx, "pay").await.expect("reconcile");
-    let st = stored_group(&api, "pay").status.expect("status");
-    assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 2));
-    let t = timeline(&brokers);
-    let record = position(&t, "update brokergroups/status pay");
-    let fence = position(&t, "follow admin-pay-2 -> repl-pay-1 epoch 2");
-    let promote = position(&t, "promote admin-pay-1 epoch 2");
-    assert!(record < fence && fence < promote, "{t:?}");
-    let follows: Vec<&String> = t.iter().filter(|e| e.starts_with("follow")).collect();
-    assert!(
-        follows
-            .iter()
-            .all(|e| *e == "follow admin-pay-2 -> repl-pay-1 epoch 2"),
-        "only pay-2 is a reachable follower: {t:?}"
-    );
+    fail_over_pay(true).await;
 }
 
 /// Under SYNC with one in-sync slave of two, the old master may still
@@ -1239,7 +1196,7 @@ async fn failover_fences_every_reachable_follower_before_promoting() {
 /// refusal does not hold the promotion.
 #[tokio::test]
 async fn a_follower_that_cannot_be_fenced_holds_a_sync_promotion() {
-    let (ctx, api, brokers) = master_gone(json!({}));
+    let (ctx, api, brokers) = master_gone(json!({}), true);
     brokers.with("admin-pay-2", |b| {
         b.refuse_follow = Some("DeadlineExceeded: timeout expired".into());
     });
@@ -1275,7 +1232,7 @@ async fn a_follower_that_cannot_be_fenced_holds_a_sync_promotion() {
     let st = stored_group(&api, "pay").status.expect("status");
     assert_eq!((st.master.as_deref(), st.epoch), (Some("pay-1"), 3));
 
-    let (ctx, api, brokers) = master_gone(json!({"mode": "Async"}));
+    let (ctx, api, brokers) = master_gone(json!({"mode": "Async"}), true);
     brokers.with("admin-pay-2", |b| {
         b.refuse_follow = Some("DeadlineExceeded: timeout expired".into());
     });
@@ -1288,7 +1245,7 @@ async fn a_follower_that_cannot_be_fenced_holds_a_sync_promotion() {
 /// chooses `pay-2` in a newer epoch, after fencing `pay-1`.
 #[tokio::test]
 async fn a_follower_found_ahead_after_fencing_is_not_outranked() {
-    let (ctx, api, brokers) = master_gone(json!({}));
+    let (ctx, api, brokers) = master_gone(json!({}), true);
     brokers.with("admin-pay-2", |b| b.offset_when_fenced = Some(120));
     run(&api, &ctx, "pay").await.expect("reconcile");
     let t = timeline(&brokers);

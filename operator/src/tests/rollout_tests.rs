@@ -10,7 +10,7 @@ use std::time::Duration;
 use keelmq_crds::BrokerGroup;
 use serde_json::{Value, json};
 
-use super::{NS, addresses, condition, group, harness, pod, run, stored_group};
+use super::{NS, addresses, condition, group, harness, healthy_group, pod, run, stored_group};
 use crate::controller::{Context, reconcile};
 use crate::metrics::Metrics;
 use crate::model::ANNOTATION_TEMPLATE_HASH;
@@ -50,38 +50,14 @@ fn pod_hash(api: &FakeApi, pod: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A healthy three-broker group `orders` with `orders-0` as master (epoch
-/// 1), pods made from the StatefulSet, masters reporting their slaves.
-async fn healthy_group() -> (Arc<Context>, FakeApi, FakeBrokers) {
-    let (ctx, api, brokers) = harness("orders", 3);
-    brokers.track_replication();
-    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
-    run(&api, &ctx, "orders")
-        .await
-        .expect("creates the objects");
-    for i in 0..3 {
-        api.pod_from_stateful_set(NS, "orders", i, true);
-        brokers.add(
-            &format!("admin-orders-{i}"),
-            &format!("orders-{i}"),
-            300 - 100 * i as u64,
-        );
-    }
-    run(&api, &ctx, "orders").await.expect("bootstrap");
-    run(&api, &ctx, "orders").await.expect("healthy");
-    let bg = stored_group(&api, "orders");
-    let st = bg.status.clone().expect("status");
-    assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-0"), 1));
-    assert_eq!(
-        condition(&bg, "Ready").0,
-        "True",
-        "{:?}",
-        condition(&bg, "Ready")
-    );
-    assert!(st.rollout.is_none());
-    brokers.timeline.lock().expect("timeline").clear();
-    (ctx, api, brokers)
-}
+/// What rolling the three brokers of [`healthy_group`] does, in order:
+/// the slaves, a switchover to an updated slave, then the old master.
+const ROLL_OF_THREE: [&str; 4] = [
+    "delete pods orders-2",
+    "delete pods orders-1",
+    "switchover admin-orders-0 -> admin-orders-1 epoch 2",
+    "delete pods orders-0",
+];
 
 /// Changes the stored BrokerGroup as a user would (a new generation).
 fn edit(api: &FakeApi, f: impl FnOnce(&mut Value)) {
@@ -166,15 +142,7 @@ pub(super) async fn template_change() -> FakeApi {
     assert_eq!(bg.status.as_ref().map(|s| s.ready_replicas), Some(2));
 
     drive_roll(&api, &ctx, &brokers).await;
-    assert_eq!(
-        steps(&brokers),
-        [
-            "delete pods orders-2",
-            "delete pods orders-1",
-            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
-            "delete pods orders-0",
-        ]
-    );
+    assert_eq!(steps(&brokers), ROLL_OF_THREE);
     let t = brokers.timeline.lock().expect("timeline").clone();
     let followed = t
         .iter()
@@ -253,15 +221,7 @@ pub(super) async fn restart_annotation_waits_for_sync() -> FakeApi {
 
     brokers.set_lagging("orders-1", false);
     drive_roll(&api, &ctx, &brokers).await;
-    assert_eq!(
-        steps(&brokers),
-        [
-            "delete pods orders-2",
-            "delete pods orders-1",
-            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
-            "delete pods orders-0",
-        ]
-    );
+    assert_eq!(steps(&brokers), ROLL_OF_THREE);
     for i in 0..3 {
         let p = api
             .get("", "pods", NS, &format!("orders-{i}"))
@@ -728,15 +688,7 @@ async fn a_roll_waits_for_each_restarted_broker_to_catch_up_and_ends() {
         "the roll did not end: {:?}",
         stored_group(&api, "orders").status
     );
-    assert_eq!(
-        steps(&brokers),
-        [
-            "delete pods orders-2",
-            "delete pods orders-1",
-            "switchover admin-orders-0 -> admin-orders-1 epoch 2",
-            "delete pods orders-0",
-        ]
-    );
+    assert_eq!(steps(&brokers), ROLL_OF_THREE);
     assert_eq!(held, ["orders-2", "orders-1", "orders-0"]);
     let bg = stored_group(&api, "orders");
     assert_eq!(condition(&bg, "Ready").0, "True");
