@@ -503,16 +503,14 @@ fn is_service_link(name: &str, all: &[String]) -> bool {
     if name.ends_with("_SERVICE_HOST") || name.ends_with("_SERVICE_PORT") {
         return true;
     }
-    if let Some((service, _)) = name.split_once("_SERVICE_PORT_") {
-        return all
-            .iter()
-            .any(|n| n.strip_suffix("_SERVICE_HOST") == Some(service));
-    }
-    if let Some(service) = name.strip_suffix("_PORT")
-        && all
-            .iter()
+    let has_host = |service: &str| {
+        all.iter()
             .any(|n| n.strip_suffix("_SERVICE_HOST") == Some(service))
-    {
+    };
+    if let Some((service, _)) = name.split_once("_SERVICE_PORT_") {
+        return has_host(service);
+    }
+    if name.strip_suffix("_PORT").is_some_and(has_host) {
         return true;
     }
     // <S>_PORT_<number>_<PROTOCOL>, optionally _PROTO, _PORT or _ADDR.
@@ -556,20 +554,9 @@ fn closest_variable<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
     })
 }
 
-/// Levenshtein distance between two strings, by characters.
+/// Levenshtein distance between two strings, by characters (strsim's, which clap already uses).
 pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
+    strsim::levenshtein(a, b)
 }
 
 impl BrokerArgs {

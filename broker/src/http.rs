@@ -181,19 +181,13 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct GroupTopic {
-    group: String,
-    topic: String,
-}
-
 /// Consumer lag: per consumer group and topic, the messages stored past
 /// the group's committed offsets, summed over the topic's queues (what
 /// `keelmq group describe` shows per queue). Only groups that committed an
 /// offset appear (the broker's own `%SYS_` records do not).
 fn consumer_lag(store: &MessageStore, r: &mut Registry) {
     use prometheus_client::metrics::family::Family;
-    let lag: Family<GroupTopic, Gauge> = Family::default();
+    let lag: Family<crate::client_api::GroupLabels, Gauge> = Family::default();
     for o in store.metadata().list_offsets() {
         // The broker's own progress records (timer, transactions, delivery
         // log) are kept as offsets of `%SYS_` groups: not consumers.
@@ -203,7 +197,7 @@ fn consumer_lag(store: &MessageStore, r: &mut Registry) {
         let behind = store
             .queue_max_offset(&o.topic, o.queue_id)
             .saturating_sub(o.offset);
-        lag.get_or_create(&GroupTopic {
+        lag.get_or_create(&crate::client_api::GroupLabels {
             group: o.group,
             topic: o.topic,
         })

@@ -251,25 +251,7 @@ mod tests {
         );
     }
 
-    /// What a subscriber writes, for tests.
-    #[derive(Clone, Default)]
-    pub(crate) struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        pub(crate) fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
-        }
-    }
+    use crate::testing::Captured;
 
     #[test]
     fn the_filter_in_force_is_logged_at_start() {

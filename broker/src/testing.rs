@@ -146,3 +146,31 @@ pub fn power_loss(dir: &Path, store: &MessageStore, keep: u64) -> (MessageStore,
     assert_eq!(reopened.0.max_offset(), keep, "the tail is gone");
     reopened
 }
+
+/// What a log subscriber writes, kept for a test to read (the broker's and
+/// the operator's telemetry tests).
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        self.0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}

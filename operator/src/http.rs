@@ -113,21 +113,29 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn standby_is_ready_leader_once_its_controllers_run() {
-        let metrics = Arc::new(Metrics::default());
-        let running = Arc::new(AtomicBool::new(false));
+    /// Serves `state` on a free local port: (its address, the server task).
+    async fn start(
+        state: HttpState,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve_on(
-            listener,
-            HttpState {
-                metrics: metrics.clone(),
-                controllers_running: running.clone(),
-            },
-        ));
+        (addr, tokio::spawn(serve_on(listener, state)))
+    }
+
+    #[tokio::test]
+    async fn standby_is_ready_leader_once_its_controllers_run() {
+        let metrics = Arc::new(Metrics::default());
+        let running = Arc::new(AtomicBool::new(false));
+        let (addr, server) = start(HttpState {
+            metrics: metrics.clone(),
+            controllers_running: running.clone(),
+        })
+        .await;
         let status = |text: &str| text.lines().next().unwrap_or_default().to_string();
 
         // A standby (waiting for the Lease): ready, leader gauge 0.
@@ -154,17 +162,11 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_labelled_openmetrics_like_the_brokers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve_on(
-            listener,
-            HttpState {
-                metrics: Arc::new(Metrics::default()),
-                controllers_running: Arc::new(AtomicBool::new(false)),
-            },
-        ));
+        let (addr, server) = start(HttpState {
+            metrics: Arc::new(Metrics::default()),
+            controllers_running: Arc::new(AtomicBool::new(false)),
+        })
+        .await;
         let r = get(addr, "/metrics").await;
         let content_type = r
             .lines()

@@ -94,18 +94,7 @@ mod tests {
         assert!(from(Some("info,keelmq_operator=verbose")).is_err());
     }
 
-    #[derive(Clone, Default)]
-    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use keelmq_broker::testing::Captured;
 
     #[test]
     fn the_filter_in_force_is_logged_at_start() {
@@ -115,7 +104,7 @@ mod tests {
         let w = out.clone();
         let d = subscriber(LogFormat::Json, f, move || w.clone());
         tracing::dispatcher::with_default(&d, || announce(&spec, source));
-        let text = String::from_utf8_lossy(&out.0.lock().expect("lock")).into_owned();
+        let text = out.text();
         assert!(
             text.contains("log filter in force")
                 && text.contains("info,kube=warn")

@@ -47,6 +47,39 @@ fn stored_group(api: &FakeApi, name: &str) -> BrokerGroup {
     .expect("BrokerGroup")
 }
 
+/// Broker calls in order, as the fake brokers recorded them.
+fn timeline(brokers: &FakeBrokers) -> Vec<String> {
+    brokers.timeline.lock().expect("timeline").clone()
+}
+
+/// The role label the operator wrote on pod `pod`.
+fn label(api: &FakeApi, pod: &str) -> Option<String> {
+    api.get("", "pods", NS, pod)?["metadata"]["labels"]["keelmq.io/role"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Warning events with `reason` published so far.
+fn warnings(api: &FakeApi, reason: &str) -> usize {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .filter(|r| r.body["type"] == "Warning" && r.body["reason"] == reason)
+        .count()
+}
+
+/// The message of the group's Degraded condition, which must be True for
+/// `reason`.
+fn degraded_because(bg: &BrokerGroup, reason: &str) -> String {
+    let (status, why, message) = condition(bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), why.as_str()),
+        ("True", reason),
+        "{message}"
+    );
+    message
+}
+
 /// One reconcile of the stored BrokerGroup, bounded in time.
 async fn run(api: &FakeApi, ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
     let bg = stored_group(api, name);
@@ -98,6 +131,11 @@ fn pod(group: &str, i: i32, ready: bool) -> Value {
 /// How long a ready slave may stay unconnected to the master before the
 /// group is Degraded, in the tests (10 s in production).
 const REPLICATION_GRACE: Duration = Duration::from_millis(200);
+
+/// Past the (test) grace a slave gets to connect to the master.
+async fn past_the_grace() {
+    tokio::time::sleep(REPLICATION_GRACE + Duration::from_millis(50)).await;
+}
 
 /// Fake API + fake brokers + a context wired to both; pod `<g>-i` has admin
 /// address `admin-<g>-i` and replication address `repl-<g>-i`; the fake

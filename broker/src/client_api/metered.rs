@@ -34,10 +34,11 @@ struct TopicLabels {
     topic: String,
 }
 
+/// A consumer group and a topic, as metric labels (also the consumer lag's).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GroupLabels {
-    group: String,
-    topic: String,
+pub struct GroupLabels {
+    pub group: String,
+    pub topic: String,
 }
 
 /// The client port's counters (shared by every connection).
@@ -163,15 +164,13 @@ pub struct Metered {
     metrics: Arc<ClientMetrics>,
 }
 
+type Frames<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
 impl Metered {
     pub fn new(api: ClientApi, metrics: Arc<ClientMetrics>) -> Self {
         Self { api, metrics }
     }
-}
 
-type Frames<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
-
-impl Metered {
     /// Counts a streamed answer as its frames pass: the call by the code of
     /// the status frame `see` names (or of a gRPC error), anything else by
     /// what `see` does with it.
@@ -179,7 +178,7 @@ impl Metered {
         &self,
         answer: Result<Response<Frames<T>>, Status>,
         method: &'static str,
-        see: impl Fn(&ClientMetrics, &T) -> Option<&'static str> + Send + 'static,
+        mut see: impl FnMut(&ClientMetrics, &T) -> Option<&'static str> + Send + 'static,
     ) -> Result<Response<Frames<T>>, Status> {
         let stream = match answer {
             Ok(stream) => stream.into_inner(),
@@ -255,24 +254,37 @@ metered_service! {
         &self,
         req: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
-        // Topic and body size of each message, in the order of the answer's
-        // entries.
-        let sent: Vec<(String, u64)> = req
+        // The batch's topics (usually one), and each message's topic and
+        // body size in the order of the answer's entries: one label and two
+        // counter updates per topic, not per message.
+        let mut topics: Vec<(String, u64, u64)> = Vec::new();
+        let sent: Vec<(usize, u64)> = req
             .get_ref()
             .messages
             .iter()
-            .map(|m| (resource_name(&m.topic).to_owned(), m.body.len() as u64))
+            .map(|m| {
+                let name = resource_name(&m.topic);
+                let i = topics.iter().position(|(t, ..)| t == name).unwrap_or_else(|| {
+                    topics.push((name.to_owned(), 0, 0));
+                    topics.len() - 1
+                });
+                (i, m.body.len() as u64)
+            })
             .collect();
         let answer = self.api.send_message(req).await;
         if self.metrics.answered("SendMessage", &answer) == "OK"
             && let Ok(r) = &answer
         {
-            for ((topic, bytes), entry) in sent.into_iter().zip(&r.get_ref().entries) {
+            for ((i, bytes), entry) in sent.into_iter().zip(&r.get_ref().entries) {
                 if entry.status.as_ref().is_none_or(|s| code_name(s) == "OK") {
-                    let labels = TopicLabels { topic };
-                    self.metrics.messages_in.get_or_create(&labels).inc();
-                    self.metrics.bytes_in.get_or_create(&labels).inc_by(bytes);
+                    topics[i].1 += 1;
+                    topics[i].2 += bytes;
                 }
+            }
+            for (topic, messages, bytes) in topics.into_iter().filter(|t| t.1 > 0) {
+                let labels = TopicLabels { topic };
+                self.metrics.messages_in.get_or_create(&labels).inc_by(messages);
+                self.metrics.bytes_in.get_or_create(&labels).inc_by(bytes);
             }
         }
         answer
@@ -287,16 +299,31 @@ metered_service! {
         let group = resource_name(&req.get_ref().group).to_owned();
         let answer = self.api.receive_message(req).await;
         // The answer's status is a frame of the stream (after the messages).
+        // The counter of the last message's topic (a receive reads one
+        // queue): looked up again only when the topic changes.
+        let mut counting: Option<(String, Counter)> = None;
         self.frames(answer, "ReceiveMessage", move |metrics, frame| {
             use pb::receive_message_response::Content;
             match &frame.content {
                 Some(Content::Status(s)) => Some(code_name(s)),
                 Some(Content::Message(m)) => {
-                    let labels = GroupLabels {
-                        group: group.clone(),
-                        topic: resource_name(&m.topic).to_owned(),
+                    let topic = resource_name(&m.topic);
+                    match &counting {
+                        Some((t, c)) if t == topic => {
+                            c.inc();
+                        }
+                        _ => {
+                            let c = metrics
+                                .messages_out
+                                .get_or_create(&GroupLabels {
+                                    group: group.clone(),
+                                    topic: topic.to_owned(),
+                                })
+                                .clone();
+                            c.inc();
+                            counting = Some((topic.to_owned(), c));
+                        }
                     };
-                    metrics.messages_out.get_or_create(&labels).inc();
                     None
                 }
                 _ => None,

@@ -10,7 +10,7 @@ mod settings;
 pub mod tls;
 mod txn;
 
-pub use metered::{ClientMetrics, Metered};
+pub use metered::{ClientMetrics, GroupLabels, Metered};
 
 use std::pin::Pin;
 use std::sync::Arc;

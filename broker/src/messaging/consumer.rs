@@ -1749,7 +1749,7 @@ impl Consumption {
 }
 
 /// The set entry that logs `f`, whose client and receive attempt are
-/// `renew_client` and `claim` in the record (see [`State::set_entry`]).
+/// `renew_client` and `claim` in the record (see [`Tables::set_entry`]).
 fn set_entry(
     queue_id: u32,
     queue_offset: u64,
@@ -1839,6 +1839,16 @@ mod tests {
             now_ms,
             renew_for: None,
             attempt: None,
+        }
+    }
+
+    /// [`req`] for `group`, whose messages have one attempt each: the next
+    /// receive after their invisible time moves them to the dead letters.
+    fn last_attempt<'a>(group: &'a str, filter: &'a TagFilter, now_ms: i64) -> ReceiveRequest<'a> {
+        ReceiveRequest {
+            group,
+            max_attempts: 1,
+            ..req(filter, now_ms, false)
         }
     }
 
@@ -2251,11 +2261,7 @@ mod tests {
         let all = TagFilter::All;
         // "a.b" cannot name a dead-letter topic (the client API refuses it
         // up front): the message must not be lost for it.
-        let bad = |now| ReceiveRequest {
-            group: "a.b",
-            max_attempts: 1,
-            ..req(&all, now, false)
-        };
+        let bad = |now| last_attempt("a.b", &all, now);
         assert_eq!(c.receive(&bad(0)).expect("receive").len(), 1);
         assert!(c.receive(&bad(2000)).expect("receive").is_empty());
         assert_eq!(c.in_flight("a.b", "t", 0), 1, "still in flight");
@@ -2272,11 +2278,7 @@ mod tests {
         // The longest valid group has a valid dead-letter topic: the
         // message moves there and leaves the in-flight state.
         let long = "g".repeat(crate::store::record::MAX_TOPIC_LEN);
-        let ok = |now| ReceiveRequest {
-            group: &long,
-            max_attempts: 1,
-            ..req(&all, now, false)
-        };
+        let ok = |now| last_attempt(&long, &all, now);
         assert_eq!(c.receive(&ok(0)).expect("receive").len(), 1);
         assert!(c.receive(&ok(2000)).expect("receive").is_empty());
         assert_eq!(c.in_flight(&long, "t", 0), 0);
@@ -2578,11 +2580,7 @@ mod tests {
         let c = Consumption::new(s.clone());
         let all = TagFilter::All;
         // "%DLQ%a.b" cannot be written: the move fails and is retried later.
-        let bad = |now| ReceiveRequest {
-            group: "a.b",
-            max_attempts: 1,
-            ..req(&all, now, false)
-        };
+        let bad = |now| last_attempt("a.b", &all, now);
         let got = c.receive(&bad(0)).expect("receive");
         assert_eq!(got.len(), 2);
         // Their invisible time ran out: the next receive moves them.

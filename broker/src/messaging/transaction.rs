@@ -1019,6 +1019,25 @@ mod tests {
         ));
     }
 
+    /// Rebuilds the transactions of `store` from its log: nothing is
+    /// pending, a repeat of the commit of `id` (message `m`) is answered,
+    /// and `orders` holds `expected`.
+    async fn rebuilt_with_nothing_pending(
+        store: &MessageStore,
+        write: &WritePath,
+        id: &str,
+        m: &str,
+        expected: &[&str],
+    ) {
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.load();
+        assert_eq!(tx.pending_count(), 0);
+        tx.end(write, id, m, "orders", Decision::Commit)
+            .await
+            .expect("idempotent");
+        assert_eq!(orders(store), expected);
+    }
+
     fn cfg() -> TransactionConfig {
         TransactionConfig {
             first_check: Duration::from_millis(0),
@@ -1142,13 +1161,7 @@ mod tests {
         // Another power loss, this time losing nothing: the marks the last
         // op record carries rebuild the same state.
         let (store, write) = crate::testing::power_loss(dir.path(), &store, store.max_offset());
-        let tx = Transactions::new(store.clone(), cfg());
-        tx.load();
-        assert_eq!(tx.pending_count(), 0);
-        tx.end(&write, &ids[1], "B", "orders", Decision::Commit)
-            .await
-            .expect("idempotent");
-        assert_eq!(orders(&store), ["A", "B"]);
+        rebuilt_with_nothing_pending(&store, &write, &ids[1], "B", &["A", "B"]).await;
         store.shutdown().expect("shutdown");
     }
 
@@ -1202,13 +1215,7 @@ mod tests {
         // C's commit carries the marks: from now on they come from there.
         store.shutdown().expect("shutdown");
         let (store, write) = crate::testing::lone_master(dir.path());
-        let tx = Transactions::new(store.clone(), cfg());
-        tx.load();
-        assert_eq!(tx.pending_count(), 0);
-        tx.end(&write, &ids[2], "C", "orders", Decision::Commit)
-            .await
-            .expect("idempotent");
-        assert_eq!(orders(&store), ["A", "C"]);
+        rebuilt_with_nothing_pending(&store, &write, &ids[2], "C", &["A", "C"]).await;
         store.shutdown().expect("shutdown");
     }
 

@@ -29,7 +29,6 @@ mod slave;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -175,7 +174,8 @@ struct RoleState {
     /// The client endpoint the followed master announced.
     master_client: Option<String>,
     follower: Option<JoinHandle<()>>,
-    /// The number of the current follow (see `StreamProgress::session`).
+    /// The number of the current follow (see `StreamProgress::session`),
+    /// raised by every follow and promotion.
     follow_session: u64,
 }
 
@@ -193,8 +193,6 @@ pub struct ReplicationManager {
     /// Slave side: what the current stream from the master says, for
     /// [`ReplicationManager::readiness`].
     stream: Mutex<Option<StreamProgress>>,
-    /// Numbers the follows.
-    follow_sessions: AtomicU64,
     role_changed: watch::Sender<u64>,
     /// Held shared by a client write from the writability check until its
     /// records are in the store (see [`ReplicationManager::admit`]), and
@@ -267,7 +265,6 @@ impl ReplicationManager {
             appended: store.published_notify(),
             follower_connected: watch::channel(false).0,
             stream: Mutex::new(None),
-            follow_sessions: AtomicU64::new(0),
             role_changed: watch::channel(0).0,
             write_gate: RwLock::new(()),
             cfg,
@@ -492,7 +489,7 @@ impl ReplicationManager {
         st.master_address = None;
         st.master_client = None;
         // No stream counts any more: one of a follow before it is stale.
-        st.follow_session = self.follow_sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        st.follow_session += 1;
         drop(st);
         self.follower_connected.send_replace(false);
         self.slaves.reset();
@@ -527,8 +524,8 @@ impl ReplicationManager {
         st.role = Role::Slave;
         st.writable = false;
         st.master_address = Some(master_address.clone());
-        let session = self.follow_sessions.fetch_add(1, Ordering::Relaxed) + 1;
-        st.follow_session = session;
+        st.follow_session += 1;
+        let session = st.follow_session;
         let me = self.clone();
         st.follower = Some(tokio::spawn(async move {
             slave::follow_loop(me, master_address, epoch, session).await;

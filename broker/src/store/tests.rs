@@ -1564,44 +1564,66 @@ fn damaged_consume_queue_entries_are_rewritten_from_the_commit_log() {
 #[test]
 fn a_damaged_entry_does_not_end_a_queue_at_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path());
-    cfg.cq_entries_per_file = 1024;
+    // Entry 256 is where the search for a queue's end looks first (after 512).
+    let store = reopen_with_zeroed_idle_entries(dir.path(), 1024, &[256]);
+    assert_eq!(store.queue_max_offset("idle", 0), 300, "the queue's end");
+    check_idle_queue_goes_on(store);
+}
+
+/// Body of message `i` of `topic` in the idle-queue tests (1000 bytes).
+fn idle_body(topic: &str, i: u64) -> Vec<u8> {
+    let mut b = format!("{topic}-{i}-").into_bytes();
+    b.resize(1000, b'.');
+    b
+}
+
+/// Appends 300 messages to "idle", then 200 to "busy" (so later segments
+/// hold no record of "idle" and recovery does not look at it), zeroes the
+/// entries `zeroed` of idle's queue (files of `entries_per_file`), and
+/// reopens the store, checking that recovery started past idle's records.
+fn reopen_with_zeroed_idle_entries(
+    dir: &Path,
+    entries_per_file: u64,
+    zeroed: &[u64],
+) -> MessageStore {
+    let mut cfg = config(dir);
+    cfg.cq_entries_per_file = entries_per_file;
     let store = MessageStore::open(cfg.clone()).expect("open");
-    let body = |topic: &str, i: u64| {
-        let mut b = format!("{topic}-{i}-").into_bytes();
-        b.resize(1000, b'.');
-        b
-    };
     let put = |topic: &str, n: u64| {
         for i in 0..n {
             let a = store
-                .append(NewRecord::new(topic, 0, body(topic, i)))
+                .append(NewRecord::new(topic, 0, idle_body(topic, i)))
                 .expect("append");
             store.wait_flushed_blocking(a.end_offset).expect("flushed");
         }
     };
     put("idle", 300);
-    // Later segments hold no record of "idle": recovery does not look at it.
     put("busy", 200);
-    // Entry 256 is where the search for a queue's end looks first (after 512).
     let q = store.queue("idle", 0).expect("queue");
-    q.slot(256).expect("slot").put(CqEntry {
-        offset: 0,
-        size: 0,
-        tag_hash: 0,
-    });
+    for &i in zeroed {
+        q.slot(i).expect("slot").put(CqEntry {
+            offset: 0,
+            size: 0,
+            tag_hash: 0,
+        });
+    }
+    drop(q);
     store.shutdown().expect("shutdown");
     let store = MessageStore::open(cfg).expect("reopen");
     assert!(store.recovery_report().scanned_from > 300 * 1000);
-    assert_eq!(store.queue_max_offset("idle", 0), 300, "the queue's end");
+    store
+}
+
+/// The next message of "idle" goes after its 300, and all 301 read back.
+fn check_idle_queue_goes_on(store: MessageStore) {
     let a = store
-        .append(NewRecord::new("idle", 0, body("idle", 300)))
+        .append(NewRecord::new("idle", 0, idle_body("idle", 300)))
         .expect("append");
     store.wait_flushed_blocking(a.end_offset).expect("flushed");
     assert_eq!(a.queue_offset, 300, "the next append goes after the end");
     for i in 0..=300 {
         let r = store.get("idle", 0, i).expect("read").expect("present");
-        assert_eq!(r.body, body("idle", i), "message {i}");
+        assert_eq!(r.body, idle_body("idle", i), "message {i}");
     }
     store.shutdown().expect("shutdown");
 }
@@ -1718,6 +1740,17 @@ fn fill_batched(store: &MessageStore, from: u64, n: u64) -> Vec<Appended> {
     out
 }
 
+/// Appends records in flushed batches of ten, from sequence 0, until the
+/// log reaches `end`; returns how many were appended.
+fn fill_batched_to(store: &MessageStore, end: u64) -> u64 {
+    let mut n = 0;
+    while store.max_offset() < end {
+        fill_batched(store, n, 10);
+        n += 10;
+    }
+    n
+}
+
 /// Runs retention on another thread, failing if it takes more than 30 s
 /// (a retention pass that deadlocks must fail the test, not hang it).
 fn retention_bounded(store: &MessageStore, now: i64) -> usize {
@@ -1774,11 +1807,7 @@ fn watermark_retention_frees_what_the_filesystem_is_over_by_and_no_more() {
         })
     };
     let store = MessageStore::open(cfg).expect("open");
-    let mut n = 0;
-    while store.max_offset() < 8 * SEG + SEG / 2 {
-        fill_batched(&store, n, 10);
-        n += 10;
-    }
+    fill_batched_to(&store, 8 * SEG + SEG / 2);
     let min = store.min_offset();
     assert_eq!(retention_bounded(&store, now_ms()), 5);
     assert_eq!(store.min_offset(), min + 5 * SEG);
@@ -1788,54 +1817,15 @@ fn watermark_retention_frees_what_the_filesystem_is_over_by_and_no_more() {
 #[test]
 fn damaged_entries_at_the_search_points_do_not_end_a_queue_at_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path());
-    cfg.cq_entries_per_file = 64;
-    let store = MessageStore::open(cfg.clone()).expect("open");
-    let body = |topic: &str, i: u64| {
-        let mut b = format!("{topic}-{i}-").into_bytes();
-        b.resize(1000, b'.');
-        b
-    };
-    let put = |topic: &str, n: u64| {
-        for i in 0..n {
-            let a = store
-                .append(NewRecord::new(topic, 0, body(topic, i)))
-                .expect("append");
-            store.wait_flushed_blocking(a.end_offset).expect("flushed");
-        }
-    };
-    put("idle", 300);
-    // Later segments hold no record of "idle": recovery does not look at it.
-    put("busy", 200);
     // 150 and 75 are where a binary search over [0, 300) looks first; 256
     // starts the queue's last file.
-    let q = store.queue("idle", 0).expect("queue");
-    for i in [150, 75, 256] {
-        q.slot(i).expect("slot").put(CqEntry {
-            offset: 0,
-            size: 0,
-            tag_hash: 0,
-        });
-    }
-    drop(q);
-    store.shutdown().expect("shutdown");
-    let store = MessageStore::open(cfg).expect("reopen");
-    assert!(store.recovery_report().scanned_from > 300 * 1000);
+    let store = reopen_with_zeroed_idle_entries(dir.path(), 64, &[150, 75, 256]);
     assert_eq!(store.queue_max_offset("idle", 0), 300, "the queue's end");
     let files = std::fs::read_dir(dir.path().join("consumequeue/idle/0"))
         .expect("ls")
         .count();
     assert_eq!(files, 5, "every file of the queue is kept");
-    let a = store
-        .append(NewRecord::new("idle", 0, body("idle", 300)))
-        .expect("append");
-    store.wait_flushed_blocking(a.end_offset).expect("flushed");
-    assert_eq!(a.queue_offset, 300, "the next append goes after the end");
-    for i in 0..=300 {
-        let r = store.get("idle", 0, i).expect("read").expect("present");
-        assert_eq!(r.body, body("idle", i), "message {i}");
-    }
-    store.shutdown().expect("shutdown");
+    check_idle_queue_goes_on(store);
 }
 
 #[test]
@@ -1977,11 +1967,7 @@ fn an_empty_segment_after_a_hole_is_dropped_at_open() {
     // before the removal of 3 was made durable.
     let dir = tempfile::tempdir().expect("tempdir");
     let store = MessageStore::open(config(dir.path())).expect("open");
-    let mut n = 0;
-    while store.max_offset() < SEG + SEG / 2 {
-        fill_batched(&store, n, 10);
-        n += 10;
-    }
+    let n = fill_batched_to(&store, SEG + SEG / 2);
     store.shutdown().expect("shutdown");
     let clog = dir.path().join("commitlog");
     let stray = clog.join(consume_queue::base_name(3 * SEG));
@@ -2000,11 +1986,7 @@ fn an_empty_segment_after_a_hole_is_dropped_at_open() {
 fn a_segment_with_records_after_a_hole_still_refuses_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = MessageStore::open(config(dir.path())).expect("open");
-    let mut n = 0;
-    while store.max_offset() < 2 * SEG + SEG / 2 {
-        fill_batched(&store, n, 10);
-        n += 10;
-    }
+    fill_batched_to(&store, 2 * SEG + SEG / 2);
     store.shutdown().expect("shutdown");
     std::fs::remove_file(
         dir.path()
@@ -2048,11 +2030,7 @@ fn consume_queues_of_deleted_topics_are_released_once_their_messages_expired() {
     // Until their messages expire, the queues stay.
     store.enforce_retention(now_ms()).expect("retention");
     assert!(store.queue("gone", 0).expect("queue").holds_files());
-    let mut n = 0;
-    while store.max_offset() < 3 * SEG {
-        fill_batched(&store, n, 10);
-        n += 10;
-    }
+    fill_batched_to(&store, 3 * SEG);
     let far_future = now_ms() + 10 * 365 * 24 * 3600 * 1000;
     assert!(store.enforce_retention(far_future).expect("retention") > 0);
     let held = |t: &str| store.queue(t, 0).expect("queue").holds_files();

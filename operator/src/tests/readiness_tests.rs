@@ -5,28 +5,16 @@
 //! replication, and a master whose pod is being deleted (a drain) hands its
 //! role over to an in-sync slave before it stops.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Pod;
 use keelmq_proto::admin as pb;
 use serde_json::{Value, json};
 
 use super::{
-    NS, condition, fail_over_pay, group, harness, healthy_group, master_gone, pod, position, run,
-    stored_group,
+    NS, condition, degraded_because, fail_over_pay, group, harness, healthy_group, label,
+    master_gone, past_the_grace, pod, position, run, stored_group, timeline, warnings,
 };
 use crate::failover::serving;
-use crate::testing::{FakeApi, FakeBrokers};
-
-fn timeline(brokers: &FakeBrokers) -> Vec<String> {
-    brokers.timeline.lock().expect("timeline").clone()
-}
-
-fn label(api: &FakeApi, pod: &str) -> Option<String> {
-    api.get("", "pods", NS, pod)?["metadata"]["labels"]["keelmq.io/role"]
-        .as_str()
-        .map(str::to_string)
-}
+use crate::testing::FakeApi;
 
 /// Changes the stored pod `name` (keeping what the operator wrote on it).
 fn edit_pod(api: &FakeApi, name: &str, f: impl FnOnce(&mut Value)) {
@@ -50,27 +38,6 @@ fn delete_pod_gracefully(api: &FakeApi, name: &str) {
     edit_pod(api, name, |p| {
         p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     });
-}
-
-/// The message of the group's Degraded condition, which must be True for
-/// `reason`.
-fn degraded_because(bg: &keelmq_crds::BrokerGroup, reason: &str) -> String {
-    let (status, why, message) = condition(bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), why.as_str()),
-        ("True", reason),
-        "{message}"
-    );
-    message
-}
-
-/// Warning events with `reason` published so far.
-fn warnings(api: &FakeApi, reason: &str) -> usize {
-    api.requests()
-        .into_iter()
-        .filter(|r| r.path.ends_with("/events"))
-        .filter(|r| r.body["type"] == "Warning" && r.body["reason"] == reason)
-        .count()
 }
 
 fn pod_object(ready: Option<&str>, deleting: bool) -> Pod {
@@ -175,7 +142,7 @@ async fn a_slave_cut_off_from_a_live_master_is_still_judged_broken() {
     brokers.set_disconnected("orders-0", true);
     set_pod_ready(&api, "orders-0", false);
     run(&api, &ctx, "orders").await.expect("reconcile");
-    tokio::time::sleep(super::REPLICATION_GRACE + Duration::from_millis(50)).await;
+    past_the_grace().await;
     run(&api, &ctx, "orders").await.expect("reconcile");
     let bg = stored_group(&api, "orders");
     let message = degraded_because(&bg, "ReplicationBroken");

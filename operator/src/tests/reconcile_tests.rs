@@ -12,21 +12,12 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 use super::{
-    NS, condition, fail_over_pay, group, harness, master_gone, pod, position, run, stored_group,
+    NS, condition, degraded_because, fail_over_pay, group, harness, label, master_gone,
+    past_the_grace, pod, position, run, stored_group, timeline, warnings,
 };
 use crate::Error;
 use crate::controller::{Context, error_policy};
 use crate::testing::{FakeApi, FakeBrokers};
-
-fn timeline(brokers: &FakeBrokers) -> Vec<String> {
-    brokers.timeline.lock().expect("timeline").clone()
-}
-
-fn label(api: &FakeApi, pod: &str) -> Option<String> {
-    api.get("", "pods", NS, pod)?["metadata"]["labels"]["keelmq.io/role"]
-        .as_str()
-        .map(str::to_string)
-}
 
 /// The status the operator wrote conforms to the generated CRD schema.
 fn assert_valid_against_crd(api: &FakeApi, name: &str) {
@@ -196,20 +187,6 @@ fn is(status: &str, reason: &str) -> (String, String) {
     (status.to_string(), reason.to_string())
 }
 
-/// Warning events with `reason` published so far.
-fn warnings(api: &FakeApi, reason: &str) -> usize {
-    api.requests()
-        .into_iter()
-        .filter(|r| r.path.ends_with("/events"))
-        .filter(|r| r.body["type"] == "Warning" && r.body["reason"] == reason)
-        .count()
-}
-
-/// Past the (test) grace a slave gets to connect to the master.
-async fn past_the_grace() {
-    tokio::time::sleep(super::REPLICATION_GRACE + Duration::from_millis(50)).await;
-}
-
 /// `orders` (two brokers, `spec` as given) bootstrapped with `orders-1` as
 /// master and `orders-0` following it, connected and in sync: Ready.
 async fn bootstrapped(spec: Value) -> (Arc<Context>, FakeApi, FakeBrokers) {
@@ -268,12 +245,7 @@ async fn sync_group_whose_master_has_no_slave_connected_is_not_ready_and_degrade
     run(&api, &ctx, "orders").await.expect("reconcile");
     let bg = stored_group(&api, "orders");
     assert_eq!(state(&bg, "Ready"), is("False", "NotEnoughInSyncReplicas"));
-    let (status, reason, message) = condition(&bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "ReplicationBroken"),
-        "{message}"
-    );
+    let message = degraded_because(&bg, "ReplicationBroken");
     assert!(
         message.starts_with("orders-0 has not been connected to master orders-1")
             && message.contains("SYNC sends fail"),
@@ -306,12 +278,7 @@ async fn async_group_with_a_slave_not_replicating_stays_ready_but_is_degraded() 
     run(&api, &ctx, "orders").await.expect("reconcile");
     let bg = stored_group(&api, "orders");
     assert_eq!(state(&bg, "Ready"), is("True", "Serving"));
-    let (status, reason, message) = condition(&bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "ReplicationBroken"),
-        "{message}"
-    );
+    let message = degraded_because(&bg, "ReplicationBroken");
     assert!(
         message.starts_with("orders-0 has not been connected to master orders-1")
             && message.contains("ASYNC sends are acknowledged without it"),
