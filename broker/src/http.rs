@@ -17,7 +17,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::replication::{ReplicationManager, Role};
 use crate::store::MessageStore;
@@ -49,6 +49,21 @@ pub struct HttpState {
 /// the pod's deletion plus at most 10 s for the slave to catch up.
 pub const PRESTOP_HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
+/// How many `/prestop` calls may hold at once. The port is reachable from
+/// the network and anyone may call it: without a cap every call would keep
+/// a connection and a task for up to [`PRESTOP_HAND_OVER_WAIT`], so a
+/// flood of them would pile up. The kubelet makes one call per stop of the
+/// container, so a few leave room for its call, a retry and an operator's
+/// own. A call over the cap does not hold: it is answered at once with 503
+/// Service Unavailable (the server, not this caller, is out of room for
+/// holds, whoever made them: 429 Too Many Requests would blame the caller's
+/// own rate). The kubelet takes any answer as the hook being done, which is
+/// fine: a hold is already in progress, and the operator's hand-over is
+/// started by the pod's deletion, not by a held call. (Should those holds
+/// be someone else's, the broker stops without waiting for the hand-over,
+/// as a broker without the hook would: no worse than an unplanned stop.)
+pub const PRESTOP_MAX_HOLDS: usize = 4;
+
 /// Serves the HTTP port until `shutdown` resolves. A `/prestop` still
 /// held then answers at once: the server's graceful stop waits for the
 /// requests in flight, and a hold (of the kubelet's hook cut short by a
@@ -60,13 +75,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stopping_tx, stopping) = watch::channel(false);
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/prestop", get(prestop))
-        .route("/metrics", get(metrics))
-        .layer(Extension(Stopping(stopping)))
-        .with_state(state);
+    let app = router(state, stopping, Arc::new(Semaphore::new(PRESTOP_MAX_HOLDS)));
     tracing::info!(address = ?listener.local_addr().ok(), "http listener ready (/healthz, /readyz, /prestop, /metrics)");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -75,6 +84,24 @@ pub async fn serve(
         })
         .await
 }
+
+/// The HTTP port's routes: `/prestop` ends its holds once `stopping` turns
+/// true, and holds only with a permit of `holds`.
+fn router(state: HttpState, stopping: watch::Receiver<bool>, holds: Arc<Semaphore>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/prestop", get(prestop))
+        .route("/metrics", get(metrics))
+        .layer(Extension(Stopping(stopping)))
+        .layer(Extension(PrestopHolds(holds)))
+        .with_state(state)
+}
+
+/// The `/prestop` calls that may hold ([`PRESTOP_MAX_HOLDS`] permits): a
+/// call holds only with one of them.
+#[derive(Clone)]
+struct PrestopHolds(Arc<Semaphore>);
 
 /// Turns true when the HTTP server starts to stop (the broker is shutting
 /// down): what ends a `/prestop` hold early.
@@ -112,11 +139,24 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 /// Anyone who reaches the port may call it: it only waits (never longer
 /// than `prestop_wait`, and not once the broker stops), it pauses no write
 /// and starts nothing; the hand-over is the operator's, started by the
-/// pod's deletion, not by this call.
+/// pod's deletion, not by this call. At most [`PRESTOP_MAX_HOLDS`] calls
+/// hold at once; one more is answered at once, 503 (see there).
 async fn prestop(
     State(s): State<HttpState>,
     Extension(Stopping(stopping)): Extension<Stopping>,
+    Extension(PrestopHolds(holds)): Extension<PrestopHolds>,
 ) -> impl IntoResponse {
+    // Held (released when the call ends or its caller goes away) for as
+    // long as this call may hold.
+    let Ok(_hold) = holds.try_acquire() else {
+        tracing::debug!(
+            "preStop: {PRESTOP_MAX_HOLDS} calls are held already; not holding one more"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{PRESTOP_MAX_HOLDS} /prestop calls are held already: not holding this one\n"),
+        );
+    };
     let outcome = hold_for_hand_over(&s.replication, s.prestop_wait, stopping).await;
     tracing::info!("preStop: {outcome}");
     (StatusCode::OK, format!("{outcome}\n"))
@@ -377,5 +417,158 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::{ReplicationConfig, ReplicationMode, StartRole};
+    use crate::store::NewRecord;
+    use crate::testing::{replication_config, serve_replication};
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A broker of this test: its store and replication (serving), as
+    /// `tests/readiness.rs` starts them.
+    async fn broker(
+        dir: &std::path::Path,
+        id: &str,
+        role: StartRole,
+    ) -> (MessageStore, Arc<ReplicationManager>, String) {
+        let store =
+            MessageStore::open(crate::testing::async_store_config(dir, 4 << 20)).expect("store");
+        let cfg = ReplicationConfig {
+            broker_id: id.into(),
+            ..replication_config(dir, ReplicationMode::Sync, Duration::from_secs(5), role)
+        };
+        let (repl, addr) = serve_replication(&store, cfg, std::future::pending()).await;
+        (store, repl, addr)
+    }
+
+    /// `GET /prestop` on `app`: (status, body).
+    async fn prestop_call(app: Router) -> (StatusCode, String) {
+        let request = Request::get("/prestop")
+            .body(Body::empty())
+            .expect("request");
+        let response = app.oneshot(request).await.expect("routed");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Polls `what` until it holds (20 s bound).
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let start = tokio::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// With [`PRESTOP_MAX_HOLDS`] `/prestop` calls holding a master with a
+    /// slave in sync, one more is answered at once, 503, while the others
+    /// go on holding; once they have ended, a new call holds again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prestop_holds_are_capped_and_a_call_over_the_cap_is_answered_at_once() {
+        let (d0, d1) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let (store, master, master_addr) = broker(d0.path(), "m", StartRole::Master).await;
+        let (_slave_store, slave, _) = broker(d1.path(), "s", StartRole::Standby).await;
+        for i in 0..20u32 {
+            store
+                .append(NewRecord::new("orders", i % 4, vec![i as u8; 100]))
+                .expect("append");
+        }
+        slave.follow(master_addr, 1).expect("follow");
+        until("the slave to be in sync", || {
+            slave.readiness().ready && master.in_sync_slaves() == 1
+        })
+        .await;
+
+        let wait = Duration::from_secs(5);
+        let state = HttpState {
+            store: store.clone(),
+            replication: master.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+            groups: None,
+            transactions: None,
+            slave_reads: None,
+            client: None,
+            prestop_wait: wait,
+        };
+        let holds = Arc::new(Semaphore::new(PRESTOP_MAX_HOLDS));
+        let (stopping_tx, stopping) = watch::channel(false);
+        let app = router(state, stopping, holds.clone());
+
+        let held: Vec<_> = (0..PRESTOP_MAX_HOLDS)
+            .map(|_| tokio::spawn(prestop_call(app.clone())))
+            .collect();
+        until("every hold to be taken", || holds.available_permits() == 0).await;
+
+        let over = tokio::time::timeout(Duration::from_secs(2), prestop_call(app.clone()))
+            .await
+            .expect("a call over the cap is answered at once");
+        assert_eq!(
+            over,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{PRESTOP_MAX_HOLDS} /prestop calls are held already: not holding this one\n"
+                )
+            )
+        );
+        assert!(
+            held.iter().all(|h| !h.is_finished()),
+            "the held calls go on holding"
+        );
+        assert_eq!(holds.available_permits(), 0);
+
+        for h in held {
+            let answer = tokio::time::timeout(wait + Duration::from_secs(10), h)
+                .await
+                .expect("a held call ends at its bound")
+                .expect("join");
+            assert_eq!(
+                answer,
+                (
+                    StatusCode::OK,
+                    format!("no hand-over within {wait:?}; stopping as master\n")
+                )
+            );
+        }
+        assert_eq!(holds.available_permits(), PRESTOP_MAX_HOLDS, "released");
+
+        // Room again: a new call holds (until the broker stops).
+        let again = tokio::spawn(prestop_call(app.clone()));
+        until("the new call to hold", || {
+            holds.available_permits() == PRESTOP_MAX_HOLDS - 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!again.is_finished(), "the new call holds");
+        stopping_tx.send_replace(true);
+        let answer = tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect("the hold ends as the broker stops")
+            .expect("join");
+        assert_eq!(
+            answer,
+            (
+                StatusCode::OK,
+                "the broker is stopping: no longer waiting for a hand-over\n".to_owned()
+            )
+        );
+        assert_eq!(holds.available_permits(), PRESTOP_MAX_HOLDS);
+        master.shutdown();
+        slave.shutdown();
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 
 use crate::replication::{ReplicationConfig, ReplicationManager, ReplicationMode, StartRole};
-use crate::store::{MessageStore, StoreConfig};
+use crate::store::{FlushMode, MessageStore, StoreConfig};
 use crate::write_path::WritePath;
 
 /// A random generator seeded from `KEELMQ_TEST_SEED` when set, otherwise
@@ -69,6 +69,18 @@ pub fn replication_config(
         start_role,
         slave_flush_before_ack: false,
     }
+}
+
+/// A store configuration for tests in `dir`: ASYNC_FLUSH, segments of
+/// `segment_size` bytes, and no disk limits (retention and the full-disk
+/// check would react to how full the machine's disk happens to be).
+pub fn async_store_config(dir: &Path, segment_size: u64) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.segment_size = segment_size;
+    c.flush_mode = FlushMode::AsyncFlush;
+    c.disk_high_watermark = 1.0;
+    c.disk_full_ratio = 1.0;
+    c
 }
 
 /// The replication side of a broker in a group run inside one test

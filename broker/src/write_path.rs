@@ -89,6 +89,21 @@ impl WritePath {
             .map_err(WriteError::ReplicationTimeout)
     }
 
+    /// Waits until the log up to `end` is as durable as a write must be,
+    /// as [`WritePath::confirm`] does, but with no check for a cut under
+    /// it: for records read back from the log, whose caller tells a cut
+    /// otherwise (see the transactions' repeated decisions).
+    pub async fn confirm_to(&self, end: u64) -> Result<(), WriteError> {
+        self.store
+            .wait_flushed(end)
+            .await
+            .map_err(Self::flush_error)?;
+        self.replication
+            .wait_replicated(end)
+            .await
+            .map_err(WriteError::ReplicationTimeout)
+    }
+
     /// Waits for a consumer's delivery records (`recorded`: one append, or
     /// the span of several, with the log's cut count before the first):
     /// always for the local flush the flush mode promises, failing with

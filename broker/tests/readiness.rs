@@ -16,8 +16,8 @@ use keelmq_broker::replication::frame::{Frame, Hello, Welcome, read_frame, write
 use keelmq_broker::replication::{
     ReplicationConfig, ReplicationManager, ReplicationMode, Role, StartRole,
 };
-use keelmq_broker::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
-use keelmq_broker::testing::{replication_config, serve_replication};
+use keelmq_broker::store::{MessageStore, NewRecord};
+use keelmq_broker::testing::{async_store_config, replication_config, serve_replication};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 /// The in-sync lag of these brokers (64 MiB in a real broker).
@@ -39,12 +39,7 @@ struct Broker {
 }
 
 async fn start(dir: &Path, id: &str, role: StartRole, prestop_wait: Duration) -> Broker {
-    let mut sc = StoreConfig::new(dir);
-    sc.segment_size = 4 << 20;
-    sc.flush_mode = FlushMode::AsyncFlush;
-    sc.disk_high_watermark = 1.0;
-    sc.disk_full_ratio = 1.0;
-    let store = MessageStore::open(sc).expect("store");
+    let store = MessageStore::open(async_store_config(dir, 4 << 20)).expect("store");
     let cfg = ReplicationConfig {
         broker_id: id.into(),
         in_sync_max_lag_bytes: IN_SYNC_LAG,

@@ -267,9 +267,13 @@ struct State {
     /// Clients whose deliveries are renewed (see [`InFlight::renew_for`]).
     clients: Vec<String>,
     /// Receive attempts that made deliveries (see [`InFlight::claim`]), as
-    /// "client id\nattempt id", and the index of each.
-    claims: Vec<String>,
-    claim_index: HashMap<String, u32>,
+    /// "client id\nattempt id", and the index of each: one shared key per
+    /// attempt, allocated once, for both.
+    claims: Vec<Arc<str>>,
+    claim_index: HashMap<Arc<str>, u32>,
+    /// Where the key of a receive attempt is spelled out to be looked up
+    /// (reused: a lookup allocates nothing).
+    claim_key: String,
     /// How many receive attempts the last compaction kept.
     claims_kept: usize,
     /// When idle queue states were last looked for (see [`EVICT_IDLE_MS`]).
@@ -279,11 +283,11 @@ struct State {
 /// The entries of `table` an in-flight delivery refers to, through the
 /// 1-based index `link` selects (0: none), in their order; the references
 /// are renumbered to match.
-fn keep_referenced(
+fn keep_referenced<T>(
     queues: &mut HashMap<Key, QueueState>,
-    table: Vec<String>,
+    table: Vec<T>,
     link: fn(&mut InFlight) -> &mut u32,
-) -> Vec<String> {
+) -> Vec<T> {
     let mut used = vec![false; table.len()];
     for f in queues.values_mut().flat_map(|qs| qs.in_flight.values_mut()) {
         if let Some(u) = (*link(f) as usize)
@@ -341,28 +345,35 @@ impl State {
         self.claims = keep_referenced(&mut self.queues, claims, |f| &mut f.claim);
         self.claim_index = (1..)
             .zip(&self.claims)
-            .map(|(i, key)| (key.clone(), i))
+            .map(|(i, key)| (Arc::clone(key), i))
             .collect();
         self.claims_kept = self.claims.len();
     }
 
-    /// [`InFlight::claim`] of a receive attempt, made if new.
+    /// [`InFlight::claim`] of a receive attempt, made if new: its key is
+    /// allocated once, and shared by [`State::claims`] and
+    /// [`State::claim_index`].
     fn claim_tag(&mut self, client_id: &str, attempt_id: &str) -> u32 {
-        let key = format!("{client_id}\n{attempt_id}");
-        if let Some(i) = self.claim_index.get(&key) {
-            return *i;
+        if let Some(i) = self.find_claim(client_id, attempt_id) {
+            return i;
         }
-        self.claims.push(key.clone());
+        // `find_claim` left the key spelled out in `claim_key`.
+        let key: Arc<str> = Arc::from(self.claim_key.as_str());
+        self.claims.push(Arc::clone(&key));
         let i = self.claims.len() as u32;
         self.claim_index.insert(key, i);
         i
     }
 
-    /// [`InFlight::claim`] of a receive attempt, if known.
-    fn find_claim(&self, client_id: &str, attempt_id: &str) -> Option<u32> {
-        self.claim_index
-            .get(&format!("{client_id}\n{attempt_id}"))
-            .copied()
+    /// [`InFlight::claim`] of a receive attempt, if known; leaves its key in
+    /// [`State::claim_key`].
+    fn find_claim(&mut self, client_id: &str, attempt_id: &str) -> Option<u32> {
+        let key = &mut self.claim_key;
+        key.clear();
+        key.push_str(client_id);
+        key.push('\n');
+        key.push_str(attempt_id);
+        self.claim_index.get(key.as_str()).copied()
     }
 
     /// The tables log records refer to.
@@ -391,7 +402,7 @@ impl State {
 #[derive(Clone, Copy)]
 struct Tables<'a> {
     clients: &'a [String],
-    claims: &'a [String],
+    claims: &'a [Arc<str>],
 }
 
 impl Tables<'_> {
@@ -3181,5 +3192,31 @@ mod tests {
         assert_eq!(in_dlq, dead, "fifo {fifo}: the dead-letter topic");
         assert_eq!(c.in_flight("g", "t", 0) + c.in_flight("g", "t", 1), 0);
         s.shutdown().expect("shutdown");
+    }
+
+    /// A receive attempt's tag is made once and found again; its key is
+    /// one allocation shared by the attempt table and its index, and reads
+    /// back as "client id\nattempt id".
+    #[test]
+    fn a_receive_attempt_key_is_shared_by_both_tables() {
+        let mut st = State::default();
+        assert_eq!(st.find_claim("c1", "a1"), None);
+        let t1 = st.claim_tag("c1", "a1");
+        let t2 = st.claim_tag("c1", "a2");
+        let t3 = st.claim_tag("c2", "a1");
+        assert_eq!((t1, t2, t3), (1, 2, 3));
+        assert_eq!(st.claim_tag("c1", "a1"), t1, "made once");
+        assert_eq!(st.find_claim("c1", "a2"), Some(t2));
+        assert_eq!(st.find_claim("c2", "a2"), None);
+        assert_eq!(st.claims.len(), 3);
+        assert_eq!(st.claim_index.len(), 3);
+        for (i, key) in (1..).zip(&st.claims) {
+            let (indexed, &tag) = st.claim_index.get_key_value(&**key).expect("indexed");
+            assert_eq!(tag, i);
+            assert!(Arc::ptr_eq(indexed, key), "one allocation for both");
+        }
+        assert_eq!(&*st.claims[1], "c1\na2");
+        let tables = st.tables();
+        assert_eq!(tables.claims[2].split_once('\n'), Some(("c2", "a1")));
     }
 }

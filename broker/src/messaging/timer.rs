@@ -74,6 +74,9 @@ const DONE_BELOW: &str = "__DELAY_DONE_BELOW";
 /// Op record property: every op record about a delay-queue offset at or
 /// above [`DONE_BELOW`] is at this op-queue offset or later.
 const OPS_FROM: &str = "__DELAY_OPS_FROM";
+/// The two progress marks an op record carries, as [`super::op_marks`]
+/// reads them.
+const MARKS: [&str; 2] = [DONE_BELOW, OPS_FROM];
 
 /// Delivered delay-queue offsets above the progress, as ranges, each with
 /// the lowest op-queue offset that may record one of its offsets (none for
@@ -210,6 +213,12 @@ struct State {
     op_loaded_to: u64,
 }
 
+impl super::RoleBound for State {
+    fn basis_mut(&mut self) -> &mut Option<u64> {
+        &mut self.basis
+    }
+}
+
 /// A batch of due messages being delivered in one append.
 #[derive(Default)]
 struct Batch {
@@ -282,22 +291,14 @@ impl Timer {
     /// op record loses its own marks only: the ones before it hold for the
     /// log up to there, and the ops after them are read again.
     fn last_op_marks(store: &MessageStore, op_min: u64, op_max: u64) -> Option<(u64, u64)> {
-        (op_min..op_max)
-            .rev()
-            .find_map(|off| Self::op_marks(store, off))
+        super::op_marks_backwards(store, DELAY_OP_TOPIC, (op_min, op_max), MARKS)
+            .flatten()
+            .next()
     }
 
     /// The marks of the op record at `off`, if it is readable and has them.
     fn op_marks(store: &MessageStore, off: u64) -> Option<(u64, u64)> {
-        let op = match store.get(DELAY_OP_TOPIC, 0, off) {
-            Ok(op) => op?,
-            Err(e) => {
-                tracing::error!(error = %e, offset = off, "delay op record unreadable; taking the timer progress from the one before it");
-                return None;
-            }
-        };
-        let mark = |k: &str| op.properties.get(k).and_then(|v| v.parse::<u64>().ok());
-        Some((mark(DONE_BELOW)?, mark(OPS_FROM)?))
+        super::op_marks(store, DELAY_OP_TOPIC, off, MARKS).flatten()
     }
 
     /// Flags the store as one whose timer writes op records, unless it is
@@ -372,27 +373,25 @@ impl Timer {
         arrivals: Option<&Arrivals>,
     ) -> Result<usize, String> {
         let _round = self.delivering.lock().await;
-        // Read before the role: a role change after it rebuilds the state
-        // again at the next round.
-        let basis = super::role_generation(write);
-        if write.replication().check_writable().is_err() {
-            // Only a writable master delivers; a slave keeps no state (its
-            // log may yet be cut at a fork), and rebuilds it once promoted.
-            return Ok(0);
-        }
-        let due: Vec<(i64, u64)> = {
-            let mut st = self.state.lock();
-            if st.basis != Some(basis) {
-                *st = Self::initial_state(&self.store);
-                st.basis = Some(basis);
+        // Only a writable master delivers; a slave keeps no state (its log
+        // may yet be cut at a fork), and rebuilds it once promoted.
+        let (basis, due): (u64, Vec<(i64, u64)>) = {
+            let Ok((mut st, basis, rebuilt)) =
+                super::lock_for_role(write, &self.state, || Self::initial_state(&self.store))
+            else {
+                return Ok(0);
+            };
+            if rebuilt {
                 self.flag_op_records(&st);
             }
             self.load(&mut st);
-            st.pending
+            let due = st
+                .pending
                 .iter()
                 .take_while(|(t, _)| *t <= now)
                 .copied()
-                .collect()
+                .collect();
+            (basis, due)
         };
         let max_bytes = (self.store.config().segment_size / 4) as usize;
         let mut delivered = 0;

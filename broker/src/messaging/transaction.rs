@@ -27,6 +27,17 @@
 //! decision's own record, and answers OK once that is as durable as a write
 //! must be, the write's error otherwise.
 //!
+//! The same holds for a decision read back from the log (at a restart or
+//! after a role change): being in the log says nothing of its durability
+//! (on a newly promoted master under SYNC replication it may be on no slave
+//! yet; under SYNC_FLUSH it may be written and not flushed). Its op
+//! record's position is kept, and a repeat answers OK only once that record
+//! is as durable as a write must be under the modes in force, failing as a
+//! write does otherwise (once durable, repeats are answered at once). A
+//! role change during that wait may cut the log under it: the repeat then
+//! looks again, refused unless this broker is a writable master again, and
+//! then answered from the log as it is now.
+//!
 //! A half message left unresolved is *checked back*: after its first-check
 //! delay, then every check interval, the broker asks a live producer of the
 //! topic (see the client API) for the outcome; after the maximum number of
@@ -197,10 +208,41 @@ struct Resolved {
     decision: Decision,
     topic: String,
     message_id: String,
-    /// The decision's op record, when it was appended here and is not yet
-    /// known to be durable (its write is still waiting, or timed out): a
-    /// repeat waits for it before answering.
-    unconfirmed: Option<Appended>,
+    /// The decision's op record while it is not known to be as durable as
+    /// a write must be: appended here and its write still waiting or timed
+    /// out, or read back from the log by a rebuild (see [`OpAt`]). A repeat
+    /// waits for it before answering. `None`: known durable, or the
+    /// decision has no op record (see [`State::resolve`]).
+    unconfirmed: Option<OpAt>,
+}
+
+/// Where a decision's op record is in the commit log, for a repeat to wait
+/// for (as [`WritePath::confirm`] waits for a fresh write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpAt {
+    /// Appended by this broker for the state's role generation: its
+    /// [`Appended`] carries the log's cut count, so
+    /// [`WritePath::confirm`] tells a cut under it.
+    Appended(Appended),
+    /// Read back from the log when the state was loaded (at a restart,
+    /// after a role change, or replicated before a promotion): it ends at
+    /// commit-log offset `end`. It may be no more durable than an
+    /// unconfirmed write (on a newly promoted master under SYNC replication
+    /// it may be on no slave yet; under SYNC_FLUSH it may be written but
+    /// not flushed), so it is waited for in the same way. The cut count
+    /// when it was read is not known: a role change stands for a cut (the
+    /// log is only cut when this broker follows another master, which
+    /// changes the role generation first), see [`Transactions::confirm`].
+    Read { end: u64 },
+}
+
+impl OpAt {
+    /// Where the op record `op`, read back from the log, is.
+    fn read(op: &StoredRecord) -> Self {
+        OpAt::Read {
+            end: op.offset.saturating_add(u64::from(op.size)),
+        }
+    }
 }
 
 /// What an EndTransaction does next (see [`Transactions::end`]).
@@ -211,7 +253,7 @@ enum Step {
     /// then look again.
     Wait(watch::Receiver<()>),
     /// The same decision is in the log, not confirmed: wait for its record.
-    Confirm(Appended),
+    Confirm(OpAt),
     /// This request appended the decision (its op record `op`); `writer`
     /// is closed when it returns.
     Written {
@@ -238,8 +280,8 @@ struct State {
     recent: HashMap<String, Resolved>,
     recent_order: VecDeque<String>,
     /// Ops seen for half offsets not loaded yet (appended between the two
-    /// looks of one load).
-    early_ops: HashMap<u64, Decision>,
+    /// looks of one load), with where they are.
+    early_ops: HashMap<u64, (Decision, Option<OpAt>)>,
     /// Last progress stored.
     committed: u64,
     /// Op records a restart must re-read: those about half messages at or
@@ -248,6 +290,12 @@ struct State {
     needed_op_offsets: BTreeSet<u64>,
     /// Last op-queue progress stored.
     op_committed: u64,
+}
+
+impl super::RoleBound for State {
+    fn basis_mut(&mut self) -> &mut Option<u64> {
+        &mut self.basis
+    }
 }
 
 impl State {
@@ -295,12 +343,42 @@ impl State {
 
     /// Applies a decision; `named` is the (topic, message id) an op record
     /// carries, so decisions about half messages no longer loaded (resolved
-    /// before a restart) are still remembered.
-    fn resolve(&mut self, off: u64, decision: Decision, named: Option<(String, String)>) {
+    /// before a restart) are still remembered; `read` is where that op
+    /// record is when it was read back from the log (`None`: applied
+    /// without reading it, see below).
+    ///
+    /// A repeat of the decision answers OK only once its op record is as
+    /// durable as a write must be, so the record's position is kept
+    /// whenever it is known. Every decision read from the log has one,
+    /// whether its half message is loaded, not loaded yet, or below the
+    /// loaded range (remembered by name). Decisions applied without one:
+    /// - confirmed here ([`State::confirmed`]): durable, nothing to wait for;
+    /// - the discard of a half message removed by retention before any
+    ///   decision (`due_checks`): it has no op record, so there is nothing
+    ///   to wait for; it is never answered OK anyway, as producers only
+    ///   commit or roll back (a conflict with it), and the discard of
+    ///   check-backs is only written for a half message still pending.
+    ///
+    /// A decision whose op record is not read (more than `RECENT_CAP` op
+    /// records before the op progress) or that was pushed out of the
+    /// `RECENT_CAP` remembered is not known at all: a repeat of it is
+    /// answered [`EndError::Unknown`], never OK, as its record's position
+    /// is not known.
+    fn resolve(
+        &mut self,
+        off: u64,
+        decision: Decision,
+        named: Option<(String, String)>,
+        read: Option<OpAt>,
+    ) {
         if let Some(p) = self.take(off) {
-            // Its record read back before its write was confirmed: a
-            // repeat still waits for it.
-            let unconfirmed = p.resolving.filter(|r| r.decision == decision).map(|r| r.op);
+            // Appended here for this role generation: its record's append
+            // (with the log's cut count); else where it was read back.
+            let unconfirmed = p
+                .resolving
+                .filter(|r| r.decision == decision)
+                .map(|r| OpAt::Appended(r.op))
+                .or(read);
             self.remember(
                 p.tx_id,
                 Resolved {
@@ -311,7 +389,7 @@ impl State {
                 },
             );
         } else if off >= self.half_loaded_to {
-            self.early_ops.insert(off, decision);
+            self.early_ops.insert(off, (decision, read));
         } else if let Some((topic, message_id)) = named {
             self.remember(
                 transaction_id(off, &message_id),
@@ -319,7 +397,7 @@ impl State {
                     decision,
                     topic,
                     message_id,
-                    unconfirmed: None,
+                    unconfirmed: read,
                 },
             );
         }
@@ -328,15 +406,15 @@ impl State {
     /// The decision of transaction `tx_id` whose op record is `op` is as
     /// durable as a write must be: the half message is resolved. Returns
     /// whether that is news (not known confirmed before).
-    fn confirmed(&mut self, tx_id: &str, decision: Decision, op: Appended) -> bool {
+    fn confirmed(&mut self, tx_id: &str, decision: Decision, op: OpAt) -> bool {
         if let Some(&off) = self.by_tx.get(tx_id)
             && self
                 .pending
                 .get(&off)
                 .and_then(|p| p.resolving.as_ref())
-                .is_some_and(|r| r.op == op)
+                .is_some_and(|r| OpAt::Appended(r.op) == op)
         {
-            self.resolve(off, decision, None);
+            self.resolve(off, decision, None, None);
         }
         match self.recent.get_mut(tx_id) {
             Some(r) if r.unconfirmed == Some(op) => {
@@ -447,24 +525,13 @@ impl Transactions {
     /// The progress marks the last readable op record in the log carries
     /// (those of the log up to it, whatever became of the log after it).
     fn last_op_marks(store: &MessageStore, op_min: u64, op_max: u64) -> LastOp {
-        for off in (op_min..op_max).rev() {
-            let op = match store.get(OP_TOPIC, 0, off) {
-                Ok(Some(op)) => op,
-                Ok(None) => continue,
-                Err(e) => {
-                    // Its marks are lost, not those before it: they hold
-                    // for the log up to there, and the ops after are read.
-                    tracing::error!(error = %e, offset = off, "transaction op record unreadable; taking the progress from the one before it");
-                    continue;
-                }
-            };
-            let mark = |k: &str| op.properties.get(k).and_then(|v| v.parse::<u64>().ok());
-            return match (mark(HALF_FROM), mark(OPS_FROM)) {
-                (Some(half), Some(ops)) => LastOp::Marks(half, ops),
-                _ => LastOp::Unmarked,
-            };
+        match super::op_marks_backwards(store, OP_TOPIC, (op_min, op_max), [HALF_FROM, OPS_FROM])
+            .next()
+        {
+            Some(Some((half, ops))) => LastOp::Marks(half, ops),
+            Some(None) => LastOp::Unmarked,
+            None => LastOp::None,
         }
-        LastOp::None
     }
 
     /// Makes the state that of the master behind `write`: refused unless
@@ -472,18 +539,9 @@ impl Transactions {
     /// it was built; then brought up to date with the log. Returns the role
     /// generation it is valid for.
     fn sync(&self, write: &WritePath) -> Result<u64, WriteError> {
-        // Read before the role: a role change after it rebuilds the state
-        // again next time.
-        let basis = super::role_generation(write);
-        write
-            .replication()
-            .check_writable()
-            .map_err(WriteError::Refused)?;
-        let mut st = self.state.lock();
-        if st.basis != Some(basis) {
-            *st = Self::fresh(&self.store);
-            st.basis = Some(basis);
-        }
+        let (mut st, basis, _) =
+            super::lock_for_role(write, &self.state, || Self::fresh(&self.store))
+                .map_err(WriteError::Refused)?;
         self.load_into(&mut st);
         Ok(basis)
     }
@@ -564,14 +622,14 @@ impl Transactions {
                 .get(keys::ORIGIN_TOPIC)
                 .cloned()
                 .unwrap_or_default();
-            if let Some(decision) = st.early_ops.remove(&off) {
+            if let Some((decision, read)) = st.early_ops.remove(&off) {
                 st.remember(
                     tx_id,
                     Resolved {
                         decision,
                         topic,
                         message_id,
-                        unconfirmed: None,
+                        unconfirmed: read,
                     },
                 );
                 continue;
@@ -636,7 +694,7 @@ impl Transactions {
                     .get(keys::ORIGIN_TOPIC)
                     .cloned()
                     .zip(op.properties.get(keys::MESSAGE_ID).cloned());
-                st.resolve(half, decision, named);
+                st.resolve(half, decision, named, Some(OpAt::read(&op)));
                 if half >= st.committed {
                     st.need_op(half, off);
                 }
@@ -681,8 +739,9 @@ impl Transactions {
     /// Applies a producer's decision about transaction `tx_id` (message
     /// `message_id` of `topic`): a commit writes the message to its topic.
     /// Repeating a decision already applied is a success once that decision
-    /// is as durable as a write must be; a repeat of one still being
-    /// confirmed waits for it and never writes it again.
+    /// is as durable as a write must be, also when it was read back from
+    /// the log after a restart or a role change; a repeat of one still
+    /// being confirmed waits for it and never writes it again.
     pub async fn end(
         &self,
         write: &WritePath,
@@ -700,17 +759,25 @@ impl Transactions {
                     let _ = writer.changed().await;
                 }
                 Step::Confirm(op) => {
-                    return self.confirm(write, basis, tx_id, decision, op).await;
+                    if self.confirm(write, basis, tx_id, decision, op).await? {
+                        return Ok(());
+                    }
+                    // The role changed while it waited for a record read
+                    // back from the log: look again (see `confirm`).
                 }
                 Step::Written { op, writer } => {
-                    let confirmed = self.confirm(write, basis, tx_id, decision, op).await;
+                    let confirmed = self
+                        .confirm(write, basis, tx_id, decision, OpAt::Appended(op))
+                        .await;
                     drop(writer);
-                    return confirmed;
+                    // Its own append: a cut under it is an error, never a
+                    // second look.
+                    return confirmed.map(|_| ());
                 }
             }
         }
         // Every look found another request writing this decision, and each
-        // of those wrote nothing.
+        // of those wrote nothing (or the role kept changing).
         Err(EndError::Write(WriteError::Store(StoreError::Busy(
             format!("transaction {tx_id}: other requests kept failing to write the same decision"),
         ))))
@@ -762,7 +829,7 @@ impl Transactions {
             Some(r) if r.decision != decision => return Err(conflict(r.decision)),
             // The request that appended it still waits for it.
             Some(r) if r.writer.has_changed().is_ok() => return Ok(Step::Wait(r.writer.clone())),
-            Some(r) => return Ok(Step::Confirm(r.op)),
+            Some(r) => return Ok(Step::Confirm(OpAt::Appended(r.op))),
             None => {}
         }
         let named = (p.topic.clone(), p.message_id.clone());
@@ -788,17 +855,46 @@ impl Transactions {
     /// durable as a write must be, then counts the transaction resolved
     /// (unless the state was rebuilt since `basis`: it read the log
     /// instead). On failure the decision stays in the log, unconfirmed.
+    ///
+    /// Returns `Ok(true)` once it is confirmed. A cut under an append of
+    /// this broker fails with [`StoreError::Truncated`] (from
+    /// [`WritePath::confirm`]): the decision is gone, and the next request
+    /// rebuilds the state from the log as it is now. For a record read
+    /// back from the log ([`OpAt::Read`]) the cut count is not known, so a
+    /// role change during the wait stands for a cut (the log is cut only
+    /// after this broker followed another master, and a flush seen before
+    /// the role is seen unchanged was of this log): `Ok(false)`, and
+    /// [`Transactions::end`] looks again at once, as that next request
+    /// would: refused unless this broker is a writable master again, and
+    /// then from the log as it is now (the decision waited for again if it
+    /// is still there, the half message open again if the cut took it).
     async fn confirm(
         &self,
         write: &WritePath,
         basis: u64,
         tx_id: &str,
         decision: Decision,
-        op: Appended,
-    ) -> Result<(), EndError> {
-        write.confirm(&op).await?;
+        op: OpAt,
+    ) -> Result<bool, EndError> {
+        match op {
+            OpAt::Appended(a) => write.confirm(&a).await?,
+            OpAt::Read { end } => {
+                write.confirm_to(end).await?;
+                // The role first: a follow makes this broker a slave before
+                // it changes the generation, and both come before any cut.
+                let writable = write.replication().check_writable().is_ok();
+                if !writable || super::role_generation(write) != basis {
+                    return Ok(false);
+                }
+            }
+        }
         let mut st = self.state.lock();
-        if st.basis == Some(basis) && st.confirmed(tx_id, decision, op) {
+        // Only appends of this broker count: a decision read back was
+        // counted by whoever appended it, if anyone.
+        if st.basis == Some(basis)
+            && st.confirmed(tx_id, decision, op)
+            && matches!(op, OpAt::Appended(_))
+        {
             self.store_progress(&mut st);
             let counter = match decision {
                 Decision::Commit => &self.stats.committed,
@@ -807,7 +903,7 @@ impl Transactions {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The records that apply `decision` to the half message at `off`,
@@ -914,7 +1010,7 @@ impl Transactions {
                     Ok(None) => {
                         // Removed by retention: nothing left to decide.
                         tracing::warn!(tx = %tx_id, "half message expired before its transaction ended");
-                        st.resolve(off, Decision::Discard, None);
+                        st.resolve(off, Decision::Discard, None, None);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, tx = %tx_id, "half message unreadable for check-back");
@@ -1101,6 +1197,17 @@ mod tests {
     }
 
     /// Bodies of the messages in queue 1 of `orders`.
+    /// Whether an EndTransaction failed as a write whose flush timed out.
+    fn flush_timed_out(got: &Result<(), EndError>) -> bool {
+        matches!(got, Err(EndError::Write(WriteError::FlushTimeout(_))))
+    }
+
+    /// Whether an EndTransaction failed as a write whose replication timed
+    /// out.
+    fn replication_timed_out(got: &Result<(), EndError>) -> bool {
+        matches!(got, Err(EndError::Write(WriteError::ReplicationTimeout(_))))
+    }
+
     fn orders(store: &MessageStore) -> Vec<String> {
         store
             .get_range("orders", 1, 0, usize::MAX, usize::MAX)
@@ -1222,11 +1329,19 @@ mod tests {
     /// A SYNC_FLUSH store whose flush times out after 200 ms, and the
     /// write path of a lone master over it.
     fn sync_flush_master(dir: &std::path::Path) -> (MessageStore, WritePath) {
+        sync_flush_master_with(dir, Duration::from_millis(200))
+    }
+
+    /// [`sync_flush_master`] with a flush timeout of `flush_timeout`.
+    fn sync_flush_master_with(
+        dir: &std::path::Path,
+        flush_timeout: Duration,
+    ) -> (MessageStore, WritePath) {
         use crate::replication::{ReplicationManager, ReplicationMode, StartRole};
         let mut c = crate::store::StoreConfig::new(dir);
         c.segment_size = 1 << 20;
         c.flush_mode = crate::store::FlushMode::SyncFlush;
-        c.flush_timeout = Duration::from_millis(200);
+        c.flush_timeout = flush_timeout;
         let store = MessageStore::open(c).expect("store");
         let repl = ReplicationManager::open(
             crate::testing::replication_config(
@@ -1311,16 +1426,10 @@ mod tests {
         })
         .await;
         let first = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
-        assert!(
-            matches!(first, Err(EndError::Write(WriteError::FlushTimeout(_)))),
-            "{first:?}"
-        );
+        assert!(flush_timed_out(&first), "{first:?}");
         assert_eq!(store.queue_max_offset("orders", 1), 0, "not readable yet");
         let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
-        assert!(
-            matches!(repeat, Err(EndError::Write(WriteError::FlushTimeout(_)))),
-            "not durable yet: {repeat:?}"
-        );
+        assert!(flush_timed_out(&repeat), "not durable yet: {repeat:?}");
         let other = tx.end(&write, &id, "A", "orders", Decision::Rollback).await;
         assert!(
             matches!(
@@ -1384,21 +1493,204 @@ mod tests {
             }
         );
         for (what, got) in [("first", first), ("repeat", repeat)] {
-            assert!(
-                matches!(got, Err(EndError::Write(WriteError::ReplicationTimeout(_)))),
-                "{what}: {got:?}"
-            );
+            assert!(replication_timed_out(&got), "{what}: {got:?}");
         }
         let later = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
-        assert!(
-            matches!(
-                later,
-                Err(EndError::Write(WriteError::ReplicationTimeout(_)))
-            ),
-            "{later:?}"
-        );
+        assert!(replication_timed_out(&later), "{later:?}");
         assert_eq!(orders(&store), ["A"], "written once");
         assert_eq!(tx.stats.committed.load(Ordering::Relaxed), 0);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// Under SYNC_FLUSH: writes half message A, stalls the flushes, and
+    /// commits A: the commit's flush times out, and it is written
+    /// (readable) but not durable. Its transaction id, and the stall.
+    async fn a_commit_written_not_flushed(
+        store: &MessageStore,
+        write: &WritePath,
+        tx: &Transactions,
+    ) -> (String, Stall) {
+        let a = write.write_one(half("A")).await.expect("half");
+        let id = transaction_id(a.queue_offset, "A");
+        tx.load();
+        let stall = Stall::new(store);
+        let first = tx.end(write, &id, "A", "orders", Decision::Commit).await;
+        assert!(flush_timed_out(&first), "{first:?}");
+        wait_until("the commit is written (readable), not flushed", || {
+            store.queue_max_offset(OP_TOPIC, 0) == 1
+        })
+        .await;
+        assert_eq!(orders(store), ["A"]);
+        (id, stall)
+    }
+
+    /// Promotes the master behind `write` again (a role change: the state
+    /// is rebuilt from the log); its new role generation.
+    fn role_change(write: &WritePath) -> u64 {
+        let repl = write.replication();
+        repl.promote(repl.epoch() + 1).expect("promote");
+        super::super::role_generation(write)
+    }
+
+    /// A decision read back from the log when the state is rebuilt after a
+    /// role change is not known to be durable: here the commit is written
+    /// but its flush stalls (SYNC_FLUSH). A repeat must not answer OK
+    /// before it is flushed (a power loss could still take it): it times
+    /// out as the write did, then answers OK once the record is durable.
+    /// The commit is written once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_after_a_role_change_waits_for_the_decision_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = sync_flush_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let (id, stall) = a_commit_written_not_flushed(&store, &write, &tx).await;
+        let generation = role_change(&write);
+        let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(
+            flush_timed_out(&repeat),
+            "read back, not durable yet: {repeat:?}"
+        );
+        {
+            let st = tx.state.lock();
+            assert_eq!(st.basis, Some(generation), "rebuilt for the new role");
+            assert!(
+                matches!(
+                    st.recent.get(&id).and_then(|r| r.unconfirmed),
+                    Some(OpAt::Read { .. })
+                ),
+                "remembered from the log, with where its record is"
+            );
+        }
+        let other = tx.end(&write, &id, "A", "orders", Decision::Rollback).await;
+        assert!(
+            matches!(
+                other,
+                Err(EndError::Conflict {
+                    previous: Decision::Commit,
+                    ..
+                })
+            ),
+            "{other:?}"
+        );
+        drop(stall);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("durable now");
+        assert!(
+            tx.state
+                .lock()
+                .recent
+                .get(&id)
+                .is_some_and(|r| r.unconfirmed.is_none()),
+            "known durable from now on"
+        );
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("answered at once");
+        assert_eq!(orders(&store), ["A"], "committed once");
+        assert_eq!(tx.pending_count(), 0);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A repeat waiting for a decision read back from the log, when this
+    /// broker follows another master meanwhile (whose stream may cut the
+    /// log under the record), is not answered OK even though the record is
+    /// flushed after that: it is refused, as a request to a slave is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_waiting_for_a_decision_read_back_is_refused_after_a_follow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Time enough for the follow to come while the repeat waits.
+        let (store, write) = sync_flush_master_with(dir.path(), Duration::from_secs(2));
+        let tx = Transactions::new(store.clone(), cfg());
+        let (id, stall) = a_commit_written_not_flushed(&store, &write, &tx).await;
+        let generation = role_change(&write);
+        let (repeat, ()) = tokio::join!(
+            tx.end(&write, &id, "A", "orders", Decision::Commit),
+            async {
+                wait_until("the repeat waits for the record read back", || {
+                    let st = tx.state.lock();
+                    st.basis == Some(generation)
+                        && st
+                            .recent
+                            .get(&id)
+                            .is_some_and(|r| matches!(r.unconfirmed, Some(OpAt::Read { .. })))
+                })
+                .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let repl = write.replication();
+                repl.follow("127.0.0.1:9".into(), repl.epoch() + 1)
+                    .expect("follow");
+                drop(stall);
+            }
+        );
+        assert!(
+            matches!(repeat, Err(EndError::Write(WriteError::Refused(_)))),
+            "{repeat:?}"
+        );
+        assert_eq!(store.queue_max_offset(OP_TOPIC, 0), 1, "written once");
+        write.replication().shutdown();
+        store.shutdown().expect("shutdown");
+    }
+
+    /// SYNC replication with no slave: decisions are appended and never
+    /// confirmed. After a restart the state is rebuilt from the log, where
+    /// they are: one about a half message still loaded, one below the
+    /// loaded range (remembered by its name only). Repeats must not answer
+    /// OK, as neither record is on a slave: they time out as a write does.
+    /// Reopened without SYNC replication, the same repeats are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_after_a_restart_waits_for_the_decision_to_be_replicated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master_with(
+            dir.path(),
+            crate::replication::ReplicationMode::Sync,
+            Duration::from_millis(200),
+        );
+        let tx = Transactions::new(store.clone(), cfg());
+        let appended = write
+            .append(vec![half("A"), half("B"), half("C")])
+            .expect("halves");
+        let ids: Vec<String> = ["A", "B", "C"]
+            .iter()
+            .zip(&appended)
+            .map(|(m, a)| transaction_id(a.queue_offset, m))
+            .collect();
+        for (id, m, d) in [
+            (&ids[0], "A", Decision::Commit),
+            (&ids[1], "B", Decision::Rollback),
+        ] {
+            let got = tx.end(&write, id, m, "orders", d).await;
+            assert!(replication_timed_out(&got), "{got:?}");
+        }
+        drop(tx);
+
+        let tx = Transactions::new(store.clone(), cfg());
+        assert_eq!(
+            tx.state.lock().committed,
+            1,
+            "A is below the range B's op record says to load"
+        );
+        tx.load();
+        assert_eq!(tx.pending_count(), 1, "C");
+        for (id, m, d) in [
+            (&ids[0], "A", Decision::Commit),
+            (&ids[1], "B", Decision::Rollback),
+        ] {
+            let got = tx.end(&write, id, m, "orders", d).await;
+            assert!(replication_timed_out(&got), "{m}: not on a slave: {got:?}");
+        }
+        assert_eq!(tx.stats.committed.load(Ordering::Relaxed), 0);
+        store.shutdown().expect("shutdown");
+
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        tx.end(&write, &ids[0], "A", "orders", Decision::Commit)
+            .await
+            .expect("durable under ASYNC replication");
+        tx.end(&write, &ids[1], "B", "orders", Decision::Rollback)
+            .await
+            .expect("durable under ASYNC replication");
+        assert_eq!(orders(&store), ["A"], "committed once");
         store.shutdown().expect("shutdown");
     }
 

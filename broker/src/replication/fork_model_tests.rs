@@ -6,7 +6,7 @@
 use rand::Rng;
 
 use super::epoch::{EpochHistory, fork_point};
-use crate::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+use crate::store::{MessageStore, NewRecord, StoreConfig};
 
 struct Node {
     _dir: tempfile::TempDir,
@@ -18,11 +18,7 @@ struct Node {
 impl Node {
     fn new() -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = StoreConfig::new(dir.path());
-        config.segment_size = 64 * 1024;
-        config.flush_mode = FlushMode::AsyncFlush;
-        config.disk_high_watermark = 1.0;
-        config.disk_full_ratio = 1.0;
+        let config = crate::testing::async_store_config(dir.path(), 64 * 1024);
         let store = MessageStore::open(config.clone()).expect("open");
         Node {
             _dir: dir,

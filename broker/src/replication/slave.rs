@@ -290,7 +290,7 @@ mod tests {
 
     use super::*;
     use crate::replication::{ReplicationMode, StartRole};
-    use crate::store::{FlushMode, MessageStore, NewRecord, StoreConfig};
+    use crate::store::{MessageStore, NewRecord};
 
     /// A promotion that lands while a follow's handshake is about to cut
     /// the log must win: the cut (which an abort cannot interrupt once it
@@ -299,12 +299,8 @@ mod tests {
     #[tokio::test]
     async fn a_cut_for_a_follow_a_promotion_ended_leaves_the_log_and_the_new_epoch() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut sc = StoreConfig::new(dir.path());
-        sc.segment_size = 64 * 1024;
-        sc.flush_mode = FlushMode::AsyncFlush;
-        sc.disk_high_watermark = 1.0;
-        sc.disk_full_ratio = 1.0;
-        let store = MessageStore::open(sc).expect("store");
+        let store = MessageStore::open(crate::testing::async_store_config(dir.path(), 64 * 1024))
+            .expect("store");
         for i in 0..20u32 {
             store
                 .append(NewRecord::new("orders", 0, vec![i as u8; 100]))

@@ -322,6 +322,11 @@ impl MappedFile {
     }
 }
 
+/// How much [`holds_only_zeros`] reads at a time: a buffer on the stack
+/// (no allocation per call, and far below any thread's stack), large
+/// enough that a segment written with zeros takes few reads.
+const ZERO_CHECK_CHUNK: usize = 64 << 10;
+
 /// Whether the file at `path` holds nothing but zeros. Only what the
 /// filesystem reports as data is read (`SEEK_DATA`/`SEEK_HOLE`; all of it
 /// where it cannot tell), so a reserved, never written file costs nothing.
@@ -338,7 +343,7 @@ pub fn holds_only_zeros(path: &Path) -> io::Result<bool> {
             Err(io::Error::last_os_error())
         }
     };
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = [0u8; ZERO_CHECK_CHUNK];
     let mut pos = 0;
     while pos < len {
         let start = match seek(pos, libc::SEEK_DATA) {
@@ -489,5 +494,42 @@ mod tests {
             .expect("ls")
             .collect();
         assert_eq!(leftovers.len(), 1);
+    }
+
+    /// `holds_only_zeros` reads data of many times its buffer, written
+    /// zeros, holes and all: zeros only is true, and a single other byte
+    /// anywhere (in the first chunk, across a chunk boundary, after a hole,
+    /// in the last byte) makes it false.
+    #[test]
+    fn holds_only_zeros_reads_every_data_byte() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 4 * ZERO_CHECK_CHUNK as u64 + 1000 + (1 << 20);
+        let p = dir.path().join("f");
+        let zeros = |p: &Path| {
+            let f = File::create(p).expect("create");
+            f.set_len(len).expect("size");
+            // Written zeros over more than a few chunks, then a hole.
+            f.write_all_at(&vec![0u8; 4 * ZERO_CHECK_CHUNK + 1000], 0)
+                .expect("zeros");
+            f
+        };
+        assert!(holds_only_zeros(&p).is_err(), "no file");
+        File::create(&p).expect("empty");
+        assert!(holds_only_zeros(&p).expect("empty"));
+        drop(zeros(&p));
+        assert!(holds_only_zeros(&p).expect("zeros"));
+        for at in [
+            0,
+            ZERO_CHECK_CHUNK as u64 - 1,
+            3 * ZERO_CHECK_CHUNK as u64 + 1,
+            4 * ZERO_CHECK_CHUNK as u64 + 999,
+            len - (1 << 19),
+            len - 1,
+        ] {
+            std::fs::remove_file(&p).expect("remove");
+            zeros(&p).write_all_at(&[7], at).expect("byte");
+            assert!(!holds_only_zeros(&p).expect("read"), "a byte at {at}");
+        }
     }
 }

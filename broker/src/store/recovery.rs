@@ -25,6 +25,7 @@
 //!   there with a warning.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -168,7 +169,22 @@ fn settle(
     zeros: bool,
     flushed_mark: u64,
 ) -> Result<bool, StoreError> {
-    let later = valid_record_after(clog, at, |_| true);
+    let sync = config.flush_mode == FlushMode::SyncFlush;
+    // One scan from the damage finds both the first valid record after it
+    // (`later`) and, under SYNC_FLUSH, the first one marked
+    // `record::FLUSHED_BEFORE` (`durable_after`, never before `later`).
+    let (mut later, mut durable_after) = (None, None);
+    visit_valid_records_after(clog, at, |offset, rec| {
+        later.get_or_insert(offset);
+        if !sync {
+            return ControlFlow::Break(());
+        }
+        if record::is_flushed_before(rec) {
+            durable_after = Some(offset);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
     // Flushes cover the log in order, one at a time: if a record after the
     // damage was acknowledged, a flush that completed covered the damaged
     // bytes too, and they were lost after being made durable (corruption).
@@ -178,11 +194,6 @@ fn settle(
     // SYNC_FLUSH, a record the flusher marked as written after everything
     // before it was durable (`record::FLUSHED_BEFORE`) tells the first case;
     // under ASYNC_FLUSH nothing past the last flush was promised.
-    let sync = config.flush_mode == FlushMode::SyncFlush;
-    let durable_after = match later {
-        Some(_) if sync => valid_record_after(clog, at, record::is_flushed_before),
-        _ => None,
-    };
     if at < flushed_mark || durable_after.is_some() {
         let why = match durable_after {
             Some(d) => format!(
@@ -365,12 +376,17 @@ fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Option<Queues>, StoreErro
     Ok(Some(queues))
 }
 
-/// The first offset after `at` where a complete, valid record for which
-/// `wanted` holds starts, read through the files (not the mappings), in
-/// this segment and every later one. Runs at every start, so it skips what
-/// the filesystem knows holds no data (the reserved, never written rest of
-/// a segment) and all-zero chunks without looking closer.
-fn valid_record_after(clog: &CommitLog, at: u64, wanted: impl Fn(&[u8]) -> bool) -> Option<u64> {
+/// Hands `visit` each offset after `at` where a complete, valid record
+/// starts, with the record, in order, until it breaks; read through the
+/// files (not the mappings), in this segment and every later one. Runs at
+/// every start, so it skips what the filesystem knows holds no data (the
+/// reserved, never written rest of a segment) and all-zero chunks without
+/// looking closer.
+fn visit_valid_records_after(
+    clog: &CommitLog,
+    at: u64,
+    mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
+) {
     const CHUNK: usize = 1 << 20;
     let max_rec = clog.segment_size() as usize;
     let mut buf = vec![0u8; CHUNK + 8];
@@ -405,14 +421,13 @@ fn valid_record_after(clog: &CommitLog, at: u64, wanted: impl Fn(&[u8]) -> bool)
                     let mut rec = vec![0u8; rlen];
                     if seg.file.pread(&mut rec, cand).is_ok()
                         && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
-                        && wanted(&rec)
+                        && visit(seg.base + cand, &rec).is_break()
                     {
-                        return Some(seg.base + cand);
+                        return;
                     }
                 }
                 pos += CHUNK as u64;
             }
         }
     }
-    None
 }

@@ -1049,6 +1049,29 @@ fn zero_record_start(dir: &Path, offset: u64) {
     f.write_all_at(&[0u8; 16], offset % SEG).expect("zero");
 }
 
+/// Leaves an unclean checkpoint in `dir` that claims the log and the
+/// consume queues flushed up to `offset` (as a crash after it left it).
+fn unclean_checkpoint_at(dir: &Path, offset: u64) {
+    save_json(
+        &dir.join(CHECKPOINT),
+        &Checkpoint {
+            flushed_offset: offset,
+            cq_offset: offset,
+            clean: false,
+            written_ms: 1,
+        },
+    )
+    .expect("checkpoint");
+}
+
+/// After a crash of a store that wrote `batch` as one group: leaves an
+/// unclean checkpoint at the batch's first record and zeros the start of
+/// its 11th (a write of the group the disk lost).
+fn lose_a_write_in(dir: &Path, batch: &[Appended]) {
+    unclean_checkpoint_at(dir, batch[0].offset);
+    zero_record_start(dir, batch[10].offset);
+}
+
 #[test]
 fn zeros_over_a_record_start_refuse_start_when_records_follow_or_were_flushed() {
     let refused_at = |dir: &Path| match MessageStore::open(config(dir)) {
@@ -1085,16 +1108,7 @@ fn zeros_over_a_record_start_refuse_start_when_records_follow_or_were_flushed() 
     assert!(why.contains("checkpoint"), "{why}");
     // After a crash past the last checkpoint, the same zeros are a write
     // that never reached the disk: the log ends there.
-    save_json(
-        &dir.path().join(CHECKPOINT),
-        &Checkpoint {
-            flushed_offset: a[29].offset,
-            cq_offset: a[29].offset,
-            clean: false,
-            written_ms: 1,
-        },
-    )
-    .expect("checkpoint");
+    unclean_checkpoint_at(dir.path(), a[29].offset);
     let store = MessageStore::open(config(dir.path())).expect("recovers");
     assert_eq!(store.max_offset(), a[29].offset);
     check_all(&store, 29);
@@ -1116,16 +1130,7 @@ fn async_flush_cuts_an_unflushed_gap_after_a_power_loss() {
             .collect();
         store.flush().expect("flush");
         crash(store);
-        save_json(
-            &dir.path().join(CHECKPOINT),
-            &Checkpoint {
-                flushed_offset: a[checkpointed].offset,
-                cq_offset: a[checkpointed].offset,
-                clean: false,
-                written_ms: 1,
-            },
-        )
-        .expect("checkpoint");
+        unclean_checkpoint_at(dir.path(), a[checkpointed].offset);
         zero_record_start(dir.path(), a[20].offset);
         match MessageStore::open(cfg) {
             Err(StoreError::RefuseToStart { offset, .. }) if refused => {
@@ -2083,6 +2088,19 @@ fn consume_queues_of_deleted_topics_are_released_once_their_messages_expired() {
     store.shutdown().expect("shutdown");
 }
 
+/// A SYNC_FLUSH store in `dir` with 5 records, then 40 appended as one
+/// batch (one group: one write, one fdatasync), flushed; the batch.
+fn one_flushed_group(dir: &Path) -> (MessageStore, Vec<Appended>) {
+    let store = MessageStore::open(config(dir)).expect("open");
+    fill(&store, 0, 5);
+    let batch = store
+        .append_batch((5..45).map(record).collect())
+        .expect("batch");
+    let end = batch.last().expect("records").end_offset;
+    store.wait_flushed_blocking(end).expect("flushed");
+    (store, batch)
+}
+
 #[test]
 fn sync_flush_cuts_the_group_a_power_loss_tore_and_refuses_when_a_later_group_follows() {
     // One batch is one staged append: one group, written with one write and
@@ -2090,29 +2108,13 @@ fn sync_flush_cuts_the_group_a_power_loss_tore_and_refuses_when_a_later_group_fo
     // keep any of its pages: nothing in it was acknowledged.
     let setup = |after: bool| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = MessageStore::open(config(dir.path())).expect("open");
-        fill(&store, 0, 5);
-        let batch = store
-            .append_batch((5..45).map(record).collect())
-            .expect("batch");
-        let end = batch.last().expect("records").end_offset;
-        store.wait_flushed_blocking(end).expect("flushed");
+        let (store, batch) = one_flushed_group(dir.path());
         if after {
             // A group written after that flush returned.
             fill(&store, 45, 1);
         }
         crash(store);
-        save_json(
-            &dir.path().join(CHECKPOINT),
-            &Checkpoint {
-                flushed_offset: batch[0].offset,
-                cq_offset: batch[0].offset,
-                clean: false,
-                written_ms: 1,
-            },
-        )
-        .expect("checkpoint");
-        zero_record_start(dir.path(), batch[10].offset);
+        lose_a_write_in(dir.path(), &batch);
         (dir, batch)
     };
     let (dir, batch) = setup(false);
@@ -2183,4 +2185,52 @@ fn a_high_watermark_above_the_full_ratio_is_refused() {
     assert!(matches!(cfg.validate(), Err(StoreError::Config(_))));
     cfg.disk_high_watermark = 0.95;
     cfg.validate().expect("equal is allowed");
+}
+
+/// Under SYNC_FLUSH, damage followed first by valid records that carry no
+/// `record::FLUSHED_BEFORE` (the rest of the torn group) and then by one
+/// that does (a later group): recovery's one scan from the damage tells
+/// both apart, and the refusal names the marked record, not the first
+/// valid one after the damage.
+#[test]
+fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, batch) = one_flushed_group(dir.path());
+    let later = fill(&store, 45, 2);
+    crash(store);
+    assert_eq!(later[1].end_offset / SEG, 0, "all in the first segment");
+    let marked = |offset: u64| {
+        let f = std::fs::File::open(segment_path(dir.path(), SEG, offset)).expect("segment");
+        let mut head = [0u8; 16];
+        f.read_exact_at(&mut head, offset % SEG).expect("read");
+        record::is_flushed_before(&head)
+    };
+    assert!(
+        batch[11..].iter().all(|a| !marked(a.offset)),
+        "the rest of the batch is not marked"
+    );
+    assert!(marked(later[0].offset), "the next group is");
+    lose_a_write_in(dir.path(), &batch);
+    match MessageStore::open(config(dir.path())) {
+        Err(StoreError::RefuseToStart { offset, why, .. }) => {
+            assert_eq!(offset, batch[10].offset);
+            assert_eq!(
+                why,
+                format!(
+                    "a valid record follows at offset {}, written once everything before it had \
+                     been flushed",
+                    later[0].offset
+                )
+            );
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("cut records a later flush had made durable"),
+    }
+    let mut allowed = config(dir.path());
+    allowed.allow_truncate_at = Some(batch[10].offset);
+    let store = open_bounded(allowed);
+    assert_eq!(store.max_offset(), batch[10].offset);
+    check_all(&store, 15);
+    store.shutdown().expect("shutdown");
 }
