@@ -4,20 +4,23 @@
 //! hand its role over) and `/metrics` (Prometheus text format). Kubernetes
 //! probes and hooks and Prometheus call it.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Extension, Router};
+use parking_lot::Mutex;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::replication::{ReplicationManager, Role};
 use crate::store::MessageStore;
@@ -49,20 +52,25 @@ pub struct HttpState {
 /// the pod's deletion plus at most 10 s for the slave to catch up.
 pub const PRESTOP_HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
-/// How many `/prestop` calls may hold at once. The port is reachable from
-/// the network and anyone may call it: without a cap every call would keep
-/// a connection and a task for up to [`PRESTOP_HAND_OVER_WAIT`], so a
-/// flood of them would pile up. The kubelet makes one call per stop of the
-/// container, so a few leave room for its call, a retry and an operator's
-/// own. A call over the cap does not hold: it is answered at once with 503
-/// Service Unavailable (the server, not this caller, is out of room for
-/// holds, whoever made them: 429 Too Many Requests would blame the caller's
-/// own rate). The kubelet takes any answer as the hook being done, which is
-/// fine: a hold is already in progress, and the operator's hand-over is
-/// started by the pod's deletion, not by a held call. (Should those holds
-/// be someone else's, the broker stops without waiting for the hand-over,
-/// as a broker without the hook would: no worse than an unplanned stop.)
-pub const PRESTOP_MAX_HOLDS: usize = 4;
+/// How many `/prestop` calls may hold at once, in all. The port is
+/// reachable from the network and anyone may call it: without a cap every
+/// call would keep a connection and a task for up to
+/// [`PRESTOP_HAND_OVER_WAIT`], so a flood of them would pile up. A call
+/// over a cap does not hold: it is answered at once with 503 Service
+/// Unavailable (the server is out of room for holds: 429 Too Many Requests
+/// would blame the caller's own rate). The kubelet takes any answer as the
+/// hook being done; should the holds be someone else's, the broker then
+/// stops without waiting for the hand-over, as a broker without the hook
+/// would (no worse than an unplanned stop: the operator's hand-over is
+/// started by the pod's deletion, not by a held call). The cap per caller
+/// ([`PRESTOP_MAX_HOLDS_PER_PEER`]) keeps one caller from taking every hold.
+pub const PRESTOP_MAX_HOLDS: usize = 16;
+
+/// How many `/prestop` calls from one address may hold at once. The
+/// kubelet makes one call per stop of the container (from its node's
+/// address), so two leave room for it and a retry; a caller that floods the
+/// port from its own address takes no more.
+pub const PRESTOP_MAX_HOLDS_PER_PEER: usize = 2;
 
 /// Serves the HTTP port until `shutdown` resolves. A `/prestop` still
 /// held then answers at once: the server's graceful stop waits for the
@@ -75,33 +83,109 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stopping_tx, stopping) = watch::channel(false);
-    let app = router(state, stopping, Arc::new(Semaphore::new(PRESTOP_MAX_HOLDS)));
+    let app = router(
+        state,
+        stopping,
+        PrestopHolds::new(PRESTOP_MAX_HOLDS, PRESTOP_MAX_HOLDS_PER_PEER),
+    );
     tracing::info!(address = ?listener.local_addr().ok(), "http listener ready (/healthz, /readyz, /prestop, /metrics)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping_tx.send_replace(true);
-        })
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        stopping_tx.send_replace(true);
+    })
+    .await
 }
 
 /// The HTTP port's routes: `/prestop` ends its holds once `stopping` turns
-/// true, and holds only with a permit of `holds`.
-fn router(state: HttpState, stopping: watch::Receiver<bool>, holds: Arc<Semaphore>) -> Router {
+/// true, and holds only while `holds` has room.
+fn router(state: HttpState, stopping: watch::Receiver<bool>, holds: PrestopHolds) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/prestop", get(prestop))
         .route("/metrics", get(metrics))
         .layer(Extension(Stopping(stopping)))
-        .layer(Extension(PrestopHolds(holds)))
+        .layer(Extension(holds))
         .with_state(state)
 }
 
-/// The `/prestop` calls that may hold ([`PRESTOP_MAX_HOLDS`] permits): a
-/// call holds only with one of them.
+/// The `/prestop` calls holding, in all and by caller's address, and the
+/// caps on both (see [`PRESTOP_MAX_HOLDS`]).
 #[derive(Clone)]
-struct PrestopHolds(Arc<Semaphore>);
+struct PrestopHolds(Arc<Mutex<HoldCounts>>);
+
+struct HoldCounts {
+    max: usize,
+    max_per_peer: usize,
+    total: usize,
+    /// `None`: calls whose address is not known (counted as one caller).
+    by_peer: HashMap<Option<IpAddr>, usize>,
+}
+
+impl PrestopHolds {
+    fn new(max: usize, max_per_peer: usize) -> Self {
+        Self(Arc::new(Mutex::new(HoldCounts {
+            max,
+            max_per_peer,
+            total: 0,
+            by_peer: HashMap::new(),
+        })))
+    }
+
+    /// A hold for a call from `peer`, released when dropped (the call ends,
+    /// or its caller goes away); why not when a cap is reached.
+    fn take(&self, peer: Option<IpAddr>) -> Result<Hold, String> {
+        let mut c = self.0.lock();
+        let from_peer = c.by_peer.get(&peer).copied().unwrap_or(0);
+        if from_peer >= c.max_per_peer {
+            let who = peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
+            return Err(format!(
+                "{from_peer} /prestop calls from {who} are held already: not holding this one"
+            ));
+        }
+        if c.total >= c.max {
+            return Err(format!(
+                "{} /prestop calls are held already: not holding this one",
+                c.total
+            ));
+        }
+        c.total += 1;
+        *c.by_peer.entry(peer).or_default() += 1;
+        Ok(Hold {
+            holds: self.clone(),
+            peer,
+        })
+    }
+
+    /// Calls holding now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.0.lock().total
+    }
+}
+
+/// One `/prestop` call's place among the holds.
+struct Hold {
+    holds: PrestopHolds,
+    peer: Option<IpAddr>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut c = self.holds.0.lock();
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
 
 /// Turns true when the HTTP server starts to stop (the broker is shutting
 /// down): what ends a `/prestop` hold early.
@@ -140,22 +224,21 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 /// than `prestop_wait`, and not once the broker stops), it pauses no write
 /// and starts nothing; the hand-over is the operator's, started by the
 /// pod's deletion, not by this call. At most [`PRESTOP_MAX_HOLDS`] calls
-/// hold at once; one more is answered at once, 503 (see there).
+/// hold at once, [`PRESTOP_MAX_HOLDS_PER_PEER`] of them from one address;
+/// one more is answered at once, 503 (see there).
 async fn prestop(
     State(s): State<HttpState>,
     Extension(Stopping(stopping)): Extension<Stopping>,
-    Extension(PrestopHolds(holds)): Extension<PrestopHolds>,
+    Extension(holds): Extension<PrestopHolds>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> impl IntoResponse {
-    // Held (released when the call ends or its caller goes away) for as
-    // long as this call may hold.
-    let Ok(_hold) = holds.try_acquire() else {
-        tracing::debug!(
-            "preStop: {PRESTOP_MAX_HOLDS} calls are held already; not holding one more"
-        );
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{PRESTOP_MAX_HOLDS} /prestop calls are held already: not holding this one\n"),
-        );
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip().to_canonical());
+    let _hold = match holds.take(peer) {
+        Ok(hold) => hold,
+        Err(why) => {
+            tracing::debug!("preStop: {why}");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+        }
     };
     let outcome = hold_for_hand_over(&s.replication, s.prestop_wait, stopping).await;
     tracing::info!("preStop: {outcome}");
@@ -447,11 +530,14 @@ mod tests {
         (store, repl, addr)
     }
 
-    /// `GET /prestop` on `app`: (status, body).
-    async fn prestop_call(app: Router) -> (StatusCode, String) {
-        let request = Request::get("/prestop")
+    /// `GET /prestop` on `app` from `peer` (127.0.0.`peer`): (status, body).
+    async fn prestop_call(app: Router, peer: u8) -> (StatusCode, String) {
+        let mut request = Request::get("/prestop")
             .body(Body::empty())
             .expect("request");
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, peer], 40_000))));
         let response = app.oneshot(request).await.expect("routed");
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
@@ -472,11 +558,14 @@ mod tests {
         }
     }
 
-    /// With [`PRESTOP_MAX_HOLDS`] `/prestop` calls holding a master with a
-    /// slave in sync, one more is answered at once, 503, while the others
-    /// go on holding; once they have ended, a new call holds again.
+    /// With as many `/prestop` calls holding a master with a slave in sync
+    /// as one caller may make, one more from that caller is answered at
+    /// once, 503, while others' calls still hold; with as many holding as
+    /// all callers may make, one more from a new caller is answered at once
+    /// too. The held calls go on holding, and once they have ended, a new
+    /// call holds again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn prestop_holds_are_capped_and_a_call_over_the_cap_is_answered_at_once() {
+    async fn prestop_holds_are_capped_and_a_call_over_a_cap_is_answered_at_once() {
         let (d0, d1) = (
             tempfile::tempdir().expect("dir"),
             tempfile::tempdir().expect("dir"),
@@ -505,32 +594,46 @@ mod tests {
             client: None,
             prestop_wait: wait,
         };
-        let holds = Arc::new(Semaphore::new(PRESTOP_MAX_HOLDS));
+        let holds = PrestopHolds::new(4, 2);
         let (stopping_tx, stopping) = watch::channel(false);
         let app = router(state, stopping, holds.clone());
-
-        let held: Vec<_> = (0..PRESTOP_MAX_HOLDS)
-            .map(|_| tokio::spawn(prestop_call(app.clone())))
-            .collect();
-        until("every hold to be taken", || holds.available_permits() == 0).await;
-
-        let over = tokio::time::timeout(Duration::from_secs(2), prestop_call(app.clone()))
-            .await
-            .expect("a call over the cap is answered at once");
-        assert_eq!(
-            over,
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "{PRESTOP_MAX_HOLDS} /prestop calls are held already: not holding this one\n"
+        let over_cap = |answer: (StatusCode, String), why: &str| {
+            assert_eq!(
+                answer,
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{why}: not holding this one\n")
                 )
-            )
+            );
+        };
+        let answered_at_once = |peer: u8| {
+            let call = prestop_call(app.clone(), peer);
+            async move {
+                tokio::time::timeout(Duration::from_secs(2), call)
+                    .await
+                    .expect("a call over a cap is answered at once")
+            }
+        };
+
+        let mut held: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(prestop_call(app.clone(), 1)))
+            .collect();
+        until("the first caller's holds", || holds.held() == 2).await;
+        over_cap(
+            answered_at_once(1).await,
+            "2 /prestop calls from 127.0.0.1 are held already",
+        );
+        held.extend((2..4).map(|peer| tokio::spawn(prestop_call(app.clone(), peer))));
+        until("every hold to be taken", || holds.held() == 4).await;
+        over_cap(
+            answered_at_once(9).await,
+            "4 /prestop calls are held already",
         );
         assert!(
             held.iter().all(|h| !h.is_finished()),
             "the held calls go on holding"
         );
-        assert_eq!(holds.available_permits(), 0);
+        assert_eq!(holds.held(), 4);
 
         for h in held {
             let answer = tokio::time::timeout(wait + Duration::from_secs(10), h)
@@ -545,14 +648,12 @@ mod tests {
                 )
             );
         }
-        assert_eq!(holds.available_permits(), PRESTOP_MAX_HOLDS, "released");
+        assert_eq!(holds.held(), 0, "released");
+        assert!(holds.0.lock().by_peer.is_empty(), "no caller left counted");
 
         // Room again: a new call holds (until the broker stops).
-        let again = tokio::spawn(prestop_call(app.clone()));
-        until("the new call to hold", || {
-            holds.available_permits() == PRESTOP_MAX_HOLDS - 1
-        })
-        .await;
+        let again = tokio::spawn(prestop_call(app.clone(), 1));
+        until("the new call to hold", || holds.held() == 1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!again.is_finished(), "the new call holds");
         stopping_tx.send_replace(true);
@@ -567,7 +668,7 @@ mod tests {
                 "the broker is stopping: no longer waiting for a hand-over\n".to_owned()
             )
         );
-        assert_eq!(holds.available_permits(), PRESTOP_MAX_HOLDS);
+        assert_eq!(holds.held(), 0);
         master.shutdown();
         slave.shutdown();
     }

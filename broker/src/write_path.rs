@@ -93,7 +93,7 @@ impl WritePath {
     /// as [`WritePath::confirm`] does, but with no check for a cut under
     /// it: for records read back from the log, whose caller tells a cut
     /// otherwise (see the transactions' repeated decisions).
-    pub async fn confirm_to(&self, end: u64) -> Result<(), WriteError> {
+    pub(crate) async fn confirm_to(&self, end: u64) -> Result<(), WriteError> {
         self.store
             .wait_flushed(end)
             .await

@@ -229,18 +229,19 @@ enum OpAt {
     /// commit-log offset `end`. It may be no more durable than an
     /// unconfirmed write (on a newly promoted master under SYNC replication
     /// it may be on no slave yet; under SYNC_FLUSH it may be written but
-    /// not flushed), so it is waited for in the same way. The cut count
-    /// when it was read is not known: a role change stands for a cut (the
-    /// log is only cut when this broker follows another master, which
-    /// changes the role generation first), see [`Transactions::confirm`].
-    Read { end: u64 },
+    /// not flushed), so it is waited for in the same way. `log_cuts` is the
+    /// log's cut count read before the record was: a cut since then may
+    /// have taken it (see [`Transactions::confirm`]).
+    Read { end: u64, log_cuts: u64 },
 }
 
 impl OpAt {
-    /// Where the op record `op`, read back from the log, is.
-    fn read(op: &StoredRecord) -> Self {
+    /// Where the op record `op`, read back from the log after its cut
+    /// count read `log_cuts`, is.
+    fn read(op: &StoredRecord, log_cuts: u64) -> Self {
         OpAt::Read {
             end: op.offset.saturating_add(u64::from(op.size)),
+            log_cuts,
         }
     }
 }
@@ -599,6 +600,9 @@ impl Transactions {
     }
 
     fn load_into(&self, st: &mut State) {
+        // Before any record is read: a cut after this makes the records
+        // read below count as possibly cut (see `OpAt::Read`).
+        let log_cuts = self.store.log_cuts();
         let half_max = self.store.queue_max_offset(HALF_TOPIC, 0);
         while st.half_loaded_to < half_max {
             let off = st.half_loaded_to;
@@ -694,7 +698,7 @@ impl Transactions {
                     .get(keys::ORIGIN_TOPIC)
                     .cloned()
                     .zip(op.properties.get(keys::MESSAGE_ID).cloned());
-                st.resolve(half, decision, named, Some(OpAt::read(&op)));
+                st.resolve(half, decision, named, Some(OpAt::read(&op, log_cuts)));
                 if half >= st.committed {
                     st.need_op(half, off);
                 }
@@ -777,9 +781,13 @@ impl Transactions {
             }
         }
         // Every look found another request writing this decision, and each
-        // of those wrote nothing (or the role kept changing).
+        // of those wrote nothing, or the log was cut or the role changed
+        // under the decision waited for.
         Err(EndError::Write(WriteError::Store(StoreError::Busy(
-            format!("transaction {tx_id}: other requests kept failing to write the same decision"),
+            format!(
+                "transaction {tx_id}: the decision could not be settled in {MAX_LOOKS} looks \
+             (other requests kept failing to write it, or the broker's role kept changing)"
+            ),
         ))))
     }
 
@@ -860,14 +868,15 @@ impl Transactions {
     /// this broker fails with [`StoreError::Truncated`] (from
     /// [`WritePath::confirm`]): the decision is gone, and the next request
     /// rebuilds the state from the log as it is now. For a record read
-    /// back from the log ([`OpAt::Read`]) the cut count is not known, so a
-    /// role change during the wait stands for a cut (the log is cut only
-    /// after this broker followed another master, and a flush seen before
-    /// the role is seen unchanged was of this log): `Ok(false)`, and
-    /// [`Transactions::end`] looks again at once, as that next request
-    /// would: refused unless this broker is a writable master again, and
-    /// then from the log as it is now (the decision waited for again if it
-    /// is still there, the half message open again if the cut took it).
+    /// back from the log ([`OpAt::Read`]), a cut since it was read, or a
+    /// role change (which comes with any cut: the log is cut only after
+    /// this broker followed another master), seen after the wait, gives
+    /// `Ok(false)`, and [`Transactions::end`] looks again at once, as the
+    /// next request would: refused unless this broker is a writable master
+    /// again, and then from the log as it is now (the decision waited for
+    /// again if it is still there, the half message open again if the cut
+    /// took it). A role change does not end the wait itself: like a fresh
+    /// write's, it ends when the flush and the slaves answer, or times out.
     async fn confirm(
         &self,
         write: &WritePath,
@@ -878,10 +887,20 @@ impl Transactions {
     ) -> Result<bool, EndError> {
         match op {
             OpAt::Appended(a) => write.confirm(&a).await?,
-            OpAt::Read { end } => {
+            OpAt::Read { end, log_cuts } => {
                 write.confirm_to(end).await?;
-                // The role first: a follow makes this broker a slave before
-                // it changes the generation, and both come before any cut.
+                // Counted before any flush after it (see
+                // `MessageStore::log_cuts`): a flush seen above that
+                // followed a cut is seen with the cut.
+                if write.store().log_cuts() != log_cuts {
+                    // The state may hold what the cut took: the next look
+                    // rebuilds it from the log as it is now.
+                    let mut st = self.state.lock();
+                    if st.basis == Some(basis) {
+                        st.basis = None;
+                    }
+                    return Ok(false);
+                }
                 let writable = write.replication().check_writable().is_ok();
                 if !writable || super::role_generation(write) != basis {
                     return Ok(false);
@@ -889,8 +908,10 @@ impl Transactions {
             }
         }
         let mut st = self.state.lock();
-        // Only appends of this broker count: a decision read back was
-        // counted by whoever appended it, if anyone.
+        // Only appends of this broker confirmed here count: a decision read
+        // back from the log is not counted again (it was counted where it
+        // was confirmed, if it was: an append whose wait failed before a
+        // restart or role change is counted nowhere).
         if st.basis == Some(basis)
             && st.confirmed(tx_id, decision, op)
             && matches!(op, OpAt::Appended(_))
@@ -1196,7 +1217,6 @@ mod tests {
         assert_eq!(tx.pending_count(), 0);
     }
 
-    /// Bodies of the messages in queue 1 of `orders`.
     /// Whether an EndTransaction failed as a write whose flush timed out.
     fn flush_timed_out(got: &Result<(), EndError>) -> bool {
         matches!(got, Err(EndError::Write(WriteError::FlushTimeout(_))))
@@ -1208,6 +1228,7 @@ mod tests {
         matches!(got, Err(EndError::Write(WriteError::ReplicationTimeout(_))))
     }
 
+    /// Bodies of the messages in queue 1 of `orders`.
     fn orders(store: &MessageStore) -> Vec<String> {
         store
             .get_range("orders", 1, 0, usize::MAX, usize::MAX)
@@ -1588,6 +1609,52 @@ mod tests {
             .await
             .expect("answered at once");
         assert_eq!(orders(&store), ["A"], "committed once");
+        assert_eq!(tx.pending_count(), 0);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A decision read back from the log, then cut from it (with the
+    /// message it committed) and the log grown past where it was: a repeat
+    /// must not take the flushed offset past the record for its
+    /// durability. The cut is seen, the state rebuilt from the log as it
+    /// is now (A open again), and the repeat writes the commit again:
+    /// A is delivered.
+    #[tokio::test]
+    async fn a_repeat_of_a_decision_read_back_then_cut_writes_it_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write) = crate::testing::lone_master(dir.path());
+        let tx = Transactions::new(store.clone(), cfg());
+        let id = halves(&write, &["A"]).await.remove(0);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        role_change(&write);
+        tx.sync(&write).expect("rebuilt from the log");
+        assert!(
+            tx.state
+                .lock()
+                .recent
+                .get(&id)
+                .is_some_and(|r| matches!(r.unconfirmed, Some(OpAt::Read { .. }))),
+            "read back"
+        );
+        let committed_at = store
+            .get("orders", 1, 0)
+            .expect("read")
+            .expect("committed")
+            .offset;
+        store.truncate_to(committed_at).expect("cut");
+        assert!(orders(&store).is_empty(), "the cut took the commit");
+        for i in 0..4u8 {
+            write
+                .write_one(NewRecord::new("other", 0, vec![i; 200]))
+                .await
+                .expect("filler");
+        }
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("written again");
+        assert_eq!(orders(&store), ["A"]);
         assert_eq!(tx.pending_count(), 0);
         store.shutdown().expect("shutdown");
     }

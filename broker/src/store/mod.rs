@@ -897,6 +897,14 @@ impl MessageStore {
         self.check_not_cut(a)
     }
 
+    /// How many times the log was cut (truncated) since the store opened:
+    /// records read while it held a count are gone if it differs later. A
+    /// cut is counted under the flush lock, before any flush after it, so
+    /// a flush seen before the count is read again was seen with the cut.
+    pub fn log_cuts(&self) -> u64 {
+        self.inner.cuts.load(Ordering::Acquire)
+    }
+
     /// Fails if the log was cut since `a` was appended. Called after its
     /// end was seen flushed: a cut is counted under the flush lock, before
     /// any flush after it, so a flush that followed a cut is never seen
