@@ -558,6 +558,56 @@ mod tests {
         }
     }
 
+    /// A master with a slave in sync (where `/prestop` holds), and its
+    /// HTTP routes, holding at most `wait` and as `holds` allows.
+    struct HeldMaster {
+        app: Router,
+        /// Set true: the broker stops (every hold ends).
+        stopping: watch::Sender<bool>,
+        master: Arc<ReplicationManager>,
+        slave: Arc<ReplicationManager>,
+        _dirs: (tempfile::TempDir, tempfile::TempDir),
+    }
+
+    impl HeldMaster {
+        async fn start(wait: Duration, holds: &PrestopHolds) -> Self {
+            let (d0, d1) = (
+                tempfile::tempdir().expect("dir"),
+                tempfile::tempdir().expect("dir"),
+            );
+            let (store, master, master_addr) = broker(d0.path(), "m", StartRole::Master).await;
+            let (_slave_store, slave, _) = broker(d1.path(), "s", StartRole::Standby).await;
+            for i in 0..20u32 {
+                store
+                    .append(NewRecord::new("orders", i % 4, vec![i as u8; 100]))
+                    .expect("append");
+            }
+            slave.follow(master_addr, 1).expect("follow");
+            until("the slave to be in sync", || {
+                slave.readiness().ready && master.in_sync_slaves() == 1
+            })
+            .await;
+            let state = HttpState {
+                store,
+                replication: master.clone(),
+                ready: Arc::new(AtomicBool::new(true)),
+                groups: None,
+                transactions: None,
+                slave_reads: None,
+                client: None,
+                prestop_wait: wait,
+            };
+            let (stopping_tx, stopping) = watch::channel(false);
+            Self {
+                app: router(state, stopping, holds.clone()),
+                stopping: stopping_tx,
+                master,
+                slave,
+                _dirs: (d0, d1),
+            }
+        }
+    }
+
     /// With as many `/prestop` calls holding a master with a slave in sync
     /// as one caller may make, one more from that caller is answered at
     /// once, 503, while others' calls still hold; with as many holding as
@@ -566,37 +616,15 @@ mod tests {
     /// call holds again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prestop_holds_are_capped_and_a_call_over_a_cap_is_answered_at_once() {
-        let (d0, d1) = (
-            tempfile::tempdir().expect("dir"),
-            tempfile::tempdir().expect("dir"),
-        );
-        let (store, master, master_addr) = broker(d0.path(), "m", StartRole::Master).await;
-        let (_slave_store, slave, _) = broker(d1.path(), "s", StartRole::Standby).await;
-        for i in 0..20u32 {
-            store
-                .append(NewRecord::new("orders", i % 4, vec![i as u8; 100]))
-                .expect("append");
-        }
-        slave.follow(master_addr, 1).expect("follow");
-        until("the slave to be in sync", || {
-            slave.readiness().ready && master.in_sync_slaves() == 1
-        })
-        .await;
-
         let wait = Duration::from_secs(5);
-        let state = HttpState {
-            store: store.clone(),
-            replication: master.clone(),
-            ready: Arc::new(AtomicBool::new(true)),
-            groups: None,
-            transactions: None,
-            slave_reads: None,
-            client: None,
-            prestop_wait: wait,
-        };
         let holds = PrestopHolds::new(4, 2);
-        let (stopping_tx, stopping) = watch::channel(false);
-        let app = router(state, stopping, holds.clone());
+        let HeldMaster {
+            app,
+            stopping: stopping_tx,
+            master,
+            slave,
+            _dirs,
+        } = HeldMaster::start(wait, &holds).await;
         let over_cap = |answer: (StatusCode, String), why: &str| {
             assert_eq!(
                 answer,
@@ -671,5 +699,72 @@ mod tests {
         assert_eq!(holds.held(), 0);
         master.shutdown();
         slave.shutdown();
+    }
+
+    /// A `/prestop` hold is released when its caller goes away mid-hold
+    /// (the server drops the request's future as the connection closes):
+    /// here a held call's task is aborted, and another held call's future
+    /// is dropped. The same caller can then hold as many calls again as its
+    /// cap allows (and no more), and nothing of the calls gone stays
+    /// counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prestop_hold_is_released_when_its_caller_goes_away() {
+        let holds = PrestopHolds::new(4, 2);
+        let m = HeldMaster::start(Duration::from_secs(60), &holds).await;
+        let from_1 = || {
+            let peer = Some(IpAddr::from([127, 0, 0, 1]));
+            holds.0.lock().by_peer.get(&peer).copied()
+        };
+        let answered_at_once = || async {
+            tokio::time::timeout(Duration::from_secs(2), prestop_call(m.app.clone(), 1))
+                .await
+                .expect("answered at once")
+        };
+        let full = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "2 /prestop calls from 127.0.0.1 are held already: not holding this one\n".to_owned(),
+        );
+
+        let aborted = tokio::spawn(prestop_call(m.app.clone(), 1));
+        let mut dropped = Box::pin(prestop_call(m.app.clone(), 1));
+        tokio::select! {
+            got = &mut dropped => panic!("answered, not held: {got:?}"),
+            () = until("both calls to hold", || holds.held() == 2) => {}
+        }
+        assert_eq!(answered_at_once().await, full);
+
+        aborted.abort();
+        assert!(
+            aborted.await.expect_err("aborted").is_cancelled(),
+            "gone mid-hold"
+        );
+        until("the aborted call's hold to be released", || {
+            holds.held() == 1
+        })
+        .await;
+        assert_eq!(from_1(), Some(1));
+        drop(dropped);
+        assert_eq!(holds.held(), 0, "released as its future is dropped");
+        assert_eq!(from_1(), None, "no call from 127.0.0.1 counted");
+
+        // The caller holds again, up to its cap.
+        let again: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(prestop_call(m.app.clone(), 1)))
+            .collect();
+        until("the new calls to hold", || holds.held() == 2).await;
+        assert_eq!(answered_at_once().await, full);
+        assert!(again.iter().all(|h| !h.is_finished()), "the new calls hold");
+        m.stopping.send_replace(true);
+        for h in again {
+            let answer = tokio::time::timeout(Duration::from_secs(10), h)
+                .await
+                .expect("the hold ends as the broker stops")
+                .expect("join");
+            assert_eq!(answer.0, StatusCode::OK, "{answer:?}");
+        }
+        assert_eq!(holds.held(), 0);
+        assert_eq!(from_1(), None);
+        m.master.shutdown();
+        m.slave.shutdown();
     }
 }

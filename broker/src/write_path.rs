@@ -129,7 +129,8 @@ impl WritePath {
             .is_ok())
     }
 
-    fn flush_error(e: StoreError) -> WriteError {
+    /// The error of a write whose wait for the flush failed with `e`.
+    pub(crate) fn flush_error(e: StoreError) -> WriteError {
         match e {
             StoreError::FlushTimeout { .. } => WriteError::FlushTimeout(e),
             other => WriteError::Store(other),

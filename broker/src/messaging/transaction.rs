@@ -538,13 +538,13 @@ impl Transactions {
     /// Makes the state that of the master behind `write`: refused unless
     /// that broker is a writable master; rebuilt if the role changed since
     /// it was built; then brought up to date with the log. Returns the role
-    /// generation it is valid for.
-    fn sync(&self, write: &WritePath) -> Result<u64, WriteError> {
-        let (mut st, basis, _) =
+    /// generation it is valid for, and whether it was rebuilt now.
+    fn sync(&self, write: &WritePath) -> Result<(u64, bool), WriteError> {
+        let (mut st, basis, rebuilt) =
             super::lock_for_role(write, &self.state, || Self::fresh(&self.store))
                 .map_err(WriteError::Refused)?;
         self.load_into(&mut st);
-        Ok(basis)
+        Ok((basis, rebuilt))
     }
 
     pub fn config(&self) -> &TransactionConfig {
@@ -755,7 +755,23 @@ impl Transactions {
         decision: Decision,
     ) -> Result<(), EndError> {
         for _ in 0..MAX_LOOKS {
-            let basis = self.sync(write)?;
+            let (basis, rebuilt) = self.sync(write)?;
+            if rebuilt {
+                // A rebuild reads only what is readable. Decisions appended
+                // before it (in this broker's previous role) may still be
+                // staged for the SYNC_FLUSH flusher: missed, their
+                // transactions would look open, and this request would
+                // write its decision a second time. Look again once all
+                // that was appended before the rebuild is written (a
+                // stalled flush fails this request as it would a write).
+                let appended = write.store().appended_end();
+                write
+                    .store()
+                    .wait_flushed(appended)
+                    .await
+                    .map_err(WritePath::flush_error)?;
+                continue;
+            }
             match self.next_step(write, tx_id, message_id, topic, decision)? {
                 Step::Done => return Ok(()),
                 Step::Wait(mut writer) => {
@@ -1293,6 +1309,19 @@ mod tests {
         store.shutdown().expect("shutdown");
     }
 
+    /// The op record of decision `d` about the half message at `off`
+    /// (message `m` of `orders`) as releases before the progress marks
+    /// wrote it: the broker's own, less the marks.
+    fn unmarked_op(off: u64, m: &str, d: Decision) -> NewRecord {
+        let mut op = NewRecord::new(OP_TOPIC, 0, off.to_string())
+            .with_property(keys::HALF_OFFSET, off.to_string())
+            .with_property(keys::TRANSACTION_STATE, d.as_str())
+            .with_property(keys::ORIGIN_TOPIC, "orders")
+            .with_property(keys::MESSAGE_ID, m);
+        op.flags = flags::TRANSACTION_END | flags::SYSTEM;
+        op
+    }
+
     /// A store written before op records carried the progress marks: its
     /// ops have none, and its progress is only in the stored offsets.
     #[tokio::test]
@@ -1301,24 +1330,15 @@ mod tests {
         let (store, write) = crate::testing::lone_master(dir.path());
         let ids = halves(&write, &["A", "B", "C"]).await;
         // A committed and B rolled back as earlier releases recorded it.
-        let old_op = |off: u64, m: &str, d: Decision| {
-            let mut op = NewRecord::new(OP_TOPIC, 0, off.to_string())
-                .with_property(keys::HALF_OFFSET, off.to_string())
-                .with_property(keys::TRANSACTION_STATE, d.as_str())
-                .with_property(keys::ORIGIN_TOPIC, "orders")
-                .with_property(keys::MESSAGE_ID, m);
-            op.flags = flags::TRANSACTION_END | flags::SYSTEM;
-            op
-        };
         write
             .write(vec![
                 NewRecord::new("orders", 1, "A").with_property(keys::MESSAGE_ID, "A"),
-                old_op(0, "A", Decision::Commit),
+                unmarked_op(0, "A", Decision::Commit),
             ])
             .await
             .expect("commit A");
         write
-            .write(vec![old_op(1, "B", Decision::Rollback)])
+            .write(vec![unmarked_op(1, "B", Decision::Rollback)])
             .await
             .expect("roll back B");
         let meta = store.metadata();
@@ -1431,24 +1451,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_repeated_decision_whose_flush_timed_out_is_not_written_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = sync_flush_master(dir.path());
-        let tx = Transactions::new(store.clone(), cfg());
-        let a = write.write_one(half("A")).await.expect("half");
-        let id = transaction_id(a.queue_offset, "A");
-        tx.load();
-        let stall = Stall::new(&store);
-        // The flusher writes this and stops in front of its flush; what is
-        // appended after it waits, not written.
-        store
-            .append(NewRecord::new("other", 0, "x"))
-            .expect("append");
-        wait_until("the flusher took the first record", || {
-            store.queue_max_offset("other", 0) == 1
-        })
-        .await;
-        let first = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
-        assert!(flush_timed_out(&first), "{first:?}");
-        assert_eq!(store.queue_max_offset("orders", 1), 0, "not readable yet");
+        let (store, write, tx, id, stall) = a_commit_staged_behind_a_stall(dir.path()).await;
         let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
         assert!(flush_timed_out(&repeat), "not durable yet: {repeat:?}");
         let other = tx.end(&write, &id, "A", "orders", Decision::Rollback).await;
@@ -1520,6 +1523,54 @@ mod tests {
         assert!(replication_timed_out(&later), "{later:?}");
         assert_eq!(orders(&store), ["A"], "written once");
         assert_eq!(tx.stats.committed.load(Ordering::Relaxed), 0);
+        store.shutdown().expect("shutdown");
+    }
+
+    /// Under SYNC_FLUSH: writes half message A, stalls the flushes behind
+    /// a record the flusher took, and commits A: the commit is appended and
+    /// not even written (staged, not readable), and its flush times out.
+    async fn a_commit_staged_behind_a_stall(
+        dir: &std::path::Path,
+    ) -> (MessageStore, WritePath, Transactions, String, Stall) {
+        let (store, write) = sync_flush_master(dir);
+        let tx = Transactions::new(store.clone(), cfg());
+        let a = write.write_one(half("A")).await.expect("half");
+        let id = transaction_id(a.queue_offset, "A");
+        tx.load();
+        let stall = Stall::new(&store);
+        // The flusher writes this and stops in front of its flush; what is
+        // appended after it waits, not written.
+        store
+            .append(NewRecord::new("other", 0, "x"))
+            .expect("append");
+        wait_until("the flusher took the first record", || {
+            store.queue_max_offset("other", 0) == 1
+        })
+        .await;
+        let first = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(flush_timed_out(&first), "{first:?}");
+        assert_eq!(store.queue_max_offset("orders", 1), 0, "not readable yet");
+        (store, write, tx, id, stall)
+    }
+
+    /// A commit appended and still staged for the flusher when the role
+    /// changes is not in what the rebuild reads: a repeat must not take A
+    /// for open and write its commit again (A would be delivered twice).
+    /// It fails as the flush does while the flush stalls, then answers OK;
+    /// the commit is written once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_staged_at_a_role_change_is_not_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write, tx, id, stall) = a_commit_staged_behind_a_stall(dir.path()).await;
+        role_change(&write);
+        let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
+        assert!(flush_timed_out(&repeat), "{repeat:?}");
+        drop(stall);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("durable now");
+        assert_eq!(orders(&store), ["A"], "committed once");
+        assert_eq!(store.queue_max_offset(OP_TOPIC, 0), 1, "one op record");
         store.shutdown().expect("shutdown");
     }
 
@@ -1613,6 +1664,141 @@ mod tests {
         store.shutdown().expect("shutdown");
     }
 
+    /// A lone master whose half message A is committed (and confirmed):
+    /// its store, write path, transactions and A's transaction id.
+    async fn committed_a(dir: &std::path::Path) -> (MessageStore, WritePath, Transactions, String) {
+        let (store, write) = crate::testing::lone_master(dir);
+        let tx = Transactions::new(store.clone(), cfg());
+        let id = halves(&write, &["A"]).await.remove(0);
+        tx.end(&write, &id, "A", "orders", Decision::Commit)
+            .await
+            .expect("commit");
+        (store, write, tx, id)
+    }
+
+    /// Where the decision of `id` remembered as resolved waits to be
+    /// confirmed (`None`: known durable, or not remembered).
+    fn unconfirmed(tx: &Transactions, id: &str) -> Option<OpAt> {
+        tx.state.lock().recent.get(id).and_then(|r| r.unconfirmed)
+    }
+
+    /// A commit counted once, where its own append was confirmed, is read
+    /// back from the log after each role change and confirmed again by a
+    /// repeat: it is not counted again (the commit counter stays at 1).
+    #[tokio::test]
+    async fn a_decision_counted_once_is_not_counted_again_after_a_role_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, write, tx, id) = committed_a(dir.path()).await;
+        let counted = || tx.stats.committed.load(Ordering::Relaxed);
+        assert_eq!(counted(), 1, "counted where it was confirmed");
+        for round in 0..2 {
+            role_change(&write);
+            tx.sync(&write).expect("rebuilt from the log");
+            assert!(
+                matches!(unconfirmed(&tx, &id), Some(OpAt::Read { .. })),
+                "round {round}: read back"
+            );
+            tx.end(&write, &id, "A", "orders", Decision::Commit)
+                .await
+                .expect("a repeat is answered");
+            assert_eq!(unconfirmed(&tx, &id), None, "round {round}: confirmed");
+            assert_eq!(counted(), 1, "round {round}: not counted again");
+        }
+        assert_eq!(orders(&store), ["A"], "committed once");
+        store.shutdown().expect("shutdown");
+    }
+
+    /// A decision whose op record is read before its half message is
+    /// loaded (kept aside until it is: `early_ops`) keeps where its record
+    /// is. Under SYNC replication with no slave in sync, a repeat must not
+    /// answer OK (the record is on no slave): it times out as a write does;
+    /// once a slave has caught up it is answered. (The op record is
+    /// appended before the half message here, so that the load reads it
+    /// first every time, as a load racing both appends would.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decision_read_before_its_half_message_waits_for_its_record() {
+        use crate::replication::{ReplicationConfig, ReplicationMode, StartRole};
+        use crate::testing::{replication_config, serve_replication};
+        let (d0, d1) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let timeout = Duration::from_millis(300);
+        let open = |dir: &std::path::Path| {
+            MessageStore::open(crate::testing::async_store_config(dir, 1 << 20)).expect("store")
+        };
+        let store = open(d0.path());
+        let (master, master_addr) = serve_replication(
+            &store,
+            replication_config(d0.path(), ReplicationMode::Sync, timeout, StartRole::Master),
+            std::future::pending(),
+        )
+        .await;
+        let write = WritePath::new(store.clone(), master.clone());
+        let tx = Transactions::new(store.clone(), cfg());
+        store.append(half("A")).expect("half A");
+        write
+            .append(vec![unmarked_op(1, "B", Decision::Commit)])
+            .expect("B's commit");
+        tx.sync(&write).expect("built");
+        {
+            let st = tx.state.lock();
+            assert!(
+                matches!(
+                    st.early_ops.get(&1),
+                    Some((Decision::Commit, Some(OpAt::Read { .. })))
+                ),
+                "kept aside with where its record is"
+            );
+            assert_eq!(st.pending.len(), 1, "A");
+        }
+        let b = store.append(half("B")).expect("half B");
+        assert_eq!(b.queue_offset, 1);
+        let id = transaction_id(b.queue_offset, "B");
+        tx.sync(&write).expect("up to date");
+        assert!(tx.state.lock().early_ops.is_empty(), "B loaded");
+        assert_eq!(tx.pending_count(), 1, "B is resolved, A open");
+        let repeat = tx.end(&write, &id, "B", "orders", Decision::Commit).await;
+        assert!(
+            replication_timed_out(&repeat),
+            "on no slave yet: {repeat:?}"
+        );
+        assert!(
+            matches!(unconfirmed(&tx, &id), Some(OpAt::Read { .. })),
+            "B remembered with where its commit is"
+        );
+
+        let slave_store = open(d1.path());
+        let (slave, _) = serve_replication(
+            &slave_store,
+            ReplicationConfig {
+                broker_id: "s".into(),
+                ..replication_config(
+                    d1.path(),
+                    ReplicationMode::Sync,
+                    timeout,
+                    StartRole::Standby,
+                )
+            },
+            std::future::pending(),
+        )
+        .await;
+        slave.follow(master_addr, master.epoch()).expect("follow");
+        wait_until("the slave to be in sync", || master.in_sync_slaves() == 1).await;
+        tx.end(&write, &id, "B", "orders", Decision::Commit)
+            .await
+            .expect("on a slave now");
+        assert_eq!(unconfirmed(&tx, &id), None, "known durable from now on");
+        assert_eq!(
+            tx.stats.committed.load(Ordering::Relaxed),
+            0,
+            "read back: not counted here"
+        );
+        slave.shutdown();
+        master.shutdown();
+        store.shutdown().expect("shutdown");
+    }
+
     /// A decision read back from the log, then cut from it (with the
     /// message it committed) and the log grown past where it was: a repeat
     /// must not take the flushed offset past the record for its
@@ -1622,12 +1808,7 @@ mod tests {
     #[tokio::test]
     async fn a_repeat_of_a_decision_read_back_then_cut_writes_it_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = crate::testing::lone_master(dir.path());
-        let tx = Transactions::new(store.clone(), cfg());
-        let id = halves(&write, &["A"]).await.remove(0);
-        tx.end(&write, &id, "A", "orders", Decision::Commit)
-            .await
-            .expect("commit");
+        let (store, write, tx, id) = committed_a(dir.path()).await;
         role_change(&write);
         tx.sync(&write).expect("rebuilt from the log");
         assert!(

@@ -573,6 +573,12 @@ impl MessageStore {
         self.inner.clog.min_offset()
     }
 
+    /// The log's write position: the end of everything appended, SYNC_FLUSH
+    /// appends still staged for the flusher (not yet readable) included.
+    pub fn appended_end(&self) -> u64 {
+        self.inner.tail.lock().pos
+    }
+
     /// End of the commit log.
     pub fn max_offset(&self) -> u64 {
         self.inner.clog.max_offset()
