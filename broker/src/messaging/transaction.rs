@@ -270,6 +270,10 @@ struct State {
     /// Role generation of the replication manager this state was built for
     /// (`None`: built without one, by `new` or `reset`).
     basis: Option<u64>,
+    /// Set by a rebuild to the log's write position then, until the state
+    /// has read the log up to there (see [`Transactions::sync`]): nothing
+    /// is decided on it before.
+    catch_up_to: Option<u64>,
     /// Next half-queue offset not yet loaded.
     half_loaded_to: u64,
     /// Next op-queue offset not yet loaded.
@@ -538,13 +542,30 @@ impl Transactions {
     /// Makes the state that of the master behind `write`: refused unless
     /// that broker is a writable master; rebuilt if the role changed since
     /// it was built; then brought up to date with the log. Returns the role
-    /// generation it is valid for, and whether it was rebuilt now.
-    fn sync(&self, write: &WritePath) -> Result<(u64, bool), WriteError> {
+    /// generation it is valid for, and, while the state has not read the
+    /// log up to where it was written when the state was rebuilt, that
+    /// offset: nothing may be decided on the state before (wait until the
+    /// log is flushed up to it, then sync again).
+    ///
+    /// Why: a rebuild reads only what is readable. Records appended before
+    /// it (in this broker's previous role) may still be staged for the
+    /// SYNC_FLUSH flusher; a decision among them would be missed, its
+    /// transaction taken for open, and a repeat of it, or a check-back's
+    /// answer, would write it a second time (the message delivered twice).
+    fn sync(&self, write: &WritePath) -> Result<(u64, Option<u64>), WriteError> {
         let (mut st, basis, rebuilt) =
             super::lock_for_role(write, &self.state, || Self::fresh(&self.store))
                 .map_err(WriteError::Refused)?;
+        if rebuilt {
+            st.catch_up_to = Some(self.store.appended_end());
+        }
+        // Read before loading: the load covers at least this much.
+        let readable = self.store.indexed_offset();
         self.load_into(&mut st);
-        Ok((basis, rebuilt))
+        if st.catch_up_to.is_some_and(|end| readable >= end) {
+            st.catch_up_to = None;
+        }
+        Ok((basis, st.catch_up_to))
     }
 
     pub fn config(&self) -> &TransactionConfig {
@@ -755,19 +776,14 @@ impl Transactions {
         decision: Decision,
     ) -> Result<(), EndError> {
         for _ in 0..MAX_LOOKS {
-            let (basis, rebuilt) = self.sync(write)?;
-            if rebuilt {
-                // A rebuild reads only what is readable. Decisions appended
-                // before it (in this broker's previous role) may still be
-                // staged for the SYNC_FLUSH flusher: missed, their
-                // transactions would look open, and this request would
-                // write its decision a second time. Look again once all
-                // that was appended before the rebuild is written (a
-                // stalled flush fails this request as it would a write).
-                let appended = write.store().appended_end();
+            let (basis, behind) = self.sync(write)?;
+            if let Some(end) = behind {
+                // Rebuilt, and not yet up to what was appended before
+                // (see `sync`): look again once that is written (a
+                // stalled flush fails this request as it fails a write).
                 write
                     .store()
-                    .wait_flushed(appended)
+                    .wait_flushed(end)
                     .await
                     .map_err(WritePath::flush_error)?;
                 continue;
@@ -1002,7 +1018,9 @@ impl Transactions {
     /// more check and rescheduled one interval later; those that used up
     /// their checks are discarded (an op record each) instead.
     pub async fn due_checks(&self, write: &WritePath, now: i64) -> Vec<DueCheck> {
-        if self.sync(write).is_err() {
+        // Not while the state is behind what was appended before its
+        // rebuild (see `sync`): a later round checks them.
+        if !matches!(self.sync(write), Ok((_, None))) {
             return Vec::new();
         }
         let mut due = Vec::new();
@@ -1554,15 +1572,22 @@ mod tests {
     }
 
     /// A commit appended and still staged for the flusher when the role
-    /// changes is not in what the rebuild reads: a repeat must not take A
-    /// for open and write its commit again (A would be delivered twice).
-    /// It fails as the flush does while the flush stalls, then answers OK;
-    /// the commit is written once.
+    /// changes is not in what the rebuild reads: neither a check-back round
+    /// nor a repeat may take A for open (a check-back's answer or the repeat
+    /// would write its commit again, and A would be delivered twice). The
+    /// repeat fails as the flush does while the flush stalls, then answers
+    /// OK; the commit is written once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_decision_staged_at_a_role_change_is_not_written_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, write, tx, id, stall) = a_commit_staged_behind_a_stall(dir.path()).await;
         role_change(&write);
+        // The rebuild after the role change is made by the check-back
+        // round: it checks nothing back while behind.
+        assert!(
+            tx.due_checks(&write, now_ms() + 3_600_000).await.is_empty(),
+            "A is not taken for open"
+        );
         let repeat = tx.end(&write, &id, "A", "orders", Decision::Commit).await;
         assert!(flush_timed_out(&repeat), "{repeat:?}");
         drop(stall);

@@ -173,7 +173,15 @@ async fn follow_once(
                 if epoch > manager.epoch() {
                     manager.record_epoch(epoch, offset)?;
                 }
-                pos = store.append_raw(offset, &bytes)?;
+                // Under the role state, as a cut is: the abort of a stream
+                // replaced by a promotion or another follow takes effect at
+                // its next await only, and a stream whose frames are all
+                // ready already could otherwise go on appending the old
+                // master's records after the promotion began its epoch at
+                // the old end (or after a follow of another master).
+                pos = manager.while_following(master_address, fence, |_| {
+                    store.append_raw(offset, &bytes).map_err(Into::into)
+                })?;
                 unacked = true;
             }
             Frame::Heartbeat { epoch, max_offset } => {
@@ -230,7 +238,8 @@ impl ReplicationManager {
     /// promotion or another follow waits for the change to end, and one
     /// that came first makes this refuse: the follower task's abort cannot
     /// interrupt a blocking cut, which could otherwise remove the epoch a
-    /// promotion had just begun at the old end.
+    /// promotion had just begun at the old end, nor a run of appends of
+    /// frames already received.
     fn while_following<T>(
         &self,
         master: &str,
