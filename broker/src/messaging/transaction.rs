@@ -1507,6 +1507,22 @@ mod tests {
         store.shutdown().expect("shutdown");
     }
 
+    /// A lone master under SYNC replication with no slave (no write is
+    /// ever confirmed; each wait times out after `timeout_ms`), and its
+    /// transactions.
+    fn unconfirmable_master(
+        dir: &std::path::Path,
+        timeout_ms: u64,
+    ) -> (MessageStore, WritePath, Transactions) {
+        let (store, write) = crate::testing::lone_master_with(
+            dir,
+            crate::replication::ReplicationMode::Sync,
+            Duration::from_millis(timeout_ms),
+        );
+        let tx = Transactions::new(store.clone(), cfg());
+        (store, write, tx)
+    }
+
     /// SYNC replication with no slave: every decision is appended, then not
     /// confirmed. A repeat arriving while the first request still waits
     /// must not answer OK (the decision is not as durable as promised): it
@@ -1515,12 +1531,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_repeat_answers_as_the_decision_it_repeats_is_confirmed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = crate::testing::lone_master_with(
-            dir.path(),
-            crate::replication::ReplicationMode::Sync,
-            Duration::from_millis(300),
-        );
-        let tx = Transactions::new(store.clone(), cfg());
+        let (store, write, tx) = unconfirmable_master(dir.path(), 300);
         let a = store.append(half("A")).expect("half");
         let id = transaction_id(a.queue_offset, "A");
         tx.load();
@@ -1914,12 +1925,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_repeat_after_a_restart_waits_for_the_decision_to_be_replicated() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, write) = crate::testing::lone_master_with(
-            dir.path(),
-            crate::replication::ReplicationMode::Sync,
-            Duration::from_millis(200),
-        );
-        let tx = Transactions::new(store.clone(), cfg());
+        let (store, write, tx) = unconfirmable_master(dir.path(), 200);
         let appended = write
             .append(vec![half("A"), half("B"), half("C")])
             .expect("halves");
