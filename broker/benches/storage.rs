@@ -14,8 +14,10 @@
 //! Commit log: 1 KiB
 //! records; ASYNC_FLUSH with one writer; SYNC_FLUSH with 1, 16 and 64
 //! concurrent writers (each waits for its record to be durable before the
-//! next), with how many appends shared each fdatasync. Every figure is also
-//! given as a ratio to the raw ceiling.
+//! next), with how many appends shared each fdatasync; and SYNC_FLUSH with
+//! 64 writers in segments made of files retention took from the log, as
+//! in steady operation (the reused/held segments are printed). Every figure
+//! is also given as a ratio to the raw ceiling.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -211,6 +213,70 @@ fn sync_writers(
     seconds: f64,
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let store = MessageStore::open(store_config(dir, FlushMode::SyncFlush))?;
+    let mut run = measure_sync(&store, writers, seconds)?;
+    store.shutdown()?;
+    run.name = format!("SYNC_FLUSH, {writers} writers");
+    Ok(run)
+}
+
+/// SYNC_FLUSH as in steady operation, where retention deletes segments as
+/// the log grows: the log first passes three segments of records four
+/// days old (written in batches, not measured), with retention run at each
+/// roll, so the segments the writers then fill are made of the files
+/// retention took (see `StoreConfig::reuse_segments`).
+fn sync_writers_reused(
+    dir: &Path,
+    writers: usize,
+    seconds: f64,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let store = MessageStore::open(store_config(dir, FlushMode::SyncFlush))?;
+    let segment = 1u64 << 30;
+    let old = keelmq_broker::store::now_ms() - 4 * 24 * 3600 * 1000;
+    let body = bytes::Bytes::from(vec![7u8; RECORD_BODY]);
+    let mut i = 0u64;
+    while store.max_offset() < 3 * segment + (1 << 20) {
+        let before = store.max_offset() / segment;
+        let batch = (i..i + 256).map(|k| record(k, &body)).collect();
+        let appended = store.append_batch_at(batch, old)?;
+        if let Some(last) = appended.last() {
+            store.wait_flushed_blocking(last.end_offset)?;
+        }
+        i += 256;
+        if store.max_offset() / segment != before {
+            store.enforce_retention(keelmq_broker::store::now_ms())?;
+            // Time for the preparer to make the next segment of a spare.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    store.enforce_retention(keelmq_broker::store::now_ms())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut run = measure_sync(&store, writers, seconds)?;
+    run.name = format!(
+        "SYNC_FLUSH, {writers} writers, reused ({}/{})",
+        store.reused_segments(),
+        store.segments_held()
+    );
+    store.shutdown()?;
+    // Recovery reads what follows the end in a reused segment (the older
+    // records it still holds) to make sure no record of the log is there.
+    let started = Instant::now();
+    let store = MessageStore::open(store_config(dir, FlushMode::SyncFlush))?;
+    println!(
+        "  reopening the reused run's store after its clean shutdown took {:.2?}",
+        started.elapsed()
+    );
+    store.shutdown()?;
+    Ok(run)
+}
+
+/// `writers` tasks appending 1 KiB records to `store` for `seconds`, each
+/// waiting for its record to be durable before the next.
+fn measure_sync(
+    store: &MessageStore,
+    writers: usize,
+    seconds: f64,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let flushed_before = store.flush_counts();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -253,13 +319,16 @@ fn sync_writers(
     })?;
     let elapsed = start.elapsed();
     let flushed = store.flush_counts();
-    store.shutdown()?;
+    let (appends, flushes) = (
+        flushed.group_appends - flushed_before.group_appends,
+        flushed.flushes - flushed_before.flushes,
+    );
     Ok(Run {
-        name: format!("SYNC_FLUSH, {writers} writers"),
+        name: String::new(),
         records: lats.len() as u64,
         elapsed,
         lat: Latencies(lats),
-        per_flush: Some(flushed.group_appends as f64 / flushed.flushes.max(1) as f64),
+        per_flush: Some(appends as f64 / flushes.max(1) as f64),
     })
 }
 
@@ -284,7 +353,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // KEELMQ_BENCH_ONLY=async1,sync1,sync16,sync64,raw picks runs (default: all).
+    // KEELMQ_BENCH_ONLY=async1,sync1,sync16,sync64,sync64r,raw picks runs (default: all).
     let only = std::env::var("KEELMQ_BENCH_ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     let raw = if want("raw") {
@@ -338,6 +407,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let d = dir.join(format!("sync{w}"));
         runs.push(sync_writers(&d, w, seconds)?);
+        std::fs::remove_dir_all(&d)?;
+    }
+    if want("sync64r") {
+        let d = dir.join("sync64r");
+        runs.push(sync_writers_reused(&d, 64, seconds)?);
         std::fs::remove_dir_all(&d)?;
     }
     println!();

@@ -46,6 +46,9 @@ pub struct BrokerConfig {
     /// SYNC_FLUSH: write zeros just ahead of the log's end while flushes
     /// are small, so records overwrite written blocks.
     pub zero_ahead: bool,
+    /// SYNC_FLUSH: make new commit-log segments of files retention took
+    /// from the log, so flushes overwrite written blocks.
+    pub reuse_segments: bool,
     /// Commit-log segment size ("1GiB", "64MiB", or bytes).
     pub segment_size: ByteSize,
     /// Entries per consume-queue file.
@@ -119,6 +122,7 @@ impl Default for BrokerConfig {
             flush_interval_ms: 500,
             flush_timeout_ms: 5000,
             zero_ahead: true,
+            reuse_segments: true,
             segment_size: ByteSize(1 << 30),
             consume_queue_entries_per_file: 300_000,
             retention_hours: 72,
@@ -280,6 +284,9 @@ pub struct BrokerArgs {
     /// SYNC_FLUSH: write zeros just ahead of small flushes [default: true]
     #[arg(long, env = "KEELMQ_ZERO_AHEAD")]
     pub zero_ahead: Option<bool>,
+    /// SYNC_FLUSH: make new segments of files retention took [default: true]
+    #[arg(long, env = "KEELMQ_REUSE_SEGMENTS")]
+    pub reuse_segments: Option<bool>,
     /// Commit-log segment size [default: 1GiB]
     #[arg(long, env = "KEELMQ_SEGMENT_SIZE")]
     pub segment_size: Option<ByteSize>,
@@ -592,6 +599,7 @@ impl BrokerArgs {
             flush_interval_ms,
             flush_timeout_ms,
             zero_ahead,
+            reuse_segments,
             segment_size,
             consume_queue_entries_per_file,
             retention_hours,
@@ -720,6 +728,7 @@ impl BrokerConfig {
         s.flush_interval = Duration::from_millis(self.flush_interval_ms);
         s.flush_timeout = Duration::from_millis(self.flush_timeout_ms);
         s.zero_ahead = self.zero_ahead;
+        s.reuse_segments = self.reuse_segments;
         s.cq_entries_per_file = self.consume_queue_entries_per_file;
         s.retention = Duration::from_secs(self.retention_hours * 3600);
         s.disk_high_watermark = self.disk_high_watermark;

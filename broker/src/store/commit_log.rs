@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::StoreError;
 use super::consume_queue::{base_name, parse_base_name};
-use super::mapped::{MappedFile, holds_only_zeros, remove_temp_files, sync_dir};
+use super::mapped::{
+    MappedFile, PAGE, SPARE_SUFFIX, holds_only_zeros, remove_temp_files, sync_dir,
+};
 use super::record::{BLANK_LEN, BLANK_MAGIC};
 use super::staging::Staged;
 
@@ -37,7 +40,19 @@ pub struct Segment {
     /// segment and wrote this one's closing filler: nothing may write zeros
     /// here any more (see [`CommitLog::zero_ahead`]).
     sealed: AtomicBool,
+    /// Made from a file retention took from the log (see
+    /// [`CommitLog::delete_oldest_while`]), whose blocks past the records
+    /// written so far hold an older segment's records, not zeros (cleared
+    /// when a cut zeros the rest: those blocks are only reserved again).
+    reused: AtomicBool,
+    /// Where in the file the segment's filler starts, once known: written
+    /// by [`CommitLog::roll`] or passed by recovery's scan. A file whose
+    /// filler is not known is not reused (see [`MappedFile::reuse_as`]).
+    filler_at: AtomicU64,
 }
+
+/// [`Segment::filler_at`] not known.
+const FILLER_UNKNOWN: u64 = u64::MAX;
 
 impl Segment {
     fn new(base: u64, file: MappedFile) -> Self {
@@ -45,7 +60,26 @@ impl Segment {
             base,
             file,
             sealed: AtomicBool::new(false),
+            reused: AtomicBool::new(false),
+            filler_at: AtomicU64::new(FILLER_UNKNOWN),
         }
+    }
+
+    fn reused(base: u64, file: MappedFile) -> Self {
+        let seg = Self::new(base, file);
+        seg.reused.store(true, Ordering::Relaxed);
+        seg
+    }
+
+    /// Whether the segment was made from a file retention took from the
+    /// log and still holds that file's older records past its end.
+    pub fn is_reused(&self) -> bool {
+        self.reused.load(Ordering::Relaxed)
+    }
+
+    /// Records that the segment's filler starts at commit-log offset `at`.
+    pub fn set_filler_at(&self, at: u64) {
+        self.filler_at.store(at - self.base, Ordering::Relaxed);
     }
 
     pub fn end(&self) -> u64 {
@@ -94,6 +128,10 @@ pub struct GrowthLimits {
     /// Under [`Writes::ThroughFile`], write zeros ahead of small flushes
     /// (see [`CommitLog::zero_ahead`]).
     pub zero_ahead: bool,
+    /// Under [`Writes::ThroughFile`], keep files retention takes from the
+    /// log and make the next segments of them (see
+    /// [`CommitLog::delete_oldest_while`]).
+    pub reuse_segments: bool,
     /// How full the log's filesystem is (see [`StoreConfig::fs_usage`]).
     ///
     /// [`StoreConfig::fs_usage`]: super::StoreConfig::fs_usage
@@ -111,6 +149,7 @@ pub struct CommitLog {
     releaser: Arc<Releaser>,
     limits: GrowthLimits,
     preparer: Arc<Preparer>,
+    maker: Arc<SegmentMaker>,
     preparer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Under [`Writes::ThroughFile`]: blocks past the end of the log below
     /// this offset hold written zeros (see [`CommitLog::zero_ahead`]).
@@ -135,6 +174,64 @@ struct PrepState {
     /// Base of the segment the thread is creating right now.
     in_progress: Option<u64>,
     stop: bool,
+    /// Files retention took from the log, kept to be made into the next
+    /// segments, each with the name it has now (see [`SPARE_SUFFIX`]).
+    spares: Vec<(Arc<Segment>, PathBuf)>,
+}
+
+/// Files retention took from the log that are kept for reuse at most:
+/// enough for the preparer to find one at every roll while retention
+/// keeps pace, without holding much disk that nothing uses.
+const MAX_SPARES: usize = 2;
+
+/// Makes new segment files: from a spare (see [`PrepState::spares`]) when
+/// one is free, or created and reserved.
+struct SegmentMaker {
+    dir: PathBuf,
+    size: u64,
+    reuse: bool,
+}
+
+impl SegmentMaker {
+    fn make(&self, prep: &Preparer, base: u64) -> Result<Segment, StoreError> {
+        let spare = if self.reuse {
+            let mut st = prep.state.lock();
+            // Only a file nothing maps any more: a reader that took the
+            // segment before retention removed it may still be reading.
+            // Nothing can take it again (it is in no list but this), so a
+            // count of one stays one.
+            let free = st
+                .spares
+                .iter()
+                .position(|(seg, _)| Arc::strong_count(seg) == 1);
+            free.map(|i| st.spares.remove(i))
+        } else {
+            None
+        };
+        let path = self.dir.join(base_name(base));
+        if let Some((seg, now_at)) = spare {
+            match Arc::try_unwrap(seg) {
+                Ok(Segment {
+                    file, filler_at, ..
+                }) => match file.reuse_as(&now_at, filler_at.into_inner(), &path) {
+                    Ok(file) => {
+                        tracing::debug!(base, "made a commit log segment of a spare file");
+                        return Ok(Segment::reused(base, file));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, base, "could not reuse a spare commit log file; creating a new one");
+                        let _ = std::fs::remove_file(&now_at);
+                        if e.kind() != io::ErrorKind::AlreadyExists {
+                            let _ = std::fs::remove_file(&path);
+                        }
+                    }
+                },
+                Err(seg) => prep.state.lock().spares.push((seg, now_at)),
+            }
+        }
+        let file = create_segment(&self.dir, base, self.size)?;
+        Ok(Segment::new(base, file))
+    }
 }
 
 impl CommitLog {
@@ -211,6 +308,11 @@ impl CommitLog {
                 end: max_offset,
                 released: AtomicU64::new(0),
             }),
+            maker: Arc::new(SegmentMaker {
+                dir: dir.to_owned(),
+                size: segment_size,
+                reuse: limits.reuse_segments && limits.writes == Writes::ThroughFile,
+            }),
             limits,
             preparer: Arc::new(Preparer {
                 state: Mutex::new(PrepState::default()),
@@ -226,8 +328,7 @@ impl CommitLog {
     /// Starts the thread that creates the next segment ahead of need.
     pub fn start_preparer(&self) {
         let prep = self.preparer.clone();
-        let dir = self.dir.clone();
-        let size = self.segment_size;
+        let maker = self.maker.clone();
         let populate = self.populates();
         let published = self.max_offset.clone();
         let releaser = self.releaser.clone();
@@ -248,7 +349,7 @@ impl CommitLog {
         let handle = std::thread::Builder::new()
             .name("keelmq-segment-prep".into())
             .spawn(move || {
-                prepare_loop(&prep, &dir, size, populate, &published, &releaser, start);
+                prepare_loop(&prep, &maker, populate, &published, &releaser, start);
             })
             .ok();
         *self.preparer_thread.lock() = handle;
@@ -264,8 +365,16 @@ impl CommitLog {
         }
         // A prepared but unused segment is removed so that the directory
         // only holds segments of the log.
-        if let Some(seg) = self.preparer.state.lock().ready.take() {
+        // So are spare files.
+        let (ready, spares) = {
+            let mut st = self.preparer.state.lock();
+            (st.ready.take(), std::mem::take(&mut st.spares))
+        };
+        if let Some(seg) = ready {
             let _ = std::fs::remove_file(seg.file.path());
+        }
+        for (_, at) in spares {
+            let _ = std::fs::remove_file(at);
         }
     }
 
@@ -402,6 +511,7 @@ impl CommitLog {
         let dst = unsafe { seg.file.slice_mut(rel, BLANK_LEN) };
         dst[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
         dst[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+        seg.filler_at.store(rel, Ordering::Relaxed);
         tail.segment = next;
         tail.pos = tail.segment.base;
         Ok(())
@@ -435,7 +545,28 @@ impl CommitLog {
     pub unsafe fn write(&self, segment: &Segment, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let at = offset - segment.base;
         match self.limits.writes {
-            Writes::ThroughFile => segment.file.write_at(at, bytes),
+            Writes::ThroughFile => {
+                // Zeros up to the next page boundary (past room for a
+                // filler's header) go with the bytes. In a reused segment no
+                // page is then read from the disk before it is written, and
+                // recovery finds zeros, not an older segment's bytes, where
+                // the records end; that holds for a segment opened again
+                // after a restart too, which is not known to be reused.
+                // Elsewhere the zeros cost a copy into a page written anyway.
+                // Not once the segment is sealed: its filler is past the
+                // bytes.
+                let _seal = self.seal.lock();
+                if segment.sealed.load(Ordering::Acquire) {
+                    segment.file.write_at(at, bytes)
+                } else {
+                    let end = at + bytes.len() as u64;
+                    segment.file.write_at_padded(
+                        at,
+                        bytes,
+                        (end + BLANK_LEN as u64).next_multiple_of(PAGE),
+                    )
+                }
+            }
             Writes::ThroughMapping => {
                 // SAFETY: past the published end, single writer (caller's contract).
                 unsafe { segment.file.slice_mut(at, bytes.len()) }.copy_from_slice(bytes);
@@ -520,6 +651,11 @@ impl CommitLog {
             let Some(seg) = self.segment_for(at) else {
                 break;
             };
+            if seg.is_reused() {
+                // Its blocks are written already (see `SegmentMaker`).
+                at = seg.end();
+                continue;
+            }
             let len = ZERO_STEP.min(seg.end() - at);
             {
                 let _seal = self.seal.lock();
@@ -564,9 +700,11 @@ impl CommitLog {
         Ok(())
     }
 
-    /// Cuts the log at `end`: zeros the rest of its segment, deletes later
+    /// Cuts the log at `end`: zeros the rest of its segment (unless
+    /// `zero_rest` is false: recovery found nothing there that could be
+    /// taken for a record, see `recovery::recover`), deletes later
     /// segments. The caller holds the append lock.
-    pub fn truncate(&self, end: u64) -> Result<Tail, StoreError> {
+    pub fn truncate(&self, end: u64, zero_rest: bool) -> Result<Tail, StoreError> {
         let mut doomed = Vec::new();
         {
             let mut segs = self.segments.write();
@@ -599,11 +737,17 @@ impl CommitLog {
             // A cut before a segment's filler removes the filler: the
             // segment takes records again.
             let _seal = self.seal.lock();
-            tail.segment
-                .file
-                .zero_from(end - tail.segment.base)
-                .map_err(StoreError::io("zeroing the cut tail of the commit log"))?;
+            if zero_rest {
+                tail.segment
+                    .file
+                    .zero_from(end - tail.segment.base)
+                    .map_err(StoreError::io("zeroing the cut tail of the commit log"))?;
+                tail.segment.reused.store(false, Ordering::Relaxed);
+            }
             if end < tail.segment.end() {
+                tail.segment
+                    .filler_at
+                    .store(FILLER_UNKNOWN, Ordering::Relaxed);
                 tail.segment.sealed.store(false, Ordering::Release);
             }
         }
@@ -667,8 +811,18 @@ impl CommitLog {
     /// not call anything that takes that lock (`segments`, `segment_for`,
     /// `min_offset`, `disk_bytes`, reads of the log...), which would
     /// deadlock.
+    ///
+    /// With `keep_within` (and reuse on, under [`Writes::ThroughFile`]),
+    /// up to [`MAX_SPARES`] of the files are renamed to spares rather than
+    /// deleted, as long as [`CommitLog::disk_bytes`] stays within it, and
+    /// the next segments are made of them. Only files whose filler is known
+    /// (see [`Segment::filler_at`]) are kept. Measured on ext4
+    /// here: a flush that overwrites written blocks skips the metadata
+    /// write that turns reserved blocks into written ones, and nothing
+    /// needs zeros written ahead (see the README's benchmarks).
     pub fn delete_oldest_while(
         &self,
+        keep_within: Option<u64>,
         mut doom: impl FnMut(&Segment, &Segment) -> bool,
     ) -> Result<usize, StoreError> {
         let mut removed = Vec::new();
@@ -679,25 +833,66 @@ impl CommitLog {
                 removed.push(segs.remove(0));
             }
         }
-        for s in &removed {
-            std::fs::remove_file(s.file.path()).map_err(StoreError::io(format!(
-                "removing {}",
-                s.file.path().display()
-            )))?;
-            tracing::info!(segment = %s.file.path().display(), "retention removed a commit log segment");
+        let count = removed.len();
+        let mut kept = Vec::new();
+        for s in removed {
+            let path = s.file.path().to_owned();
+            let spares = self.preparer.state.lock().spares.len() + kept.len();
+            let room = keep_within.is_some_and(|limit| {
+                self.disk_bytes() + (kept.len() as u64 + 1) * self.segment_size <= limit
+            });
+            let filler_known = s.filler_at.load(Ordering::Relaxed) != FILLER_UNKNOWN;
+            if self.maker.reuse && spares < MAX_SPARES && room && filler_known {
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("segment");
+                let spare = path.with_file_name(format!(".{name}{SPARE_SUFFIX}"));
+                std::fs::rename(&path, &spare)
+                    .map_err(StoreError::io(format!("renaming {}", path.display())))?;
+                tracing::info!(segment = %path.display(), "retention removed a commit log segment; its file is kept to make a later segment of");
+                kept.push((s, spare));
+                continue;
+            }
+            std::fs::remove_file(&path)
+                .map_err(StoreError::io(format!("removing {}", path.display())))?;
+            tracing::info!(segment = %path.display(), "retention removed a commit log segment");
         }
-        Ok(removed.len())
+        if !kept.is_empty() {
+            // The renames are durable before the preparer writes to a
+            // spare: a crash must not bring it back under its old name
+            // with its first page zeroed.
+            sync_dir(&self.dir).map_err(StoreError::io("syncing the commit log directory"))?;
+            self.preparer.state.lock().spares.extend(kept);
+        }
+        Ok(count)
+    }
+
+    /// Deletes the spare files (see [`CommitLog::delete_oldest_while`]);
+    /// returns the bytes they held.
+    pub fn drop_spares(&self) -> u64 {
+        let spares = std::mem::take(&mut self.preparer.state.lock().spares);
+        let mut freed = 0;
+        for (seg, at) in spares {
+            if std::fs::remove_file(&at).is_ok() {
+                freed += seg.file.len();
+            }
+        }
+        freed
     }
 
     /// Bytes held in segment files, including the next one, prepared or
     /// about to be (requested or being created): it is there or will be,
     /// and retention must not count on its space.
     pub fn disk_bytes(&self) -> u64 {
-        let next = {
+        let (next, spares) = {
             let st = self.preparer.state.lock();
-            st.ready.is_some() || st.in_progress.is_some() || st.want.is_some()
+            (
+                st.ready.is_some() || st.in_progress.is_some() || st.want.is_some(),
+                st.spares.len() as u64,
+            )
         };
-        (self.segments.read().len() as u64 + u64::from(next)) * self.segment_size
+        (self.segments.read().len() as u64 + u64::from(next) + spares) * self.segment_size
     }
 
     fn request_next(&self) {
@@ -769,19 +964,19 @@ impl CommitLog {
         Ok(match prepared {
             Some(s) => s,
             None => {
-                tracing::debug!(base, "creating a commit log segment on the write path");
-                let file = create_segment(&self.dir, base, self.segment_size)?;
-                Arc::new(Segment::new(base, file))
+                tracing::debug!(base, "making a commit log segment on the write path");
+                Arc::new(self.maker.make(&self.preparer, base)?)
             }
         })
     }
 }
 
-/// Segments after a hole in the log that hold nothing but zeros are
-/// removed (from `bases` and the directory): a cut that removed a segment
+/// Segments after a hole in the log that hold no record of their own
+/// offsets (nothing but zeros, or a file made of a spare: its first page
+/// zeroed, then only older records) are removed (from `bases` and the directory): a cut that removed a segment
 /// and the prepared one after it, with a crash before the directory was
-/// synced, leaves such a file. A segment after a hole that holds anything
-/// else is left for `CommitLog::open` to refuse.
+/// synced, leaves such a file. A segment after a hole that holds a record
+/// is left for `CommitLog::open` to refuse.
 fn drop_empty_segments_after_a_hole(
     dir: &Path,
     segment_size: u64,
@@ -792,8 +987,22 @@ fn drop_empty_segments_after_a_hole(
     };
     for &base in &bases[hole..] {
         let path = dir.join(base_name(base));
+        // A file made of a spare has its first page zeroed before it gets
+        // its name (see `MappedFile::reuse_as`); nothing else is dropped
+        // unless it holds only zeros.
         let empty = holds_only_zeros(&path)
-            .map_err(StoreError::io(format!("reading {}", path.display())))?;
+            .map_err(StoreError::io(format!("reading {}", path.display())))?
+            || MappedFile::open(&path, segment_size).is_ok_and(|file| {
+                let mut first = [1u8; PAGE as usize];
+                let first_zeroed = file.len() >= PAGE
+                    && file.pread(&mut first, 0).is_ok_and(|n| n == first.len())
+                    && first.iter().all(|&b| b == 0);
+                first_zeroed
+                    && super::recovery::visit_valid_records_in(&file, base, 0, |_, _| {
+                        ControlFlow::Break(())
+                    })
+                    .is_continue()
+            });
         if !empty {
             return Ok(());
         }
@@ -802,7 +1011,7 @@ fn drop_empty_segments_after_a_hole(
         let path = dir.join(base_name(base));
         tracing::warn!(
             segment = %path.display(),
-            "removing an empty commit log segment left after a missing one (an interrupted cut)"
+            "removing a commit log segment that holds no record, left after a missing one (an interrupted cut)"
         );
         std::fs::remove_file(&path)
             .map_err(StoreError::io(format!("removing {}", path.display())))?;
@@ -835,8 +1044,7 @@ fn create_segment(dir: &Path, base: u64, size: u64) -> Result<MappedFile, StoreE
 
 fn prepare_loop(
     prep: &Preparer,
-    dir: &Path,
-    size: u64,
+    maker: &SegmentMaker,
     populate: bool,
     published: &AtomicU64,
     releaser: &Releaser,
@@ -854,7 +1062,7 @@ fn prepare_loop(
                 }
                 if let Some(b) = st.want.take()
                     && st.ready.as_ref().is_none_or(|r| r.base != b)
-                    && !dir.join(base_name(b)).exists()
+                    && !maker.dir.join(base_name(b)).exists()
                 {
                     st.in_progress = Some(b);
                     break Some(b);
@@ -896,12 +1104,12 @@ fn prepare_loop(
             }
             continue;
         };
-        let created = create_segment(dir, base, size);
+        let created = maker.make(prep, base);
         let mut st = prep.state.lock();
         st.in_progress = None;
         match created {
-            Ok(file) => {
-                let seg = Arc::new(Segment::new(base, file));
+            Ok(seg) => {
+                let seg = Arc::new(seg);
                 if populate {
                     populating.push_back((seg.clone(), 0));
                 }

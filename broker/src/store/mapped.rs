@@ -135,6 +135,103 @@ impl MappedFile {
         self.file.write_all_at(bytes, pos)
     }
 
+    /// Writes `bytes` at `pos` through the file and, in the same system
+    /// call, zeros from there to `pad_to` (at most a page past the bytes).
+    /// Every page the write touches is then either written whole or was
+    /// written before, so the kernel never reads one from the disk first:
+    /// a page of a reused file that is no longer cached would otherwise be
+    /// read before a partial overwrite. The zeros also end the records
+    /// written: what follows them is no longer the file's old contents.
+    pub fn write_at_padded(&self, pos: u64, bytes: &[u8], pad_to: u64) -> io::Result<()> {
+        static PAD: [u8; 2 * PAGE as usize] = [0; 2 * PAGE as usize];
+        let end = pos + bytes.len() as u64;
+        let pad = pad_to.min(self.len).saturating_sub(end) as usize;
+        if pad == 0 || pad > PAD.len() {
+            return self.write_at(pos, bytes);
+        }
+        let (mut data, mut zeros, mut at) = (bytes, &PAD[..pad], pos);
+        while !data.is_empty() || !zeros.is_empty() {
+            let iov = [
+                libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                },
+                libc::iovec {
+                    iov_base: zeros.as_ptr() as *mut libc::c_void,
+                    iov_len: zeros.len(),
+                },
+            ];
+            let (iov, cnt) = if data.is_empty() {
+                (&iov[1..], 1)
+            } else {
+                (&iov[..], 2)
+            };
+            // SAFETY: the iovecs point into live slices of the given lengths
+            // and the descriptor is ours; the kernel only reads them.
+            let n = unsafe {
+                libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), cnt, at as libc::off_t)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the file took no bytes",
+                ));
+            }
+            let mut n = n as usize;
+            at += n as u64;
+            let d = n.min(data.len());
+            data = &data[d..];
+            n -= d;
+            zeros = &zeros[n.min(zeros.len())..];
+        }
+        Ok(())
+    }
+
+    /// Makes this file, whose old contents are of no further use and which
+    /// now has the name `now_at`, ready to be a new segment at `path`:
+    /// zeros over its first page and over its last segment filler (at
+    /// `filler_at`) and everything after it, made durable, then the rename,
+    /// made durable.
+    ///
+    /// Its other blocks keep what they hold: records of another offset
+    /// range, which nothing takes for this one's, as every record carries
+    /// its own offset. A filler carries none, so the old ones must go:
+    /// records of the file's last life lie contiguously before its filler,
+    /// so any older filler that was not overwritten lies after it, in the
+    /// range zeroed here (usually a few KiB). Fails if `path` exists.
+    pub fn reuse_as(mut self, now_at: &Path, filler_at: u64, path: &Path) -> io::Result<Self> {
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already exists", path.display()),
+            ));
+        }
+        if filler_at >= self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: where its filler starts is not known", now_at.display()),
+            ));
+        }
+        let first = PAGE.min(self.len) as usize;
+        self.write_at(0, &[0u8; PAGE as usize][..first])?;
+        self.write_zeros_to(filler_at.max(first as u64), self.len)?;
+        self.file.sync_data()?;
+        std::fs::rename(now_at, path)?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        self.path = path.to_owned();
+        self.read.store(false, Ordering::Relaxed);
+        Ok(self)
+    }
+
     /// Writes zeros over `[from, from + len)` through the file and starts
     /// writing them to the disk without waiting for it
     /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, best effort). Blocks a
@@ -372,17 +469,24 @@ pub fn holds_only_zeros(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// The page size writes are padded to (see [`MappedFile::write_at_padded`]).
+pub const PAGE: u64 = 4096;
+
 /// Suffix of files being created.
 const TEMP_SUFFIX: &str = ".creating";
 
-/// Removes files left half-created by a crash in `dir`.
+/// Suffix of files kept for reuse (see `CommitLog::delete_oldest_while`).
+pub const SPARE_SUFFIX: &str = ".spare";
+
+/// Removes files left half-created by a crash in `dir`, and files kept
+/// for reuse (a restart starts without them).
 pub fn remove_temp_files(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         if entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.ends_with(TEMP_SUFFIX))
+            .is_some_and(|n| n.ends_with(TEMP_SUFFIX) || n.ends_with(SPARE_SUFFIX))
         {
             std::fs::remove_file(entry.path())?;
         }

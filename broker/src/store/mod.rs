@@ -93,6 +93,15 @@ pub struct StoreConfig {
     /// and each fdatasync is cheaper (see `CommitLog::zero_ahead`). Default
     /// on; always off on copy-on-write filesystems (btrfs, ZFS, bcachefs).
     pub zero_ahead: bool,
+    /// SYNC_FLUSH: retention keeps up to two of the commit-log files it
+    /// takes from the log and makes the next segments of them instead of
+    /// creating new ones: flushes then overwrite written blocks, with no
+    /// zeros ahead (see `CommitLog::delete_oldest_while`). Spare files are
+    /// kept only while the disk is under its high watermark (and the log
+    /// under that share of `max_store_bytes`), are deleted first when it
+    /// passes it, and at start-up. Default on; always off on copy-on-write
+    /// filesystems.
+    pub reuse_segments: bool,
     /// SYNC_FLUSH: appends are refused with [`StoreError::Busy`] while the
     /// records staged for the next flush hold more than this many bytes (a
     /// flush that does not return, a stalled disk); a single append is
@@ -138,6 +147,7 @@ impl StoreConfig {
             flush_interval: Duration::from_millis(500),
             flush_timeout: Duration::from_secs(5),
             zero_ahead: true,
+            reuse_segments: true,
             max_staged_bytes: 64 << 20,
             cq_entries_per_file: 300_000,
             retention: Duration::from_secs(72 * 3600),
@@ -434,6 +444,7 @@ impl MessageStore {
                     FlushMode::AsyncFlush => Writes::ThroughMapping,
                 },
                 zero_ahead: zero_ahead_enabled(&config),
+                reuse_segments: reuse_segments_enabled(&config),
                 fs_usage: config.fs_usage,
             },
         )?;
@@ -863,6 +874,22 @@ impl MessageStore {
             .values()
             .flat_map(|qs| qs.iter().flatten().cloned())
             .collect()
+    }
+
+    /// Segments the log holds.
+    pub fn segments_held(&self) -> usize {
+        self.inner.clog.segments().len()
+    }
+
+    /// Segments of the log made of files retention took from it (see
+    /// [`StoreConfig::reuse_segments`]).
+    pub fn reused_segments(&self) -> usize {
+        self.inner
+            .clog
+            .segments()
+            .iter()
+            .filter(|s| s.is_reused())
+            .count()
     }
 
     /// Flush counters: under SYNC_FLUSH, `group_appends / flushes` is how
@@ -1524,7 +1551,7 @@ impl MessageStore {
         self.note_cut(offset);
         inner.flushed.fetch_min(offset, Ordering::AcqRel);
         self.write_checkpoint(false)?;
-        *tail = inner.clog.truncate(offset)?;
+        *tail = inner.clog.truncate(offset, true)?;
         for qs in inner.cqs.read().values() {
             for q in qs.iter().flatten() {
                 q.truncate_to_log_end(offset)
@@ -1609,18 +1636,26 @@ impl MessageStore {
         // filesystem's use is not measured again (and `doom` below runs
         // under the segments lock, where nothing may be measured).
         let fs_excess = clog.fs_usage().map_or(0, |u| u.excess_over(hw));
+        // Files retention takes are kept for reuse (see
+        // `StoreConfig::reuse_segments`) only while the disk is under its
+        // watermarks, and as long as they keep it there.
+        let cap = cfg
+            .max_store_bytes
+            .map_or(u64::MAX, |m| (hw * m as f64) as u64);
+        let keep_within = (fs_excess == 0).then_some(cap);
         let end = clog.max_offset();
         let mut unreadable = None;
-        let mut removed = clog.delete_oldest_while(|_, next| match first_store_ms(next) {
-            Some(t) => t < horizon,
-            // An empty segment (the log's end at its start) has no record yet.
-            None => {
-                if next.base < end {
-                    unreadable = Some(next.base);
+        let mut removed =
+            clog.delete_oldest_while(keep_within, |_, next| match first_store_ms(next) {
+                Some(t) => t < horizon,
+                // An empty segment (the log's end at its start) has no record yet.
+                None => {
+                    if next.base < end {
+                        unreadable = Some(next.base);
+                    }
+                    false
                 }
-                false
-            }
-        })?;
+            })?;
         if let Some(base) = unreadable {
             tracing::error!(
                 segment = base,
@@ -1636,8 +1671,9 @@ impl MessageStore {
         });
         let need = by_fs.max(by_cap);
         if need > 0 {
-            let mut freed = 0u64;
-            let forced = clog.delete_oldest_while(|seg, _| {
+            // Spare files first: they hold no records.
+            let mut freed = clog.drop_spares();
+            let forced = clog.delete_oldest_while(None, |seg, _| {
                 if freed >= need {
                     return false;
                 }
@@ -1938,6 +1974,18 @@ fn first_store_ms(seg: &commit_log::Segment) -> Option<i64> {
     let mut head = [0u8; record::FIXED_HEADER_LEN];
     seg.file.pread(&mut head, 0).ok()?;
     (record::le_u32(&head, 4) == RECORD_MAGIC).then(|| record::le_u64(&head, 44) as i64)
+}
+
+/// Whether retention keeps commit-log files to make later segments of
+/// (see `CommitLog::delete_oldest_while`): as configured, under SYNC_FLUSH
+/// only (ASYNC_FLUSH writes through the mapping, where a page of a reused
+/// file that is no longer cached is read from the disk on its first
+/// write), and never on a copy-on-write filesystem, where an overwrite
+/// allocates new blocks anyway.
+fn reuse_segments_enabled(config: &StoreConfig) -> bool {
+    config.reuse_segments
+        && config.flush_mode == FlushMode::SyncFlush
+        && commit_log::copy_on_write_fs(&config.data_dir).is_none()
 }
 
 /// Whether the SYNC_FLUSH flusher writes zeros ahead (see

@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use super::commit_log::CommitLog;
 use super::consume_queue::{ConsumeQueue, CqEntry};
+use super::mapped::MappedFile;
 use super::record::{self, Probe, RECORD_MAGIC};
 use super::{Checkpoint, FlushMode, RecoveryReport, StoreConfig, StoreError, queue_dir};
 
@@ -43,8 +44,9 @@ pub(super) struct Recovered {
 }
 
 enum Stop {
-    /// Clean end of the data.
-    End(u64),
+    /// Clean end of the data: zeros, or a segment filler with no segment
+    /// after it (`true`).
+    End(u64, bool),
     /// Something unreadable at this offset.
     Bad(u64, String),
     /// A record whose consume queue is missing earlier entries: rebuild.
@@ -101,13 +103,13 @@ pub(super) fn recover(
             rebuild,
             &mut scanned,
         )?;
-        let (end, truncated_at) = match stop {
+        let (end, truncated_at, zero_rest) = match stop {
             Stop::Gap => {
                 tracing::warn!("consume queues are behind the commit log; rebuilding them all");
                 rebuild = true;
                 continue;
             }
-            Stop::End(end) => {
+            Stop::End(end, at_filler) => {
                 let cut = settle(
                     config,
                     clog,
@@ -116,15 +118,20 @@ pub(super) fn recover(
                     true,
                     flushed_mark,
                 )?;
-                (end, cut.then_some(end))
+                (end, cut.then_some(end), cut || at_filler)
             }
             Stop::Bad(at, reason) => {
                 settle(config, clog, at, &reason, false, flushed_mark)?;
-                (at, Some(at))
+                (at, Some(at), true)
             }
         };
-        // Cut everything after the end: the rest of its segment and any later segments.
-        clog.truncate(end)?;
+        // Cut everything after the end: the rest of its segment and any
+        // later segments. Zeros go over the rest of the segment only where
+        // something was cut, or over a filler the log now writes past:
+        // otherwise nothing there is a record of this log (`settle` found
+        // none), nor can become one, and a file whose blocks are written
+        // (zeros ahead, or a reused segment) keeps them written.
+        clog.truncate(end, zero_rest)?;
         for qs in queues.values() {
             for q in qs.iter().flatten() {
                 q.truncate_to_log_end(end)
@@ -259,20 +266,21 @@ fn scan(
     let mut pos = from;
     loop {
         let Some(seg) = clog.segment_for(pos) else {
-            return Ok(Stop::End(pos));
+            return Ok(Stop::End(pos, false));
         };
         let rest = (seg.end() - pos) as usize;
         // SAFETY: recovery runs before the store is shared: nothing writes.
         let bytes = unsafe { seg.file.slice(pos - seg.base, rest) };
         match record::probe(bytes, pos) {
-            Probe::Empty => return Ok(Stop::End(pos)),
+            Probe::Empty => return Ok(Stop::End(pos, false)),
             Probe::Bad(reason) => return Ok(Stop::Bad(pos, reason)),
             Probe::Blank => {
                 // A blank closes a segment; the log continues in the next one
                 // (or ends here if there is none yet).
                 if clog.segment_for(seg.end()).is_none() {
-                    return Ok(Stop::End(pos));
+                    return Ok(Stop::End(pos, true));
                 }
+                seg.set_filler_at(pos);
                 pos = seg.end();
             }
             Probe::Record {
@@ -387,47 +395,69 @@ fn visit_valid_records_after(
     at: u64,
     mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
 ) {
-    const CHUNK: usize = 1 << 20;
-    let max_rec = clog.segment_size() as usize;
-    let mut buf = vec![0u8; CHUNK + 8];
     for seg in clog.segments() {
         if seg.end() <= at {
             continue;
         }
         let from = if seg.base > at { 0 } else { at - seg.base + 1 };
-        let len = seg.file.len();
-        for (start, end) in seg.file.data_ranges(from) {
-            let mut pos = start;
-            while pos < end && pos + 8 <= len {
-                let n = ((len - pos) as usize).min(CHUNK + 8);
-                if seg.file.pread(&mut buf[..n], pos).is_err() {
-                    break;
-                }
-                let chunk = &buf[..n];
-                if chunk.iter().all(|&b| b == 0) {
-                    pos += CHUNK as u64;
-                    continue;
-                }
-                for i in 0..n.saturating_sub(8) {
-                    if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
-                        continue;
-                    }
-                    let cand = pos + i as u64;
-                    let rlen = record::le_u32(chunk, i) as usize;
-                    if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len
-                    {
-                        continue;
-                    }
-                    let mut rec = vec![0u8; rlen];
-                    if seg.file.pread(&mut rec, cand).is_ok()
-                        && matches!(record::probe(&rec, seg.base + cand), Probe::Record { .. })
-                        && visit(seg.base + cand, &rec).is_break()
-                    {
-                        return;
-                    }
-                }
-                pos += CHUNK as u64;
-            }
+        if visit_valid_records_in(&seg.file, seg.base, from, &mut visit).is_break() {
+            return;
         }
     }
+}
+
+/// [`visit_valid_records_after`] for one segment file starting at
+/// commit-log offset `base`, from position `from` in the file. A record
+/// only counts where it carries its own offset: the records a reused file
+/// holds from its earlier life (see `CommitLog::delete_oldest_while`) are
+/// passed over without being read again.
+pub(super) fn visit_valid_records_in(
+    file: &MappedFile,
+    base: u64,
+    from: u64,
+    mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    const CHUNK: usize = 1 << 20;
+    const OFFSET_FIELD: usize = 28;
+    let len = file.len();
+    let max_rec = len as usize;
+    let mut buf = vec![0u8; CHUNK + 64];
+    for (start, end) in file.data_ranges(from) {
+        let mut pos = start;
+        while pos < end && pos + 8 <= len {
+            let n = ((len - pos) as usize).min(CHUNK + 64);
+            if file.pread(&mut buf[..n], pos).is_err() {
+                break;
+            }
+            let chunk = &buf[..n];
+            if chunk.iter().all(|&b| b == 0) {
+                pos += CHUNK as u64;
+                continue;
+            }
+            for i in 0..n.saturating_sub(8).min(CHUNK) {
+                if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
+                    continue;
+                }
+                let cand = pos + i as u64;
+                let rlen = record::le_u32(chunk, i) as usize;
+                if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len {
+                    continue;
+                }
+                if i + OFFSET_FIELD + 8 <= n
+                    && record::le_u64(chunk, i + OFFSET_FIELD) != base + cand
+                {
+                    continue;
+                }
+                let mut rec = vec![0u8; rlen];
+                if file.pread(&mut rec, cand).is_ok()
+                    && matches!(record::probe(&rec, base + cand), Probe::Record { .. })
+                    && visit(base + cand, &rec).is_break()
+                {
+                    return ControlFlow::Break(());
+                }
+            }
+            pos += CHUNK as u64;
+        }
+    }
+    ControlFlow::Continue(())
 }

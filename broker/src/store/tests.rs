@@ -2234,3 +2234,312 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
     check_all(&store, 15);
     store.shutdown().expect("shutdown");
 }
+
+/// The spare files retention kept in the commit-log directory.
+fn spare_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("commitlog"))
+        .expect("ls")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name()
+                .to_str()?
+                .ends_with(mapped::SPARE_SUFFIX)
+                .then(|| e.path())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").ino()
+}
+
+/// Old records (three days old) over the first three segments, then
+/// retention: returns the store, how many records, and what the spare
+/// files retention kept hold, by inode.
+fn store_with_spares(dir: &Path) -> (MessageStore, u64, HashMap<u64, Vec<u8>>) {
+    store_with_spares_in(dir, |_| {})
+}
+
+/// What each spare file held before it was reused, by inode.
+fn spare_contents(dir: &Path) -> HashMap<u64, Vec<u8>> {
+    spare_files(dir)
+        .iter()
+        .map(|p| (inode(p), std::fs::read(p).expect("read spare")))
+        .collect()
+}
+
+/// Where the filler of a segment's contents `bytes` starts.
+fn filler_in(bytes: &[u8], base: u64) -> usize {
+    let mut pos = 0;
+    loop {
+        match record::probe(&bytes[pos..], base + pos as u64) {
+            record::Probe::Record { len, .. } => pos += len,
+            record::Probe::Blank => return pos,
+            _ => panic!("no filler found: stopped at {pos}"),
+        }
+    }
+}
+
+/// [`store_with_spares`], with the configuration changed by `adjust`.
+fn store_with_spares_in(
+    dir: &Path,
+    adjust: impl FnOnce(&mut StoreConfig),
+) -> (MessageStore, u64, HashMap<u64, Vec<u8>>) {
+    let mut cfg = config(dir);
+    adjust(&mut cfg);
+    cfg.retention = Duration::from_secs(3600);
+    let store = MessageStore::open(cfg).expect("open");
+    let t0 = now_ms() - 3 * 24 * 3600 * 1000;
+    let mut n = 0u64;
+    while store.max_offset() < 3 * SEG + SEG / 4 {
+        let a = store
+            .append_batch_at(vec![record(n)], t0 + n as i64)
+            .expect("old")[0];
+        store.wait_flushed_blocking(a.end_offset).expect("flushed");
+        n += 1;
+    }
+    // A new record, so that the segment before the end's expires as well.
+    fill(&store, n, 1);
+    n += 1;
+    let removed = retention_bounded(&store, now_ms());
+    assert_eq!(removed, 3, "the three old segments expired");
+    let spares = spare_files(dir);
+    assert_eq!(spares.len(), 2, "two of them are kept: {spares:?}");
+    (store, n, spare_contents(dir))
+}
+
+#[test]
+fn retention_keeps_expired_files_and_the_next_segments_are_made_of_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, mut n, spares) = store_with_spares(dir.path());
+    let first_new = n - 1;
+    let start = store.max_offset();
+    let mut appended = Vec::new();
+    // Two more segments: the prepared one may predate the spares; the one
+    // after it is made of one.
+    while store.max_offset() < start + 3 * SEG {
+        appended.extend(fill(&store, n, 1));
+        n += 1;
+    }
+    let reused: Vec<Arc<commit_log::Segment>> = store
+        .inner
+        .clog
+        .segments()
+        .into_iter()
+        .filter(|s| s.is_reused())
+        .collect();
+    assert!(!reused.is_empty(), "a segment was made of a spare file");
+    for seg in &reused {
+        let old = spares
+            .get(&inode(seg.file.path()))
+            .unwrap_or_else(|| panic!("{} is one of the spare files", seg.file.path().display()));
+        // The old filler is gone: nothing past this life's records
+        // closes the segment early.
+        let now = std::fs::read(seg.file.path()).expect("read");
+        let filler = filler_in(old, record::le_u64(old, 28));
+        if seg.base + filler as u64 >= store.max_offset() {
+            assert_eq!(&now[filler..filler + 8], &[0u8; 8], "old filler zeroed");
+        }
+    }
+    assert!(
+        spare_files(dir.path()).len() < 2,
+        "spares were taken from the pool"
+    );
+    let check = |store: &MessageStore| {
+        for (i, a) in appended.iter().enumerate() {
+            let r = store.read_at(a.offset).expect("read back");
+            assert_eq!(r.body, body(first_new + 1 + i as u64), "record {i}");
+        }
+        // Nothing before the kept segments is served, whatever the reused
+        // files still hold.
+        assert!(store.read_at(0).is_err());
+        assert!(
+            store
+                .get("orders", 0, 0)
+                .expect("read")
+                .is_none_or(|r| r.offset >= store.min_offset())
+        );
+    };
+    check(&store);
+    // After a crash, recovery finds the end where the records end: the
+    // older records the reused files hold are neither the log's nor damage.
+    let end = store.max_offset();
+    let flushed_before = appended[appended.len() / 2].offset;
+    crash(store);
+    unclean_checkpoint_at(dir.path(), flushed_before);
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(store.recovery_report().truncated_bytes_at, None);
+    assert_eq!(store.max_offset(), end);
+    check(&store);
+    // Appends go on, and a clean restart finds everything.
+    let more = fill(&store, n, 50);
+    store.shutdown().expect("shutdown");
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(store.recovery_report().truncated_bytes_at, None);
+    for (i, a) in more.iter().enumerate() {
+        assert_eq!(
+            store.read_at(a.offset).expect("read").body,
+            body(n + i as u64)
+        );
+    }
+    assert!(
+        spare_files(dir.path()).is_empty(),
+        "a restart starts without spares"
+    );
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_torn_record_in_a_reused_segment_is_cut_and_its_old_bytes_never_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, mut n, spares) = store_with_spares(dir.path());
+    let start = store.max_offset();
+    let mut appended = Vec::new();
+    while store.max_offset() < start + 2 * SEG + SEG / 2 {
+        appended.extend(fill(&store, n, 1));
+        n += 1;
+    }
+    let last = *appended.last().expect("records");
+    let seg = store.inner.clog.segment_for(last.offset).expect("segment");
+    assert!(seg.is_reused(), "the last records are in a reused segment");
+    drop(seg);
+    crash(store);
+    // From the middle of the last record on, the file holds what it held
+    // before it was reused (the rest of that write never reached the
+    // disk): older records, and no zeros where this life's records end.
+    let path = segment_path(dir.path(), SEG, last.offset);
+    let older = spares.get(&inode(&path)).expect("a spare's contents");
+    let mut torn = std::fs::read(&path).expect("read");
+    let cut = (last.offset % SEG + (last.end_offset - last.offset) / 2) as usize;
+    torn[cut..].copy_from_slice(&older[cut..]);
+    assert_ne!(&torn[cut..cut + 64], &[0u8; 64], "older bytes, not zeros");
+    std::fs::write(&path, &torn).expect("tear");
+    unclean_checkpoint_at(dir.path(), appended[0].offset);
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(
+        store.recovery_report().truncated_bytes_at,
+        Some(last.offset)
+    );
+    assert_eq!(store.max_offset(), last.offset);
+    for a in &appended[..appended.len() - 1] {
+        store.read_at(a.offset).expect("kept");
+    }
+    assert!(store.read_at(last.offset).is_err());
+    let a = store.append(record(n)).expect("append");
+    assert_eq!(a.offset, last.offset);
+    store.wait_flushed_blocking(a.end_offset).expect("flush");
+    assert_eq!(store.read_at(a.offset).expect("read").body, body(n));
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_reused_file_after_a_hole_holds_no_record_and_is_dropped_at_open() {
+    // As `an_empty_segment_after_a_hole_is_dropped_at_open`, with the
+    // stray file made of a spare: its first page zeroed, the rest the
+    // records of segment 0.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let n = fill_batched_to(&store, SEG + SEG / 2);
+    store.shutdown().expect("shutdown");
+    let clog = dir.path().join("commitlog");
+    let mut old = std::fs::read(clog.join(consume_queue::base_name(0))).expect("segment 0");
+    old[..mapped::PAGE as usize].fill(0);
+    let stray = clog.join(consume_queue::base_name(3 * SEG));
+    let _ = std::fs::remove_file(clog.join(consume_queue::base_name(2 * SEG)));
+    std::fs::write(&stray, &old).expect("write");
+    let store = open_bounded(config(dir.path()));
+    assert!(!stray.exists(), "the file after the hole is gone");
+    check_all(&store, n);
+    store.shutdown().expect("shutdown");
+}
+
+/// Bytes the filesystem of `over_the_watermark_spare_files_go_first`
+/// has in use.
+static USED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+#[test]
+fn over_the_watermark_spare_files_go_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _, _) = store_with_spares_in(dir.path(), |cfg| {
+        cfg.disk_high_watermark = 0.5;
+        cfg.fs_usage = |_| {
+            let used = USED_BYTES.load(Ordering::Relaxed);
+            Some(FsUsage {
+                used,
+                avail: 200 * SEG - used,
+            })
+        };
+    });
+    let min = store.min_offset();
+    // Over the watermark by less than the spares hold: they are enough.
+    USED_BYTES.store(100 * SEG + SEG / 2, Ordering::Relaxed);
+    assert_eq!(retention_bounded(&store, now_ms()), 0, "no segment went");
+    assert_eq!(store.min_offset(), min);
+    assert!(spare_files(dir.path()).is_empty(), "the spares went");
+    // With no spares, segments go, and none is kept as a spare.
+    let mut n = 1_000_000;
+    while store.max_offset() < min + 2 * SEG + SEG / 4 {
+        fill(&store, n, 1);
+        n += 1;
+    }
+    USED_BYTES.store(100 * SEG + SEG + SEG / 2, Ordering::Relaxed);
+    assert_eq!(retention_bounded(&store, now_ms()), 2);
+    assert_eq!(store.min_offset(), min + 2 * SEG);
+    assert!(spare_files(dir.path()).is_empty());
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_reused_segment_opened_again_still_ends_its_writes_with_zeros() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, mut n, _) = store_with_spares(dir.path());
+    let start = store.max_offset();
+    while store.max_offset() < start + 2 * SEG + SEG / 8 {
+        fill(&store, n, 1);
+        n += 1;
+    }
+    let seg = store
+        .inner
+        .clog
+        .segment_for(store.max_offset())
+        .expect("tail");
+    assert!(seg.is_reused(), "the tail segment is a reused one");
+    drop(seg);
+    store.shutdown().expect("shutdown");
+    // Opened again, the segment is not known to be reused; its writes
+    // still end with zeros up to the next page boundary, past older bytes.
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(store.recovery_report().truncated_bytes_at, None);
+    let mut ends = Vec::new();
+    let mut appended = Vec::new();
+    while store.max_offset() < start + 2 * SEG + SEG / 2 {
+        appended.extend(fill(&store, n, 1));
+        n += 1;
+        let end = store.max_offset();
+        let seg = store.inner.clog.segment_for(end).expect("tail");
+        let rel = (end - seg.base) as usize;
+        let upto = (rel + record::BLANK_LEN).next_multiple_of(mapped::PAGE as usize);
+        let mut after = vec![1u8; upto.min(SEG as usize) - rel];
+        seg.file.pread(&mut after, rel as u64).expect("read");
+        ends.push(after.iter().all(|&b| b == 0));
+    }
+    assert!(ends.iter().all(|&z| z), "zeros after every write: {ends:?}");
+    store.shutdown().expect("shutdown");
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(
+        store.recovery_report().truncated_bytes_at,
+        None,
+        "a clean restart cuts nothing"
+    );
+    for (i, a) in appended.iter().enumerate() {
+        let first = n - appended.len() as u64;
+        assert_eq!(
+            store.read_at(a.offset).expect("read").body,
+            body(first + i as u64)
+        );
+    }
+    store.shutdown().expect("shutdown");
+}
