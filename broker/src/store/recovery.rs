@@ -49,8 +49,10 @@ enum Stop {
     End(u64, bool),
     /// Something unreadable at this offset.
     Bad(u64, String),
-    /// A record whose consume queue is missing earlier entries: rebuild.
-    Gap,
+    /// A record whose consume queue is missing earlier entries: rebuild,
+    /// or, when the queues are being rebuilt already, damage (the log
+    /// itself lacks records of that queue before this one).
+    Gap(u64, String),
 }
 
 pub(super) fn recover(
@@ -104,10 +106,14 @@ pub(super) fn recover(
             &mut scanned,
         )?;
         let (end, truncated_at, zero_rest) = match stop {
-            Stop::Gap => {
+            Stop::Gap(..) if !rebuild => {
                 tracing::warn!("consume queues are behind the commit log; rebuilding them all");
                 rebuild = true;
                 continue;
+            }
+            Stop::Gap(at, reason) => {
+                settle(config, clog, at, &reason, false, flushed_mark)?;
+                (at, Some(at), true)
             }
             Stop::End(end, at_filler) => {
                 let cut = settle(
@@ -302,7 +308,14 @@ fn scan(
                         .map_err(StoreError::io("starting a rebuilt consume queue"))?;
                 }
                 if queue_offset > q.max_index() {
-                    return Ok(Stop::Gap);
+                    return Ok(Stop::Gap(
+                        pos,
+                        format!(
+                            "record is entry {queue_offset} of {topic}/{queue_id}, but the log \
+                             before it holds only {} of that queue's entries",
+                            q.max_index()
+                        ),
+                    ));
                 }
                 let slot = q
                     .ensure(queue_offset)

@@ -1966,25 +1966,30 @@ async fn a_wait_for_a_record_the_log_cut_fails_even_once_the_offset_is_flushed()
     store.shutdown().expect("shutdown");
 }
 
-#[test]
-fn an_empty_segment_after_a_hole_is_dropped_at_open() {
-    // A cut removed segment 2 and the prepared segment 3, and a crash came
-    // before the removal of 3 was made durable.
+/// A cut removed segment 2 and the prepared segment 3, and a crash came
+/// before the removal of 3 was made durable: segment 3 holds what
+/// `stray(commit-log directory)` gives, and is dropped at open.
+fn stray_after_a_hole_is_dropped(stray: fn(&Path) -> Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = MessageStore::open(config(dir.path())).expect("open");
     let n = fill_batched_to(&store, SEG + SEG / 2);
     store.shutdown().expect("shutdown");
     let clog = dir.path().join("commitlog");
-    let stray = clog.join(consume_queue::base_name(3 * SEG));
+    let path = clog.join(consume_queue::base_name(3 * SEG));
     let _ = std::fs::remove_file(clog.join(consume_queue::base_name(2 * SEG)));
-    std::fs::write(&stray, vec![0u8; SEG as usize]).expect("write");
+    std::fs::write(&path, stray(&clog)).expect("write");
     let store = open_bounded(config(dir.path()));
-    assert!(!stray.exists(), "the empty segment after the hole is gone");
+    assert!(!path.exists(), "the segment after the hole is gone");
     check_all(&store, n);
     fill(&store, n, 100);
     check_all(&store, n + 100);
     store.shutdown().expect("shutdown");
     reopen_and_check(dir.path(), n + 100);
+}
+
+#[test]
+fn an_empty_segment_after_a_hole_is_dropped_at_open() {
+    stray_after_a_hole_is_dropped(|_| vec![0u8; SEG as usize]);
 }
 
 #[test]
@@ -2437,23 +2442,12 @@ fn a_torn_record_in_a_reused_segment_is_cut_and_its_old_bytes_never_served() {
 
 #[test]
 fn a_reused_file_after_a_hole_holds_no_record_and_is_dropped_at_open() {
-    // As `an_empty_segment_after_a_hole_is_dropped_at_open`, with the
-    // stray file made of a spare: its first page zeroed, the rest the
-    // records of segment 0.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(config(dir.path())).expect("open");
-    let n = fill_batched_to(&store, SEG + SEG / 2);
-    store.shutdown().expect("shutdown");
-    let clog = dir.path().join("commitlog");
-    let mut old = std::fs::read(clog.join(consume_queue::base_name(0))).expect("segment 0");
-    old[..mapped::PAGE as usize].fill(0);
-    let stray = clog.join(consume_queue::base_name(3 * SEG));
-    let _ = std::fs::remove_file(clog.join(consume_queue::base_name(2 * SEG)));
-    std::fs::write(&stray, &old).expect("write");
-    let store = open_bounded(config(dir.path()));
-    assert!(!stray.exists(), "the file after the hole is gone");
-    check_all(&store, n);
-    store.shutdown().expect("shutdown");
+    // Made of a spare: its first page zeroed, the rest segment 0's records.
+    stray_after_a_hole_is_dropped(|clog| {
+        let mut old = std::fs::read(clog.join(consume_queue::base_name(0))).expect("segment 0");
+        old[..mapped::PAGE as usize].fill(0);
+        old
+    });
 }
 
 /// Bytes the filesystem of `over_the_watermark_spare_files_go_first`
@@ -2541,5 +2535,52 @@ fn a_reused_segment_opened_again_still_ends_its_writes_with_zeros() {
             body(first + i as u64)
         );
     }
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let appended = fill(&store, 0, 30);
+    store.shutdown().expect("shutdown");
+    // Record 20 claims a later entry of its queue than it is (as if the
+    // log had lost records of that queue before it), with a valid
+    // checksum; the consume queues are gone, so they are rebuilt.
+    let target = appended[20];
+    let path = segment_path(dir.path(), SEG, target.offset);
+    let mut seg = std::fs::read(&path).expect("read");
+    let at = (target.offset % SEG) as usize;
+    let len = (target.end_offset - target.offset) as usize;
+    let rec = &mut seg[at..at + len];
+    let qo = record::le_u64(rec, 20) + 5;
+    rec[20..28].copy_from_slice(&qo.to_le_bytes());
+    let crc = crc32c::crc32c(&rec[12..]);
+    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &seg).expect("write");
+    std::fs::remove_dir_all(dir.path().join("consumequeue")).expect("remove queues");
+    let open = |cfg: StoreConfig| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(MessageStore::open(cfg));
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("open returns within a minute")
+    };
+    // Below the last checkpointed flush: corruption, named.
+    match open(config(dir.path())) {
+        Err(StoreError::RefuseToStart { offset, reason, .. }) => {
+            assert_eq!(offset, target.offset);
+            assert!(reason.contains("entries"), "{reason}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a log that lacks records of a queue"),
+    }
+    // Allowed, the log is cut there and everything before it is served.
+    let mut cfg = config(dir.path());
+    cfg.allow_truncate_at = Some(target.offset);
+    let store = open(cfg).expect("open with the cut allowed");
+    assert_eq!(store.max_offset(), target.offset);
+    check_all(&store, 20);
     store.shutdown().expect("shutdown");
 }
