@@ -136,7 +136,7 @@ impl MappedFile {
     }
 
     /// Writes `bytes` at `pos` through the file and, in the same system
-    /// call, zeros from there to `pad_to` (at most a page past the bytes).
+    /// call, zeros from there to `pad_to` (at most a page and 8 bytes on).
     /// Every page the write touches is then either written whole or was
     /// written before, so the kernel never reads one from the disk first:
     /// a page of a reused file that is no longer cached would otherwise be
