@@ -373,6 +373,12 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         "Bytes of zeros written just ahead of the SYNC_FLUSH writer, so that its flushes overwrite written blocks",
         flush.zeroed_ahead_bytes,
     );
+    counter(
+        &mut r,
+        "commitlog_reused_segments",
+        "SYNC_FLUSH: commit-log segments made of files retention took from the log (reuse_segments), since start",
+        flush.reused_segments,
+    );
     gauge(
         &mut r,
         "replication_confirmed_offset",

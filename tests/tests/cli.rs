@@ -21,6 +21,7 @@ fn topics_status_health_and_clean_restart() {
         "keelmq_commitlog_flushes_total",
         "keelmq_commitlog_group_commit_appends_total",
         "keelmq_commitlog_zeroed_ahead_bytes_total",
+        "keelmq_commitlog_reused_segments_total",
     ] {
         assert!(metrics.contains(name), "{name} missing from {metrics}");
     }

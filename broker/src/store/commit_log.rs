@@ -190,6 +190,8 @@ struct SegmentMaker {
     dir: PathBuf,
     size: u64,
     reuse: bool,
+    /// Segments made of spares so far.
+    made_of_spares: AtomicU64,
 }
 
 impl SegmentMaker {
@@ -216,6 +218,7 @@ impl SegmentMaker {
                 }) => match file.reuse_as(&now_at, filler_at.into_inner(), &path) {
                     Ok(file) => {
                         tracing::debug!(base, "made a commit log segment of a spare file");
+                        self.made_of_spares.fetch_add(1, Ordering::Relaxed);
                         return Ok(Segment::reused(base, file));
                     }
                     Err(e) => {
@@ -312,6 +315,7 @@ impl CommitLog {
                 dir: dir.to_owned(),
                 size: segment_size,
                 reuse: limits.reuse_segments && limits.writes == Writes::ThroughFile,
+                made_of_spares: AtomicU64::new(0),
             }),
             limits,
             preparer: Arc::new(Preparer {
@@ -680,6 +684,12 @@ impl CommitLog {
         self.limits.writes == Writes::ThroughFile
             && self.limits.zero_ahead
             && (ZERO_MIN_FLUSH..=ZERO_MAX_FLUSH).contains(&flushed)
+    }
+
+    /// Segments made of spare files since the log opened (see
+    /// [`CommitLog::delete_oldest_while`]).
+    pub fn segments_made_of_spares(&self) -> u64 {
+        self.maker.made_of_spares.load(Ordering::Relaxed)
     }
 
     /// Bytes of zeros [`CommitLog::zero_ahead`] wrote since the log opened.

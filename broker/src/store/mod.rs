@@ -384,6 +384,9 @@ pub struct FlushCounts {
     /// Bytes of zeros written ahead of the SYNC_FLUSH writer (extra disk
     /// writes that make its flushes cheaper; see `CommitLog::zero_ahead`).
     pub zeroed_ahead_bytes: u64,
+    /// Segments made of files retention took from the log since the store
+    /// opened (see [`StoreConfig::reuse_segments`]).
+    pub reused_segments: u64,
 }
 
 const CHECKPOINT: &str = "checkpoint.json";
@@ -899,6 +902,7 @@ impl MessageStore {
             flushes: self.inner.flushes.load(Ordering::Relaxed),
             group_appends: self.inner.group_appends.load(Ordering::Relaxed),
             zeroed_ahead_bytes: self.inner.clog.zeroed_ahead_bytes(),
+            reused_segments: self.inner.clog.segments_made_of_spares(),
         }
     }
 

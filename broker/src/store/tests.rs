@@ -2337,6 +2337,10 @@ fn retention_keeps_expired_files_and_the_next_segments_are_made_of_them() {
         .filter(|s| s.is_reused())
         .collect();
     assert!(!reused.is_empty(), "a segment was made of a spare file");
+    assert!(
+        store.flush_counts().reused_segments >= reused.len() as u64,
+        "counted"
+    );
     for seg in &reused {
         let old = spares
             .get(&inode(seg.file.path()))
