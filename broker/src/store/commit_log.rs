@@ -46,13 +46,41 @@ pub struct Segment {
     /// when a cut zeros the rest: those blocks are only reserved again).
     reused: AtomicBool,
     /// Where in the file the segment's filler starts, once known: written
-    /// by [`CommitLog::roll`] or passed by recovery's scan. A file whose
-    /// filler is not known is not reused (see [`MappedFile::reuse_as`]).
+    /// by [`CommitLog::roll`], passed by recovery's scan, or read from the
+    /// filler's footer (see `filler_from_footer`). A file whose filler is
+    /// not known is not reused (see [`MappedFile::reuse_as`]).
     filler_at: AtomicU64,
 }
 
 /// [`Segment::filler_at`] not known.
 const FILLER_UNKNOWN: u64 = u64::MAX;
+
+/// A filler this long or longer ends with where it starts (see
+/// [`CommitLog::roll`]); a shorter one would have its header there.
+const FILLER_FOOTER_MIN: u64 = BLANK_LEN as u64 + 8;
+
+/// Where the filler of a segment file starts, as its footer says (see
+/// [`CommitLog::roll`]), if a filler header is there that runs to the end
+/// of the file; `None` when that cannot be told (no filler, a filler too
+/// short for a footer, or a file written before footers).
+fn filler_from_footer(file: &MappedFile) -> Option<u64> {
+    let len = file.len();
+    let mut footer = [0u8; 8];
+    if len < FILLER_FOOTER_MIN || file.pread(&mut footer, len - 8).ok()? != 8 {
+        return None;
+    }
+    let at = u64::from_le_bytes(footer);
+    if at > len - FILLER_FOOTER_MIN {
+        return None;
+    }
+    let mut head = [0u8; BLANK_LEN];
+    if file.pread(&mut head, at).ok()? != BLANK_LEN {
+        return None;
+    }
+    let blank_len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
+    let magic = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    (magic == BLANK_MAGIC && blank_len == len - at).then_some(at)
+}
 
 impl Segment {
     fn new(base: u64, file: MappedFile) -> Self {
@@ -515,6 +543,14 @@ impl CommitLog {
         let dst = unsafe { seg.file.slice_mut(rel, BLANK_LEN) };
         dst[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
         dst[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+        // Where the filler starts, in the filler's own last 8 bytes (when
+        // they are not its header), so that after a restart retention can
+        // find it with one read (see `filler_from_footer`).
+        if blank >= FILLER_FOOTER_MIN {
+            // SAFETY: as above: inside this filler, past the published end.
+            let footer = unsafe { seg.file.slice_mut(seg.file.len() - 8, 8) };
+            footer.copy_from_slice(&rel.to_le_bytes());
+        }
         seg.filler_at.store(rel, Ordering::Relaxed);
         tail.segment = next;
         tail.pos = tail.segment.base;
@@ -851,6 +887,11 @@ impl CommitLog {
             let room = keep_within.is_some_and(|limit| {
                 self.disk_bytes() + (kept.len() as u64 + 1) * self.segment_size <= limit
             });
+            if s.filler_at.load(Ordering::Relaxed) == FILLER_UNKNOWN
+                && let Some(at) = filler_from_footer(&s.file)
+            {
+                s.filler_at.store(at, Ordering::Relaxed);
+            }
             let filler_known = s.filler_at.load(Ordering::Relaxed) != FILLER_UNKNOWN;
             if self.maker.reuse && spares < MAX_SPARES && room && filler_known {
                 let name = path

@@ -2265,7 +2265,7 @@ fn inode(path: &Path) -> u64 {
 /// retention: returns the store, how many records, and what the spare
 /// files retention kept hold, by inode.
 fn store_with_spares(dir: &Path) -> (MessageStore, u64, HashMap<u64, Vec<u8>>) {
-    store_with_spares_in(dir, |_| {})
+    store_with_spares_in(dir, |_| {}, false)
 }
 
 /// What each spare file held before it was reused, by inode.
@@ -2288,15 +2288,17 @@ fn filler_in(bytes: &[u8], base: u64) -> usize {
     }
 }
 
-/// [`store_with_spares`], with the configuration changed by `adjust`.
+/// [`store_with_spares`], with the configuration changed by `adjust`,
+/// and the store restarted before retention runs when `restart` is set.
 fn store_with_spares_in(
     dir: &Path,
     adjust: impl FnOnce(&mut StoreConfig),
+    restart: bool,
 ) -> (MessageStore, u64, HashMap<u64, Vec<u8>>) {
     let mut cfg = config(dir);
     adjust(&mut cfg);
     cfg.retention = Duration::from_secs(3600);
-    let store = MessageStore::open(cfg).expect("open");
+    let mut store = MessageStore::open(cfg.clone()).expect("open");
     let t0 = now_ms() - 3 * 24 * 3600 * 1000;
     let mut n = 0u64;
     while store.max_offset() < 3 * SEG + SEG / 4 {
@@ -2309,6 +2311,10 @@ fn store_with_spares_in(
     // A new record, so that the segment before the end's expires as well.
     fill(&store, n, 1);
     n += 1;
+    if restart {
+        store.shutdown().expect("shutdown");
+        store = open_bounded(cfg);
+    }
     let removed = retention_bounded(&store, now_ms());
     assert_eq!(removed, 3, "the three old segments expired");
     let spares = spare_files(dir);
@@ -2461,16 +2467,20 @@ static USED_BYTES: AtomicU64 = AtomicU64::new(0);
 #[test]
 fn over_the_watermark_spare_files_go_first() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _, _) = store_with_spares_in(dir.path(), |cfg| {
-        cfg.disk_high_watermark = 0.5;
-        cfg.fs_usage = |_| {
-            let used = USED_BYTES.load(Ordering::Relaxed);
-            Some(FsUsage {
-                used,
-                avail: 200 * SEG - used,
-            })
-        };
-    });
+    let (store, _, _) = store_with_spares_in(
+        dir.path(),
+        |cfg| {
+            cfg.disk_high_watermark = 0.5;
+            cfg.fs_usage = |_| {
+                let used = USED_BYTES.load(Ordering::Relaxed);
+                Some(FsUsage {
+                    used,
+                    avail: 200 * SEG - used,
+                })
+            };
+        },
+        false,
+    );
     let min = store.min_offset();
     // Over the watermark by less than the spares hold: they are enough.
     USED_BYTES.store(100 * SEG + SEG / 2, Ordering::Relaxed);
@@ -2586,5 +2596,33 @@ fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
     let store = open(cfg).expect("open with the cut allowed");
     assert_eq!(store.max_offset(), target.offset);
     check_all(&store, 20);
+    store.shutdown().expect("shutdown");
+}
+
+#[test]
+fn files_rolled_before_a_restart_are_kept_and_reused_too() {
+    // Their fillers are found from the footers the rolls wrote.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, mut n, spares) = store_with_spares_in(dir.path(), |_| {}, true);
+    let start = store.max_offset();
+    let mut appended = Vec::new();
+    while store.max_offset() < start + 3 * SEG {
+        appended.extend(fill(&store, n, 1));
+        n += 1;
+    }
+    assert!(store.reused_segments() > 0, "a segment was made of a spare");
+    for seg in store.inner.clog.segments().iter().filter(|s| s.is_reused()) {
+        assert!(spares.contains_key(&inode(seg.file.path())));
+    }
+    let first = n - appended.len() as u64;
+    for (i, a) in appended.iter().enumerate() {
+        assert_eq!(
+            store.read_at(a.offset).expect("read").body,
+            body(first + i as u64)
+        );
+    }
+    store.shutdown().expect("shutdown");
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(store.recovery_report().truncated_bytes_at, None);
     store.shutdown().expect("shutdown");
 }
