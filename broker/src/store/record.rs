@@ -19,8 +19,12 @@
 //!      …    4 body length, then the body
 //! ```
 //!
-//! All integers are little-endian. A blank filler is only the first eight
-//! bytes (length and magic) followed by zeros up to the end of its segment.
+//! All integers are little-endian. A blank filler is the first eight bytes
+//! (length and magic); what follows them up to the end of its segment is
+//! not part of the log (zeros, or an older segment's bytes in a reused
+//! file), except that a filler of 16 bytes or more ends with the
+//! segment-relative offset where it starts (u64), so that it can be found
+//! with one read.
 
 use std::collections::BTreeMap;
 
