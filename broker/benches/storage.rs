@@ -244,12 +244,9 @@ fn sync_writers_reused(
         i += 256;
         if store.max_offset() / segment != before {
             store.enforce_retention(keelmq_broker::store::now_ms())?;
-            // Time for the preparer to make the next segment of a spare.
-            std::thread::sleep(Duration::from_millis(300));
         }
     }
     store.enforce_retention(keelmq_broker::store::now_ms())?;
-    std::thread::sleep(Duration::from_millis(300));
     let mut run = measure_sync(&store, writers, seconds)?;
     run.name = format!(
         "SYNC_FLUSH, {writers} writers, reused ({}/{})",

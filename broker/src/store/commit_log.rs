@@ -883,17 +883,7 @@ impl CommitLog {
         let mut kept = Vec::new();
         for s in removed {
             let path = s.file.path().to_owned();
-            let spares = self.preparer.state.lock().spares.len() + kept.len();
-            let room = keep_within.is_some_and(|limit| {
-                self.disk_bytes() + (kept.len() as u64 + 1) * self.segment_size <= limit
-            });
-            if s.filler_at.load(Ordering::Relaxed) == FILLER_UNKNOWN
-                && let Some(at) = filler_from_footer(&s.file)
-            {
-                s.filler_at.store(at, Ordering::Relaxed);
-            }
-            let filler_known = s.filler_at.load(Ordering::Relaxed) != FILLER_UNKNOWN;
-            if self.maker.reuse && spares < MAX_SPARES && room && filler_known {
+            if self.keeps(&s, kept.len(), keep_within) {
                 let name = path
                     .file_name()
                     .and_then(|n| n.to_str())
@@ -917,6 +907,27 @@ impl CommitLog {
             self.preparer.state.lock().spares.extend(kept);
         }
         Ok(count)
+    }
+
+    /// Whether `seg`, just taken from the log, is kept as a spare, with
+    /// `kept` others taken in the same pass (see
+    /// [`CommitLog::delete_oldest_while`]). Cheapest checks first: the
+    /// footer is read only for a file that would otherwise be kept.
+    fn keeps(&self, seg: &Segment, kept: usize, keep_within: Option<u64>) -> bool {
+        let Some(limit) = keep_within.filter(|_| self.maker.reuse) else {
+            return false;
+        };
+        if self.preparer.state.lock().spares.len() + kept >= MAX_SPARES
+            || self.disk_bytes() + (kept as u64 + 1) * self.segment_size > limit
+        {
+            return false;
+        }
+        if seg.filler_at.load(Ordering::Relaxed) == FILLER_UNKNOWN
+            && let Some(at) = filler_from_footer(&seg.file)
+        {
+            seg.filler_at.store(at, Ordering::Relaxed);
+        }
+        seg.filler_at.load(Ordering::Relaxed) != FILLER_UNKNOWN
     }
 
     /// Deletes the spare files (see [`CommitLog::delete_oldest_while`]);

@@ -111,10 +111,6 @@ pub(super) fn recover(
                 rebuild = true;
                 continue;
             }
-            Stop::Gap(at, reason) => {
-                settle(config, clog, at, &reason, false, flushed_mark)?;
-                (at, Some(at), true)
-            }
             Stop::End(end, at_filler) => {
                 let cut = settle(
                     config,
@@ -126,7 +122,7 @@ pub(super) fn recover(
                 )?;
                 (end, cut.then_some(end), cut || at_filler)
             }
-            Stop::Bad(at, reason) => {
+            Stop::Bad(at, reason) | Stop::Gap(at, reason) => {
                 settle(config, clog, at, &reason, false, flushed_mark)?;
                 (at, Some(at), true)
             }

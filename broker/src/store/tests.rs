@@ -1655,13 +1655,18 @@ fn consumer_offsets_past_the_end_of_a_queue_are_brought_back_at_open() {
 /// Opens the store in `dir` on another thread, failing if that takes more
 /// than a minute (recovery that never ends must fail the test, not hang it).
 fn open_bounded(cfg: StoreConfig) -> MessageStore {
+    try_open_bounded(cfg).expect("open")
+}
+
+/// Opens the store on another thread, failing the test if that takes more
+/// than a minute (an open that never returns must fail it, not hang it).
+fn try_open_bounded(cfg: StoreConfig) -> Result<MessageStore, StoreError> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(MessageStore::open(cfg));
     });
     rx.recv_timeout(Duration::from_secs(60))
         .expect("the store opens within a minute")
-        .expect("open")
 }
 
 #[test]
@@ -2240,6 +2245,17 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
     store.shutdown().expect("shutdown");
 }
 
+/// Appends records one by one, each flushed before the next, numbered from
+/// `*n` on, until the log reaches `end`; returns where they went.
+fn fill_to(store: &MessageStore, n: &mut u64, end: u64) -> Vec<Appended> {
+    let mut appended = Vec::new();
+    while store.max_offset() < end {
+        appended.extend(fill(store, *n, 1));
+        *n += 1;
+    }
+    appended
+}
+
 /// The spare files retention kept in the commit-log directory.
 fn spare_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("commitlog"))
@@ -2328,13 +2344,9 @@ fn retention_keeps_expired_files_and_the_next_segments_are_made_of_them() {
     let (store, mut n, spares) = store_with_spares(dir.path());
     let first_new = n - 1;
     let start = store.max_offset();
-    let mut appended = Vec::new();
     // Two more segments: the prepared one may predate the spares; the one
     // after it is made of one.
-    while store.max_offset() < start + 3 * SEG {
-        appended.extend(fill(&store, n, 1));
-        n += 1;
-    }
+    let appended = fill_to(&store, &mut n, start + 3 * SEG);
     let reused: Vec<Arc<commit_log::Segment>> = store
         .inner
         .clog
@@ -2412,11 +2424,7 @@ fn a_torn_record_in_a_reused_segment_is_cut_and_its_old_bytes_never_served() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, mut n, spares) = store_with_spares(dir.path());
     let start = store.max_offset();
-    let mut appended = Vec::new();
-    while store.max_offset() < start + 2 * SEG + SEG / 2 {
-        appended.extend(fill(&store, n, 1));
-        n += 1;
-    }
+    let appended = fill_to(&store, &mut n, start + 2 * SEG + SEG / 2);
     let last = *appended.last().expect("records");
     let seg = store.inner.clog.segment_for(last.offset).expect("segment");
     assert!(seg.is_reused(), "the last records are in a reused segment");
@@ -2489,10 +2497,7 @@ fn over_the_watermark_spare_files_go_first() {
     assert!(spare_files(dir.path()).is_empty(), "the spares went");
     // With no spares, segments go, and none is kept as a spare.
     let mut n = 1_000_000;
-    while store.max_offset() < min + 2 * SEG + SEG / 4 {
-        fill(&store, n, 1);
-        n += 1;
-    }
+    fill_to(&store, &mut n, min + 2 * SEG + SEG / 4);
     USED_BYTES.store(100 * SEG + SEG + SEG / 2, Ordering::Relaxed);
     assert_eq!(retention_bounded(&store, now_ms()), 2);
     assert_eq!(store.min_offset(), min + 2 * SEG);
@@ -2505,10 +2510,7 @@ fn a_reused_segment_opened_again_still_ends_its_writes_with_zeros() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, mut n, _) = store_with_spares(dir.path());
     let start = store.max_offset();
-    while store.max_offset() < start + 2 * SEG + SEG / 8 {
-        fill(&store, n, 1);
-        n += 1;
-    }
+    fill_to(&store, &mut n, start + 2 * SEG + SEG / 8);
     let seg = store
         .inner
         .clog
@@ -2573,16 +2575,8 @@ fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
     rec[8..12].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &seg).expect("write");
     std::fs::remove_dir_all(dir.path().join("consumequeue")).expect("remove queues");
-    let open = |cfg: StoreConfig| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(MessageStore::open(cfg));
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("open returns within a minute")
-    };
     // Below the last checkpointed flush: corruption, named.
-    match open(config(dir.path())) {
+    match try_open_bounded(config(dir.path())) {
         Err(StoreError::RefuseToStart { offset, reason, .. }) => {
             assert_eq!(offset, target.offset);
             assert!(reason.contains("entries"), "{reason}");
@@ -2593,7 +2587,7 @@ fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
     // Allowed, the log is cut there and everything before it is served.
     let mut cfg = config(dir.path());
     cfg.allow_truncate_at = Some(target.offset);
-    let store = open(cfg).expect("open with the cut allowed");
+    let store = try_open_bounded(cfg).expect("open with the cut allowed");
     assert_eq!(store.max_offset(), target.offset);
     check_all(&store, 20);
     store.shutdown().expect("shutdown");
@@ -2605,11 +2599,7 @@ fn files_rolled_before_a_restart_are_kept_and_reused_too() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, mut n, spares) = store_with_spares_in(dir.path(), |_| {}, true);
     let start = store.max_offset();
-    let mut appended = Vec::new();
-    while store.max_offset() < start + 3 * SEG {
-        appended.extend(fill(&store, n, 1));
-        n += 1;
-    }
+    let appended = fill_to(&store, &mut n, start + 3 * SEG);
     assert!(store.reused_segments() > 0, "a segment was made of a spare");
     for seg in store.inner.clog.segments().iter().filter(|s| s.is_reused()) {
         assert!(spares.contains_key(&inode(seg.file.path())));
