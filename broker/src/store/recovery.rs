@@ -1,7 +1,10 @@
 //! Start-up recovery: find the true end of the commit log and bring the
 //! consume queues in line with it.
 //!
-//! After a clean shutdown only the tail segment is verified. After a crash
+//! After a clean shutdown only the tail segment is verified, and zeros
+//! exactly where the checkpoint says the log ends are its end: nothing is
+//! searched for past them (a start writes an unclean checkpoint before it
+//! appends anything, so nothing there can be the log's). After a crash
 //! the scan starts at the segment holding the older of the last
 //! checkpoint's flushed offset and consume-queue offset, checks every
 //! record's checksum and re-indexes it (consume-queue entries sit at fixed
@@ -112,14 +115,24 @@ pub(super) fn recover(
                 continue;
             }
             Stop::End(end, at_filler) => {
-                let cut = settle(
-                    config,
-                    clog,
-                    end,
-                    "zeros where a record was expected",
-                    true,
-                    flushed_mark,
-                )?;
+                let cut = if clean && end == flushed_mark {
+                    // The last run stopped cleanly with everything below
+                    // `end` flushed, and a start writes an unclean
+                    // checkpoint before it appends anything: nothing past
+                    // `end` can be this log's, so there is nothing to
+                    // search for (in a reused segment the search would
+                    // read the rest of it, the older records it holds).
+                    false
+                } else {
+                    settle(
+                        config,
+                        clog,
+                        end,
+                        "zeros where a record was expected",
+                        true,
+                        flushed_mark,
+                    )?
+                };
                 (end, cut.then_some(end), cut || at_filler)
             }
             Stop::Bad(at, reason) | Stop::Gap(at, reason) => {

@@ -2245,6 +2245,51 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
     store.shutdown().expect("shutdown");
 }
 
+/// After a clean shutdown recovery takes the checkpointed end as the end
+/// and searches nothing past it (in a reused segment that search would read
+/// the older records the rest of the file holds). A record of the log's own
+/// shape planted past the end, marked as written once everything before it
+/// was flushed (after a crash: a write lost in the middle of the log), is
+/// neither refused on nor served; with an unclean checkpoint at the same end
+/// the search runs, finds it and refuses.
+#[test]
+fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    fill(&store, 0, 30);
+    let end = store.max_offset();
+    store.shutdown().expect("shutdown");
+    // Queue 0 holds records 0, 3, ..., 27: the planted one would be its 11th.
+    let planted = record(30);
+    let at = (end + 8192).next_multiple_of(4096);
+    let mut bytes = vec![0u8; planted.encoded_len()];
+    record::encode_into(&mut bytes, &planted, at, 10, now_ms());
+    record::mark_flushed_before(&mut bytes);
+    assert!(at + bytes.len() as u64 <= SEG, "in the first segment");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), SEG, at))
+        .expect("segment");
+    f.write_all_at(&bytes, at % SEG).expect("plant");
+    drop(f);
+    let store = open_bounded(config(dir.path()));
+    assert!(store.recovery_report().clean_shutdown);
+    assert_eq!(store.max_offset(), end);
+    check_all(&store, 30);
+    store.shutdown().expect("shutdown");
+    // The same log after a crash that left the checkpoint at that end.
+    unclean_checkpoint_at(dir.path(), end);
+    match MessageStore::open(config(dir.path())) {
+        Err(StoreError::RefuseToStart { offset, why, .. }) => {
+            assert_eq!(offset, end);
+            assert!(why.contains(&format!("at offset {at}")), "{why}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("cut a record a flush had made durable after a crash"),
+    }
+}
+
 /// Appends records one by one, each flushed before the next, numbered from
 /// `*n` on, until the log reaches `end`; returns where they went.
 fn fill_to(store: &MessageStore, n: &mut u64, end: u64) -> Vec<Appended> {
