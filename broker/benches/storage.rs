@@ -11,13 +11,24 @@
 //! appends + fdatasync into reserved blocks and into written ones (the
 //! latter is the most 64 closed-loop writers of 1 KiB records can reach, as
 //! no flush can carry more and the log writes zeros ahead of small flushes).
-//! Commit log: 1 KiB
-//! records; ASYNC_FLUSH with one writer; SYNC_FLUSH with 1, 16 and 64
-//! concurrent writers (each waits for its record to be durable before the
-//! next), with how many appends shared each fdatasync; and SYNC_FLUSH with
-//! 64 writers in segments made of files retention took from the log, as
-//! in steady operation (the reused/held segments are printed). Every figure
-//! is also given as a ratio to the raw ceiling.
+//! Commit log, 1 KiB records: SYNC_FLUSH with 1, 16 and 64 concurrent
+//! writers (each waits for its record to be durable before the next), with
+//! how many appends shared each fdatasync; SYNC_FLUSH with 64 writers in
+//! segments made of files retention took from the log, as in steady
+//! operation (the reused/held segments are printed); then ASYNC_FLUSH with
+//! one writer. Every figure is also given as a ratio to the raw ceiling.
+//!
+//! `ASYNC_FLUSH` writes into the page cache, so what bounds it is how fast
+//! the machine gives the log new page-cache pages. A broker that has run for
+//! a while has its memory full of the log's clean pages, and the kernel
+//! reclaims those for new ones; a fresh machine hands out idle memory
+//! instead, which on a VM that returns freed memory to its host (free page
+//! reporting) costs a fault in the host at each first touch. The last run,
+//! `ASYNC_FLUSH` sustained with the page cache full, first fills the page
+//! cache by reading a sparse file as large as the memory available less
+//! 512 MiB (at most 32 GiB; no disk I/O: holes read as zeros) and prints how
+//! fast that went, which is the rate at which this machine gives out idle
+//! memory.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -207,6 +218,49 @@ fn async_one_writer(
     })
 }
 
+/// Fills the page cache with clean pages, as a long-running broker's is
+/// (see the module doc), by reading a sparse file in `dir` of the memory
+/// available less 512 MiB (at most 32 GiB); returns the file, to delete after
+/// the run, with its size and how long the read took. `None` when the
+/// memory available cannot be read or is too small.
+fn fill_page_cache(dir: &Path) -> std::io::Result<Option<(PathBuf, u64, Duration)>> {
+    use std::io::Read;
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let available_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    let Some(len) = available_kib
+        .map(|k| (k * 1024).saturating_sub(512 << 20).min(32 << 30) & !((1 << 20) - 1))
+        .filter(|&len| len >= 1 << 30)
+    else {
+        return Ok(None);
+    };
+    let path = dir.join("page-cache-fill");
+    let mut f = new_file(&path)?;
+    f.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let start = Instant::now();
+    let mut read = 0u64;
+    while read < len {
+        match f.read(&mut buf)? {
+            0 => break,
+            n => read += n as u64,
+        }
+    }
+    Ok(Some((path, read, start.elapsed())))
+}
+
+/// Writes back whatever earlier runs left dirty (and lets the deletions of
+/// their files complete), so that a run does not share the disk with the
+/// one before it. Runs that wait on the disk come first, right after the
+/// raw ceiling they are compared to; the `ASYNC_FLUSH` runs, which leave
+/// gigabytes to write back, come last.
+fn quiet_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 fn sync_writers(
     dir: &Path,
     writers: usize,
@@ -350,7 +404,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // KEELMQ_BENCH_ONLY=async1,sync1,sync16,sync64,sync64r,raw picks runs (default: all).
+    // KEELMQ_BENCH_ONLY=async1,sync1,sync16,sync64,sync64r,async1full,raw picks runs (default: all).
     let only = std::env::var("KEELMQ_BENCH_ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     let raw = if want("raw") {
@@ -386,18 +440,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         raw.group64_mb_s / raw.mb_s
     );
     let mut runs = Vec::new();
-    if want("async1") {
-        // Within one prepared segment (what the preparer thread provides
-        // when it keeps ahead), and sustained across segments.
-        let mut r = async_one_writer(&dir.join("async1"), seconds, 900_000)?;
-        r.name = "ASYNC_FLUSH, 1 writer, 1 segment".into();
-        runs.push(r);
-        std::fs::remove_dir_all(dir.join("async1"))?;
-        let mut r = async_one_writer(&dir.join("async1"), seconds, 20_000_000)?;
-        r.name = "ASYNC_FLUSH, 1 writer, sustained".into();
-        runs.push(r);
-        std::fs::remove_dir_all(dir.join("async1"))?;
-    }
     for w in [1usize, 16, 64] {
         if !want(&format!("sync{w}")) {
             continue;
@@ -405,15 +447,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let d = dir.join(format!("sync{w}"));
         runs.push(sync_writers(&d, w, seconds)?);
         std::fs::remove_dir_all(&d)?;
+        quiet_disk();
     }
     if want("sync64r") {
         let d = dir.join("sync64r");
         runs.push(sync_writers_reused(&d, 64, seconds)?);
         std::fs::remove_dir_all(&d)?;
+        quiet_disk();
+    }
+    if want("async1") {
+        // Within one prepared segment (what the preparer thread provides
+        // when it keeps ahead), and sustained across segments.
+        let mut r = async_one_writer(&dir.join("async1"), seconds, 900_000)?;
+        r.name = "ASYNC_FLUSH, 1 writer, 1 segment".into();
+        runs.push(r);
+        std::fs::remove_dir_all(dir.join("async1"))?;
+        quiet_disk();
+        let mut r = async_one_writer(&dir.join("async1"), seconds, 20_000_000)?;
+        r.name = "ASYNC_FLUSH, 1 writer, sustained".into();
+        runs.push(r);
+        std::fs::remove_dir_all(dir.join("async1"))?;
+    }
+    if want("async1full") {
+        println!();
+        match fill_page_cache(dir)? {
+            Some((fill, len, took)) => {
+                println!(
+                    "page cache filled: {:.1} GiB read from a sparse file in {took:.1?} ({:.0} MB/s: the rate this machine gives out idle memory)",
+                    len as f64 / (1u64 << 30) as f64,
+                    len as f64 / 1e6 / took.as_secs_f64()
+                );
+                let mut r = async_one_writer(&dir.join("async1"), seconds, 20_000_000)?;
+                r.name = "ASYNC_FLUSH, 1 writer, sustained, full cache".into();
+                runs.push(r);
+                std::fs::remove_dir_all(dir.join("async1"))?;
+                std::fs::remove_file(fill)?;
+            }
+            None => {
+                println!("page cache not filled: too little memory available (or no /proc/meminfo)")
+            }
+        }
     }
     println!();
     println!(
-        "{:<36} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:<44} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "configuration",
         "records/s",
         "MB/s",
@@ -431,7 +508,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (p50, p99, p999) = (r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999));
         let max = r.lat.pct(1.0);
         println!(
-            "{:<36} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2} {:>9}",
+            "{:<44} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2} {:>9}",
             r.name,
             rate,
             mb,
