@@ -220,42 +220,74 @@ fn async_one_writer(
 
 /// Fills the page cache with clean pages, as a long-running broker's is
 /// (see the module doc), by reading a sparse file in `dir` of the memory
-/// available less 512 MiB (at most 32 GiB); returns the file, to delete after
-/// the run, with its size and how long the read took. `None` when the
-/// memory available cannot be read or is too small.
-fn fill_page_cache(dir: &Path) -> std::io::Result<Option<(PathBuf, u64, Duration)>> {
+/// available less 512 MiB (at most 32 GiB; within a cgroup v2 memory limit,
+/// what the limit leaves); returns the file, to delete after the run, with
+/// its size and how long the read took. `Err` says why it did not: too
+/// little memory, no `/proc/meminfo`, or a filesystem that keeps no holes
+/// or caches none (tmpfs serves holes without caching them).
+fn fill_page_cache(dir: &Path) -> Result<(PathBuf, u64, Duration), String> {
     use std::io::Read;
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    let available_kib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    let Some(len) = available_kib
-        .map(|k| (k * 1024).saturating_sub(512 << 20).min(32 << 30) & !((1 << 20) - 1))
-        .filter(|&len| len >= 1 << 30)
-    else {
-        return Ok(None);
+    use std::os::unix::fs::MetadataExt;
+    let kib = |field: &str| -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let v = meminfo.lines().find_map(|l| l.strip_prefix(field))?;
+        v.trim().trim_end_matches("kB").trim().parse().ok()
     };
+    let available = kib("MemAvailable:").ok_or("no MemAvailable in /proc/meminfo")? * 1024;
+    let len = (available.min(cgroup_memory_left().unwrap_or(u64::MAX)))
+        .saturating_sub(512 << 20)
+        .min(32 << 30)
+        & !((1 << 20) - 1);
+    if len < 1 << 30 {
+        return Err(format!("too little memory available ({available} bytes)"));
+    }
+    let cached_before = kib("Cached:").ok_or("no Cached in /proc/meminfo")?;
     let path = dir.join("page-cache-fill");
-    let mut f = new_file(&path)?;
-    f.set_len(len)?;
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f = new_file(&path).map_err(io)?;
+    f.set_len(len).map_err(io)?;
+    if f.metadata().map_err(io)?.blocks() != 0 {
+        let _ = std::fs::remove_file(&path);
+        return Err("the filesystem keeps no holes (reading would write the disk)".into());
+    }
     let mut buf = vec![0u8; 1 << 20];
     let start = Instant::now();
     let mut read = 0u64;
     while read < len {
-        match f.read(&mut buf)? {
+        match f.read(&mut buf).map_err(io)? {
             0 => break,
             n => read += n as u64,
         }
     }
-    Ok(Some((path, read, start.elapsed())))
+    let took = start.elapsed();
+    let grew = kib("Cached:").unwrap_or(0).saturating_sub(cached_before) * 1024;
+    if grew < read / 2 {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!(
+            "reading {read} bytes of holes grew the page cache by only {grew} (tmpfs?)"
+        ));
+    }
+    Ok((path, read, took))
+}
+
+/// What the cgroup v2 memory limit of this process leaves (`memory.max`
+/// less `memory.current`), when there is one.
+fn cgroup_memory_left() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let base = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let read = |name: &str| std::fs::read_to_string(base.join(name)).ok();
+    let max: u64 = read("memory.max")?.trim().parse().ok()?;
+    let current: u64 = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
 }
 
 /// Writes back whatever earlier runs left dirty (and lets the deletions of
 /// their files complete), so that a run does not share the disk with the
 /// one before it. Runs that wait on the disk come first, right after the
-/// raw ceiling they are compared to; the `ASYNC_FLUSH` runs, which leave
-/// gigabytes to write back, come last.
+/// raw ceiling they are compared to; the `ASYNC_FLUSH` runs come last:
+/// each writes gigabytes (flushed by its store's shutdown, outside the
+/// measured time) that are then deleted, and churns the page cache.
 fn quiet_disk() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
@@ -308,8 +340,10 @@ fn sync_writers_reused(
         store.segments_held()
     );
     store.shutdown()?;
-    // Recovery reads what follows the end in a reused segment (the older
-    // records it still holds) to make sure no record of the log is there.
+    // After a crash recovery would read what follows the end in a reused
+    // segment (the older records it still holds) to make sure no record of
+    // the log is there; after this clean shutdown it searches only a window
+    // past the end (see the store's `recovery` module).
     let started = Instant::now();
     let store = MessageStore::open(store_config(dir, FlushMode::SyncFlush))?;
     println!(
@@ -440,6 +474,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         raw.group64_mb_s / raw.mb_s
     );
     let mut runs = Vec::new();
+    quiet_disk();
     for w in [1usize, 16, 64] {
         if !want(&format!("sync{w}")) {
             continue;
@@ -470,22 +505,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if want("async1full") {
         println!();
-        match fill_page_cache(dir)? {
-            Some((fill, len, took)) => {
-                println!(
-                    "page cache filled: {:.1} GiB read from a sparse file in {took:.1?} ({:.0} MB/s: the rate this machine gives out idle memory)",
-                    len as f64 / (1u64 << 30) as f64,
-                    len as f64 / 1e6 / took.as_secs_f64()
-                );
-                let mut r = async_one_writer(&dir.join("async1"), seconds, 20_000_000)?;
-                r.name = "ASYNC_FLUSH, 1 writer, sustained, full cache".into();
-                runs.push(r);
-                std::fs::remove_dir_all(dir.join("async1"))?;
-                std::fs::remove_file(fill)?;
-            }
-            None => {
-                println!("page cache not filled: too little memory available (or no /proc/meminfo)")
-            }
+        // The last run: a failure is reported, and the figures above are
+        // still printed.
+        let run = || -> Result<Run, Box<dyn std::error::Error>> {
+            let (fill, len, took) = fill_page_cache(dir)?;
+            println!(
+                "page cache filled: {:.1} GiB read from a sparse file in {took:.1?} ({:.0} MB/s: the rate this machine gives out idle memory)",
+                len as f64 / (1u64 << 30) as f64,
+                len as f64 / 1e6 / took.as_secs_f64()
+            );
+            let mut r = async_one_writer(&dir.join("async1"), seconds, 20_000_000)?;
+            r.name = "ASYNC_FLUSH, 1 writer, sustained, full cache".into();
+            std::fs::remove_dir_all(dir.join("async1"))?;
+            std::fs::remove_file(fill)?;
+            Ok(r)
+        };
+        match run() {
+            Ok(r) => runs.push(r),
+            Err(e) => println!("ASYNC_FLUSH with the page cache full not run: {e}"),
         }
     }
     println!();

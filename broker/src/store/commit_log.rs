@@ -748,7 +748,8 @@ impl CommitLog {
 
     /// Cuts the log at `end`: zeros the rest of its segment (unless
     /// `zero_rest` is false: recovery found nothing there that could be
-    /// taken for a record, see `recovery::recover`), deletes later
+    /// taken for a record, or, after a clean shutdown, nothing there can be
+    /// the log's; see `recovery::recover`), deletes later
     /// segments. The caller holds the append lock.
     pub fn truncate(&self, end: u64, zero_rest: bool) -> Result<Tail, StoreError> {
         let mut doomed = Vec::new();
@@ -1060,7 +1061,7 @@ fn drop_empty_segments_after_a_hole(
                     && file.pread(&mut first, 0).is_ok_and(|n| n == first.len())
                     && first.iter().all(|&b| b == 0);
                 first_zeroed
-                    && super::recovery::visit_valid_records_in(&file, base, 0, |_, _| {
+                    && super::recovery::visit_valid_records_in(&file, base, 0, u64::MAX, |_, _| {
                         ControlFlow::Break(())
                     })
                     .is_continue()

@@ -1019,6 +1019,7 @@ impl MessageStore {
         {
             let _c = self.inner.commit_lock.lock();
             let mut tail = self.inner.tail.lock();
+            self.check_open()?;
             self.drain_staged_locked(&mut tail)?;
         }
         self.flush_to(self.max_offset())
@@ -1388,7 +1389,7 @@ impl MessageStore {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
-        self.check_flush_ok()?;
+        self.check_writable()?;
         // Nothing is staged on a slave; a master that became one may have
         // records staged still, which go first.
         self.drain_staged_locked(&mut tail)?;
@@ -1514,6 +1515,7 @@ impl MessageStore {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
+        self.check_open()?;
         self.drain_staged_locked(&mut tail)?;
         if offset < self.min_offset() || offset > tail.pos {
             return Err(StoreError::OutOfRange {
@@ -1586,6 +1588,7 @@ impl MessageStore {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
+        self.check_open()?;
         self.drain_staged_locked(&mut tail)?;
         if base < tail.pos {
             return Err(StoreError::InvalidArgument(format!(
@@ -1788,10 +1791,20 @@ impl MessageStore {
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
+        self.check_open()?;
+        self.check_flush_ok()
+    }
+
+    /// Fails once shutdown has begun. Called under the commit lock by every
+    /// path that writes or cuts the log: `shutdown` sets `stopping` before
+    /// it takes that lock, so nothing reaches the log after its final flush
+    /// and clean checkpoint, which recovery relies on (a clean checkpoint's
+    /// end is taken as the end of the log).
+    fn check_open(&self) -> Result<(), StoreError> {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
         }
-        self.check_flush_ok()
+        Ok(())
     }
 
     fn check_flush_ok(&self) -> Result<(), StoreError> {

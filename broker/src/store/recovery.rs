@@ -2,9 +2,10 @@
 //! consume queues in line with it.
 //!
 //! After a clean shutdown only the tail segment is verified, and zeros
-//! exactly where the checkpoint says the log ends are its end: nothing is
-//! searched for past them (a start writes an unclean checkpoint before it
-//! appends anything, so nothing there can be the log's). After a crash
+//! exactly where the checkpoint says the log ends are its end: only a
+//! window past them is searched for records (a start writes an unclean
+//! checkpoint before it appends anything, so nothing there can be the
+//! log's unless the disk lost writes). After a crash
 //! the scan starts at the segment holding the older of the last
 //! checkpoint's flushed offset and consume-queue offset, checks every
 //! record's checksum and re-indexes it (consume-queue entries sit at fixed
@@ -12,7 +13,8 @@
 //! decides what happens next:
 //!
 //! - zeros at or past the last checkpointed flush, with no valid record
-//!   anywhere after: the end of the log;
+//!   anywhere after (after a clean shutdown, zeros exactly at it with none
+//!   in a window after them): the end of the log;
 //! - a bad record past the last checkpointed flush with nothing valid
 //!   after it: a torn tail, cut off with a warning;
 //! - zeros or a bad record before the checkpointed flush, or under
@@ -115,13 +117,22 @@ pub(super) fn recover(
                 continue;
             }
             Stop::End(end, at_filler) => {
-                let cut = if clean && end == flushed_mark {
+                let cut = if clean
+                    && end == flushed_mark
+                    && !any_record_within(clog, end, CLEAN_END_WINDOW)
+                {
                     // The last run stopped cleanly with everything below
                     // `end` flushed, and a start writes an unclean
-                    // checkpoint before it appends anything: nothing past
-                    // `end` can be this log's, so there is nothing to
-                    // search for (in a reused segment the search would
-                    // read the rest of it, the older records it holds).
+                    // checkpoint before it appends anything (nothing writes
+                    // the log once shutdown has begun): nothing past `end`
+                    // can be this log's, so the search of `settle` is not
+                    // needed (in a reused segment it would read the rest of
+                    // the file, the older records it holds). Only a window
+                    // past `end` is searched, for a disk that lost both the
+                    // next start's unclean checkpoint and the first block
+                    // of its appends: that run's records start at `end`,
+                    // so some of them lie in the window, and `settle` then
+                    // decides as after a crash.
                     false
                 } else {
                     settle(
@@ -144,7 +155,8 @@ pub(super) fn recover(
         // later segments. Zeros go over the rest of the segment only where
         // something was cut, or over a filler the log now writes past:
         // otherwise nothing there is a record of this log (`settle` found
-        // none), nor can become one, and a file whose blocks are written
+        // none, or after a clean shutdown none can be there), nor can
+        // become one, and a file whose blocks are written
         // (zeros ahead, or a reused segment) keeps them written.
         clog.truncate(end, zero_rest)?;
         for qs in queues.values() {
@@ -196,7 +208,7 @@ fn settle(
     // (`later`) and, under SYNC_FLUSH, the first one marked
     // `record::FLUSHED_BEFORE` (`durable_after`, never before `later`).
     let (mut later, mut durable_after) = (None, None);
-    visit_valid_records_after(clog, at, |offset, rec| {
+    visit_valid_records_after(clog, at, u64::MAX, |offset, rec| {
         later.get_or_insert(offset);
         if !sync {
             return ControlFlow::Break(());
@@ -412,24 +424,43 @@ fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Option<Queues>, StoreErro
 /// every start, so it skips what the filesystem knows holds no data (the
 /// reserved, never written rest of a segment) and all-zero chunks without
 /// looking closer.
+/// Records starting at or past `before` are not looked for.
 fn visit_valid_records_after(
     clog: &CommitLog,
     at: u64,
+    before: u64,
     mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
 ) {
     for seg in clog.segments() {
-        if seg.end() <= at {
+        if seg.end() <= at || seg.base >= before {
             continue;
         }
         let from = if seg.base > at { 0 } else { at - seg.base + 1 };
-        if visit_valid_records_in(&seg.file, seg.base, from, &mut visit).is_break() {
+        let to = before - seg.base;
+        if visit_valid_records_in(&seg.file, seg.base, from, to, &mut visit).is_break() {
             return;
         }
     }
 }
 
+/// Whether a valid record of the log starts within `window` bytes after
+/// `at` (see [`visit_valid_records_after`]).
+fn any_record_within(clog: &CommitLog, at: u64, window: u64) -> bool {
+    let mut found = false;
+    visit_valid_records_after(clog, at, at.saturating_add(window), |_, _| {
+        found = true;
+        ControlFlow::Break(())
+    });
+    found
+}
+
+/// After a clean shutdown, how far past the checkpointed end recovery still
+/// looks for records of the log (see [`recover`]).
+pub(super) const CLEAN_END_WINDOW: u64 = 1 << 20;
+
 /// [`visit_valid_records_after`] for one segment file starting at
-/// commit-log offset `base`, from position `from` in the file. A record
+/// commit-log offset `base`, for records starting at positions in
+/// `[from, to)` of the file. A record
 /// only counts where it carries its own offset: the records a reused file
 /// holds from its earlier life (see `CommitLog::delete_oldest_while`) are
 /// passed over without being read again.
@@ -437,6 +468,7 @@ pub(super) fn visit_valid_records_in(
     file: &MappedFile,
     base: u64,
     from: u64,
+    to: u64,
     mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
     const CHUNK: usize = 1 << 20;
@@ -445,7 +477,7 @@ pub(super) fn visit_valid_records_in(
     let max_rec = len as usize;
     let mut buf = vec![0u8; CHUNK + 64];
     for (start, end) in file.data_ranges(from) {
-        let mut pos = start;
+        let (mut pos, end) = (start, end.min(to));
         while pos < end && pos + 8 <= len {
             let n = ((len - pos) as usize).min(CHUNK + 64);
             if file.pread(&mut buf[..n], pos).is_err() {
@@ -461,6 +493,9 @@ pub(super) fn visit_valid_records_in(
                     continue;
                 }
                 let cand = pos + i as u64;
+                if cand >= end {
+                    break;
+                }
                 let rlen = record::le_u32(chunk, i) as usize;
                 if rlen < record::FIXED_HEADER_LEN || rlen > max_rec || cand + rlen as u64 > len {
                     continue;

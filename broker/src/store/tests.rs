@@ -2246,48 +2246,99 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
 }
 
 /// After a clean shutdown recovery takes the checkpointed end as the end
-/// and searches nothing past it (in a reused segment that search would read
-/// the older records the rest of the file holds). A record of the log's own
-/// shape planted past the end, marked as written once everything before it
-/// was flushed (after a crash: a write lost in the middle of the log), is
-/// neither refused on nor served; with an unclean checkpoint at the same end
-/// the search runs, finds it and refuses.
+/// and searches only a window past it (in a reused segment the full search
+/// would read the older records the rest of the file holds). Records of
+/// the log's own shape are planted past the end, marked as written once
+/// everything before them was flushed (after a crash: a write lost in the
+/// middle of the log): one beyond the window is neither refused on nor
+/// served; one inside it (as the records of a next run whose unclean
+/// checkpoint and first block the disk lost would be) makes recovery search
+/// as after a crash, and refuse.
 #[test]
 fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
     use std::os::unix::fs::FileExt;
+    const BIG_SEG: u64 = 4 << 20;
+    let cfg = |dir: &Path| StoreConfig {
+        segment_size: BIG_SEG,
+        ..config(dir)
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(config(dir.path())).expect("open");
+    let store = MessageStore::open(cfg(dir.path())).expect("open");
     fill(&store, 0, 30);
     let end = store.max_offset();
     store.shutdown().expect("shutdown");
-    // Queue 0 holds records 0, 3, ..., 27: the planted one would be its 11th.
-    let planted = record(30);
-    let at = (end + 8192).next_multiple_of(4096);
-    let mut bytes = vec![0u8; planted.encoded_len()];
-    record::encode_into(&mut bytes, &planted, at, 10, now_ms());
-    record::mark_flushed_before(&mut bytes);
-    assert!(at + bytes.len() as u64 <= SEG, "in the first segment");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(segment_path(dir.path(), SEG, at))
-        .expect("segment");
-    f.write_all_at(&bytes, at % SEG).expect("plant");
-    drop(f);
-    let store = open_bounded(config(dir.path()));
-    assert!(store.recovery_report().clean_shutdown);
+    // Queue 0 holds records 0, 3, ..., 27: a planted one would be its 11th.
+    let plant = |at: u64| {
+        let planted = record(30);
+        let mut bytes = vec![0u8; planted.encoded_len()];
+        record::encode_into(&mut bytes, &planted, at, 10, now_ms());
+        record::mark_flushed_before(&mut bytes);
+        assert!(at + bytes.len() as u64 <= BIG_SEG, "in the first segment");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment_path(dir.path(), BIG_SEG, at))
+            .expect("segment")
+            .write_all_at(&bytes, at)
+            .expect("plant");
+    };
+    let far = (end + recovery::CLEAN_END_WINDOW).next_multiple_of(4096);
+    plant(far);
+    let store = open_bounded(cfg(dir.path()));
+    let report = store.recovery_report();
+    assert!(report.clean_shutdown);
+    assert_eq!(report.truncated_bytes_at, None);
     assert_eq!(store.max_offset(), end);
     check_all(&store, 30);
     store.shutdown().expect("shutdown");
-    // The same log after a crash that left the checkpoint at that end.
-    unclean_checkpoint_at(dir.path(), end);
-    match MessageStore::open(config(dir.path())) {
+    let near = (end + 8192).next_multiple_of(4096);
+    plant(near);
+    match MessageStore::open(cfg(dir.path())) {
         Err(StoreError::RefuseToStart { offset, why, .. }) => {
             assert_eq!(offset, end);
-            assert!(why.contains(&format!("at offset {at}")), "{why}");
+            assert!(why.contains(&format!("at offset {near}")), "{why}");
         }
         Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("cut a record a flush had made durable after a crash"),
+        Ok(_) => panic!("took the end for clean with records of the log just past it"),
     }
+}
+
+/// Nothing writes or cuts the log once shutdown has begun, replication's
+/// paths included (a slave's write may wait for the commit lock behind
+/// `shutdown`): recovery takes a clean checkpoint's end as the end of the
+/// log, so nothing may land past it.
+#[test]
+fn nothing_writes_or_cuts_the_log_once_shutdown_has_begun() {
+    let a_dir = tempfile::tempdir().expect("tempdir");
+    let b_dir = tempfile::tempdir().expect("tempdir");
+    let master = MessageStore::open(config(a_dir.path())).expect("open");
+    let a = fill(&master, 0, 10);
+    let slave = MessageStore::open(config(b_dir.path())).expect("open");
+    let held = slave
+        .append_raw(0, &master.read_raw(0, a[5].offset as usize).expect("read"))
+        .expect("append raw");
+    assert_eq!(held, a[5].offset);
+    slave.shutdown().expect("shutdown");
+    let rest = master
+        .read_raw(held, (a[9].end_offset - held) as usize)
+        .expect("read");
+    assert!(matches!(
+        slave.append_raw(held, &rest),
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(slave.flush(), Err(StoreError::Closed)));
+    assert!(matches!(
+        slave.truncate_to(a[2].offset),
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(slave.restart_at(SEG), Err(StoreError::Closed)));
+    assert!(matches!(slave.append(record(5)), Err(StoreError::Closed)));
+    drop(slave);
+    master.shutdown().expect("shutdown");
+    let slave = open_bounded(config(b_dir.path()));
+    assert!(slave.recovery_report().clean_shutdown);
+    assert_eq!(slave.max_offset(), held);
+    check_all(&slave, 5);
+    slave.shutdown().expect("shutdown");
 }
 
 /// Appends records one by one, each flushed before the next, numbered from
