@@ -438,7 +438,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // KEELMQ_BENCH_ONLY=async1,sync1,sync16,sync64,sync64r,async1full,raw picks runs (default: all).
+    // KEELMQ_BENCH_ONLY=raw,sync1,sync16,sync64,sync64r,async1,async1full picks runs
+    // (default: all, in that order).
     let only = std::env::var("KEELMQ_BENCH_ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|o| o == name);
     let raw = if want("raw") {
@@ -522,7 +523,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         match run() {
             Ok(r) => runs.push(r),
-            Err(e) => println!("ASYNC_FLUSH with the page cache full not run: {e}"),
+            Err(e) => println!("ASYNC_FLUSH with the page cache full: no figure ({e})"),
         }
     }
     println!();

@@ -418,13 +418,12 @@ fn load_queues(cq_dir: &Path, per_file: u64) -> Result<Option<Queues>, StoreErro
     Ok(Some(queues))
 }
 
-/// Hands `visit` each offset after `at` where a complete, valid record
-/// starts, with the record, in order, until it breaks; read through the
-/// files (not the mappings), in this segment and every later one. Runs at
-/// every start, so it skips what the filesystem knows holds no data (the
-/// reserved, never written rest of a segment) and all-zero chunks without
-/// looking closer.
-/// Records starting at or past `before` are not looked for.
+/// Hands `visit` each offset after `at` and before `before` where a
+/// complete, valid record starts, with the record, in order, until it
+/// breaks; read through the files (not the mappings), in this segment and
+/// every later one. Runs at every start, so it skips what the filesystem
+/// knows holds no data (the reserved, never written rest of a segment) and
+/// all-zero chunks without looking closer.
 fn visit_valid_records_after(
     clog: &CommitLog,
     at: u64,
