@@ -305,6 +305,9 @@ pub struct RecoveryReport {
     pub records_scanned: u64,
     pub truncated_bytes_at: Option<u64>,
     pub rebuilt_consume_queues: bool,
+    /// Bytes recovery read past where the scan stopped, looking for records
+    /// of the log there (see the `recovery` module).
+    pub searched_bytes: u64,
     pub elapsed: Duration,
 }
 
@@ -519,6 +522,7 @@ impl MessageStore {
             scanned_from = r.scanned_from,
             records_scanned = r.records_scanned,
             rebuilt_consume_queues = r.rebuilt_consume_queues,
+            searched_bytes = r.searched_bytes,
             elapsed_ms = r.elapsed.as_millis() as u64,
             "store opened"
         );

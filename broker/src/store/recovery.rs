@@ -67,6 +67,7 @@ pub(super) fn recover(
     checkpoint: Option<&Checkpoint>,
 ) -> Result<Recovered, StoreError> {
     let started = Instant::now();
+    SEARCHED.set(0);
     let clean = checkpoint.is_some_and(|c| c.clean);
     let mut rebuild = checkpoint.is_none() || !cq_dir.exists();
     let min = clog.min_offset();
@@ -185,6 +186,7 @@ pub(super) fn recover(
                 records_scanned: scanned,
                 truncated_bytes_at: truncated_at,
                 rebuilt_consume_queues: rebuild,
+                searched_bytes: SEARCHED.get(),
                 elapsed: started.elapsed(),
             },
         });
@@ -453,6 +455,12 @@ fn any_record_within(clog: &CommitLog, at: u64, window: u64) -> bool {
     found
 }
 
+thread_local! {
+    /// Bytes [`visit_valid_records_in`] read on this thread since
+    /// [`recover`] began (reported as `RecoveryReport::searched_bytes`).
+    static SEARCHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// After a clean shutdown, how far past the checkpointed end recovery still
 /// looks for records of the log (see [`recover`]).
 pub(super) const CLEAN_END_WINDOW: u64 = 1 << 20;
@@ -482,6 +490,7 @@ pub(super) fn visit_valid_records_in(
             if file.pread(&mut buf[..n], pos).is_err() {
                 break;
             }
+            SEARCHED.set(SEARCHED.get() + n as u64);
             let chunk = &buf[..n];
             if chunk.iter().all(|&b| b == 0) {
                 pos += CHUNK as u64;

@@ -2302,6 +2302,56 @@ fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
     }
 }
 
+/// What recovery reads past the end of the log: after a clean shutdown only
+/// the window, whatever the rest of the segment holds (here 2 MiB of
+/// non-zero bytes that are no records, as an older file's would be in a
+/// reused segment); after a crash, all of it.
+#[test]
+fn a_clean_restart_reads_only_the_window_past_the_end() {
+    use std::os::unix::fs::FileExt;
+    const BIG_SEG: u64 = 8 << 20;
+    const OLD: u64 = 2 << 20;
+    let cfg = |dir: &Path| StoreConfig {
+        segment_size: BIG_SEG,
+        ..config(dir)
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(cfg(dir.path())).expect("open");
+    fill(&store, 0, 30);
+    let end = store.max_offset();
+    store.shutdown().expect("shutdown");
+    let old_at = (end + recovery::CLEAN_END_WINDOW).next_multiple_of(4096) + 4096;
+    assert!(old_at + OLD <= BIG_SEG);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), BIG_SEG, 0))
+        .expect("segment")
+        .write_all_at(&vec![0x5au8; OLD as usize], old_at)
+        .expect("older bytes");
+    let store = open_bounded(cfg(dir.path()));
+    let report = store.recovery_report().clone();
+    assert!(report.clean_shutdown);
+    assert_eq!((report.end, report.truncated_bytes_at), (end, None));
+    assert!(
+        report.searched_bytes <= 2 * recovery::CLEAN_END_WINDOW,
+        "read {} bytes past a clean end",
+        report.searched_bytes
+    );
+    check_all(&store, 30);
+    store.shutdown().expect("shutdown");
+    unclean_checkpoint_at(dir.path(), end);
+    let store = open_bounded(cfg(dir.path()));
+    let report = store.recovery_report().clone();
+    assert_eq!((report.end, report.truncated_bytes_at), (end, None));
+    assert!(
+        report.searched_bytes >= OLD,
+        "read only {} bytes past the end after a crash",
+        report.searched_bytes
+    );
+    check_all(&store, 30);
+    store.shutdown().expect("shutdown");
+}
+
 /// Nothing writes or cuts the log once shutdown has begun, replication's
 /// paths included (a slave's write may wait for the commit lock behind
 /// `shutdown`): recovery takes a clean checkpoint's end as the end of the
