@@ -28,7 +28,7 @@ use super::consume_queue::{base_name, parse_base_name};
 use super::mapped::{
     MappedFile, PAGE, SPARE_SUFFIX, holds_only_zeros, remove_temp_files, sync_dir,
 };
-use super::record::{BLANK_LEN, BLANK_MAGIC};
+use super::record::{BLANK_LEN, BLANK_MAGIC, le_u32, le_u64};
 use super::staging::Staged;
 
 /// One segment file of the commit log.
@@ -69,7 +69,7 @@ fn filler_from_footer(file: &MappedFile) -> Option<u64> {
     if len < FILLER_FOOTER_MIN || file.pread(&mut footer, len - 8).ok()? != 8 {
         return None;
     }
-    let at = u64::from_le_bytes(footer);
+    let at = le_u64(&footer, 0);
     if at > len - FILLER_FOOTER_MIN {
         return None;
     }
@@ -77,9 +77,7 @@ fn filler_from_footer(file: &MappedFile) -> Option<u64> {
     if file.pread(&mut head, at).ok()? != BLANK_LEN {
         return None;
     }
-    let blank_len = u64::from(u32::from_le_bytes([head[0], head[1], head[2], head[3]]));
-    let magic = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    (magic == BLANK_MAGIC && blank_len == len - at).then_some(at)
+    (le_u32(&head, 4) == BLANK_MAGIC && u64::from(le_u32(&head, 0)) == len - at).then_some(at)
 }
 
 impl Segment {

@@ -270,8 +270,14 @@ pub fn encode_into(dst: &mut [u8], rec: &NewRecord, offset: u64, queue_offset: u
     }
     w.u32(rec.body.len() as u32);
     w.bytes(&rec.body);
-    let crc = crc32c::crc32c(&dst[12..]);
-    dst[8..12].copy_from_slice(&crc.to_le_bytes());
+    seal(dst);
+}
+
+/// Fills in the checksum of the encoded record `rec` (exactly one whole
+/// record), over everything after it.
+pub fn seal(rec: &mut [u8]) {
+    let crc = crc32c::crc32c(&rec[12..]);
+    rec[8..12].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Sets [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly one whole
@@ -279,8 +285,7 @@ pub fn encode_into(dst: &mut [u8], rec: &NewRecord, offset: u64, queue_offset: u
 pub fn mark_flushed_before(rec: &mut [u8]) {
     let flags = le_u32(rec, 12) | FLUSHED_BEFORE;
     rec[12..16].copy_from_slice(&flags.to_le_bytes());
-    let crc = crc32c::crc32c(&rec[12..]);
-    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+    seal(rec);
 }
 
 /// Whether a checked record carries [`FLUSHED_BEFORE`].

@@ -486,7 +486,9 @@ pub(super) fn visit_valid_records_in(
     for (start, end) in file.data_ranges(from) {
         let (mut pos, end) = (start, end.min(to));
         while pos < end && pos + 8 <= len {
-            let n = ((len - pos) as usize).min(CHUNK + 64);
+            // Past `end` only the overlap a candidate just before it needs
+            // for its offset field.
+            let n = ((len - pos).min(end - pos + 64) as usize).min(CHUNK + 64);
             if file.pread(&mut buf[..n], pos).is_err() {
                 break;
             }

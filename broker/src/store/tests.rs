@@ -272,11 +272,18 @@ fn flipped_byte_refuses_start_until_truncation_is_allowed() {
         MessageStore::open(wrong).is_err(),
         "permission is for one exact offset"
     );
-    let mut allowed = config(dir.path());
-    allowed.allow_truncate_at = Some(victim.offset);
-    let store = MessageStore::open(allowed).expect("opens with permission");
-    assert_eq!(store.max_offset(), victim.offset);
-    check_all(&store, 40);
+    open_cut_at_and_check(dir.path(), victim.offset, 40);
+}
+
+/// Opens the store in `dir` with the operator's permission to cut the log
+/// at `offset`, checks that it ends there and serves its first `upto`
+/// records, and shuts it down.
+fn open_cut_at_and_check(dir: &Path, offset: u64, upto: u64) {
+    let mut allowed = config(dir);
+    allowed.allow_truncate_at = Some(offset);
+    let store = open_bounded(allowed);
+    assert_eq!(store.max_offset(), offset);
+    check_all(&store, upto);
     store.shutdown().expect("shutdown");
 }
 
@@ -1040,13 +1047,20 @@ fn reopen_and_check_bodies(dir: &Path, body: &dyn Fn(u64) -> Vec<u8>) {
 
 /// Zeros the first bytes of the record at `offset` in the data directory.
 fn zero_record_start(dir: &Path, offset: u64) {
+    write_into_log(dir, SEG, offset, &[0u8; 16]);
+}
+
+/// Writes `bytes` at commit-log offset `offset` into the segment file
+/// holding it, in the data directory `dir` of a log of `segment_size`-byte
+/// segments.
+fn write_into_log(dir: &Path, segment_size: u64, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let path = segment_path(dir, SEG, offset);
-    let f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
-        .open(path)
-        .expect("segment");
-    f.write_all_at(&[0u8; 16], offset % SEG).expect("zero");
+        .open(segment_path(dir, segment_size, offset))
+        .expect("segment")
+        .write_all_at(bytes, offset % segment_size)
+        .expect("write into the log");
 }
 
 /// Leaves an unclean checkpoint in `dir` that claims the log and the
@@ -1090,12 +1104,7 @@ fn zeros_over_a_record_start_refuse_start_when_records_follow_or_were_flushed() 
     let (offset, why) = refused_at(dir.path());
     assert_eq!(offset, a[20].offset);
     assert!(why.contains("valid record follows"), "{why}");
-    let mut allowed = config(dir.path());
-    allowed.allow_truncate_at = Some(a[20].offset);
-    let store = MessageStore::open(allowed).expect("opens with permission");
-    assert_eq!(store.max_offset(), a[20].offset);
-    check_all(&store, 20);
-    store.shutdown().expect("shutdown");
+    open_cut_at_and_check(dir.path(), a[20].offset, 20);
     // After a clean shutdown, zeros over the last record: the checkpoint
     // says it was flushed, so it was lost, not never written.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -2237,12 +2246,7 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("cut records a later flush had made durable"),
     }
-    let mut allowed = config(dir.path());
-    allowed.allow_truncate_at = Some(batch[10].offset);
-    let store = open_bounded(allowed);
-    assert_eq!(store.max_offset(), batch[10].offset);
-    check_all(&store, 15);
-    store.shutdown().expect("shutdown");
+    open_cut_at_and_check(dir.path(), batch[10].offset, 15);
 }
 
 /// After a clean shutdown recovery takes the checkpointed end as the end
@@ -2256,17 +2260,8 @@ fn a_sync_flush_refusal_names_the_first_record_marked_flushed_before() {
 /// as after a crash, and refuse.
 #[test]
 fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
-    use std::os::unix::fs::FileExt;
     const BIG_SEG: u64 = 4 << 20;
-    let cfg = |dir: &Path| StoreConfig {
-        segment_size: BIG_SEG,
-        ..config(dir)
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(cfg(dir.path())).expect("open");
-    fill(&store, 0, 30);
-    let end = store.max_offset();
-    store.shutdown().expect("shutdown");
+    let (dir, end) = clean_log_of_30(BIG_SEG);
     // Queue 0 holds records 0, 3, ..., 27: a planted one would be its 11th.
     let plant = |at: u64| {
         let planted = record(30);
@@ -2274,16 +2269,11 @@ fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
         record::encode_into(&mut bytes, &planted, at, 10, now_ms());
         record::mark_flushed_before(&mut bytes);
         assert!(at + bytes.len() as u64 <= BIG_SEG, "in the first segment");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(segment_path(dir.path(), BIG_SEG, at))
-            .expect("segment")
-            .write_all_at(&bytes, at)
-            .expect("plant");
+        write_into_log(dir.path(), BIG_SEG, at, &bytes);
     };
     let far = (end + recovery::CLEAN_END_WINDOW).next_multiple_of(4096);
     plant(far);
-    let store = open_bounded(cfg(dir.path()));
+    let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
     let report = store.recovery_report();
     assert!(report.clean_shutdown);
     assert_eq!(report.truncated_bytes_at, None);
@@ -2292,7 +2282,7 @@ fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
     store.shutdown().expect("shutdown");
     let near = (end + 8192).next_multiple_of(4096);
     plant(near);
-    match MessageStore::open(cfg(dir.path())) {
+    match MessageStore::open(config_with_segments(dir.path(), BIG_SEG)) {
         Err(StoreError::RefuseToStart { offset, why, .. }) => {
             assert_eq!(offset, end);
             assert!(why.contains(&format!("at offset {near}")), "{why}");
@@ -2302,54 +2292,59 @@ fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
     }
 }
 
+/// The test configuration with `segment_size`-byte segments.
+fn config_with_segments(dir: &Path, segment_size: u64) -> StoreConfig {
+    StoreConfig {
+        segment_size,
+        ..config(dir)
+    }
+}
+
+/// A store of 30 records in `segment_size`-byte segments, shut down
+/// cleanly: its directory, and where its log ends.
+fn clean_log_of_30(segment_size: u64) -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config_with_segments(dir.path(), segment_size)).expect("open");
+    fill(&store, 0, 30);
+    let end = store.max_offset();
+    store.shutdown().expect("shutdown");
+    (dir, end)
+}
+
 /// What recovery reads past the end of the log: after a clean shutdown only
 /// the window, whatever the rest of the segment holds (here 2 MiB of
 /// non-zero bytes that are no records, as an older file's would be in a
 /// reused segment); after a crash, all of it.
 #[test]
 fn a_clean_restart_reads_only_the_window_past_the_end() {
-    use std::os::unix::fs::FileExt;
     const BIG_SEG: u64 = 8 << 20;
     const OLD: u64 = 2 << 20;
-    let cfg = |dir: &Path| StoreConfig {
-        segment_size: BIG_SEG,
-        ..config(dir)
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(cfg(dir.path())).expect("open");
-    fill(&store, 0, 30);
-    let end = store.max_offset();
-    store.shutdown().expect("shutdown");
+    let (dir, end) = clean_log_of_30(BIG_SEG);
     let old_at = (end + recovery::CLEAN_END_WINDOW).next_multiple_of(4096) + 4096;
     assert!(old_at + OLD <= BIG_SEG);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(segment_path(dir.path(), BIG_SEG, 0))
-        .expect("segment")
-        .write_all_at(&vec![0x5au8; OLD as usize], old_at)
-        .expect("older bytes");
-    let store = open_bounded(cfg(dir.path()));
-    let report = store.recovery_report().clone();
+    write_into_log(dir.path(), BIG_SEG, old_at, &vec![0x5au8; OLD as usize]);
+    let reopen = || {
+        let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
+        let report = store.recovery_report().clone();
+        assert_eq!((report.end, report.truncated_bytes_at), (end, None));
+        check_all(&store, 30);
+        store.shutdown().expect("shutdown");
+        report
+    };
+    let report = reopen();
     assert!(report.clean_shutdown);
-    assert_eq!((report.end, report.truncated_bytes_at), (end, None));
     assert!(
         report.searched_bytes <= 2 * recovery::CLEAN_END_WINDOW,
         "read {} bytes past a clean end",
         report.searched_bytes
     );
-    check_all(&store, 30);
-    store.shutdown().expect("shutdown");
     unclean_checkpoint_at(dir.path(), end);
-    let store = open_bounded(cfg(dir.path()));
-    let report = store.recovery_report().clone();
-    assert_eq!((report.end, report.truncated_bytes_at), (end, None));
+    let report = reopen();
     assert!(
         report.searched_bytes >= OLD,
         "read only {} bytes past the end after a crash",
         report.searched_bytes
     );
-    check_all(&store, 30);
-    store.shutdown().expect("shutdown");
 }
 
 /// Nothing writes or cuts the log once shutdown has begun, replication's
@@ -2717,8 +2712,7 @@ fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
     let rec = &mut seg[at..at + len];
     let qo = record::le_u64(rec, 20) + 5;
     rec[20..28].copy_from_slice(&qo.to_le_bytes());
-    let crc = crc32c::crc32c(&rec[12..]);
-    rec[8..12].copy_from_slice(&crc.to_le_bytes());
+    record::seal(rec);
     std::fs::write(&path, &seg).expect("write");
     std::fs::remove_dir_all(dir.path().join("consumequeue")).expect("remove queues");
     // Below the last checkpointed flush: corruption, named.
@@ -2731,12 +2725,7 @@ fn a_log_missing_records_of_a_queue_is_damage_not_an_endless_rebuild() {
         Ok(_) => panic!("opened a log that lacks records of a queue"),
     }
     // Allowed, the log is cut there and everything before it is served.
-    let mut cfg = config(dir.path());
-    cfg.allow_truncate_at = Some(target.offset);
-    let store = try_open_bounded(cfg).expect("open with the cut allowed");
-    assert_eq!(store.max_offset(), target.offset);
-    check_all(&store, 20);
-    store.shutdown().expect("shutdown");
+    open_cut_at_and_check(dir.path(), target.offset, 20);
 }
 
 #[test]
