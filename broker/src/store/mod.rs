@@ -414,9 +414,9 @@ const GATHER_SPIN_BACKOFF: u32 = 32;
 /// segments), the flusher ran 35-55 µs after the last append woke it and
 /// the wake cost the appender a further 15-20 µs, while the disk stood
 /// idle. Spinning instead took the median time from the end of one flush
-/// to the next write from 207 to 130 µs; the log at 64 writers went from
-/// 143.5 to 160.9 MB/s on average over six alternating pairs of runs
-/// (see the storage benchmark in the README).
+/// to the next write from 207 to 130 µs; the log at 64 writers in reused
+/// segments went from 149.5 to 178.8 MB/s on average over five
+/// alternating pairs of runs (see the storage benchmark in the README).
 ///
 /// A spin costs a CPU for its length, so the flusher spins only where
 /// that can pay: with more than one CPU (the appenders need one), for at
