@@ -398,68 +398,6 @@ const CHECKPOINT: &str = "checkpoint.json";
 /// released to append again (see `flush_loop`).
 const MAX_GATHER: Duration = Duration::from_millis(1);
 
-/// The longest the flusher spins, at the start of a gather, before it
-/// parks (see [`GatherSpin`]).
-const GATHER_SPIN: Duration = Duration::from_micros(250);
-
-/// Gathers that park without spinning after one whose spin ran out.
-const GATHER_SPIN_BACKOFF: u32 = 32;
-
-/// Whether the SYNC_FLUSH flusher spins before it parks while it gathers
-/// a group (see `MessageStore::gather`).
-///
-/// Why: a parked flusher is woken by the group's last append, and on a
-/// virtual machine whose idle CPUs halt that wake-up is an interrupt to
-/// another CPU: traced on this project's VM at 64 writers (reused
-/// segments), the flusher ran 35-55 µs after the last append woke it and
-/// the wake cost the appender a further 15-20 µs, while the disk stood
-/// idle. Spinning instead took the median time from the end of one flush
-/// to the next write from 207 to 130 µs; the log at 64 writers in reused
-/// segments went from 149.5 to 178.8 MB/s on average over five
-/// alternating pairs of runs (see the storage benchmark in the README).
-///
-/// A spin costs a CPU for its length, so the flusher spins only where
-/// that can pay: with more than one CPU (the appenders need one), for at
-/// most [`GATHER_SPIN`] and never longer than the gather may wait, and
-/// not for the next [`GATHER_SPIN_BACKOFF`] gathers after a spin that
-/// ran out before the callers were back (they take longer than a spin:
-/// a slower client, a busy machine), when it parks at once as before.
-#[derive(Debug)]
-struct GatherSpin {
-    /// More than one CPU is available to the process.
-    enabled: bool,
-    /// Gathers left that park without spinning.
-    skip: u32,
-}
-
-impl GatherSpin {
-    fn new(cpus: usize) -> Self {
-        GatherSpin {
-            enabled: cpus > 1,
-            skip: 0,
-        }
-    }
-
-    /// How long the next gather, which may wait `max`, spins first.
-    fn budget(&mut self, max: Duration) -> Duration {
-        if !self.enabled {
-            return Duration::ZERO;
-        }
-        if self.skip > 0 {
-            self.skip -= 1;
-            return Duration::ZERO;
-        }
-        max.min(GATHER_SPIN)
-    }
-
-    /// Records how a spin ended: with the callers back, or out of time.
-    fn spun(&mut self, back: bool) {
-        if !back {
-            self.skip = GATHER_SPIN_BACKOFF;
-        }
-    }
-}
-
 /// A damaged consume-queue entry is searched for between the nearest
 /// sound entries at most this many entries away on either side...
 const REPAIR_NEIGHBOURS: u64 = 16;
@@ -883,36 +821,14 @@ impl MessageStore {
 
     /// Waits, at most `max`, until `staged_appends` reaches `want`: lets the
     /// callers a flush just released append again before the next flush
-    /// starts (see `flush_loop`). Spins first for as long as `spin` allows,
-    /// then parks.
-    fn gather(&self, want: u64, max: Duration, spin: &mut GatherSpin) {
+    /// starts (see `flush_loop`).
+    fn gather(&self, want: u64, max: Duration) {
         let inner = &self.inner;
-        let back = || {
-            inner.staged_appends.load(Ordering::SeqCst) >= want
-                || inner.stopping.load(Ordering::Acquire)
-        };
         inner.gather_until.store(want, Ordering::SeqCst);
-        let started = Instant::now();
-        let budget = spin.budget(max);
-        if !budget.is_zero() {
-            let until = started + budget;
-            let mut turns = 0u32;
-            let in_time = loop {
-                if back() {
-                    break true;
-                }
-                std::hint::spin_loop();
-                turns = turns.wrapping_add(1);
-                // The clock is read every 32 turns (a read costs about as
-                // much as the rest of a turn).
-                if turns.is_multiple_of(32) && Instant::now() >= until {
-                    break false;
-                }
-            };
-            spin.spun(in_time);
-        }
-        let deadline = started + max;
-        while !back() {
+        let deadline = Instant::now() + max;
+        while inner.staged_appends.load(Ordering::SeqCst) < want
+            && !inner.stopping.load(Ordering::Acquire)
+        {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -2147,7 +2063,6 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
     let mut spare = Staged::default();
     // Under SYNC_FLUSH: appends the last flush released and how long it took.
     let (mut released, mut took) = (0usize, Duration::ZERO);
-    let mut spin = GatherSpin::new(std::thread::available_parallelism().map_or(1, |n| n.get()));
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let store = MessageStore { inner };
@@ -2162,7 +2077,7 @@ fn flush_loop(weak: &std::sync::Weak<Inner>) {
             // at most as long as a flush takes: a record that arrives just
             // after a flush starts waits that long anyway.
             let staged = store.inner.staged_at_release.load(Ordering::SeqCst);
-            store.gather(staged + released as u64, took.min(MAX_GATHER), &mut spin);
+            store.gather(staged + released as u64, took.min(MAX_GATHER));
         }
         let committed = if sync {
             match store.commit_staged(&mut spare) {

@@ -560,52 +560,6 @@ async fn group_commit_acknowledges_concurrent_writers() {
     store.shutdown().expect("shutdown");
 }
 
-#[test]
-fn the_flusher_spins_only_with_a_cpu_to_spare_and_backs_off_after_a_spin_in_vain() {
-    let ms = Duration::from_millis(1);
-    let mut one = GatherSpin::new(1);
-    assert_eq!(one.budget(ms), Duration::ZERO);
-    one.spun(true);
-    assert_eq!(one.budget(ms), Duration::ZERO);
-
-    let mut two = GatherSpin::new(2);
-    assert_eq!(two.budget(ms), GATHER_SPIN);
-    // Never longer than the gather may wait.
-    assert_eq!(two.budget(GATHER_SPIN / 5), GATHER_SPIN / 5);
-    two.spun(true);
-    assert_eq!(two.budget(ms), GATHER_SPIN);
-    // A spin that ran out: the next gathers park at once, then spin again.
-    two.spun(false);
-    for k in 0..GATHER_SPIN_BACKOFF {
-        assert_eq!(two.budget(ms), Duration::ZERO, "gather {k} after the miss");
-    }
-    assert_eq!(two.budget(ms), GATHER_SPIN);
-}
-
-#[test]
-fn a_gather_counts_its_spin_as_in_time_only_when_the_callers_are_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = MessageStore::open(config(dir.path())).expect("open");
-    let a = store.append(record(0)).expect("append");
-    store.wait_flushed_blocking(a.end_offset).expect("flushed");
-    let staged = store.inner.staged_appends.load(Ordering::SeqCst);
-    let mut spin = GatherSpin::new(2);
-    // The callers are back already: no back-off.
-    store.gather(staged, Duration::from_millis(1), &mut spin);
-    assert_eq!(spin.skip, 0);
-    // One more caller is awaited and none comes: the spin runs out, the
-    // gather ends at its limit and the next ones park at once.
-    store.gather(staged + 1, Duration::from_millis(1), &mut spin);
-    assert_eq!(spin.skip, GATHER_SPIN_BACKOFF);
-    // Appends wake the flusher again as soon as they come.
-    assert_eq!(store.inner.gather_until.load(Ordering::SeqCst), 0);
-    // A store shutting down ends a spin at once, as in time.
-    let mut spin = GatherSpin::new(2);
-    store.shutdown().expect("shutdown");
-    store.gather(staged + 1, Duration::from_secs(10), &mut spin);
-    assert_eq!(spin.skip, 0);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_flush_times_out_its_waiters_and_they_recover() {
     let dir = tempfile::tempdir().expect("tempdir");
