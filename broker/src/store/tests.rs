@@ -2347,6 +2347,52 @@ fn a_clean_restart_reads_only_the_window_past_the_end() {
     );
 }
 
+/// A segment filler found exactly at a clean end, with no segment after it
+/// (a roll whose next segment was lost): the clean end stands and, as
+/// wherever the log is to write past a filler, the filler and the footer
+/// that says where it starts are zeroed (the clean-end rule skips only the
+/// search past the end, not this), so nothing of that roll is left past
+/// the end; the log then goes on from there.
+#[test]
+fn a_filler_at_a_clean_end_is_zeroed_for_the_log_to_write_past() {
+    use std::os::unix::fs::FileExt;
+    const BIG_SEG: u64 = 4 << 20;
+    let (dir, end) = clean_log_of_30(BIG_SEG);
+    let _ = std::fs::remove_file(segment_path(dir.path(), BIG_SEG, BIG_SEG));
+    let blank = BIG_SEG - end;
+    let mut header = [0u8; record::BLANK_LEN];
+    header[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&record::BLANK_MAGIC.to_le_bytes());
+    write_into_log(dir.path(), BIG_SEG, end, &header);
+    write_into_log(dir.path(), BIG_SEG, BIG_SEG - 8, &end.to_le_bytes());
+
+    let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
+    let report = store.recovery_report().clone();
+    assert!(report.clean_shutdown);
+    assert_eq!((report.end, report.truncated_bytes_at), (end, None));
+    assert_eq!(store.max_offset(), end);
+    store.shutdown().expect("shutdown");
+    let file = std::fs::File::open(segment_path(dir.path(), BIG_SEG, 0)).expect("segment");
+    let mut rest = vec![0u8; blank as usize];
+    file.read_exact_at(&mut rest, end).expect("read the rest");
+    assert!(
+        rest.iter().all(|&b| b == 0),
+        "the filler at the clean end was left in place"
+    );
+
+    // The log goes on where the filler was, across a restart after a crash.
+    let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
+    let more = fill(&store, 30, 6);
+    assert_eq!(more[0].offset, end);
+    let new_end = store.max_offset();
+    drop(store);
+    unclean_checkpoint_at(dir.path(), new_end);
+    let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
+    assert_eq!(store.max_offset(), new_end);
+    check_all(&store, 36);
+    store.shutdown().expect("shutdown");
+}
+
 /// Nothing writes or cuts the log once shutdown has begun, replication's
 /// paths included (a slave's write may wait for the commit lock behind
 /// `shutdown`): recovery takes a clean checkpoint's end as the end of the
