@@ -200,6 +200,10 @@ struct Run {
     lat: Latencies,
     /// SYNC_FLUSH: appends that shared each fdatasync, on average.
     per_flush: Option<f64>,
+    /// SYNC_FLUSH: the share of the run the log spent in fdatasync, and
+    /// the mean fdatasync; the rest of the time the disk waited for the
+    /// writers.
+    flushing: Option<(f64, Duration)>,
 }
 
 fn store_config(dir: &Path, mode: FlushMode) -> StoreConfig {
@@ -252,6 +256,7 @@ fn async_one_writer(
         elapsed,
         lat,
         per_flush: None,
+        flushing: None,
     })
 }
 
@@ -477,9 +482,10 @@ fn measure_sync(
     })?;
     let elapsed = start.elapsed();
     let flushed = store.flush_counts();
-    let (appends, flushes) = (
+    let (appends, flushes, flush_time) = (
         flushed.group_appends - flushed_before.group_appends,
         flushed.flushes - flushed_before.flushes,
+        flushed.flush_time.saturating_sub(flushed_before.flush_time),
     );
     Ok(Run {
         name: String::new(),
@@ -487,6 +493,10 @@ fn measure_sync(
         elapsed,
         lat: Latencies(lats),
         per_flush: Some(appends as f64 / flushes.max(1) as f64),
+        flushing: Some((
+            flush_time.as_secs_f64() / elapsed.as_secs_f64(),
+            flush_time / u32::try_from(flushes.max(1)).unwrap_or(u32::MAX),
+        )),
     })
 }
 
@@ -609,7 +619,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!();
     println!(
-        "{:<44} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:<44} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10}",
         "configuration",
         "records/s",
         "MB/s",
@@ -619,7 +629,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "p999",
         "max",
         "p99/raw",
-        "per flush"
+        "per flush",
+        "flushing",
+        "mean flush"
     );
     for mut r in runs {
         let rate = r.records as f64 / r.elapsed.as_secs_f64();
@@ -627,7 +639,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (p50, p99, p999) = (r.lat.pct(0.5), r.lat.pct(0.99), r.lat.pct(0.999));
         let max = r.lat.pct(1.0);
         println!(
-            "{:<44} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2} {:>9}",
+            "{:<44} {:>12.0} {:>9.1} {:>8.2} {:>10.1?} {:>10.1?} {:>10.1?} {:>10.1?} {:>9.2} {:>9} {:>9} {:>10}",
             r.name,
             rate,
             mb,
@@ -638,7 +650,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max,
             p99.as_secs_f64() / raw.sync_p99.as_secs_f64(),
             r.per_flush
-                .map_or_else(|| "-".to_owned(), |g| format!("{g:.1}"))
+                .map_or_else(|| "-".to_owned(), |g| format!("{g:.1}")),
+            r.flushing.map_or_else(
+                || "-".to_owned(),
+                |(share, _)| format!("{:.0} %", share * 100.0)
+            ),
+            r.flushing
+                .map_or_else(|| "-".to_owned(), |(_, mean)| format!("{mean:.1?}"))
         );
     }
     Ok(())

@@ -361,6 +361,15 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         "fdatasync calls on the commit log",
         flush.flushes,
     );
+    {
+        let c: Counter<f64, std::sync::atomic::AtomicU64> = Counter::default();
+        c.inc_by(flush.flush_time.as_secs_f64());
+        r.register(
+            "commitlog_flush_seconds",
+            "Time spent in fdatasync calls on the commit log: its rate is the share of the time the log is being flushed; divided by the rate of commitlog_flushes_total, the mean flush time",
+            c,
+        );
+    }
     counter(
         &mut r,
         "commitlog_group_commit_appends",

@@ -19,6 +19,7 @@ fn topics_status_health_and_clean_restart() {
     for name in [
         "keelmq_commitlog_max_offset",
         "keelmq_commitlog_flushes_total",
+        "keelmq_commitlog_flush_seconds_total",
         "keelmq_commitlog_group_commit_appends_total",
         "keelmq_commitlog_zeroed_ahead_bytes_total",
         "keelmq_commitlog_reused_segments_total",

@@ -359,6 +359,8 @@ struct Inner {
     staged_at_release: AtomicU64,
     /// fdatasync calls on the commit log.
     flushes: AtomicU64,
+    /// Nanoseconds spent in them.
+    flush_nanos: AtomicU64,
     /// Staged (SYNC_FLUSH) appends written to the log.
     group_appends: AtomicU64,
     /// While the flusher gathers a group it is woken only when
@@ -381,6 +383,10 @@ struct Inner {
 pub struct FlushCounts {
     /// fdatasync calls on the commit log since the store opened.
     pub flushes: u64,
+    /// Time spent in them: over an interval, its growth divided by the
+    /// interval is the share of the time the log was being flushed, and
+    /// divided by the growth of `flushes` the mean flush time.
+    pub flush_time: Duration,
     /// Appends (one record or one batch each) written to the log by
     /// SYNC_FLUSH group commits since the store opened.
     pub group_appends: u64,
@@ -495,6 +501,7 @@ impl MessageStore {
             staged_appends: AtomicU64::new(0),
             staged_at_release: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            flush_nanos: AtomicU64::new(0),
             group_appends: AtomicU64::new(0),
             gather_until: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -904,6 +911,7 @@ impl MessageStore {
     pub fn flush_counts(&self) -> FlushCounts {
         FlushCounts {
             flushes: self.inner.flushes.load(Ordering::Relaxed),
+            flush_time: Duration::from_nanos(self.inner.flush_nanos.load(Ordering::Relaxed)),
             group_appends: self.inner.group_appends.load(Ordering::Relaxed),
             zeroed_ahead_bytes: self.inner.clog.zeroed_ahead_bytes(),
             reused_segments: self.inner.clog.segments_made_of_spares(),
@@ -1867,7 +1875,13 @@ impl MessageStore {
         let target = target.min(self.max_offset());
         let from = self.flushed_offset();
         if target > from {
-            if let Err(e) = inner.clog.flush(from, target) {
+            let started = Instant::now();
+            let flushed = inner.clog.flush(from, target);
+            inner.flush_nanos.fetch_add(
+                u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            if let Err(e) = flushed {
                 let msg = format!("fdatasync: {e}");
                 self.latch_failure(msg.clone());
                 return Err(StoreError::FlushFailed(msg));

@@ -560,6 +560,27 @@ async fn group_commit_acknowledges_concurrent_writers() {
     store.shutdown().expect("shutdown");
 }
 
+/// The time spent flushing is counted, and only that: it grows with each
+/// flush and never exceeds the time that passed.
+#[test]
+fn the_store_counts_the_time_it_spends_flushing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let before = store.flush_counts();
+    let started = Instant::now();
+    fill(&store, 0, 20);
+    let during = started.elapsed();
+    let after = store.flush_counts();
+    assert!(after.flushes - before.flushes >= 1, "{before:?} {after:?}");
+    let spent = after.flush_time - before.flush_time;
+    assert!(spent > Duration::ZERO, "{before:?} {after:?}");
+    assert!(spent <= during, "{spent:?} spent flushing in {during:?}");
+    // Nothing to flush: the count stands.
+    store.flush().expect("flush");
+    assert_eq!(store.flush_counts().flush_time, after.flush_time);
+    store.shutdown().expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_flush_times_out_its_waiters_and_they_recover() {
     let dir = tempfile::tempdir().expect("tempdir");
