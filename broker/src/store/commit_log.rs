@@ -28,7 +28,7 @@ use super::consume_queue::{base_name, parse_base_name};
 use super::mapped::{
     MappedFile, PAGE, SPARE_SUFFIX, holds_only_zeros, remove_temp_files, sync_dir,
 };
-use super::record::{BLANK_LEN, BLANK_MAGIC, le_u32, le_u64};
+use super::record::{BLANK_LEN, BLANK_MAGIC, blank_header, le_u32, le_u64};
 use super::staging::Staged;
 
 /// One segment file of the commit log.
@@ -539,8 +539,7 @@ impl CommitLog {
         seg.sealed.store(true, Ordering::Release);
         // SAFETY: the append lock is held; the range is past the published end.
         let dst = unsafe { seg.file.slice_mut(rel, BLANK_LEN) };
-        dst[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
-        dst[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+        dst.copy_from_slice(&blank_header(blank as u32));
         // Where the filler starts, in the filler's own last 8 bytes (when
         // they are not its header), so that after a restart retention can
         // find it with one read (see `filler_from_footer`).

@@ -280,6 +280,15 @@ pub fn seal(rec: &mut [u8]) {
     rec[8..12].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The header of a filler `len` bytes long (header included), which closes
+/// a segment from where it starts to the segment's end.
+pub fn blank_header(len: u32) -> [u8; BLANK_LEN] {
+    let mut h = [0u8; BLANK_LEN];
+    h[0..4].copy_from_slice(&len.to_le_bytes());
+    h[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+    h
+}
+
 /// Sets [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly one whole
 /// record) and recomputes its checksum.
 pub fn mark_flushed_before(rec: &mut [u8]) {
@@ -549,8 +558,7 @@ mod tests {
     fn probe_tells_blank_empty_and_wrong_offset() {
         let mut seg = vec![0u8; 64];
         assert_eq!(probe(&seg, 0), Probe::Empty);
-        seg[0..4].copy_from_slice(&64u32.to_le_bytes());
-        seg[4..8].copy_from_slice(&BLANK_MAGIC.to_le_bytes());
+        seg[..BLANK_LEN].copy_from_slice(&blank_header(64));
         assert_eq!(probe(&seg, 0), Probe::Blank);
         let rec = sample();
         let mut buf = vec![0u8; rec.encoded_len()];

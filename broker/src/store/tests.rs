@@ -2381,10 +2381,12 @@ fn a_filler_at_a_clean_end_is_zeroed_for_the_log_to_write_past() {
     let (dir, end) = clean_log_of_30(BIG_SEG);
     let _ = std::fs::remove_file(segment_path(dir.path(), BIG_SEG, BIG_SEG));
     let blank = BIG_SEG - end;
-    let mut header = [0u8; record::BLANK_LEN];
-    header[0..4].copy_from_slice(&(blank as u32).to_le_bytes());
-    header[4..8].copy_from_slice(&record::BLANK_MAGIC.to_le_bytes());
-    write_into_log(dir.path(), BIG_SEG, end, &header);
+    write_into_log(
+        dir.path(),
+        BIG_SEG,
+        end,
+        &record::blank_header(blank as u32),
+    );
     write_into_log(dir.path(), BIG_SEG, BIG_SEG - 8, &end.to_le_bytes());
 
     let store = open_bounded(config_with_segments(dir.path(), BIG_SEG));
