@@ -465,6 +465,9 @@ thread_local! {
 /// looks for records of the log (see [`recover`]).
 pub(super) const CLEAN_END_WINDOW: u64 = 1 << 20;
 
+/// How much [`visit_valid_records_in`] reads at a time.
+const SEARCH_CHUNK: usize = 1 << 20;
+
 /// [`visit_valid_records_after`] for one segment file starting at
 /// commit-log offset `base`, for records starting at positions in
 /// `[from, to)` of the file. A record
@@ -478,11 +481,13 @@ pub(super) fn visit_valid_records_in(
     to: u64,
     mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
-    const CHUNK: usize = 1 << 20;
+    const CHUNK: usize = SEARCH_CHUNK;
     const OFFSET_FIELD: usize = 28;
     let len = file.len();
     let max_rec = len as usize;
     let mut buf = vec![0u8; CHUNK + 64];
+    let magic_bytes = RECORD_MAGIC.to_le_bytes();
+    let magic = memchr::memmem::Finder::new(&magic_bytes);
     for (start, end) in file.data_ranges(from) {
         let (mut pos, end) = (start, end.min(to));
         while pos < end && pos + 8 <= len {
@@ -498,10 +503,11 @@ pub(super) fn visit_valid_records_in(
                 pos += CHUNK as u64;
                 continue;
             }
-            for i in 0..n.saturating_sub(8).min(CHUNK) {
-                if record::le_u32(chunk, i + 4) != RECORD_MAGIC {
-                    continue;
-                }
+            // Candidates start at every `i` below `limit` where the magic
+            // follows the length field (it cannot overlap itself, so
+            // `find_iter` misses none).
+            let limit = n.saturating_sub(8).min(CHUNK);
+            for i in magic.find_iter(chunk.get(4..limit + 7).unwrap_or_default()) {
                 let cand = pos + i as u64;
                 if cand >= end {
                     break;
@@ -527,4 +533,84 @@ pub(super) fn visit_valid_records_in(
         }
     }
     ControlFlow::Continue(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewRecord;
+
+    /// A record of the log at `at` in a segment based at `base` (it
+    /// carries `base + at` as its offset).
+    fn encoded(seq: u64, base: u64, at: u64) -> Vec<u8> {
+        let rec = NewRecord::new("orders", 0, format!("record {seq}").into_bytes());
+        let mut buf = vec![0u8; rec.encoded_len()];
+        record::encode_into(&mut buf, &rec, base + at, seq, 1);
+        buf
+    }
+
+    fn visited(file: &MappedFile, base: u64, from: u64, to: u64) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let _ = visit_valid_records_in(file, base, from, to, |offset, _| {
+            seen.push(offset - base);
+            ControlFlow::Continue(())
+        });
+        seen
+    }
+
+    /// The search finds every record of the log wherever it starts: at the
+    /// edges of the chunks it reads (its magic in the next chunk, or split
+    /// between the two) and at the end of the file, among what a reused
+    /// file holds from an earlier life (old records, which carry other
+    /// offsets, and arbitrary bytes), and nothing else.
+    #[test]
+    fn the_search_finds_records_across_its_read_chunks_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 3 * SEARCH_CHUNK as u64;
+        let base = 7 * len;
+        let file = MappedFile::create(&dir.path().join("segment"), len).expect("create");
+        // An earlier life: every byte written, none of it zero.
+        file.write_at(0, &vec![0xA5; len as usize])
+            .expect("old bytes");
+        let chunk = SEARCH_CHUNK as u64;
+        let last = len - encoded(5, base, 0).len() as u64;
+        let ours = [100, chunk - 6, chunk + 200, 2 * chunk - 1, last];
+        for (seq, &at) in ours.iter().enumerate() {
+            file.write_at(at, &encoded(seq as u64, base, at))
+                .expect("record");
+        }
+        // Records of the file's earlier life, where it was based elsewhere.
+        for at in [5_000, chunk + 5_000, 2 * chunk - 3_000] {
+            file.write_at(at, &encoded(9, 2 * len, at))
+                .expect("old record");
+        }
+        // The magic after lengths no record can have.
+        let mut junk = Vec::new();
+        for bad_len in [3u32, u32::MAX] {
+            junk.extend_from_slice(&bad_len.to_le_bytes());
+            junk.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+        }
+        file.write_at(9_000, &junk).expect("junk");
+        // A record of the log with a flipped byte in its body.
+        let mut damaged = encoded(8, base, 20_000);
+        let at = damaged.len() - 3;
+        damaged[at] ^= 0x40;
+        file.write_at(20_000, &damaged).expect("damaged record");
+
+        assert_eq!(
+            visited(&file, base, 0, u64::MAX),
+            ours,
+            "every record, in order"
+        );
+        assert_eq!(
+            visited(&file, base, 101, chunk + 200),
+            [chunk - 6],
+            "only those starting in [from, to)"
+        );
+        assert_eq!(
+            visited(&file, base, chunk + 200, u64::MAX),
+            [chunk + 200, 2 * chunk - 1, last],
+            "from a record's own position"
+        );
+    }
 }
