@@ -1482,6 +1482,12 @@ impl MessageStore {
                     offset: tail.pos,
                     reason,
                 })?;
+            // The name becomes a directory: a record that passed its
+            // checksum can still name `..` or an absolute path.
+            record::validate_topic(topic).map_err(|e| StoreError::Corrupt {
+                offset: tail.pos,
+                reason: format!("replicated record names no valid topic: {e}"),
+            })?;
             let cq = self.queue_for_write(topic, qid)?;
             // A log that starts past offset 0 (its master's oldest
             // segment, after a resync) meets queues whose first entries
@@ -1527,7 +1533,7 @@ impl MessageStore {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
-        self.check_open()?;
+        self.check_writable()?;
         self.drain_staged_locked(&mut tail)?;
         if offset < self.min_offset() || offset > tail.pos {
             return Err(StoreError::OutOfRange {
@@ -1569,13 +1575,17 @@ impl MessageStore {
         self.note_cut(offset);
         inner.flushed.fetch_min(offset, Ordering::AcqRel);
         self.write_checkpoint(false)?;
-        *tail = inner.clog.truncate(offset, true)?;
-        for qs in inner.cqs.read().values() {
-            for q in qs.iter().flatten() {
-                q.truncate_to_log_end(offset)
-                    .map_err(StoreError::io("truncating a consume queue"))?;
+        let cut = inner.clog.truncate(offset, true).and_then(|t| {
+            *tail = t;
+            for qs in inner.cqs.read().values() {
+                for q in qs.iter().flatten() {
+                    q.truncate_to_log_end(offset)
+                        .map_err(StoreError::io("truncating a consume queue"))?;
+                }
             }
-        }
+            Ok(())
+        });
+        cut.map_err(|e| self.latch_cut_failure(e))?;
         inner.dispatched.store(offset, Ordering::Release);
         inner.flush_watch.send_replace(self.flushed_offset());
         drop(_f);
@@ -1592,15 +1602,18 @@ impl MessageStore {
     /// it can only catch up from where the master's log now starts. Topics
     /// and consumer offsets are kept.
     ///
-    /// Crash-safe in every step: the consume queues go first (the next
+    /// Crash-safe in every step: first a checkpoint that claims nothing
+    /// flushed, so that recovery takes whatever segments are left (none: an
+    /// empty log) for the whole log; then the consume queues go (the next
     /// open rebuilds them), then the segments oldest first (see
-    /// [`CommitLog::restart_at`]), then the checkpoint is written for the
-    /// new log.
+    /// [`CommitLog::restart_at`]); then the checkpoint is written for the
+    /// new log. A step that fails leaves the store failed (see
+    /// `latch_cut_failure`).
     pub fn restart_at(&self, base: u64) -> Result<(), StoreError> {
         let inner = &self.inner;
         let _c = inner.commit_lock.lock();
         let mut tail = inner.tail.lock();
-        self.check_open()?;
+        self.check_writable()?;
         self.drain_staged_locked(&mut tail)?;
         if base < tail.pos {
             return Err(StoreError::InvalidArgument(format!(
@@ -1611,8 +1624,13 @@ impl MessageStore {
         let _f = inner.flush_lock.lock();
         let old_min = self.min_offset();
         let old_end = tail.pos;
+        // A checkpoint that still claimed the old log flushed would make
+        // recovery, after a crash once its segments are gone, take their
+        // absence for lost writes and refuse to start.
         self.note_cut(0);
-        {
+        inner.flushed.store(0, Ordering::Release);
+        self.write_checkpoint(false)?;
+        let restarted = (|| {
             let mut cqs = inner.cqs.write();
             cqs.clear();
             if inner.cq_dir.exists() {
@@ -1623,8 +1641,10 @@ impl MessageStore {
                 .map_err(StoreError::io("creating the consume queue directory"))?;
             sync_dir(&inner.config.data_dir)
                 .map_err(StoreError::io("syncing the data directory"))?;
-        }
-        *tail = inner.clog.restart_at(base)?;
+            drop(cqs);
+            inner.clog.restart_at(base)
+        })();
+        *tail = restarted.map_err(|e| self.latch_cut_failure(e))?;
         inner.dispatched.store(base, Ordering::Release);
         inner.flushed.store(base, Ordering::Release);
         // No queue holds an entry: nothing to flush below the new start.
@@ -1912,6 +1932,16 @@ impl MessageStore {
         inner.flush_cv.notify_all();
     }
 
+    /// A cut of the log (`truncate_to`, `restart_at`) that failed half-way
+    /// leaves the files and what the store holds in memory apart (segments
+    /// dropped from its list but still on disk, or the other way round):
+    /// latches the store failed, so that nothing more is appended to it or
+    /// acknowledged; the next start recovers from the files. Returns `e`.
+    fn latch_cut_failure(&self, e: StoreError) -> StoreError {
+        self.latch_failure(format!("cutting the commit log: {e}"));
+        e
+    }
+
     /// The maintenance thread's checkpoint: flushes the consume queues and
     /// the offsets, then writes the checkpoint. `between` runs right after
     /// the queues are flushed (tests append there).
@@ -1953,6 +1983,10 @@ impl MessageStore {
     /// Writes the checkpoint if it changed.
     fn write_checkpoint(&self, clean: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
+        // The offsets are read under the lock that orders the writes: read
+        // before it, a checkpoint could go down after a cut's and claim
+        // flushed what the cut then removes.
+        let mut last = inner.last_checkpoint.lock();
         let flushed = self.flushed_offset();
         let cp = Checkpoint {
             flushed_offset: flushed,
@@ -1960,7 +1994,6 @@ impl MessageStore {
             clean,
             written_ms: now_ms(),
         };
-        let mut last = inner.last_checkpoint.lock();
         if last.flushed_offset == cp.flushed_offset
             && last.cq_offset == cp.cq_offset
             && last.clean == cp.clean

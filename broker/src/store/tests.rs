@@ -2820,3 +2820,90 @@ fn files_rolled_before_a_restart_are_kept_and_reused_too() {
     assert_eq!(store.recovery_report().truncated_bytes_at, None);
     store.shutdown().expect("shutdown");
 }
+
+/// A cut that fails half-way (here: a segment it must remove cannot be)
+/// leaves the store failed: nothing more is appended, so nothing can be
+/// acknowledged as flushed in a segment the log no longer lists. The next
+/// start recovers from the files.
+#[test]
+fn a_cut_that_fails_half_way_leaves_the_store_refusing_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let mut n = 0;
+    let acked = fill_to(&store, &mut n, 2 * SEG + SEG / 2);
+    // The last segment's name becomes a directory that is not empty, so
+    // removing it fails (the file itself stays mapped under another name).
+    let last = segment_path(dir.path(), SEG, store.max_offset());
+    std::fs::rename(&last, dir.path().join("moved-segment")).expect("move segment");
+    std::fs::create_dir_all(last.join("inside")).expect("directory in its place");
+    let (cut_at, end) = (acked[3].offset, store.max_offset());
+    assert!(store.truncate_to(cut_at).is_err(), "the cut fails");
+    assert!(
+        store.append(record(n)).is_err(),
+        "an append after a failed cut is refused"
+    );
+    assert!(store.truncate_to(cut_at).is_err(), "and so is another cut");
+    crash(store);
+    std::fs::remove_dir_all(&last).expect("remove the directory");
+    std::fs::rename(dir.path().join("moved-segment"), &last).expect("segment back");
+    // It failed on the first file it had to remove: the log is whole.
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(store.max_offset(), end);
+    check_all(&store, n);
+    store.shutdown().expect("shutdown");
+}
+
+/// A slave's restart of its log at a later base that fails once the old
+/// segments are gone (here: the new segment's file cannot be created)
+/// leaves the store failed, and the next start opens an empty log instead
+/// of taking the missing segments for lost writes and refusing to start.
+#[test]
+fn a_restart_of_the_log_that_fails_half_way_opens_empty_afterwards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let mut n = 0;
+    fill_to(&store, &mut n, 2 * SEG + SEG / 2);
+    store.checkpoint_with(|| {}).expect("checkpoint");
+    let base = 5 * SEG;
+    let blocker = segment_path(dir.path(), SEG, base);
+    std::fs::create_dir_all(&blocker).expect("directory where the new segment goes");
+    assert!(store.restart_at(base).is_err(), "the restart fails");
+    assert!(
+        store.append(record(n)).is_err(),
+        "an append after a failed restart is refused"
+    );
+    crash(store);
+    std::fs::remove_dir_all(&blocker).expect("remove the directory");
+    let store = open_bounded(config(dir.path()));
+    assert_eq!(
+        store.min_offset(),
+        store.max_offset(),
+        "an empty log after the failed restart"
+    );
+    let a = store.append(record(n)).expect("append");
+    store.wait_flushed_blocking(a.end_offset).expect("flushed");
+    store.shutdown().expect("shutdown");
+}
+
+/// A replicated record's topic becomes a directory under the consume
+/// queues: one whose checksum holds but whose topic is no valid name
+/// (`..` in it) is refused, and nothing is created outside the store.
+#[test]
+fn a_replicated_record_naming_no_valid_topic_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let slave = MessageStore::open(config(&data)).expect("open");
+    let rec = NewRecord::new("../../escaped", 0, &b"body"[..]);
+    let mut bytes = vec![0u8; rec.encoded_len()];
+    record::encode_into(&mut bytes, &rec, 0, 0, 1);
+    assert!(matches!(
+        slave.append_raw(0, &bytes),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(slave.max_offset(), 0, "nothing appended");
+    assert!(
+        !dir.path().join("escaped").exists(),
+        "no directory outside the store"
+    );
+    slave.shutdown().expect("shutdown");
+}
