@@ -464,6 +464,26 @@ pub struct BrokerGroupStatus {
     /// restarted operator resumes it.
     #[serde(default)]
     pub rollout: Option<RolloutStatus>,
+    /// The replication settings the master last said it runs with. A broker
+    /// reads them only when it starts, so after a change of
+    /// `spec.replication` the master acknowledges sends by its old settings
+    /// until the roll restarts it; a failover meanwhile is decided by the
+    /// more cautious of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_replication: Option<MasterReplication>,
+}
+
+/// Replication settings a master reported.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MasterReplication {
+    /// The master pod that reported them (the record is void once another
+    /// pod is master).
+    pub master: String,
+    /// Its replication mode.
+    pub mode: ReplicationMode,
+    /// Its minimum of in-sync slaves (see `spec.replication`).
+    pub min_in_sync_replicas: i32,
 }
 
 /// The recorded master seen unready, and since when.

@@ -492,6 +492,13 @@ async fn reconcile_group(cached: Arc<BrokerGroup>, ctx: Arc<Context>) -> Result<
         .master_unready
         .clone()
         .filter(|u| status.master.as_deref() == Some(u.master.as_str()));
+    status.master_replication = failover::master_replication(
+        &observed,
+        status.master.as_deref(),
+        bg.status
+            .as_ref()
+            .and_then(|s| s.master_replication.as_ref()),
+    );
     let key = format!("{}/{}", names.namespace, names.group);
     let replicas = bg.spec.replicas;
     // What the master says of its slaves (only once the failover decision

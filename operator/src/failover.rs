@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use keelmq_crds::{BrokerGroup, BrokerGroupStatus, FailoverRecord, MasterUnready, ReplicaStatus};
+use keelmq_crds::{
+    BrokerGroup, BrokerGroupStatus, FailoverRecord, MasterReplication, MasterUnready,
+    ReplicaStatus, ReplicationMode,
+};
 use keelmq_failover::{
     BrokerObservation, BrokerStatus, Decision, Hold, Observation, Policy, PossibleLoss, Role,
     check_fenced, check_measured,
@@ -44,15 +47,26 @@ pub struct Observed {
     pub master_unready: Option<MasterUnready>,
 }
 
-/// The group's failover policy, from its spec.
+/// The group's failover policy: from its spec, and from the settings its
+/// master last reported (see [`replication_in_effect`]).
 pub fn policy(bg: &BrokerGroup) -> Policy {
     let spec = &bg.spec;
+    let running = bg.status.as_ref().and_then(|s| {
+        s.master_replication
+            .as_ref()
+            .filter(|r| s.master.as_deref() == Some(r.master.as_str()))
+    });
+    let (mode, min_in_sync) = replication_in_effect(
+        spec.replication.mode,
+        spec.replication.min_in_sync_replicas,
+        running,
+    );
     Policy {
-        mode: match spec.replication.mode {
+        mode: match mode {
             keelmq_crds::ReplicationMode::Sync => keelmq_failover::ReplicationMode::Sync,
             keelmq_crds::ReplicationMode::Async => keelmq_failover::ReplicationMode::Async,
         },
-        min_in_sync_replicas: u32::try_from(spec.replication.min_in_sync_replicas).unwrap_or(0),
+        min_in_sync_replicas: u32::try_from(min_in_sync).unwrap_or(0),
         replicas: u32::try_from(spec.replicas).unwrap_or(1),
         enabled: spec.failover.enabled,
         detection_delay: Duration::from_secs(
@@ -60,6 +74,54 @@ pub fn policy(bg: &BrokerGroup) -> Policy {
         ),
         allow_data_loss: spec.failover.allow_data_loss,
     }
+}
+
+/// The replication settings a failover is decided by. A broker reads its
+/// settings when it starts, so after a change of the spec the master
+/// acknowledges sends by the old ones until the roll restarts it; while the
+/// settings it reported (`running`) differ from the spec's, the more
+/// cautious of each is taken: `Async` if either is (sends a master running
+/// `Async` acknowledged may be on no slave, so no promotion can be called
+/// lossless), else the lower minimum of in-sync slaves (fewer slaves held
+/// each send, so more of them must be compared before one is promoted).
+pub fn replication_in_effect(
+    mode: ReplicationMode,
+    min_in_sync: i32,
+    running: Option<&MasterReplication>,
+) -> (ReplicationMode, i32) {
+    let Some(r) = running else {
+        return (mode, min_in_sync);
+    };
+    if mode == ReplicationMode::Async || r.mode == ReplicationMode::Async {
+        return (ReplicationMode::Async, min_in_sync);
+    }
+    (
+        ReplicationMode::Sync,
+        min_in_sync.min(r.min_in_sync_replicas),
+    )
+}
+
+/// The replication settings the recorded `master` runs with: as it reports
+/// them now, or as recorded `before` while it does not answer.
+pub fn master_replication(
+    observed: &Observed,
+    master: Option<&str>,
+    before: Option<&MasterReplication>,
+) -> Option<MasterReplication> {
+    let master = master?;
+    let reported = observed.statuses.get(master).and_then(|s| {
+        let mode = match s.replication_mode.to_ascii_uppercase().as_str() {
+            "SYNC" => ReplicationMode::Sync,
+            "ASYNC" => ReplicationMode::Async,
+            _ => return None,
+        };
+        Some(MasterReplication {
+            master: master.to_owned(),
+            mode,
+            min_in_sync_replicas: i32::try_from(s.min_in_sync_replicas).unwrap_or(i32::MAX),
+        })
+    });
+    reported.or_else(|| before.filter(|r| r.master == master).cloned())
 }
 
 fn pod_condition(pod: &Pod, type_: &str) -> Option<String> {

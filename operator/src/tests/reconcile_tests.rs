@@ -1239,3 +1239,115 @@ async fn a_follower_found_ahead_after_fencing_is_not_outranked() {
     let last = st.last_failover.expect("recorded");
     assert_eq!((last.to.as_str(), last.epoch), ("pay-2", 3));
 }
+
+/// A broker reads its replication settings when it starts, so after a
+/// change of `spec.replication` the master acknowledges sends by its old
+/// settings until the roll restarts it. The operator records what the
+/// master reports, and keeps the record while the master does not answer;
+/// a failover meanwhile is decided by the more cautious settings. Here the
+/// master ran with one in-sync slave while the spec now asks two: a send
+/// may be on one slave only, so both slaves must be compared, and the one
+/// that answers is not promoted alone.
+#[tokio::test]
+async fn a_failover_is_decided_by_the_settings_the_master_ran_with() {
+    use keelmq_crds::{MasterReplication, ReplicationMode};
+    let recorded = |api: &FakeApi, group: &str| {
+        stored_group(api, group)
+            .status
+            .and_then(|s| s.master_replication)
+    };
+    let (ctx, api, brokers) = bootstrapped(json!({})).await;
+    brokers.with("admin-orders-1", |b| {
+        b.status.replication_mode = "SYNC".into();
+        b.status.min_in_sync_replicas = 1;
+    });
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    let ran = Some(MasterReplication {
+        master: "orders-1".into(),
+        mode: ReplicationMode::Sync,
+        min_in_sync_replicas: 1,
+    });
+    assert_eq!(recorded(&api, "orders"), ran, "recorded as reported");
+    brokers.with("admin-orders-1", |b| b.up = false);
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_eq!(
+        recorded(&api, "orders"),
+        ran,
+        "kept while it does not answer"
+    );
+    assert_valid_against_crd(&api, "orders");
+
+    let (ctx, api, brokers) = harness("pay", 3);
+    let spec = json!({"replicas": 3, "replication": {"minInSyncReplicas": 2}});
+    let mut bg = serde_json::to_value(group("pay", spec)).expect("json");
+    bg["status"] = json!({
+        "master": "pay-0",
+        "epoch": 1,
+        "masterReplication": {"master": "pay-0", "mode": "Sync", "minInSyncReplicas": 1},
+    });
+    api.insert(bg);
+    api.insert(pod("pay", 1, true));
+    api.insert(pod("pay", 2, false));
+    brokers.add("admin-pay-1", "pay-1", 10);
+    brokers.with("admin-pay-1", |b| b.status.epoch = 1);
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    let bg = stored_group(&api, "pay");
+    assert_eq!(
+        bg.status.as_ref().and_then(|s| s.master.as_deref()),
+        Some("pay-0")
+    );
+    let (status, reason, message) = condition(&bg, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "FailoverBlocked")
+    );
+    assert!(
+        message.contains("1 of 2 slaves are reachable and ready with data, 2 are needed"),
+        "{message}"
+    );
+    assert!(!timeline(&brokers).iter().any(|e| e.starts_with("promote")));
+
+    // By the spec's settings alone one slave would do.
+    let mut bg = api
+        .get("keelmq.io", "brokergroups", NS, "pay")
+        .expect("stored");
+    bg["status"]["masterReplication"] = Value::Null;
+    api.insert(bg);
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    assert_eq!(
+        stored_group(&api, "pay")
+            .status
+            .and_then(|s| s.master)
+            .as_deref(),
+        Some("pay-1")
+    );
+}
+
+#[test]
+fn the_more_cautious_replication_settings_are_in_effect() {
+    use crate::failover::replication_in_effect;
+    use keelmq_crds::MasterReplication;
+    use keelmq_crds::ReplicationMode::{Async, Sync};
+    let ran = |mode, min| MasterReplication {
+        master: "m".into(),
+        mode,
+        min_in_sync_replicas: min,
+    };
+    assert_eq!(replication_in_effect(Sync, 2, None), (Sync, 2));
+    assert_eq!(
+        replication_in_effect(Sync, 2, Some(&ran(Sync, 1))),
+        (Sync, 1)
+    );
+    assert_eq!(
+        replication_in_effect(Sync, 1, Some(&ran(Sync, 2))),
+        (Sync, 1)
+    );
+    assert_eq!(
+        replication_in_effect(Sync, 1, Some(&ran(Async, 1))).0,
+        Async
+    );
+    assert_eq!(
+        replication_in_effect(Async, 1, Some(&ran(Sync, 1))).0,
+        Async
+    );
+}
