@@ -22,6 +22,23 @@ const MAX_GROUP_LEN: usize = 64;
 const MAX_USER_PROPERTIES: usize = 128;
 const MAX_USER_PROPERTIES_BYTES: usize = 16 << 10;
 
+/// Most bytes of the names and values of all properties a message is stored
+/// with, the broker's own (tag, keys, message id, born host, message group,
+/// delivery time) and the user's together: RocketMQ's 32 KiB. Every consumer
+/// of the topic is sent them with each delivery.
+const MAX_PROPERTIES_BYTES: usize = 32 << 10;
+
+/// Seconds of the earliest and latest times a `google.protobuf.Timestamp`
+/// may hold (0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z). The official
+/// clients fail to read a message with a time outside, so none is stored.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// Starts and separates the stored keys of a message when one of them holds
+/// a space (keys without spaces are stored space-separated). A key may not
+/// hold a control character, so it cannot hold this one.
+const KEY_SEPARATOR: char = '\u{1f}';
+
 pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
@@ -29,12 +46,42 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-/// Milliseconds since the epoch of a timestamp from the wire; `None` when
-/// that does not fit an `i64`.
+/// Milliseconds since the epoch of a timestamp from the wire; `None` when it
+/// is not a valid `google.protobuf.Timestamp` (seconds from year 1 to year
+/// 9999, nanos 0 to 999,999,999).
 fn ms(t: &prost_types::Timestamp) -> Option<i64> {
-    t.seconds
-        .checked_mul(1000)?
-        .checked_add(i64::from(t.nanos) / 1_000_000)
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&t.seconds)
+        || !(0..1_000_000_000).contains(&t.nanos)
+    {
+        return None;
+    }
+    // Within those bounds the milliseconds fit an i64 many times over.
+    Some(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+/// Message keys as stored in [`keys::KEYS`].
+fn stored_keys(keys: &[String]) -> String {
+    if keys.iter().any(|k| k.contains(' ')) {
+        let mut stored = String::new();
+        for k in keys {
+            stored.push(KEY_SEPARATOR);
+            stored.push_str(k);
+        }
+        stored
+    } else {
+        keys.join(" ")
+    }
+}
+
+/// Message keys from their stored form (see [`stored_keys`]).
+fn wire_keys(stored: &str) -> Vec<String> {
+    match stored.strip_prefix(KEY_SEPARATOR) {
+        Some(rest) => rest.split(KEY_SEPARATOR),
+        None => stored.split(' '),
+    }
+    .filter(|k| !k.is_empty())
+    .map(str::to_owned)
+    .collect()
 }
 
 fn proto_duration(d: Duration) -> prost_types::Duration {
@@ -94,6 +141,11 @@ pub fn queue_at(
         }),
         accept_message_types: vec![message_type(topic.message_type) as i32],
     }
+}
+
+/// Empty or only whitespace.
+fn is_blank(s: &str) -> bool {
+    s.chars().all(char::is_whitespace)
 }
 
 /// Validates a message for `topic` and turns it into a record.
@@ -160,15 +212,29 @@ pub fn record(
             ),
         ));
     }
-    // Any message with a delivery time waits in the timer (but a half
-    // message, which waits for its transaction), so the bound holds for all.
+    // The 3-day bound holds for any message with a delivery time, as in the
+    // RocketMQ proxy: a DELAY or FIFO one waits in the timer, and a
+    // TRANSACTION one is sent to consumers with it. A time in the past is
+    // fine (the message is delivered at once); one before 1970 is not.
     let due = match sp.delivery_timestamp.as_ref() {
         None => None,
         Some(t) => match ms(t) {
-            Some(due) if kind == MessageType::Transaction || due <= now_ms() + MAX_DELAY_MS => {
-                Some(due)
+            None => {
+                return Err(status(
+                    Code::IllegalDeliveryTime,
+                    format!(
+                        "delivery time of {}s {}ns is not a valid timestamp (0001-01-01 to 9999-12-31, nanos below 1e9)",
+                        t.seconds, t.nanos
+                    ),
+                ));
             }
-            _ => {
+            Some(due) if due < 0 => {
+                return Err(status(
+                    Code::IllegalDeliveryTime,
+                    "delivery time is before 1970-01-01",
+                ));
+            }
+            Some(due) if due > now_ms() + MAX_DELAY_MS => {
                 return Err(status(
                     Code::IllegalDeliveryTime,
                     format!(
@@ -177,7 +243,20 @@ pub fn record(
                     ),
                 ));
             }
+            Some(due) => Some(due),
         },
+    };
+    let born_ms = match sp.born_timestamp.as_ref() {
+        None => now_ms(),
+        Some(t) => ms(t).ok_or_else(|| {
+            status(
+                Code::BadRequest,
+                format!(
+                    "born time of {}s {}ns is not a valid timestamp (0001-01-01 to 9999-12-31, nanos below 1e9)",
+                    t.seconds, t.nanos
+                ),
+            )
+        })?,
     };
     let properties_bytes: usize = m
         .user_properties
@@ -204,23 +283,33 @@ pub fn record(
         }
         properties.insert(k.clone(), v.clone());
     }
+    // An empty tag is no tag, as in the proxy. A tag may hold spaces, but
+    // not '|', which separates the tags of a filter expression. The value is
+    // not echoed: it may be megabytes long.
     if let Some(tag) = sp.tag.as_ref().filter(|t| !t.is_empty()) {
-        if tag.contains("||") || tag.chars().any(char::is_whitespace) {
+        if is_blank(tag) || tag.contains('|') || tag.chars().any(char::is_control) {
             return Err(status(
                 Code::IllegalMessageTag,
-                format!("tag {tag:?} contains '||' or whitespace"),
+                "tag is only whitespace or contains '|' or a control character",
             ));
         }
         properties.insert(keys::TAG.into(), tag.clone());
     }
     if !sp.keys.is_empty() {
-        if sp.keys.iter().any(|k| k.chars().any(char::is_whitespace)) {
+        // The value is not echoed: it may be megabytes long.
+        if let Some(i) = sp
+            .keys
+            .iter()
+            .position(|k| is_blank(k) || k.chars().any(char::is_control))
+        {
             return Err(status(
                 Code::IllegalMessageKey,
-                "message keys must not contain whitespace",
+                format!(
+                    "message key {i} is empty, only whitespace or contains a control character"
+                ),
             ));
         }
-        properties.insert(keys::KEYS.into(), sp.keys.join(" "));
+        properties.insert(keys::KEYS.into(), stored_keys(&sp.keys));
     }
     if !sp.message_id.is_empty() {
         properties.insert(keys::MESSAGE_ID.into(), sp.message_id.clone());
@@ -246,14 +335,19 @@ pub fn record(
     if let Some(due) = due {
         properties.insert(keys::DELIVERY_TIME.into(), due.to_string());
     }
+    let total: usize = properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_PROPERTIES_BYTES {
+        return Err(status(
+            Code::MessagePropertiesTooLarge,
+            format!(
+                "properties of {total} bytes (names and values, tag, keys and the other system properties included) exceed the limit of {MAX_PROPERTIES_BYTES} bytes"
+            ),
+        ));
+    }
     Ok(NewRecord {
         topic: topic.name.clone(),
         queue_id,
-        born_ms: sp
-            .born_timestamp
-            .as_ref()
-            .and_then(ms)
-            .unwrap_or_else(now_ms),
+        born_ms,
         flags: 0,
         properties,
         body: m.body.clone(),
@@ -284,15 +378,7 @@ pub fn message(
         user_properties,
         system_properties: Some(pb::SystemProperties {
             tag: p.get(keys::TAG).cloned(),
-            keys: p
-                .get(keys::KEYS)
-                .map(|k| {
-                    k.split(' ')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            keys: p.get(keys::KEYS).map(|k| wire_keys(k)).unwrap_or_default(),
             message_id: p
                 .get(keys::MESSAGE_ID)
                 .cloned()
@@ -405,14 +491,244 @@ mod tests {
             }
             record(&cfg(), &topic(kind), &m, 0, "h").expect("an hour ahead");
         }
-        // A born time that does not fit is replaced by the store's clock.
+        // A born time that does not fit is refused too.
         let mut m = msg(b"x");
         if let Some(sp) = m.system_properties.as_mut() {
             sp.born_timestamp = at(overflowing);
         }
+        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
+        assert_eq!(code(r), Code::BadRequest as i32);
+        // No born time: the store's clock.
         let before = now_ms();
-        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h").expect("accepted");
+        let r = record(&cfg(), &topic(MessageType::Normal), &msg(b"x"), 0, "h").expect("accepted");
         assert!(r.born_ms >= before);
+    }
+
+    fn wire_time(seconds: i64, nanos: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos })
+    }
+
+    #[test]
+    fn born_times_outside_protobufs_timestamp_range_are_bad_requests() {
+        let born = |seconds, nanos| {
+            let mut m = msg(b"x");
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.born_timestamp = wire_time(seconds, nanos);
+            }
+            record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
+        };
+        // 9999-12-31T23:59:59.999999999Z and 0001-01-01T00:00:00Z: the ends.
+        let last = born(253_402_300_799, 999_999_999).expect("the last valid second");
+        assert_eq!(last.born_ms, 253_402_300_799_999);
+        let first = born(-62_135_596_800, 0).expect("the first valid second");
+        assert_eq!(first.born_ms, -62_135_596_800_000);
+        for (seconds, nanos) in [
+            (253_402_300_800, 0),
+            (-62_135_596_801, 999_999_999),
+            (1_700_000_000, -1),
+            (1_700_000_000, 1_000_000_000),
+            (i64::MIN, 0),
+        ] {
+            assert_eq!(
+                code(born(seconds, nanos)),
+                Code::BadRequest as i32,
+                "{seconds}s {nanos}ns"
+            );
+        }
+    }
+
+    #[test]
+    fn delivery_times_must_be_valid_timestamps_from_1970_for_every_type() {
+        let now_s = now_ms() / 1000;
+        let send = |kind: MessageType, seconds, nanos| {
+            let mut m = msg(b"x");
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.delivery_timestamp = wire_time(seconds, nanos);
+                match kind {
+                    MessageType::Fifo => sp.message_group = Some("g1".into()),
+                    MessageType::Transaction => {
+                        sp.message_type = pb::MessageType::Transaction as i32;
+                    }
+                    _ => {}
+                }
+            }
+            code(record(&cfg(), &topic(kind), &m, 0, "h"))
+        };
+        let refused = Code::IllegalDeliveryTime as i32;
+        for kind in [
+            MessageType::Delay,
+            MessageType::Fifo,
+            MessageType::Transaction,
+        ] {
+            // The epoch itself and an hour ago: in the past, delivered at once.
+            assert_eq!(send(kind, 0, 0), Code::Ok as i32, "{kind} at the epoch");
+            assert_eq!(send(kind, now_s - 3600, 0), Code::Ok as i32, "{kind}");
+            // One millisecond before the epoch, and the first second.
+            assert_eq!(send(kind, -1, 999_000_000), refused, "{kind} 1969");
+            assert_eq!(send(kind, -62_135_596_800, 0), refused, "{kind} year 1");
+            // Nanos within 0..1e9 only.
+            assert_eq!(send(kind, now_s + 60, 999_999_999), Code::Ok as i32);
+            assert_eq!(send(kind, now_s + 60, 1_000_000_000), refused, "{kind}");
+            assert_eq!(send(kind, now_s + 60, -1), refused, "{kind}");
+            // Up to 3 days ahead, TRANSACTION messages included.
+            assert_eq!(send(kind, now_s + 3 * 86_400 - 60, 0), Code::Ok as i32);
+            assert_eq!(send(kind, now_s + 3 * 86_400 + 60, 0), refused, "{kind}");
+            assert_eq!(send(kind, 253_402_300_800, 0), refused, "{kind} year 10000");
+        }
+    }
+
+    #[test]
+    fn tags_may_hold_spaces_but_not_bars_or_control_characters() {
+        let with_tag = |tag: &str| {
+            let mut m = msg(b"x");
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.tag = Some(tag.to_owned());
+            }
+            record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
+        };
+        for tag in ["order created", "TagA", " a ", "caf\u{e9}"] {
+            let r = with_tag(tag).expect(tag);
+            assert_eq!(r.properties.get(keys::TAG).map(String::as_str), Some(tag));
+        }
+        // An empty tag is no tag, as in the proxy.
+        let r = with_tag("").expect("empty tag");
+        assert!(!r.properties.contains_key(keys::TAG));
+        for tag in [
+            "a|b", "|", "a||b", " ", "\u{3000}", "\t", "a\nb", "a\u{0}", "a\u{7f}", "a\u{85}",
+        ] {
+            assert_eq!(
+                code(with_tag(tag)),
+                Code::IllegalMessageTag as i32,
+                "{tag:?}"
+            );
+        }
+    }
+
+    fn stored(properties: Properties) -> StoredRecord {
+        StoredRecord {
+            offset: 0,
+            size: 0,
+            topic: "t".into(),
+            queue_id: 0,
+            queue_offset: 0,
+            born_ms: 0,
+            store_ms: 0,
+            flags: 0,
+            properties,
+            body: bytes::Bytes::from_static(b"x"),
+        }
+    }
+
+    #[test]
+    fn keys_may_hold_spaces_and_reach_consumers_as_sent() {
+        let with_keys = |keys: &[&str]| {
+            let mut m = msg(b"x");
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.keys = keys.iter().map(|k| (*k).to_owned()).collect();
+            }
+            record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
+        };
+        let received = |r: NewRecord| {
+            let m = message(
+                &cfg(),
+                &topic(MessageType::Normal),
+                &stored(r.properties),
+                None,
+                Duration::ZERO,
+            );
+            m.system_properties.map(|sp| sp.keys).unwrap_or_default()
+        };
+        for keys in [
+            &["order 42"][..],
+            &["order 42", "k2", " x "],
+            &["k1", "k2"],
+            &["caf\u{e9}"],
+        ] {
+            let r = with_keys(keys).unwrap_or_else(|s| panic!("{keys:?}: {s:?}"));
+            assert_eq!(received(r), keys);
+        }
+        // Keys without spaces are stored as before: space-separated.
+        let r = with_keys(&["k1", "k2"]).expect("k1 k2");
+        assert_eq!(
+            r.properties.get(keys::KEYS).map(String::as_str),
+            Some("k1 k2")
+        );
+        let mut old = Properties::new();
+        old.insert(keys::KEYS.into(), "a b".into());
+        let m = message(
+            &cfg(),
+            &topic(MessageType::Normal),
+            &stored(old),
+            None,
+            Duration::ZERO,
+        );
+        assert_eq!(
+            m.system_properties.map(|sp| sp.keys),
+            Some(vec!["a".into(), "b".into()])
+        );
+        for keys in [
+            &[""][..],
+            &["  "],
+            &["\u{3000}"],
+            &["ok", "a\nb"],
+            &["a\u{0}"],
+            &["a\u{1f}b"],
+        ] {
+            assert_eq!(
+                code(with_keys(keys)),
+                Code::IllegalMessageKey as i32,
+                "{keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_properties_together_are_limited_to_32_kib() {
+        let bytes =
+            |r: &NewRecord| -> usize { r.properties.iter().map(|(k, v)| k.len() + v.len()).sum() };
+        // User properties at their own 16 KiB limit, and a tag for the rest.
+        let user = [("k".to_owned(), "v".repeat((16 << 10) - 1))];
+        let with_tag = |n: usize| {
+            let mut m = msg(b"x");
+            m.user_properties = user.iter().cloned().collect();
+            if let Some(sp) = m.system_properties.as_mut() {
+                sp.tag = Some("t".repeat(n));
+            }
+            record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
+        };
+        let base = bytes(&with_tag(1).expect("a short tag")) - 1;
+        let fill = (32 << 10) - base;
+        let full = with_tag(fill).expect("exactly 32 KiB");
+        assert_eq!(bytes(&full), 32 << 10);
+        assert_eq!(
+            code(with_tag(fill + 1)),
+            Code::MessagePropertiesTooLarge as i32
+        );
+        assert_eq!(
+            code(with_tag(50 << 20)),
+            Code::MessagePropertiesTooLarge as i32,
+            "a 50 MiB tag"
+        );
+        // Each system property counts: keys, message id, born host.
+        let big = "x".repeat(32 << 10);
+        let mut m = msg(b"x");
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.keys = vec![big.clone()];
+        }
+        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
+        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "keys");
+        let mut m = msg(b"x");
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.message_id = big.clone();
+        }
+        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
+        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "id");
+        let mut m = msg(b"x");
+        if let Some(sp) = m.system_properties.as_mut() {
+            sp.born_host = big;
+        }
+        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
+        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "host");
     }
 
     #[test]

@@ -74,7 +74,8 @@ pub const FLUSHED_BEFORE: u32 = 1 << 31;
 pub mod keys {
     /// The message id assigned by the producer.
     pub const MESSAGE_ID: &str = "__MSGID";
-    /// Space-separated message keys.
+    /// Message keys: space-separated, or each after a U+001F when one of
+    /// them holds a space (see `client_api::convert`).
     pub const KEYS: &str = "__KEYS";
     /// The tag used by filter expressions.
     pub const TAG: &str = "__TAG";
