@@ -593,13 +593,17 @@ pub struct FailoverRecord {
     )
 )]
 #[serde(rename_all = "camelCase")]
+// On the spec, not the field: a field's rule runs only when the old and the
+// new object both have it, so setting or removing the name passed it.
+#[x_kube(validation = Rule::new(
+    "has(self.topicName) == has(oldSelf.topicName) && (!has(self.topicName) || self.topicName == oldSelf.topicName)"
+).message("topicName is immutable"))]
 pub struct TopicSpec {
     /// The BrokerGroup (same namespace) that holds the topic.
     #[x_kube(validation = Rule::new("self == oldSelf").message("brokerGroup is immutable"))]
     pub broker_group: String,
     /// Topic name on the broker (default: the object's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("topicName is immutable"))]
     pub topic_name: Option<String>,
     /// Queue count; may only grow.
     #[serde(default = "default_queues")]

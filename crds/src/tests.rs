@@ -242,6 +242,23 @@ fn cel_rules_accept_and_refuse_what_they_say() {
     let fifo = topic(serde_json::json!({"brokerGroup": "g", "queues": 8, "messageType": "Fifo"}));
     let err = check(&topic_schema, &fifo, Some(&old)).expect_err("type is fixed");
     assert!(err.contains("messageType is immutable"), "{err}");
+    // The broker's topic name is fixed too: changed, set or removed.
+    let named = |name: &str| {
+        topic(
+            serde_json::json!({"brokerGroup": "g", "queues": 8, "messageType": "Normal",
+            "topicName": name}),
+        )
+    };
+    for (new, was) in [
+        (named("b"), named("a")),
+        (named("a"), old.clone()),
+        (old.clone(), named("a")),
+    ] {
+        let err = check(&topic_schema, &new, Some(&was)).expect_err("name is fixed");
+        assert!(err.contains("topicName is immutable"), "{err}");
+    }
+    check(&topic_schema, &named("a"), Some(&named("a"))).expect("same name passes");
+    check(&topic_schema, &more, Some(&old)).expect("no name either side passes");
 }
 
 /// `spec.tls.secretName` must be a Secret name: the CEL rule refuses what

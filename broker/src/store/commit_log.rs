@@ -474,6 +474,13 @@ impl CommitLog {
     /// Copies `len` bytes from `offset`; they must lie in one segment and
     /// below the published end.
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        // A length from a damaged consume-queue entry may be anything: no
+        // buffer larger than a segment is made for it.
+        if len as u64 > self.segment_size {
+            return Err(StoreError::InvalidArgument(format!(
+                "{len} bytes at offset {offset} are more than a segment holds"
+            )));
+        }
         let mut out = vec![0u8; len];
         self.with_bytes(offset, |b| {
             if b.len() < len {

@@ -396,12 +396,19 @@ impl Metadata {
             topics: self.list_topics(),
         };
         save_json(&self.dir.join("topics.json"), &file)?;
-        if self.offsets_dirty.load(Ordering::Acquire) {
+        // The flag goes down before the offsets are read, as in
+        // `flush_offsets`: one committed after the read raises it again
+        // (lowered after the write, it was lost, and the commit with it
+        // until another came).
+        if self.offsets_dirty.swap(false, Ordering::AcqRel) {
             let file = OffsetsFile {
                 offsets: self.list_offsets(),
             };
-            save_json(&self.dir.join("offsets.json"), &file)?;
-            self.offsets_dirty.store(false, Ordering::Release);
+            let res = save_json(&self.dir.join("offsets.json"), &file);
+            if res.is_err() {
+                self.offsets_dirty.store(true, Ordering::Release);
+            }
+            res?;
         }
         Ok(())
     }

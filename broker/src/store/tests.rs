@@ -2907,3 +2907,30 @@ fn a_replicated_record_naming_no_valid_topic_is_refused() {
     );
     slave.shutdown().expect("shutdown");
 }
+
+/// A read's length may come from a damaged consume-queue entry: one longer
+/// than a segment is refused with an error before any buffer is made for
+/// it (it used to ask for a buffer of that size first; the largest panics).
+#[test]
+fn a_read_longer_than_a_segment_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(config(dir.path())).expect("open");
+    let a = fill(&store, 0, 3);
+    for len in [SEG as usize + 1, usize::MAX] {
+        assert!(matches!(
+            store.inner.clog.read(a[0].offset, len),
+            Err(StoreError::InvalidArgument(_))
+        ));
+    }
+    let whole = (a[0].end_offset - a[0].offset) as usize;
+    assert_eq!(
+        store
+            .inner
+            .clog
+            .read(a[0].offset, whole)
+            .expect("read")
+            .len(),
+        whole
+    );
+    store.shutdown().expect("shutdown");
+}
