@@ -63,6 +63,13 @@ pub struct Context {
     /// True while [`run`] runs the controllers (after it found the CRDs);
     /// the leader's `/readyz` waits for it.
     pub controllers_running: Arc<AtomicBool>,
+    /// Planned hand-overs that failed in a row, per group (see
+    /// [`failover::hand_over`]).
+    pub switchover_failures: Mutex<HashMap<String, failover::SwitchoverFailures>>,
+    /// How long the first retry of a failed hand-over waits; each further
+    /// failure doubles it, up to [`failover::MAX_SWITCHOVER_BACKOFF`] (tests
+    /// change it).
+    pub switchover_backoff: Duration,
 }
 
 impl Context {
@@ -98,6 +105,8 @@ impl Context {
             replication_grace: replication::REPLICATION_GRACE,
             operator_peer: model::OperatorPeer::default(),
             controllers_running: Arc::new(AtomicBool::new(false)),
+            switchover_failures: Mutex::default(),
+            switchover_backoff: failover::SWITCHOVER_BACKOFF,
         }
     }
 }

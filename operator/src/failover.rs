@@ -741,6 +741,14 @@ pub async fn switchover(
         "planned switchover requested with {}",
         keelmq_crds::ANNOTATION_SWITCHOVER_TO
     );
+    // After a failed attempt the annotation stays, and is acted on once
+    // the wait is over.
+    if let Some((count, left)) = switchover_held(ctx, names) {
+        info!(
+            "{reason}: switchover to {target} held: the last {count} attempt(s) failed; the next in {left:.0?}"
+        );
+        return Ok(None);
+    }
     let outcome = hand_over(ctx, bg, names, observed, target, &reason, status).await?;
     let api: Api<BrokerGroup> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let patch = serde_json::json!({"metadata": {"annotations": {keelmq_crds::ANNOTATION_SWITCHOVER_TO: null}}});
@@ -760,12 +768,58 @@ pub fn can_take_over(observed: &Observed, status: &BrokerGroupStatus, target: &s
         .is_some_and(|r| r.reachable && r.ready && r.in_sync && r.role == "slave")
 }
 
+/// How long the first retry of a failed planned hand-over waits. A
+/// hand-over stops the master's writes while it waits for the target (up to
+/// [`SWITCHOVER_WAIT_MS`]), so a target that cannot take over must not have
+/// them stopped every few seconds for good.
+pub const SWITCHOVER_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts.
+pub const MAX_SWITCHOVER_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Planned hand-overs of a group that failed in a row.
+#[derive(Clone, Debug)]
+pub struct SwitchoverFailures {
+    /// How many.
+    pub count: u32,
+    /// When the last one failed.
+    pub last: std::time::Instant,
+}
+
+fn group_key(names: &GroupNames) -> String {
+    format!("{}/{}", names.namespace, names.group)
+}
+
+/// While the group's last planned hand-over failed too recently to try
+/// again: how many failed in a row, and how long until the next attempt.
+pub fn switchover_held(ctx: &Context, names: &GroupNames) -> Option<(u32, Duration)> {
+    let f = ctx
+        .switchover_failures
+        .lock()
+        .ok()?
+        .get(&group_key(names))
+        .cloned()?;
+    let wait = switchover_backoff(ctx.switchover_backoff, f.count);
+    let since = f.last.elapsed();
+    (since < wait).then(|| (f.count, wait - since))
+}
+
+/// How long after the `count`th failure in a row the next hand-over waits:
+/// `first`, doubled for each further failure, at most
+/// [`MAX_SWITCHOVER_BACKOFF`].
+pub fn switchover_backoff(first: Duration, count: u32) -> Duration {
+    let doublings = count.saturating_sub(1).min(16);
+    first
+        .saturating_mul(1u32 << doublings)
+        .min(MAX_SWITCHOVER_BACKOFF)
+}
+
 /// The planned hand-over of the master role to `target` (the switchover
 /// annotation, a rolling update, a scale-down), done only to a reachable,
 /// ready slave the master counts as in sync. Recorded in status first (new
 /// epoch, optimistic concurrency), then the master hands over through the
 /// admin API, then the labels move. `Ok(None)` when nothing was done (the
-/// target is already master, or not eligible: a Warning event says so).
+/// target is already master, or not eligible: a Warning event says so; or
+/// the last attempt failed too recently, see [`switchover_backoff`]).
 pub async fn hand_over(
     ctx: &Context,
     bg: &mut BrokerGroup,
@@ -795,6 +849,13 @@ pub async fn hand_over(
             format!("{target} is not a reachable, ready, in-sync slave of {master}"),
         )
         .await;
+        return Ok(None);
+    }
+    let key = group_key(names);
+    if let Some((count, left)) = switchover_held(ctx, names) {
+        info!(
+            "{reason}: switchover to {target} held: the last {count} attempt(s) failed; the next in {left:.0?}"
+        );
         return Ok(None);
     }
     let new_epoch = u64::try_from(status.epoch).unwrap_or(0) + 1;
@@ -864,6 +925,14 @@ pub async fn hand_over(
                 rollout: status.rollout.clone(),
                 ..st
             };
+            if let Ok(mut f) = ctx.switchover_failures.lock() {
+                let e = f.entry(key).or_insert(SwitchoverFailures {
+                    count: 0,
+                    last: std::time::Instant::now(),
+                });
+                e.count = e.count.saturating_add(1);
+                e.last = std::time::Instant::now();
+            }
             return Err(Error::Admin {
                 broker: master.clone(),
                 op: "switchover",
@@ -871,6 +940,9 @@ pub async fn hand_over(
             });
         }
     };
+    if let Ok(mut f) = ctx.switchover_failures.lock() {
+        f.remove(&key);
+    }
     info!(
         epoch = r.epoch,
         write_pause_ms = r.write_pause_ms,

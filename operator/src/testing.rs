@@ -837,6 +837,10 @@ impl BrokerAdmin for FakeBrokers {
     ) -> BoxFuture<'a, Result<pb::SwitchoverResponse, AdminError>> {
         Box::pin(async move {
             if let Some(e) = self.switchover_error.lock().expect("switchover").clone() {
+                self.timeline.lock().expect("timeline").push(format!(
+                    "failed switchover {addr} -> {}",
+                    req.target_admin_address
+                ));
                 return Err(e);
             }
             let target = req.target_admin_address.clone();

@@ -697,3 +697,79 @@ async fn a_roll_waits_for_each_restarted_broker_to_catch_up_and_ends() {
         Some("orders-1".to_string())
     );
 }
+
+/// A hand-over stops the master's writes while it waits for its target, so
+/// one that keeps failing is not tried again every few seconds: after a
+/// failure the next attempt waits (10 s, doubled with each failure in a
+/// row, at most 5 minutes); one that succeeds clears the record.
+#[tokio::test]
+async fn a_failing_hand_over_is_tried_again_only_after_a_wait() {
+    use crate::failover::switchover_backoff;
+    let (ctx, api, brokers) = harness("orders", 3);
+    brokers.track_replication();
+    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
+    run(&api, &ctx, "orders").await.expect("creates");
+    for i in 0..3 {
+        api.pod_from_stateful_set(NS, "orders", i, true);
+        brokers.add(
+            &format!("admin-orders-{i}"),
+            &format!("orders-{i}"),
+            100 + 100 * i as u64,
+        );
+    }
+    run(&api, &ctx, "orders").await.expect("bootstrap");
+    run(&api, &ctx, "orders").await.expect("healthy");
+    *brokers.switchover_error.lock().expect("switchover") =
+        Some("DeadlineExceeded: timeout expired".into());
+    edit(&api, |bg| bg["spec"]["replicas"] = json!(2));
+    run(&api, &ctx, "orders")
+        .await
+        .expect_err("the hand-over fails");
+    for _ in 0..3 {
+        run(&api, &ctx, "orders").await.expect("reconcile");
+    }
+    let attempts = |brokers: &FakeBrokers| {
+        brokers
+            .timeline
+            .lock()
+            .expect("timeline")
+            .iter()
+            .filter(|e| e.starts_with("switchover") || e.starts_with("failed switchover"))
+            .count()
+    };
+    assert_eq!(attempts(&brokers), 1, "not tried again during the wait");
+    let key = format!("{NS}/orders");
+    let failures = ctx.switchover_failures.lock().expect("failures")[&key].clone();
+    assert_eq!(failures.count, 1);
+
+    // Once the wait is over (here: the failure is made an hour old) it is
+    // tried again; it succeeds and the record goes.
+    *brokers.switchover_error.lock().expect("switchover") = None;
+    if let Some(f) = ctx
+        .switchover_failures
+        .lock()
+        .expect("failures")
+        .get_mut(&key)
+    {
+        f.last = f
+            .last
+            .checked_sub(Duration::from_secs(3600))
+            .expect("an hour ago");
+    }
+    run(&api, &ctx, "orders").await.expect("reconcile");
+    assert_eq!(attempts(&brokers), 2, "tried again after the wait");
+    assert!(
+        !ctx.switchover_failures
+            .lock()
+            .expect("failures")
+            .contains_key(&key)
+    );
+    let st = stored_group(&api, "orders").status.expect("status");
+    assert_ne!(st.master.as_deref(), Some("orders-2"), "handed over");
+
+    let first = Duration::from_secs(10);
+    let waits: Vec<u64> = (1..=7)
+        .map(|n| switchover_backoff(first, n).as_secs())
+        .collect();
+    assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300]);
+}
