@@ -130,6 +130,9 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The store's log, with the marks each store sets by its own flushes
+/// cleared (see `record::without_flush_marks`): the bytes a slave must hold
+/// exactly as its master does.
 fn log_bytes(s: &MessageStore) -> Vec<u8> {
     let mut out = Vec::new();
     let mut pos = s.min_offset();
@@ -138,7 +141,7 @@ fn log_bytes(s: &MessageStore) -> Vec<u8> {
         pos += chunk.len() as u64;
         out.extend_from_slice(&chunk);
     }
-    out
+    keelmq_broker::store::record::without_flush_marks(&out)
 }
 
 /// Waits until every broker's log ends where the master's does, and checks

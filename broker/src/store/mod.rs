@@ -1510,6 +1510,25 @@ impl MessageStore {
                 .map_err(StoreError::io("creating a consume queue file"))?;
             inner.clog.make_room(tail, probe_len as u64)?;
             let offset = tail.pos;
+            // The master's `record::FLUSHED_BEFORE` marks say what was
+            // durable on the master when it wrote them, not here; recovery
+            // reads them as this log's (damage before a marked record is a
+            // lost write of flushed data). So the mark is set as this
+            // store's own flusher would set it: on a record written when
+            // everything before it is durable here, under SYNC_FLUSH.
+            let durable_before =
+                inner.config.flush_mode == FlushMode::SyncFlush && self.flushed_offset() >= offset;
+            let remarked;
+            let rec = if record::is_flushed_before(rec) == durable_before {
+                rec
+            } else {
+                remarked = {
+                    let mut r = rec.to_vec();
+                    record::set_flushed_before(&mut r, durable_before);
+                    r
+                };
+                &remarked[..]
+            };
             // SAFETY: append lock held, room made, published after writing.
             unsafe { inner.clog.write(&tail.segment, offset, rec) }.map_err(StoreError::io(
                 format!("writing to commit log segment at {offset}"),

@@ -293,9 +293,40 @@ pub fn blank_header(len: u32) -> [u8; BLANK_LEN] {
 /// Sets [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly one whole
 /// record) and recomputes its checksum.
 pub fn mark_flushed_before(rec: &mut [u8]) {
-    let flags = le_u32(rec, 12) | FLUSHED_BEFORE;
+    set_flushed_before(rec, true);
+}
+
+/// Sets or clears [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly
+/// one whole record) and recomputes its checksum.
+pub fn set_flushed_before(rec: &mut [u8], on: bool) {
+    let flags = le_u32(rec, 12);
+    let flags = if on {
+        flags | FLUSHED_BEFORE
+    } else {
+        flags & !FLUSHED_BEFORE
+    };
     rec[12..16].copy_from_slice(&flags.to_le_bytes());
     seal(rec);
+}
+
+/// `bytes` of a log (whole records and segment fillers, from a record's
+/// start) with every record's [`FLUSHED_BEFORE`] mark cleared: what a
+/// master's and its slave's copies of the log have in common, as each sets
+/// the mark by its own flushes.
+pub fn without_flush_marks(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut at = 0;
+    while at + 8 <= out.len() {
+        let len = le_u32(&out, at) as usize;
+        if len < 8 || at + len > out.len() {
+            break;
+        }
+        if le_u32(&out, at + 4) == RECORD_MAGIC && is_flushed_before(&out[at..at + len]) {
+            set_flushed_before(&mut out[at..at + len], false);
+        }
+        at += len;
+    }
+    out
 }
 
 /// Whether a checked record carries [`FLUSHED_BEFORE`].
