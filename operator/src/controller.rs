@@ -66,10 +66,6 @@ pub struct Context {
     /// Planned hand-overs that failed in a row, per group (see
     /// [`failover::hand_over`]).
     pub switchover_failures: Mutex<HashMap<String, failover::SwitchoverFailures>>,
-    /// How long the first retry of a failed hand-over waits; each further
-    /// failure doubles it, up to [`failover::MAX_SWITCHOVER_BACKOFF`] (tests
-    /// change it).
-    pub switchover_backoff: Duration,
 }
 
 impl Context {
@@ -106,7 +102,6 @@ impl Context {
             operator_peer: model::OperatorPeer::default(),
             controllers_running: Arc::new(AtomicBool::new(false)),
             switchover_failures: Mutex::default(),
-            switchover_backoff: failover::SWITCHOVER_BACKOFF,
         }
     }
 }

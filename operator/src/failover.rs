@@ -743,10 +743,7 @@ pub async fn switchover(
     );
     // After a failed attempt the annotation stays, and is acted on once
     // the wait is over.
-    if let Some((count, left)) = switchover_held(ctx, names) {
-        info!(
-            "{reason}: switchover to {target} held: the last {count} attempt(s) failed; the next in {left:.0?}"
-        );
+    if hand_over_held(ctx, names, &reason, target) {
         return Ok(None);
     }
     let outcome = hand_over(ctx, bg, names, observed, target, &reason, status).await?;
@@ -798,9 +795,21 @@ pub fn switchover_held(ctx: &Context, names: &GroupNames) -> Option<(u32, Durati
         .ok()?
         .get(&group_key(names))
         .cloned()?;
-    let wait = switchover_backoff(ctx.switchover_backoff, f.count);
+    let wait = switchover_backoff(SWITCHOVER_BACKOFF, f.count);
     let since = f.last.elapsed();
     (since < wait).then(|| (f.count, wait - since))
+}
+
+/// Whether a planned hand-over of the group waits after an earlier one
+/// failed (see [`switchover_held`]); says so in the log.
+fn hand_over_held(ctx: &Context, names: &GroupNames, reason: &str, target: &str) -> bool {
+    let Some((count, left)) = switchover_held(ctx, names) else {
+        return false;
+    };
+    info!(
+        "{reason}: switchover to {target} held: the last {count} attempt(s) failed; the next in {left:.0?}"
+    );
+    true
 }
 
 /// How long after the `count`th failure in a row the next hand-over waits:
@@ -852,10 +861,7 @@ pub async fn hand_over(
         return Ok(None);
     }
     let key = group_key(names);
-    if let Some((count, left)) = switchover_held(ctx, names) {
-        info!(
-            "{reason}: switchover to {target} held: the last {count} attempt(s) failed; the next in {left:.0?}"
-        );
+    if hand_over_held(ctx, names, reason, target) {
         return Ok(None);
     }
     let new_epoch = u64::try_from(status.epoch).unwrap_or(0) + 1;

@@ -1648,7 +1648,8 @@ impl MessageStore {
         // absence for lost writes and refuse to start.
         self.note_cut(0);
         inner.flushed.store(0, Ordering::Release);
-        self.write_checkpoint(false)?;
+        self.write_checkpoint(false)
+            .map_err(|e| self.latch_cut_failure(e))?;
         let restarted = (|| {
             let mut cqs = inner.cqs.write();
             cqs.clear();

@@ -436,19 +436,24 @@ pub(super) async fn switchover() -> FakeApi {
     api
 }
 
-/// Too few slaves reachable under Sync: no promotion; conditions and a
-/// Warning event say why.
-pub(super) async fn waiting() -> FakeApi {
+/// `pay` (three brokers, `spec` and `status` as given, master `pay-0`):
+/// `pay-0`'s pod is gone, `pay-1` answers with data, `pay-2` is unready.
+fn pay_without_its_master(spec: Value, status: Value) -> (Arc<Context>, FakeApi, FakeBrokers) {
     let (ctx, api, brokers) = harness("pay", 3);
-    let mut bg = serde_json::to_value(group("pay", json!({"replicas": 3}))).expect("json");
-    bg["status"] = json!({"master": "pay-0", "epoch": 1});
+    let mut bg = serde_json::to_value(group("pay", spec)).expect("json");
+    bg["status"] = status;
     api.insert(bg);
     api.insert(pod("pay", 1, true));
     api.insert(pod("pay", 2, false));
     brokers.add("admin-pay-1", "pay-1", 10);
     brokers.with("admin-pay-1", |b| b.status.epoch = 1);
-    run(&api, &ctx, "pay").await.expect("reconcile");
-    let bg = stored_group(&api, "pay");
+    (ctx, api, brokers)
+}
+
+/// `pay` kept `pay-0` as master and says why: one of its two slaves
+/// answers, two are needed.
+fn assert_blocked_on_one_of_two_slaves(api: &FakeApi, brokers: &FakeBrokers) {
+    let bg = stored_group(api, "pay");
     assert_eq!(
         bg.status.as_ref().and_then(|s| s.master.as_deref()),
         Some("pay-0")
@@ -462,8 +467,19 @@ pub(super) async fn waiting() -> FakeApi {
         message.contains("1 of 2 slaves are reachable and ready with data, 2 are needed"),
         "{message}"
     );
-    let t = timeline(&brokers);
+    let t = timeline(brokers);
     assert!(!t.iter().any(|e| e.starts_with("promote")), "{t:?}");
+}
+
+/// Too few slaves reachable under Sync: no promotion; conditions and a
+/// Warning event say why.
+pub(super) async fn waiting() -> FakeApi {
+    let (ctx, api, brokers) = pay_without_its_master(
+        json!({"replicas": 3}),
+        json!({"master": "pay-0", "epoch": 1}),
+    );
+    run(&api, &ctx, "pay").await.expect("reconcile");
+    assert_blocked_on_one_of_two_slaves(&api, &brokers);
     let events: Vec<Value> = api
         .requests()
         .into_iter()
@@ -1277,35 +1293,16 @@ async fn a_failover_is_decided_by_the_settings_the_master_ran_with() {
     );
     assert_valid_against_crd(&api, "orders");
 
-    let (ctx, api, brokers) = harness("pay", 3);
-    let spec = json!({"replicas": 3, "replication": {"minInSyncReplicas": 2}});
-    let mut bg = serde_json::to_value(group("pay", spec)).expect("json");
-    bg["status"] = json!({
-        "master": "pay-0",
-        "epoch": 1,
-        "masterReplication": {"master": "pay-0", "mode": "Sync", "minInSyncReplicas": 1},
-    });
-    api.insert(bg);
-    api.insert(pod("pay", 1, true));
-    api.insert(pod("pay", 2, false));
-    brokers.add("admin-pay-1", "pay-1", 10);
-    brokers.with("admin-pay-1", |b| b.status.epoch = 1);
+    let (ctx, api, brokers) = pay_without_its_master(
+        json!({"replicas": 3, "replication": {"minInSyncReplicas": 2}}),
+        json!({
+            "master": "pay-0",
+            "epoch": 1,
+            "masterReplication": {"master": "pay-0", "mode": "Sync", "minInSyncReplicas": 1},
+        }),
+    );
     run(&api, &ctx, "pay").await.expect("reconcile");
-    let bg = stored_group(&api, "pay");
-    assert_eq!(
-        bg.status.as_ref().and_then(|s| s.master.as_deref()),
-        Some("pay-0")
-    );
-    let (status, reason, message) = condition(&bg, "Degraded");
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("True", "FailoverBlocked")
-    );
-    assert!(
-        message.contains("1 of 2 slaves are reachable and ready with data, 2 are needed"),
-        "{message}"
-    );
-    assert!(!timeline(&brokers).iter().any(|e| e.starts_with("promote")));
+    assert_blocked_on_one_of_two_slaves(&api, &brokers);
 
     // By the spec's settings alone one slave would do.
     let mut bg = api

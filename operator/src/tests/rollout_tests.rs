@@ -287,20 +287,7 @@ pub(super) async fn resume_after_operator_restart() -> FakeApi {
 /// and only once every broker that stays follows the new master in sync
 /// does the StatefulSet shrink.
 pub(super) async fn scale_down_moves_the_master() -> FakeApi {
-    let (ctx, api, brokers) = harness("orders", 3);
-    brokers.track_replication();
-    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
-    run(&api, &ctx, "orders").await.expect("creates");
-    for i in 0..3 {
-        api.pod_from_stateful_set(NS, "orders", i, true);
-        brokers.add(
-            &format!("admin-orders-{i}"),
-            &format!("orders-{i}"),
-            100 + 100 * i as u64,
-        );
-    }
-    run(&api, &ctx, "orders").await.expect("bootstrap");
-    run(&api, &ctx, "orders").await.expect("healthy");
+    let (ctx, api, brokers) = three_with_master_on_the_last().await;
     let st = stored_group(&api, "orders").status.expect("status");
     assert_eq!(st.master.as_deref(), Some("orders-2"));
     brokers.timeline.lock().expect("timeline").clear();
@@ -396,11 +383,9 @@ async fn scale_down_waits_until_the_slaves_that_stay_are_in_sync() {
     );
 }
 
-/// A hand-over that fails (the switchover call errs) leaves the old master
-/// recorded as master, in the raised epoch: the StatefulSet of a scale-down
-/// keeps its pod, and the next reconcile makes it master again.
-#[tokio::test]
-async fn a_failed_hand_over_records_the_old_master_again() {
+/// `orders` (three brokers, replicas tracked) bootstrapped and healthy,
+/// with `orders-2`, the fullest, as master.
+async fn three_with_master_on_the_last() -> (Arc<Context>, FakeApi, FakeBrokers) {
     let (ctx, api, brokers) = harness("orders", 3);
     brokers.track_replication();
     api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
@@ -415,6 +400,15 @@ async fn a_failed_hand_over_records_the_old_master_again() {
     }
     run(&api, &ctx, "orders").await.expect("bootstrap");
     run(&api, &ctx, "orders").await.expect("healthy");
+    (ctx, api, brokers)
+}
+
+/// A hand-over that fails (the switchover call errs) leaves the old master
+/// recorded as master, in the raised epoch: the StatefulSet of a scale-down
+/// keeps its pod, and the next reconcile makes it master again.
+#[tokio::test]
+async fn a_failed_hand_over_records_the_old_master_again() {
+    let (ctx, api, brokers) = three_with_master_on_the_last().await;
     let st = stored_group(&api, "orders").status.expect("status");
     assert_eq!((st.master.as_deref(), st.epoch), (Some("orders-2"), 1));
     let last_failover = st.last_failover.clone();
@@ -705,20 +699,7 @@ async fn a_roll_waits_for_each_restarted_broker_to_catch_up_and_ends() {
 #[tokio::test]
 async fn a_failing_hand_over_is_tried_again_only_after_a_wait() {
     use crate::failover::switchover_backoff;
-    let (ctx, api, brokers) = harness("orders", 3);
-    brokers.track_replication();
-    api.insert(serde_json::to_value(group("orders", json!({"replicas": 3}))).expect("json"));
-    run(&api, &ctx, "orders").await.expect("creates");
-    for i in 0..3 {
-        api.pod_from_stateful_set(NS, "orders", i, true);
-        brokers.add(
-            &format!("admin-orders-{i}"),
-            &format!("orders-{i}"),
-            100 + 100 * i as u64,
-        );
-    }
-    run(&api, &ctx, "orders").await.expect("bootstrap");
-    run(&api, &ctx, "orders").await.expect("healthy");
+    let (ctx, api, brokers) = three_with_master_on_the_last().await;
     *brokers.switchover_error.lock().expect("switchover") =
         Some("DeadlineExceeded: timeout expired".into());
     edit(&api, |bg| bg["spec"]["replicas"] = json!(2));
