@@ -98,12 +98,28 @@ impl RawClient {
             .map_err(transport)?
             .into_inner();
         ok(resp.status)?;
-        Ok(resp
-            .message_queues
-            .iter()
-            .filter_map(|q| q.broker.as_ref()?.endpoints.as_ref())
-            .flat_map(|e| e.addresses.iter().map(|a| format!("{}:{}", a.host, a.port)))
-            .collect())
+        Ok(endpoints_of(resp.message_queues.iter()))
+    }
+
+    /// The endpoints (`host:port`) a `QueryAssignment` for `topic` and
+    /// `group` lists.
+    pub async fn assignment(&mut self, topic: &str, group: &str) -> Result<Vec<String>, Failure> {
+        let resp = self
+            .inner
+            .query_assignment(with_id(pb::QueryAssignmentRequest {
+                topic: resource(topic),
+                group: resource(group),
+                endpoints: None,
+            }))
+            .await
+            .map_err(transport)?
+            .into_inner();
+        ok(resp.status)?;
+        Ok(endpoints_of(
+            resp.assignments
+                .iter()
+                .filter_map(|a| a.message_queue.as_ref()),
+        ))
     }
 
     /// Sends one NORMAL message to `queue_id`; the queue offset it got.
@@ -328,4 +344,12 @@ fn rand_id() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     t ^ u128::from(N.fetch_add(1, Ordering::Relaxed)) << 64 | u128::from(std::process::id())
+}
+
+/// Every `host:port` the queues name.
+fn endpoints_of<'a>(queues: impl Iterator<Item = &'a pb::MessageQueue>) -> Vec<String> {
+    queues
+        .filter_map(|q| q.broker.as_ref()?.endpoints.as_ref())
+        .flat_map(|e| e.addresses.iter().map(|a| format!("{}:{}", a.host, a.port)))
+        .collect()
 }

@@ -448,16 +448,24 @@ async fn planned_switchover_under_load_loses_nothing() {
         .expect("switchover");
     let m = g.wait_healthy(Duration::from_secs(20)).await;
     assert_eq!(m, target);
-    // Routes served by any member send clients to the new master.
+    // Routes and assignments served by any member send clients to the new
+    // master (assignments on a slave used to name the slave).
     for i in 0..3 {
         let route = g.client(i).route(TOPIC).await.expect("route");
-        assert!(
-            !route.is_empty()
-                && route
-                    .iter()
-                    .all(|e| *e == g.members[target].client_endpoint()),
-            "b{i} routes to {route:?}"
-        );
+        let assigned = g
+            .client(i)
+            .assignment(TOPIC, "verify")
+            .await
+            .expect("assignment");
+        for (what, endpoints) in [("routes", &route), ("assigns", &assigned)] {
+            assert!(
+                !endpoints.is_empty()
+                    && endpoints
+                        .iter()
+                        .all(|e| *e == g.members[target].client_endpoint()),
+                "b{i} {what} to {endpoints:?}"
+            );
+        }
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let produced = finish(handles, &stop).await;

@@ -246,6 +246,27 @@ impl ClientApi {
             .max_encoding_message_size(130 << 20)
     }
 
+    /// The topic's queues as clients are to reach them (routes and
+    /// assignments): a slave sends clients to its master, so it lists the
+    /// current master's queues.
+    fn client_queues(&self, t: &TopicConfig) -> Vec<pb::MessageQueue> {
+        let master = self
+            .write
+            .replication()
+            .master_client_endpoint()
+            .and_then(|ep| {
+                let (host, port) = ep.rsplit_once(':')?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Some((host.to_owned(), port.parse::<u16>().ok()?))
+            });
+        (0..t.queue_count)
+            .map(|q| match &master {
+                Some((host, port)) => convert::queue_at(&self.cfg, t, q, host, *port),
+                None => convert::queue(&self.cfg, t, q),
+            })
+            .collect()
+    }
+
     fn topic(&self, name: &str) -> Result<TopicConfig, pb::Status> {
         if let Some(t) = self.store.metadata().get_topic(name) {
             return Ok(t);
@@ -385,28 +406,10 @@ impl MessagingService for ClientApi {
                 status: Some(s),
                 message_queues: vec![],
             },
-            Ok(t) => {
-                // A slave sends clients to its master: routes list the
-                // current master's queues only.
-                let master = self
-                    .write
-                    .replication()
-                    .master_client_endpoint()
-                    .and_then(|ep| {
-                        let (host, port) = ep.rsplit_once(':')?;
-                        let host = host.trim_start_matches('[').trim_end_matches(']');
-                        Some((host.to_owned(), port.parse::<u16>().ok()?))
-                    });
-                pb::QueryRouteResponse {
-                    status: Some(ok()),
-                    message_queues: (0..t.queue_count)
-                        .map(|q| match &master {
-                            Some((host, port)) => convert::queue_at(&self.cfg, &t, q, host, *port),
-                            None => convert::queue(&self.cfg, &t, q),
-                        })
-                        .collect(),
-                }
-            }
+            Ok(t) => pb::QueryRouteResponse {
+                status: Some(ok()),
+                message_queues: self.client_queues(&t),
+            },
         };
         Ok(Response::new(resp))
     }
@@ -538,9 +541,11 @@ impl MessagingService for ClientApi {
             },
             Ok(t) => pb::QueryAssignmentResponse {
                 status: Some(ok()),
-                assignments: (0..t.queue_count)
+                assignments: self
+                    .client_queues(&t)
+                    .into_iter()
                     .map(|q| pb::Assignment {
-                        message_queue: Some(convert::queue(&self.cfg, &t, q)),
+                        message_queue: Some(q),
                     })
                     .collect(),
             },
