@@ -59,6 +59,15 @@ fn ms(t: &prost_types::Timestamp) -> Option<i64> {
     Some(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
 
+/// The error text for a wire timestamp that [`ms`] refuses (`what`: born
+/// or delivery).
+fn invalid_time(what: &str, t: &prost_types::Timestamp) -> String {
+    format!(
+        "{what} time of {}s {}ns is not a valid timestamp (0001-01-01 to 9999-12-31, nanos below 1e9)",
+        t.seconds, t.nanos
+    )
+}
+
 /// Message keys as stored in [`keys::KEYS`].
 fn stored_keys(keys: &[String]) -> String {
     if keys.iter().any(|k| k.contains(' ')) {
@@ -222,10 +231,7 @@ pub fn record(
             None => {
                 return Err(status(
                     Code::IllegalDeliveryTime,
-                    format!(
-                        "delivery time of {}s {}ns is not a valid timestamp (0001-01-01 to 9999-12-31, nanos below 1e9)",
-                        t.seconds, t.nanos
-                    ),
+                    invalid_time("delivery", t),
                 ));
             }
             Some(due) if due < 0 => {
@@ -248,15 +254,7 @@ pub fn record(
     };
     let born_ms = match sp.born_timestamp.as_ref() {
         None => now_ms(),
-        Some(t) => ms(t).ok_or_else(|| {
-            status(
-                Code::BadRequest,
-                format!(
-                    "born time of {}s {}ns is not a valid timestamp (0001-01-01 to 9999-12-31, nanos below 1e9)",
-                    t.seconds, t.nanos
-                ),
-            )
-        })?,
+        Some(t) => ms(t).ok_or_else(|| status(Code::BadRequest, invalid_time("born", t)))?,
     };
     let properties_bytes: usize = m
         .user_properties
@@ -449,6 +447,15 @@ mod tests {
         }
     }
 
+    /// [`msg`] with its system properties changed by `f`.
+    fn msg_with(f: impl FnOnce(&mut pb::SystemProperties)) -> pb::Message {
+        let mut m = msg(b"x");
+        if let Some(sp) = m.system_properties.as_mut() {
+            f(sp);
+        }
+        m
+    }
+
     fn code(r: Result<NewRecord, pb::Status>) -> i32 {
         r.map_or_else(|s| s.code, |_| Code::Ok as i32)
     }
@@ -511,10 +518,7 @@ mod tests {
     #[test]
     fn born_times_outside_protobufs_timestamp_range_are_bad_requests() {
         let born = |seconds, nanos| {
-            let mut m = msg(b"x");
-            if let Some(sp) = m.system_properties.as_mut() {
-                sp.born_timestamp = wire_time(seconds, nanos);
-            }
+            let m = msg_with(|sp| sp.born_timestamp = wire_time(seconds, nanos));
             record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
         };
         // 9999-12-31T23:59:59.999999999Z and 0001-01-01T00:00:00Z: the ends.
@@ -541,8 +545,7 @@ mod tests {
     fn delivery_times_must_be_valid_timestamps_from_1970_for_every_type() {
         let now_s = now_ms() / 1000;
         let send = |kind: MessageType, seconds, nanos| {
-            let mut m = msg(b"x");
-            if let Some(sp) = m.system_properties.as_mut() {
+            let m = msg_with(|sp| {
                 sp.delivery_timestamp = wire_time(seconds, nanos);
                 match kind {
                     MessageType::Fifo => sp.message_group = Some("g1".into()),
@@ -551,7 +554,7 @@ mod tests {
                     }
                     _ => {}
                 }
-            }
+            });
             code(record(&cfg(), &topic(kind), &m, 0, "h"))
         };
         let refused = Code::IllegalDeliveryTime as i32;
@@ -580,10 +583,7 @@ mod tests {
     #[test]
     fn tags_may_hold_spaces_but_not_bars_or_control_characters() {
         let with_tag = |tag: &str| {
-            let mut m = msg(b"x");
-            if let Some(sp) = m.system_properties.as_mut() {
-                sp.tag = Some(tag.to_owned());
-            }
+            let m = msg_with(|sp| sp.tag = Some(tag.to_owned()));
             record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
         };
         for tag in ["order created", "TagA", " a ", "caf\u{e9}"] {
@@ -622,10 +622,7 @@ mod tests {
     #[test]
     fn keys_may_hold_spaces_and_reach_consumers_as_sent() {
         let with_keys = |keys: &[&str]| {
-            let mut m = msg(b"x");
-            if let Some(sp) = m.system_properties.as_mut() {
-                sp.keys = keys.iter().map(|k| (*k).to_owned()).collect();
-            }
+            let m = msg_with(|sp| sp.keys = keys.iter().map(|k| (*k).to_owned()).collect());
             record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
         };
         let received = |r: NewRecord| {
@@ -689,11 +686,8 @@ mod tests {
         // User properties at their own 16 KiB limit, and a tag for the rest.
         let user = [("k".to_owned(), "v".repeat((16 << 10) - 1))];
         let with_tag = |n: usize| {
-            let mut m = msg(b"x");
+            let mut m = msg_with(|sp| sp.tag = Some("t".repeat(n)));
             m.user_properties = user.iter().cloned().collect();
-            if let Some(sp) = m.system_properties.as_mut() {
-                sp.tag = Some("t".repeat(n));
-            }
             record(&cfg(), &topic(MessageType::Normal), &m, 0, "h")
         };
         let base = bytes(&with_tag(1).expect("a short tag")) - 1;
@@ -711,24 +705,15 @@ mod tests {
         );
         // Each system property counts: keys, message id, born host.
         let big = "x".repeat(32 << 10);
-        let mut m = msg(b"x");
-        if let Some(sp) = m.system_properties.as_mut() {
-            sp.keys = vec![big.clone()];
-        }
-        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
-        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "keys");
-        let mut m = msg(b"x");
-        if let Some(sp) = m.system_properties.as_mut() {
-            sp.message_id = big.clone();
-        }
-        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
-        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "id");
-        let mut m = msg(b"x");
-        if let Some(sp) = m.system_properties.as_mut() {
-            sp.born_host = big;
-        }
-        let r = record(&cfg(), &topic(MessageType::Normal), &m, 0, "h");
-        assert_eq!(code(r), Code::MessagePropertiesTooLarge as i32, "host");
+        let code_of =
+            |m: pb::Message| code(record(&cfg(), &topic(MessageType::Normal), &m, 0, "h"));
+        let too_large = Code::MessagePropertiesTooLarge as i32;
+        let keys = msg_with(|sp| sp.keys = vec![big.clone()]);
+        assert_eq!(code_of(keys), too_large, "keys");
+        let id = msg_with(|sp| sp.message_id = big.clone());
+        assert_eq!(code_of(id), too_large, "id");
+        let host = msg_with(|sp| sp.born_host = big.clone());
+        assert_eq!(code_of(host), too_large, "host");
     }
 
     #[test]

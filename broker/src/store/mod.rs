@@ -22,6 +22,7 @@ mod recovery;
 mod signal;
 mod staging;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -1518,19 +1519,15 @@ impl MessageStore {
             // everything before it is durable here, under SYNC_FLUSH.
             let durable_before =
                 inner.config.flush_mode == FlushMode::SyncFlush && self.flushed_offset() >= offset;
-            let remarked;
             let rec = if record::is_flushed_before(rec) == durable_before {
-                rec
+                Cow::Borrowed(rec)
             } else {
-                remarked = {
-                    let mut r = rec.to_vec();
-                    record::set_flushed_before(&mut r, durable_before);
-                    r
-                };
-                &remarked[..]
+                let mut r = rec.to_vec();
+                record::set_flushed_before(&mut r, durable_before);
+                Cow::Owned(r)
             };
             // SAFETY: append lock held, room made, published after writing.
-            unsafe { inner.clog.write(&tail.segment, offset, rec) }.map_err(StoreError::io(
+            unsafe { inner.clog.write(&tail.segment, offset, &rec) }.map_err(StoreError::io(
                 format!("writing to commit log segment at {offset}"),
             ))?;
             tail.pos += probe_len as u64;
@@ -1650,20 +1647,9 @@ impl MessageStore {
         inner.flushed.store(0, Ordering::Release);
         self.write_checkpoint(false)
             .map_err(|e| self.latch_cut_failure(e))?;
-        let restarted = (|| {
-            let mut cqs = inner.cqs.write();
-            cqs.clear();
-            if inner.cq_dir.exists() {
-                std::fs::remove_dir_all(&inner.cq_dir)
-                    .map_err(StoreError::io("removing the consume queues"))?;
-            }
-            std::fs::create_dir_all(&inner.cq_dir)
-                .map_err(StoreError::io("creating the consume queue directory"))?;
-            sync_dir(&inner.config.data_dir)
-                .map_err(StoreError::io("syncing the data directory"))?;
-            drop(cqs);
-            inner.clog.restart_at(base)
-        })();
+        let restarted = self
+            .discard_queues()
+            .and_then(|()| inner.clog.restart_at(base));
         *tail = restarted.map_err(|e| self.latch_cut_failure(e))?;
         inner.dispatched.store(base, Ordering::Release);
         inner.flushed.store(base, Ordering::Release);
@@ -1950,6 +1936,21 @@ impl MessageStore {
         inner.flush_watch.send_modify(|_| {});
         let _l = inner.flush_cv_lock.lock();
         inner.flush_cv.notify_all();
+    }
+
+    /// Drops every consume queue, in memory and on disk (`restart_at`; the
+    /// next open rebuilds them from the log).
+    fn discard_queues(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut cqs = inner.cqs.write();
+        cqs.clear();
+        if inner.cq_dir.exists() {
+            std::fs::remove_dir_all(&inner.cq_dir)
+                .map_err(StoreError::io("removing the consume queues"))?;
+        }
+        std::fs::create_dir_all(&inner.cq_dir)
+            .map_err(StoreError::io("creating the consume queue directory"))?;
+        sync_dir(&inner.config.data_dir).map_err(StoreError::io("syncing the data directory"))
     }
 
     /// A cut of the log (`truncate_to`, `restart_at`) that failed half-way

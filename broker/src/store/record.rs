@@ -290,12 +290,6 @@ pub fn blank_header(len: u32) -> [u8; BLANK_LEN] {
     h
 }
 
-/// Sets [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly one whole
-/// record) and recomputes its checksum.
-pub fn mark_flushed_before(rec: &mut [u8]) {
-    set_flushed_before(rec, true);
-}
-
 /// Sets or clears [`FLUSHED_BEFORE`] on the encoded record `rec` (exactly
 /// one whole record) and recomputes its checksum.
 pub fn set_flushed_before(rec: &mut [u8], on: bool) {

@@ -481,11 +481,10 @@ pub(super) fn visit_valid_records_in(
     to: u64,
     mut visit: impl FnMut(u64, &[u8]) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
-    const CHUNK: usize = SEARCH_CHUNK;
     const OFFSET_FIELD: usize = 28;
     let len = file.len();
     let max_rec = len as usize;
-    let mut buf = vec![0u8; CHUNK + 64];
+    let mut buf = vec![0u8; SEARCH_CHUNK + 64];
     let magic_bytes = RECORD_MAGIC.to_le_bytes();
     let magic = memchr::memmem::Finder::new(&magic_bytes);
     for (start, end) in file.data_ranges(from) {
@@ -493,20 +492,20 @@ pub(super) fn visit_valid_records_in(
         while pos < end && pos + 8 <= len {
             // Past `end` only the overlap a candidate just before it needs
             // for its offset field.
-            let n = ((len - pos).min(end - pos + 64) as usize).min(CHUNK + 64);
+            let n = ((len - pos).min(end - pos + 64) as usize).min(SEARCH_CHUNK + 64);
             if file.pread(&mut buf[..n], pos).is_err() {
                 break;
             }
             SEARCHED.set(SEARCHED.get() + n as u64);
             let chunk = &buf[..n];
             if chunk.iter().all(|&b| b == 0) {
-                pos += CHUNK as u64;
+                pos += SEARCH_CHUNK as u64;
                 continue;
             }
             // Candidates start at every `i` below `limit` where the magic
             // follows the length field (it cannot overlap itself, so
             // `find_iter` misses none).
-            let limit = n.saturating_sub(8).min(CHUNK);
+            let limit = n.saturating_sub(8).min(SEARCH_CHUNK);
             for i in magic.find_iter(chunk.get(4..limit + 7).unwrap_or_default()) {
                 let cand = pos + i as u64;
                 if cand >= end {
@@ -529,7 +528,7 @@ pub(super) fn visit_valid_records_in(
                     return ControlFlow::Break(());
                 }
             }
-            pos += CHUNK as u64;
+            pos += SEARCH_CHUNK as u64;
         }
     }
     ControlFlow::Continue(())

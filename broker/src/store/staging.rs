@@ -54,7 +54,7 @@ impl Staged {
         }
         let len = super::record::le_u32(&self.bytes, 0) as usize;
         if let Some(rec) = self.bytes.get_mut(..len) {
-            super::record::mark_flushed_before(rec);
+            super::record::set_flushed_before(rec, true);
         }
     }
 

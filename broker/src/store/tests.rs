@@ -2290,7 +2290,7 @@ fn after_a_clean_shutdown_recovery_takes_the_checkpointed_end_as_the_end() {
         let planted = record(30);
         let mut bytes = vec![0u8; planted.encoded_len()];
         record::encode_into(&mut bytes, &planted, at, 10, now_ms());
-        record::mark_flushed_before(&mut bytes);
+        record::set_flushed_before(&mut bytes, true);
         assert!(at + bytes.len() as u64 <= BIG_SEG, "in the first segment");
         write_into_log(dir.path(), BIG_SEG, at, &bytes);
     };
